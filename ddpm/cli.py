@@ -1,0 +1,167 @@
+"""The `ddpm` command line: data, train, sample, evaluate, export, onnx-sample.
+
+Settings come from params.yaml (`--params`), an optional profile (`--profile gpu`) and overrides
+given as `section.key=value` arguments, e.g. `ddpm train train.steps=500 model.base_channels=32`.
+Heavy imports happen inside each command so that `ddpm onnx-sample` runs without torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+
+def _add_settings(p: argparse.ArgumentParser) -> None:
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="override a setting of params.yaml, e.g. train.steps=500")
+    p.add_argument("--params", default="params.yaml", help="settings file (default: %(default)s)")
+    p.add_argument("--profile", default=None, help="a profile of params.yaml to apply, e.g. cpu or gpu")
+
+
+def _config(args: argparse.Namespace):
+    from ddpm.config import load_config
+    params = args.params if Path(args.params).exists() or args.params != "params.yaml" else None
+    return load_config(params, args.profile, args.overrides)
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from ddpm.data import fetch_dataset
+    cfg = _config(args)
+    path = fetch_dataset(cfg.data.dataset, cfg.data.root)
+    print(f"{cfg.data.dataset}: verified files in {path}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from ddpm.train import train
+    cfg = _config(args)
+    result = train(cfg, resume=args.resume)
+    print(f"trained to step {result.step}: loss {result.loss:.4f}, {result.images_per_sec:,.0f} img/s; "
+          f"checkpoint {result.checkpoint}; samples {Path(cfg.train.out_dir) / 'samples_final.png'}")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from ddpm.checkpoint import load_model
+    from ddpm.generate import generate, save_array, save_grid
+    from ddpm.schedule import Schedule
+    from ddpm.train import resolve_device
+
+    settings = _config(args)
+    device = resolve_device(args.device)
+    model, cfg, _ = load_model(args.checkpoint, device)
+    sc = settings.sample
+    overrides = {k: v for k, v in dict(sampler=args.sampler, steps=args.steps, eta=args.eta, num_images=args.num_images,
+                                       seed=args.seed, label=args.label, guidance_scale=args.guidance).items() if v is not None}
+    sc = dataclasses.replace(sc, **overrides)
+    # Re-validate the sample settings against the checkpoint's own model and diffusion.
+    from ddpm.config import config_from_dict
+    full = config_from_dict({**cfg.to_dict(), "sample": dataclasses.asdict(sc)})
+    sc = full.sample
+    images, labels = generate(model, Schedule.from_config(cfg.diffusion), full, sc.num_images, seed=sc.seed)
+    out = Path(args.out)
+    grid, arr = save_grid(images, out / "samples.png"), save_array(images, labels, out / "samples.npz")
+    print(f"{len(images)} images ({sc.sampler}, {sc.steps if sc.sampler == 'ddim' else cfg.diffusion.timesteps} steps, "
+          f"seed {sc.seed}) -> {grid} and {arr}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from ddpm.evaluate import evaluate_checkpoint
+    cfg = _config(args)
+    metrics = evaluate_checkpoint(args.checkpoint, cfg, out_dir=args.out, onnx_model=args.onnx)
+    for k, v in metrics.items():
+        print(f"{k}: {v}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from ddpm.export import export_onnx
+    cfg = _config(args)
+    path = export_onnx(args.checkpoint, args.out, cfg.export)
+    print(f"exported {path}")
+    return 0
+
+
+def cmd_onnx_sample(args: argparse.Namespace) -> int:
+    from ddpm.onnx_sampler import main as onnx_main
+    return onnx_main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ddpm", description="Train and sample a DDPM on small images.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("data", help="fetch and verify the dataset (SHA-256 pinned)")
+    _add_settings(p)
+    p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("train", help="train the U-Net; writes checkpoint.pt, loss.csv and sample grids")
+    _add_settings(p)
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in train.out_dir")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="sample images from a checkpoint: a PNG grid and an .npz array")
+    _add_settings(p)
+    p.add_argument("--checkpoint", default="runs/default/checkpoint.pt", help="(default: %(default)s)")
+    p.add_argument("--out", default="samples", help="output folder (default: %(default)s)")
+    p.add_argument("--sampler", choices=["ddpm", "ddim"], help="default: sample.sampler")
+    p.add_argument("--steps", type=int, help="DDIM steps (default: sample.steps)")
+    p.add_argument("--eta", type=float, help="DDIM eta (default: sample.eta)")
+    p.add_argument("-n", "--num-images", type=int, help="default: sample.num_images")
+    p.add_argument("--seed", type=int, help="default: sample.seed")
+    p.add_argument("--label", type=int, help="class to draw (conditional models only)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: sample.guidance_scale)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("evaluate", help="score generated samples: FID, precision/recall, IS, memorisation")
+    _add_settings(p)
+    p.add_argument("--checkpoint", default="runs/default/checkpoint.pt", help="(default: %(default)s)")
+    p.add_argument("--onnx", default=None, help="score the onnxruntime sampler of this ONNX model instead")
+    p.add_argument("--out", default="runs/default/eval", help="output folder (default: %(default)s)")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("export", help="export the EMA U-Net to ONNX and check it")
+    _add_settings(p)
+    p.add_argument("--checkpoint", default="runs/default/checkpoint.pt", help="(default: %(default)s)")
+    p.add_argument("--out", default="runs/default/model.onnx", help="(default: %(default)s)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("onnx-sample", help="sample with onnxruntime alone (no PyTorch)")
+    p.add_argument("--model", required=True, help="the exported .onnx file (its schedule is read from its metadata)")
+    p.add_argument("--out", default="samples_onnx", help="output folder (default: %(default)s)")
+    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddim", help="(default: %(default)s)")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default: %(default)s)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default: %(default)s)")
+    p.add_argument("-n", "--num-images", type=int, default=64, help="(default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=256, help="(default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    p.add_argument("--label", type=int, default=None, help="class to draw (conditional models only)")
+    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (default: %(default)s)")
+    p.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="cpu",
+                   help="execution provider; cuda fails loudly if CUDA is unavailable (default: %(default)s)")
+    p.set_defaults(func=cmd_onnx_sample)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except Exception as exc:  # user-facing errors: one clear line, non-zero exit
+        from ddpm.errors import DDPMError
+        if isinstance(exc, DDPMError) and not args.verbose:
+            print(f"ddpm {args.command}: error: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,334 @@
+"""Typed, frozen configuration, read once from `params.yaml` plus overrides.
+
+`params.yaml` is keyed by stage (data, diffusion, model, train, sample, evaluate, export) as DVC
+expects. A profile (`profiles.<name>` in the same file) overlays the base values; command-line
+overrides (`train.steps=200`) come last. Every value is checked against the dataclass field's
+type and range here, so that the rest of the code can trust its config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+from ddpm.errors import ConfigError  # noqa: E402  (re-exported)
+
+
+# Each field may carry `metadata={"check": (predicate, "what is allowed")}`.
+def _f(default: Any, check: typing.Callable[[Any], bool] | None = None, allowed: str = "", **kw: Any) -> Any:
+    meta = {"check": (check, allowed)} if check else {}
+    if isinstance(default, (list, tuple)):
+        return field(default_factory=lambda: tuple(default), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+def _positive(v: Any) -> bool:
+    return v > 0
+
+
+def _non_negative(v: Any) -> bool:
+    return v >= 0
+
+
+def _unit_open(v: Any) -> bool:
+    return 0 < v < 1
+
+
+def _unit_closed(v: Any) -> bool:
+    return 0 <= v <= 1
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: Literal["mnist", "fashion_mnist", "cifar10"] = "mnist"
+    root: str = "data"
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """The forward process. Timesteps are indexed t in [0, T-1] everywhere (index 0 is the paper's t=1)."""
+
+    timesteps: int = _f(1000, _positive, "an integer > 0")
+    schedule: Literal["linear", "cosine"] = "linear"
+    beta_start: float = _f(1e-4, _unit_open, "a float in (0, 1)")
+    beta_end: float = _f(0.02, _unit_open, "a float in (0, 1)")
+    cosine_s: float = _f(0.008, _non_negative, "a float >= 0")
+    prediction: Literal["eps", "v", "x0"] = "eps"
+    loss_weighting: Literal["none", "min_snr"] = "none"
+    min_snr_gamma: float = _f(5.0, _positive, "a float > 0")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The U-Net. Level i works at resolution H / 2**i; `attention_levels` index those levels."""
+
+    base_channels: int = _f(64, _positive, "an integer > 0")
+    channel_mult: tuple[int, ...] = _f((1, 2, 2), lambda v: len(v) > 0 and all(m > 0 for m in v),
+                                       "a non-empty list of integers > 0")
+    num_res_blocks: int = _f(2, _positive, "an integer > 0")
+    attention_levels: tuple[int, ...] = _f((2,), lambda v: all(a >= 0 for a in v), "a list of level indices >= 0")
+    num_heads: int = _f(4, _positive, "an integer > 0")
+    dropout: float = _f(0.1, lambda v: 0 <= v < 1, "a float in [0, 1)")
+    norm_groups: int = _f(32, _positive, "an integer > 0")
+    class_conditional: bool = False
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = _f(20000, _positive, "an integer > 0")
+    batch_size: int = _f(128, _positive, "an integer > 0")
+    lr: float = _f(2e-4, _positive, "a float > 0")
+    weight_decay: float = _f(0.0, _non_negative, "a float >= 0")
+    warmup_steps: int = _f(500, _non_negative, "an integer >= 0")
+    grad_clip: float = _f(1.0, _non_negative, "a float >= 0 (0 turns clipping off)")
+    ema_decay: float = _f(0.9999, _unit_closed, "a float in [0, 1]")
+    ema_warmup: bool = True
+    label_dropout: float = _f(0.1, _unit_closed, "a float in [0, 1]")
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    bf16: bool = True
+    compile: bool = False
+    log_every: int = _f(50, _positive, "an integer > 0")
+    sample_every: int = _f(5000, _non_negative, "an integer >= 0 (0: only at the end)")
+    checkpoint_every: int = _f(1000, _positive, "an integer > 0")
+    out_dir: str = "runs/default"
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    sampler: Literal["ddpm", "ddim"] = "ddim"
+    steps: int = _f(50, _positive, "an integer > 0")
+    eta: float = _f(0.0, _non_negative, "a float >= 0")
+    variance: Literal["beta_tilde", "beta"] = "beta_tilde"
+    clip_denoised: bool = True
+    num_images: int = _f(64, _positive, "an integer > 0")
+    batch_size: int = _f(256, _positive, "an integer > 0")
+    guidance_scale: float = _f(1.0, _non_negative, "a float >= 0")
+    label: int | None = None
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    num_samples: int = _f(10000, _positive, "an integer > 0")
+    sampler: Literal["ddpm", "ddim"] = "ddim"
+    steps: int = _f(50, _positive, "an integer > 0")
+    batch_size: int = _f(500, _positive, "an integer > 0")
+    backend: Literal["torch", "onnx"] = "torch"
+    nearest_k: int = _f(3, _positive, "an integer > 0")
+    seed: int = 0
+    feature_epochs: int = _f(4, _positive, "an integer > 0")
+    feature_batch_size: int = _f(256, _positive, "an integer > 0")
+    feature_lr: float = _f(1e-3, _positive, "a float > 0")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    opset: int = _f(18, lambda v: 17 <= v <= 23, "an integer in [17, 23]")
+    fp16: bool = False
+    parity_atol: float = _f(1e-4, _positive, "a float > 0")
+    check_samples: int = _f(256, _positive, "an integer > 0")
+    check_steps: int = _f(20, _positive, "an integer > 0")
+    fid_margin: float = _f(0.05, _non_negative, "a float >= 0 (relative)")
+    model_name: str = "ddpm-unet"
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+
+_SECTION_CLASSES = {
+    "data": DataConfig, "diffusion": DiffusionConfig, "model": ModelConfig, "train": TrainConfig,
+    "sample": SampleConfig, "evaluate": EvaluateConfig, "export": ExportConfig,
+}
+IMAGE_SHAPES = {"mnist": (1, 28, 28), "fashion_mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check `value` against the annotation `tp`; return it in canonical form or raise ConfigError."""
+    origin, args = get_origin(tp), get_args(tp)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {', '.join(map(repr, args))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner[0])
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: {value!r} is not a list; expected a list of {args[0].__name__}")
+        return tuple(_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: {value!r} is not a boolean; use true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: {value!r} is not an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: {value!r} is not a number")
+        value = float(value)
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ConfigError(f"{key}: {value!r} is not a finite number")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: {value!r} is not a string")
+        return value
+    raise TypeError(f"unsupported config type {tp!r} for {key}")
+
+
+def _build_section(name: str, cls: type, values: dict[str, Any]) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{name}: expected a mapping of settings, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(f"{name}.{unknown[0]}: unknown setting; known settings of {name!r} are {', '.join(fields)}")
+    out = {}
+    for key, value in values.items():
+        full = f"{name}.{key}"
+        value = _coerce(full, value, hints[key])
+        check, allowed = fields[key].metadata.get("check", (None, ""))
+        if check is not None and value is not None and not check(value):
+            raise ConfigError(f"{full}: {value!r} is out of range; allowed: {allowed}")
+        out[key] = value
+    return cls(**out)
+
+
+def _validate(cfg: Config) -> None:
+    """Checks that span several settings."""
+    d, m = cfg.diffusion, cfg.model
+    if d.schedule == "linear" and d.beta_start >= d.beta_end:
+        raise ConfigError(f"diffusion.beta_start: {d.beta_start} must be below diffusion.beta_end ({d.beta_end})")
+    _, h, w = IMAGE_SHAPES[cfg.data.dataset]
+    levels = len(m.channel_mult)
+    if h % 2 ** (levels - 1) or w % 2 ** (levels - 1):
+        raise ConfigError(
+            f"model.channel_mult: {list(m.channel_mult)} gives {levels} levels, so the image size must be divisible by "
+            f"{2 ** (levels - 1)}, but {cfg.data.dataset} images are {h}x{w}; use at most "
+            f"{_max_levels(h)} levels for this dataset")
+    bad = [a for a in m.attention_levels if a >= levels]
+    if bad:
+        raise ConfigError(f"model.attention_levels: level {bad[0]} does not exist; the U-Net has levels 0..{levels - 1}")
+    for mult in m.channel_mult:
+        ch = m.base_channels * mult
+        if ch % m.norm_groups:
+            raise ConfigError(f"model.norm_groups: {m.norm_groups} does not divide {ch} channels "
+                              f"(base_channels * {mult}); choose a divisor of every level's width")
+        if ch % m.num_heads:
+            raise ConfigError(f"model.num_heads: {m.num_heads} does not divide {ch} channels")
+    for sec in (cfg.sample, cfg.evaluate):
+        if sec.steps > d.timesteps:
+            name = "sample" if sec is cfg.sample else "evaluate"
+            raise ConfigError(f"{name}.steps: {sec.steps} exceeds diffusion.timesteps ({d.timesteps})")
+    if cfg.sample.label is not None:
+        if not m.class_conditional:
+            raise ConfigError("sample.label: the model is not class-conditional; set model.class_conditional: true "
+                              "to train a model that can be asked for a class")
+        if not 0 <= cfg.sample.label < 10:
+            raise ConfigError(f"sample.label: {cfg.sample.label} is out of range; allowed: 0..9")
+
+
+def _max_levels(size: int) -> int:
+    n = 1
+    while size % 2 ** n == 0:
+        n += 1
+    return n
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.steps=200` -> (["train", "steps"], 200); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected section.key=value, e.g. train.steps=200")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"override {text!r}: the key must be section.key, e.g. train.steps")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({exc})") from None
+    return parts, value
+
+
+def config_from_dict(raw: dict[str, Any], profile: str | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Build and validate a Config from a params mapping, a profile name and `section.key=value` overrides."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"params: expected a mapping of sections, got {type(raw).__name__}")
+    raw = dict(raw)
+    profiles = raw.pop("profiles", {}) or {}
+    default_profile = raw.pop("profile", None)
+    profile = profile if profile is not None else default_profile
+    if profile is not None:
+        if profile not in profiles:
+            raise ConfigError(f"profile: {profile!r} is not defined; defined profiles are {', '.join(profiles) or 'none'}")
+        raw = _deep_merge(raw, profiles[profile])
+    for text in overrides:
+        (section, key), value = parse_override(text)
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise ConfigError(f"{section}: expected a mapping of settings")
+        raw[section] = {**raw[section], key: value}
+    unknown = sorted(set(raw) - set(_SECTION_CLASSES))
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown section; known sections are {', '.join(_SECTION_CLASSES)}")
+    cfg = Config(**{name: _build_section(name, cls, raw.get(name) or {}) for name, cls in _SECTION_CLASSES.items()})
+    _validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None = "params.yaml", profile: str | None = None,
+                overrides: typing.Sequence[str] = ()) -> Config:
+    """Read `path` (None: built-in defaults), apply `profile` and `overrides`, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"params file {p} does not exist; pass --params PATH or run from the project root")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"params file {p} is not valid YAML: {exc}") from None
+    return config_from_dict(raw, profile, overrides)
+
+
+def image_shape(cfg: Config) -> tuple[int, int, int]:
+    """(C, H, W) of the configured dataset."""
+    return IMAGE_SHAPES[cfg.data.dataset]

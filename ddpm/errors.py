@@ -1,0 +1,36 @@
+"""Errors a user can act on. Each message says what was wrong and what to do.
+
+This module imports nothing heavy, so the torch-free ONNX sampler and the CLI can use it.
+"""
+
+
+class DDPMError(RuntimeError):
+    """Base class: the CLI prints these as one line and exits with status 2."""
+
+
+class ConfigError(DDPMError, ValueError):
+    """An invalid setting: the message names the key, the value and what is allowed."""
+
+
+class DataError(DDPMError):
+    """A dataset file that is missing, corrupt, or could not be fetched."""
+
+
+class CheckpointError(DDPMError):
+    """A checkpoint that cannot be used: missing, truncated, foreign or unsafe."""
+
+
+class TrainingDivergedError(DDPMError):
+    """The loss became NaN or infinite; the last good checkpoint was kept."""
+
+
+class TrainingInterrupted(DDPMError):
+    """SIGINT or SIGTERM arrived; a checkpoint of the last finished step was saved."""
+
+
+class OnnxModelError(DDPMError):
+    """An ONNX model file that is missing, corrupt, or does not have the expected inputs."""
+
+
+class ExportRejected(DDPMError):
+    """An ONNX export whose samples did not match PyTorch's; the message gives the measured differences."""

@@ -1,0 +1,100 @@
+"""Batched image generation with a trained model, and saving grids and arrays."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchvision.utils import make_grid
+from torchvision.transforms.functional import to_pil_image
+
+from ddpm.checkpoint import atomic_write_bytes
+from ddpm.config import Config, SampleConfig, image_shape
+from ddpm.data import from_model_range
+from ddpm.samplers import get_sampler
+from ddpm.schedule import Schedule
+
+
+def sampler_options(sc: SampleConfig) -> dict[str, object]:
+    """The sampler-specific keyword arguments that `sc` asks for."""
+    if sc.sampler == "ddim":
+        return {"steps": sc.steps, "eta": sc.eta}
+    return {"variance": sc.variance}
+
+
+@torch.no_grad()
+def generate(model: torch.nn.Module, schedule: Schedule, cfg: Config, n: int, seed: int = 0,
+             sample_cfg: SampleConfig | None = None, label: int | None = None,
+             return_trajectory: bool = False) -> tuple[torch.Tensor, torch.Tensor | None] | tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:
+    """Generate n images in batches; returns (uint8 [n, C, H, W] on the CPU, labels [n] or None[, trajectory]).
+
+    The starting noise of image i depends only on `seed` and i's batch, so results are reproducible.
+    A conditional model without `label` gets labels 0..9 in turn (an even class mix).
+    """
+    sc = sample_cfg or cfg.sample
+    label = sc.label if label is None else label
+    device = next(model.parameters()).device
+    schedule = schedule.to(device)
+    sample_fn = get_sampler(sc.sampler)
+    shape = image_shape(cfg)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    outs, all_labels, traj = [], [], None
+    was_training = model.training
+    model.eval()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.train.bf16)
+    try:
+        for start in range(0, n, sc.batch_size):
+            b = min(sc.batch_size, n - start)
+            x_T = torch.randn((b, *shape), generator=gen, device=device)
+            labels = None
+            if cfg.model.class_conditional:
+                labels = (torch.full((b,), label, device=device, dtype=torch.long) if label is not None
+                          else torch.arange(start, start + b, device=device) % 10)
+                all_labels.append(labels.cpu())
+            with autocast:
+                result = sample_fn(model, schedule, x_T, labels=labels, guidance_scale=sc.guidance_scale,
+                                   prediction=cfg.diffusion.prediction, clip_denoised=sc.clip_denoised,
+                                   generator=gen, return_trajectory=return_trajectory and start == 0,
+                                   **sampler_options(sc))
+            if return_trajectory and start == 0:
+                result, traj = result
+            outs.append(from_model_range(result.float()).cpu())
+    finally:
+        model.train(was_training)
+    images = torch.cat(outs)
+    labels_out = torch.cat(all_labels) if all_labels else None
+    if return_trajectory:
+        return images, labels_out, [from_model_range(x.float()).cpu() for x in traj or []]
+    return images, labels_out
+
+
+def grid_png(images: torch.Tensor, nrow: int | None = None) -> bytes:
+    """uint8 [N, C, H, W] -> PNG bytes of a grid."""
+    nrow = nrow or max(int(len(images) ** 0.5), 1)
+    grid = make_grid(images, nrow=nrow, padding=2, pad_value=255)
+    buf = io.BytesIO()
+    to_pil_image(grid).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> Path:
+    atomic_write_bytes(path, grid_png(images, nrow))
+    return Path(path)
+
+
+def save_array(images: torch.Tensor, labels: torch.Tensor | None, path: str | Path) -> Path:
+    """Save uint8 images [N, C, H, W] (and labels) as an .npz, atomically."""
+    buf = io.BytesIO()
+    arrays = {"images": images.numpy()}
+    if labels is not None:
+        arrays["labels"] = labels.numpy()
+    np.savez(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)
+
+
+def trajectory_strip(trajectory: list[torch.Tensor], n: int = 8) -> torch.Tensor:
+    """The first n images at every saved step: [steps * n, C, H, W], one row per step."""
+    return torch.cat([x[:n] for x in trajectory])

@@ -1,0 +1,254 @@
+"""The training loop (Algorithm 1): AdamW with warm-up, gradient clipping, EMA, bf16 autocast on CUDA.
+
+The whole training set sits on the training device as one uint8 tensor; batches, timesteps and noise
+come from one seeded generator whose state is checkpointed with the global RNG, so a resumed run on
+the CPU retraces an uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ddpm.checkpoint import load_checkpoint, save_checkpoint
+from ddpm.config import Config, image_shape
+from ddpm.errors import ConfigError, TrainingDivergedError, TrainingInterrupted
+from ddpm.data import load_images, to_model_range
+from ddpm.generate import generate, save_grid
+from ddpm.losses import p_losses
+from ddpm.schedule import Schedule
+from ddpm.unet import build_unet
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "checkpoint.pt"
+LOSS_LOG_NAME = "loss.csv"
+LOSS_FIELDS = ("step", "loss", "lr", "images_per_sec")
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    checkpoint: Path
+    step: int
+    loss: float
+    images_per_sec: float
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device: 'cuda' was asked for, but no CUDA device is available; use 'cpu' or 'auto'")
+    return torch.device(name)
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, over all parameters at once."""
+    e, m = list(ema.parameters()), list(model.parameters())
+    torch._foreach_lerp_(e, m, 1.0 - decay)
+
+
+def ema_decay_at(step: int, cfg_decay: float, warmup: bool) -> float:
+    """EMA decay with warm-up min(decay, (1 + step) / (10 + step)), so early weights fade fast."""
+    return min(cfg_decay, (1 + step) / (10 + step)) if warmup else cfg_decay
+
+
+class _StopFlag:
+    """Turns SIGINT/SIGTERM into a flag checked between steps, so a step is never cut in half."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopFlag":
+        try:
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.signal(s, self._handle)
+        except ValueError:  # not the main thread: signals stay with the caller
+            pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def _loss_log(out_dir: Path, resume_step: int) -> Any:
+    """Open loss.csv for appending, dropping rows past `resume_step` left by a killed run."""
+    path = out_dir / LOSS_LOG_NAME
+    rows = []
+    if resume_step > 0 and path.exists():
+        with open(path, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+    f = open(path, "w", newline="")
+    writer = csv.DictWriter(f, fieldnames=LOSS_FIELDS)
+    writer.writeheader()
+    writer.writerows(rows)
+    f.flush()
+    return f, writer
+
+
+def train(cfg: Config, resume: bool = False, on_log: Callable[[int, dict[str, float]], None] | None = None,
+          on_sample: Callable[[int, Path], None] | None = None) -> TrainResult:
+    """Train the U-Net described by `cfg`; write checkpoints, loss.csv and sample grids under cfg.train.out_dir.
+
+    `on_log(step, metrics)` receives loss, lr and images_per_sec every `log_every` steps;
+    `on_sample(step, png_path)` every saved grid. Raises TrainingDivergedError on a non-finite loss
+    and TrainingInterrupted on SIGINT/SIGTERM, after saving what is worth keeping.
+    """
+    tc = cfg.train
+    device = resolve_device(tc.device)
+    out_dir = Path(tc.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out_dir / CHECKPOINT_NAME
+
+    torch.manual_seed(tc.seed)
+    images, labels = load_images(cfg.data.dataset, cfg.data.root, "train")  # uint8 [N, C, H, W], int64 [N]
+    images, labels = images.to(device), labels.to(device)
+    schedule = Schedule.from_config(cfg.diffusion).to(device)
+    model = build_unet(cfg.model, image_shape(cfg)).to(device)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    fused = device.type == "cuda"
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, fused=fused)
+    gen = torch.Generator(device=device).manual_seed(tc.seed)
+
+    step = 0
+    if resume and ckpt_path.exists():
+        ckpt = load_checkpoint(ckpt_path)
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["optimizer"])
+        step = int(ckpt["step"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        gen.set_state(ckpt["rng"]["generator"].to(gen.get_state().device))
+        log.info("resumed from %s at step %d", ckpt_path, step)
+    elif resume:
+        log.info("no checkpoint at %s; starting from step 0", ckpt_path)
+
+    def lr_at(s: int) -> float:
+        return tc.lr * min(1.0, (s + 1) / tc.warmup_steps) if tc.warmup_steps else tc.lr
+
+    def checkpoint() -> None:
+        save_checkpoint(ckpt_path, {
+            "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(), "step": step,
+            "config": cfg.to_dict(),
+            "rng": {"torch": torch.get_rng_state(), "generator": gen.get_state().cpu()},
+        })
+
+    net = torch.compile(model) if tc.compile else model
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.bf16 and device.type == "cuda")
+    n, null_label = len(images), model.num_classes
+    loss_sum = torch.zeros((), device=device)
+    first_bad = torch.full((), -1, device=device, dtype=torch.long)
+    log_f, log_writer = _loss_log(out_dir, step)
+    progress = _progress(tc.steps, step)
+    last_loss, ips, t0, since = float("nan"), 0.0, time.perf_counter(), step
+    model.train()
+    try:
+        with _StopFlag() as stop:
+            while step < tc.steps:
+                idx = torch.randint(0, n, (tc.batch_size,), device=device, generator=gen)
+                x0 = to_model_range(images[idx])
+                t = torch.randint(0, schedule.num_timesteps, (tc.batch_size,), device=device, generator=gen)
+                noise = torch.randn(x0.shape, device=device, generator=gen)
+                y = None
+                if cfg.model.class_conditional:
+                    drop = torch.rand(tc.batch_size, device=device, generator=gen) < tc.label_dropout
+                    y = torch.where(drop, torch.full_like(labels[idx], null_label), labels[idx])
+                for g in opt.param_groups:
+                    g["lr"] = lr_at(step)
+                with autocast:
+                    loss = p_losses(net, schedule, x0, t, noise, labels=y, prediction=cfg.diffusion.prediction,
+                                    weighting=cfg.diffusion.loss_weighting, min_snr_gamma=cfg.diffusion.min_snr_gamma)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if tc.grad_clip > 0:
+                    nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+                opt.step()
+                ema_update(ema, model, ema_decay_at(step, tc.ema_decay, tc.ema_warmup))
+                # Record the first non-finite step on the device; read it only when we sync anyway.
+                bad = ~torch.isfinite(loss.detach())
+                first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, step + 1), first_bad)
+                loss_sum += loss.detach().float()
+                step += 1
+
+                at_log = step % tc.log_every == 0 or step == tc.steps
+                at_ckpt = step % tc.checkpoint_every == 0 or step == tc.steps
+                if at_log or at_ckpt or stop.signum is not None:
+                    if int(first_bad) >= 0:
+                        raise TrainingDivergedError(
+                            f"loss became non-finite at step {int(first_bad)}; the last good checkpoint "
+                            f"({ckpt_path}) was kept. Lower train.lr, enable train.grad_clip, or check the data.")
+                if at_log:
+                    elapsed = time.perf_counter() - t0
+                    ips = (step - since) * tc.batch_size / max(elapsed, 1e-9)
+                    last_loss = float(loss_sum) / (step - since)
+                    metrics = {"loss": last_loss, "lr": lr_at(step - 1), "images_per_sec": ips}
+                    log_writer.writerow({"step": step, **metrics})
+                    log_f.flush()
+                    progress(step, last_loss, ips)
+                    if on_log:
+                        on_log(step, metrics)
+                    loss_sum.zero_()
+                    t0, since = time.perf_counter(), step
+                if at_ckpt:
+                    checkpoint()
+                if tc.sample_every and step % tc.sample_every == 0 and step < tc.steps and on_sample is not None:
+                    on_sample(step, save_sample_grid(ema, schedule, cfg, out_dir / f"samples_{step:07d}.png"))
+                if stop.signum is not None:
+                    checkpoint()
+                    raise TrainingInterrupted(f"stopped by signal {signal.Signals(stop.signum).name} at step {step}; "
+                                              f"checkpoint saved to {ckpt_path}; rerun with --resume to continue")
+    finally:
+        log_f.close()
+        progress.close()
+    grid = save_sample_grid(ema, schedule, cfg, out_dir / "samples_final.png")
+    if on_sample is not None:
+        on_sample(step, grid)
+    return TrainResult(checkpoint=ckpt_path, step=step, loss=last_loss, images_per_sec=ips)
+
+
+@torch.no_grad()
+def save_sample_grid(model: nn.Module, schedule: Schedule, cfg: Config, path: Path, n: int = 64) -> Path:
+    """Sample n images with the configured sampler from a fixed seed and save them as a PNG grid."""
+    images, _ = generate(model, schedule, cfg, n, seed=cfg.sample.seed)
+    save_grid(images, path)
+    return path
+
+
+class _progress:
+    """A tqdm bar when tqdm is installed and stderr is a terminal, else log lines."""
+
+    def __init__(self, total: int, start: int):
+        self.bar = None
+        try:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+        except ImportError:
+            pass
+
+    def __call__(self, step: int, loss: float, ips: float) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{ips:,.0f}")
+            self.bar.n = step
+            self.bar.refresh()
+        else:
+            log.info("step %d  loss %.4f  %.0f img/s", step, loss, ips)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,71 @@
+import pytest
+import torch
+
+from ddpm.config import DiffusionConfig, ModelConfig
+from ddpm.losses import p_losses
+from ddpm.schedule import Schedule
+from ddpm.unet import UNet, timestep_embedding
+
+
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32)])
+@pytest.mark.parametrize("conditional", [False, True])
+def test_unet_output_shape_equals_input(shape, conditional, tiny_model_cfg):
+    from dataclasses import replace
+    cfg = replace(tiny_model_cfg, class_conditional=conditional, channel_mult=(1, 2, 2), attention_levels=(2,))
+    net = UNet(cfg, in_channels=shape[0])
+    x = torch.randn(3, *shape)
+    t = torch.tensor([0, 500, 999])
+    labels = torch.tensor([1, 7, 10]) if conditional else None
+    assert net(x, t, labels).shape == x.shape
+
+
+def test_unconditional_unet_refuses_labels(tiny_model_cfg):
+    net = UNet(tiny_model_cfg)
+    with pytest.raises(ValueError, match="class-conditional"):
+        net(torch.randn(1, 1, 28, 28), torch.tensor([3]), torch.tensor([1]))
+
+
+def test_timestep_embedding_is_sinusoidal():
+    emb = timestep_embedding(torch.tensor([0, 7]), 8)
+    assert emb.shape == (2, 8)
+    assert torch.allclose(emb[0], torch.tensor([1.0] * 4 + [0.0] * 4))
+    freqs = torch.exp(-torch.log(torch.tensor(10000.0)) * torch.arange(4) / 4)
+    assert torch.allclose(emb[1, :4], torch.cos(7 * freqs)) and torch.allclose(emb[1, 4:], torch.sin(7 * freqs))
+
+
+def test_p_losses_is_mse_between_noise_and_prediction():
+    s = Schedule.from_config(DiffusionConfig(timesteps=100))
+    x0, noise, t = torch.rand(4, 1, 6, 6), torch.randn(4, 1, 6, 6), torch.tensor([1, 20, 50, 99])
+    zero = lambda x, t: torch.zeros_like(x)
+    assert p_losses(zero, s, x0, t, noise).item() == pytest.approx(noise.pow(2).mean().item(), rel=1e-5)
+    assert p_losses(zero, s, x0, t, noise, prediction="x0").item() == pytest.approx(x0.pow(2).mean().item(), rel=1e-5)
+
+
+def test_min_snr_weights_clamp_the_snr():
+    s = Schedule.from_config(DiffusionConfig(timesteps=1000))
+    x0, noise = torch.rand(2, 1, 4, 4), torch.randn(2, 1, 4, 4)
+    zero = lambda x, t: torch.zeros_like(x)
+    t = torch.tensor([0, 0])  # SNR ~ 1e4, far above gamma = 5: weight gamma / snr for eps
+    snr = s.alphas_cumprod[0] / (1 - s.alphas_cumprod[0])
+    plain = p_losses(zero, s, x0, t, noise)
+    weighted = p_losses(zero, s, x0, t, noise, weighting="min_snr", min_snr_gamma=5.0)
+    assert weighted.item() == pytest.approx(plain.item() * 5.0 / snr.item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_small_unet_overfits_a_fixed_batch(prediction):
+    torch.manual_seed(0)
+    cfg = ModelConfig(base_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(), num_heads=1,
+                      dropout=0.0, norm_groups=8)
+    net = UNet(cfg)
+    s = Schedule.from_config(DiffusionConfig(timesteps=100))
+    x0 = torch.rand(8, 1, 12, 12) * 2 - 1
+    noise, t = torch.randn_like(x0), torch.randint(0, 100, (8,))
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    first = p_losses(net, s, x0, t, noise, prediction=prediction).item()
+    for _ in range(150):
+        loss = p_losses(net, s, x0, t, noise, prediction=prediction)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.1 * first
