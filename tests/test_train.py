@@ -1,0 +1,107 @@
+"""Training loop: resume equals an uninterrupted run, NaN stops with the last good checkpoint, safe checkpoints."""
+
+import pickle
+
+import pytest
+import torch
+
+import ddpm.train as train_mod
+from ddpm.checkpoint import load_checkpoint, load_model, save_checkpoint
+from ddpm.config import load_config
+from ddpm.errors import CheckpointError, TrainingDivergedError
+
+
+def _fake_images(name, root, split="train"):
+    gen = torch.Generator().manual_seed(0)
+    return torch.randint(0, 256, (64, 1, 28, 28), generator=gen, dtype=torch.uint8), torch.arange(64) % 10
+
+
+@pytest.fixture
+def cfg_for(tmp_path, monkeypatch):
+    monkeypatch.setattr(train_mod, "load_images", _fake_images)
+
+    def make(out, steps, *extra):
+        return load_config("params.yaml", "cpu", [
+            f"train.out_dir={tmp_path / out}", f"train.steps={steps}", "train.batch_size=4", "train.log_every=2",
+            "train.checkpoint_every=3", "train.warmup_steps=2", "diffusion.timesteps=20", "model.base_channels=8",
+            "model.channel_mult=[1,2]", "model.attention_levels=[1]", "model.num_heads=2", "model.norm_groups=4",
+            "model.dropout=0.1", "sample.steps=2", "sample.num_images=4", "evaluate.steps=2", *extra])
+    return make
+
+
+def test_resume_gives_the_same_weights(cfg_for):
+    straight = train_mod.train(cfg_for("a", 8))
+    half = train_mod.train(cfg_for("b", 4))
+    assert half.step == 4
+    resumed = train_mod.train(cfg_for("b", 8), resume=True)
+    a, b = load_checkpoint(straight.checkpoint), load_checkpoint(resumed.checkpoint)
+    assert a["step"] == b["step"] == 8
+    for key in ("model", "ema"):
+        for name, tensor in a[key].items():
+            assert torch.equal(tensor, b[key][name]), f"{key}.{name}"
+    assert a["optimizer"]["state"][0]["step"] == b["optimizer"]["state"][0]["step"]
+    rows = (resumed.checkpoint.parent / "loss.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["2", "4", "6", "8"]
+
+
+def test_checkpoint_rebuilds_the_model_alone(cfg_for):
+    result = train_mod.train(cfg_for("c", 3, "model.class_conditional=true"))
+    model, cfg, ckpt = load_model(result.checkpoint)
+    assert cfg.model.class_conditional and ckpt["step"] == 3
+    out = model(torch.randn(2, 1, 28, 28), torch.tensor([0, 19]), torch.tensor([3, 10]))
+    assert out.shape == (2, 1, 28, 28)
+    assert (result.checkpoint.parent / "samples_final.png").stat().st_size > 0
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(cfg_for, monkeypatch):
+    real = train_mod.p_losses
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 5 else loss
+
+    monkeypatch.setattr(train_mod, "p_losses", poisoned)
+    cfg = cfg_for("d", 10)
+    with pytest.raises(TrainingDivergedError, match="step 5"):
+        train_mod.train(cfg)
+    ckpt = load_checkpoint(train_mod.Path(cfg.train.out_dir) / "checkpoint.pt")
+    assert ckpt["step"] == 3
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_unsafe_and_truncated_checkpoints_are_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(b"")
+    torch.save({"model": Evil(), "config": {}, "step": 0}, evil)
+    with pytest.raises(CheckpointError, match="could run code"):
+        load_checkpoint(evil)
+
+    good = tmp_path / "good.pt"
+    save_checkpoint(good, {"model": {"w": torch.ones(1000)}, "config": {}, "step": 1})
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[:500])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_checkpoint(truncated)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_failed_checkpoint_write_keeps_the_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(path, {"model": {}, "config": {}, "step": 1})
+    before = path.read_bytes()
+
+    import ddpm.checkpoint as ck
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(ck.os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        save_checkpoint(path, {"model": {"w": torch.ones(10)}, "config": {}, "step": 2})
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
