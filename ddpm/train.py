@@ -3,6 +3,13 @@
 The whole training set sits on the training device as one uint8 tensor; batches, timesteps and noise
 come from one seeded generator whose state is checkpointed with the global RNG, so a resumed run on
 the CPU retraces an uninterrupted one exactly.
+
+Under `torchrun --nproc_per_node=N` (WORLD_SIZE > 1) the same function trains with
+DistributedDataParallel: each rank draws `train.batch_size` images from its own shard of the data
+with its own timesteps and noise, so the global batch is batch_size * N at the same `train.lr`
+(scale lr yourself if you want). Gradients are all-reduced; EMA, checkpoints, loss.csv, sample grids
+and the callbacks run on rank 0 only. A checkpoint resumes on any number of ranks; resuming on
+the same number restores every rank's generator, otherwise ranks are reseeded from (seed, rank, step).
 """
 
 from __future__ import annotations
@@ -11,14 +18,18 @@ import copy
 import csv
 import logging
 import math
+import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from ddpm.checkpoint import load_checkpoint, save_checkpoint
 from ddpm.config import Config, image_shape
@@ -44,12 +55,37 @@ class TrainResult:
     images_per_sec: float
 
 
-def resolve_device(name: str) -> torch.device:
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_name: str) -> DistInfo:
+    """Join the process group torchrun describes (NCCL on CUDA, gloo on the CPU); a no-op for one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    info = DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        use_cuda = device_name != "cpu" and torch.cuda.is_available()
+        if use_cuda:
+            torch.cuda.set_device(info.local_rank)
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return info
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device: 'cuda' was asked for, but no CUDA device is available; use 'cpu' or 'auto'")
-    return torch.device(name)
+    return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
 
 
 @torch.no_grad()
@@ -111,20 +147,22 @@ def train(cfg: Config, resume: bool = False, on_log: Callable[[int, dict[str, fl
     and TrainingInterrupted on SIGINT/SIGTERM, after saving what is worth keeping.
     """
     tc = cfg.train
-    device = resolve_device(tc.device)
+    rank = init_distributed(tc.device)
+    device = resolve_device(tc.device, rank.local_rank)
     out_dir = Path(tc.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = out_dir / CHECKPOINT_NAME
 
-    torch.manual_seed(tc.seed)
+    torch.manual_seed(tc.seed + rank.rank)
     images, labels = load_images(cfg.data.dataset, cfg.data.root, "train")  # uint8 [N, C, H, W], int64 [N]
-    images, labels = images.to(device), labels.to(device)
+    shard = slice(rank.rank * len(images) // rank.world_size, (rank.rank + 1) * len(images) // rank.world_size)
+    images, labels = images[shard].to(device), labels[shard].to(device)
     schedule = Schedule.from_config(cfg.diffusion).to(device)
     model = build_unet(cfg.model, image_shape(cfg)).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     fused = device.type == "cuda"
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, fused=fused)
-    gen = torch.Generator(device=device).manual_seed(tc.seed)
+    gen = torch.Generator(device=device).manual_seed(tc.seed + 1_000_003 * rank.rank)
 
     step = 0
     if resume and ckpt_path.exists():
@@ -133,29 +171,49 @@ def train(cfg: Config, resume: bool = False, on_log: Callable[[int, dict[str, fl
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["optimizer"])
         step = int(ckpt["step"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        gen.set_state(ckpt["rng"]["generator"].to(gen.get_state().device))
-        log.info("resumed from %s at step %d", ckpt_path, step)
+        rng = ckpt["rng"]
+        if rng.get("world_size", 1) == rank.world_size:
+            torch.set_rng_state(rng["torch"][rank.rank])
+            gen.set_state(rng["generator"][rank.rank].to(gen.get_state().device))
+        else:  # a different number of ranks: fresh, distinct streams that still depend only on (seed, rank, step)
+            torch.manual_seed(tc.seed + rank.rank + 7919 * step)
+            gen.manual_seed(tc.seed + 1_000_003 * rank.rank + 7919 * step)
+        log.info("resumed from %s at step %d (written by %d rank(s), now %d)", ckpt_path, step,
+                 rng.get("world_size", 1), rank.world_size)
     elif resume:
         log.info("no checkpoint at %s; starting from step 0", ckpt_path)
 
     def lr_at(s: int) -> float:
         return tc.lr * min(1.0, (s + 1) / tc.warmup_steps) if tc.warmup_steps else tc.lr
 
-    def checkpoint() -> None:
-        save_checkpoint(ckpt_path, {
-            "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(), "step": step,
-            "config": cfg.to_dict(),
-            "rng": {"torch": torch.get_rng_state(), "generator": gen.get_state().cpu()},
-        })
+    def gather_states(state: torch.Tensor) -> list[torch.Tensor]:
+        if rank.world_size == 1:
+            return [state]
+        out = [None] * rank.world_size
+        dist.all_gather_object(out, state)
+        return out
 
-    net = torch.compile(model) if tc.compile else model
+    def checkpoint() -> None:
+        rng = {"world_size": rank.world_size, "torch": gather_states(torch.get_rng_state()),
+               "generator": gather_states(gen.get_state().cpu())}
+        if rank.is_main:
+            save_checkpoint(ckpt_path, {
+                "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                "config": cfg.to_dict(), "rng": rng,
+            })
+        if rank.world_size > 1:
+            dist.barrier()
+
+    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if rank.world_size > 1 else model
+    net = torch.compile(ddp) if tc.compile else ddp
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.bf16 and device.type == "cuda")
     n, null_label = len(images), model.num_classes
     loss_sum = torch.zeros((), device=device)
-    first_bad = torch.full((), -1, device=device, dtype=torch.long)
-    log_f, log_writer = _loss_log(out_dir, step)
-    progress = _progress(tc.steps, step)
+    no_bad = torch.iinfo(torch.long).max
+    first_bad = torch.full((), no_bad, device=device, dtype=torch.long)
+    log_f, log_writer = _loss_log(out_dir, step) if rank.is_main else (None, None)
+    progress = _progress(tc.steps, step, enabled=rank.is_main)
     last_loss, ips, t0, since = float("nan"), 0.0, time.perf_counter(), step
     model.train()
     try:
@@ -179,47 +237,70 @@ def train(cfg: Config, resume: bool = False, on_log: Callable[[int, dict[str, fl
                 if tc.grad_clip > 0:
                     nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
                 opt.step()
-                ema_update(ema, model, ema_decay_at(step, tc.ema_decay, tc.ema_warmup))
+                if rank.is_main:
+                    ema_update(ema, model, ema_decay_at(step, tc.ema_decay, tc.ema_warmup))
                 # Record the first non-finite step on the device; read it only when we sync anyway.
                 bad = ~torch.isfinite(loss.detach())
-                first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, step + 1), first_bad)
+                first_bad = torch.where(bad, torch.minimum(first_bad, torch.full_like(first_bad, step + 1)), first_bad)
                 loss_sum += loss.detach().float()
                 step += 1
 
                 at_log = step % tc.log_every == 0 or step == tc.steps
                 at_ckpt = step % tc.checkpoint_every == 0 or step == tc.steps
-                if at_log or at_ckpt or stop.signum is not None:
-                    if int(first_bad) >= 0:
+                # One process acts on a signal at once; ranks agree on it at the next log or checkpoint step.
+                stopping = stop.signum is not None if rank.world_size == 1 else (
+                    (at_log or at_ckpt) and _any_rank(stop.signum is not None, device))
+                if at_log or at_ckpt or stopping:
+                    if rank.world_size > 1:
+                        dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
+                    if int(first_bad) != no_bad:
                         raise TrainingDivergedError(
                             f"loss became non-finite at step {int(first_bad)}; the last good checkpoint "
                             f"({ckpt_path}) was kept. Lower train.lr, enable train.grad_clip, or check the data.")
                 if at_log:
+                    if rank.world_size > 1:
+                        dist.all_reduce(loss_sum)
+                        loss_sum /= rank.world_size
                     elapsed = time.perf_counter() - t0
-                    ips = (step - since) * tc.batch_size / max(elapsed, 1e-9)
+                    ips = (step - since) * tc.batch_size * rank.world_size / max(elapsed, 1e-9)
                     last_loss = float(loss_sum) / (step - since)
                     metrics = {"loss": last_loss, "lr": lr_at(step - 1), "images_per_sec": ips}
-                    log_writer.writerow({"step": step, **metrics})
-                    log_f.flush()
-                    progress(step, last_loss, ips)
-                    if on_log:
-                        on_log(step, metrics)
+                    if rank.is_main:
+                        log_writer.writerow({"step": step, **metrics})
+                        log_f.flush()
+                        progress(step, last_loss, ips)
+                        if on_log:
+                            on_log(step, metrics)
                     loss_sum.zero_()
                     t0, since = time.perf_counter(), step
-                if at_ckpt:
+                if at_ckpt or stopping:
                     checkpoint()
-                if tc.sample_every and step % tc.sample_every == 0 and step < tc.steps and on_sample is not None:
+                if (rank.is_main and tc.sample_every and step % tc.sample_every == 0 and step < tc.steps
+                        and on_sample is not None):
                     on_sample(step, save_sample_grid(ema, schedule, cfg, out_dir / f"samples_{step:07d}.png"))
-                if stop.signum is not None:
-                    checkpoint()
-                    raise TrainingInterrupted(f"stopped by signal {signal.Signals(stop.signum).name} at step {step}; "
-                                              f"checkpoint saved to {ckpt_path}; rerun with --resume to continue")
+                if stopping:
+                    name = signal.Signals(stop.signum).name if stop.signum else "a signal on another rank"
+                    raise TrainingInterrupted(f"stopped by {name} at step {step}; checkpoint saved to {ckpt_path}; "
+                                              f"rerun with --resume to continue")
     finally:
-        log_f.close()
+        if log_f is not None:
+            log_f.close()
         progress.close()
-    grid = save_sample_grid(ema, schedule, cfg, out_dir / "samples_final.png")
-    if on_sample is not None:
-        on_sample(step, grid)
+        if rank.world_size > 1 and sys.exc_info()[0] is not None:
+            dist.destroy_process_group()
+    if rank.world_size > 1:
+        dist.destroy_process_group()
+    if rank.is_main:
+        grid = save_sample_grid(ema, schedule, cfg, out_dir / "samples_final.png")
+        if on_sample is not None:
+            on_sample(step, grid)
     return TrainResult(checkpoint=ckpt_path, step=step, loss=last_loss, images_per_sec=ips)
+
+
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 @torch.no_grad()
@@ -233,8 +314,10 @@ def save_sample_grid(model: nn.Module, schedule: Schedule, cfg: Config, path: Pa
 class _progress:
     """A tqdm bar when tqdm is installed and stderr is a terminal, else log lines."""
 
-    def __init__(self, total: int, start: int):
+    def __init__(self, total: int, start: int, enabled: bool = True):
         self.bar = None
+        if not enabled:
+            return
         try:
             from tqdm import tqdm
             self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)

