@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -35,9 +37,17 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from ddpm.train import train
     cfg = _config(args)
+    if cfg.train.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        # Relaunch this same command under torchrun, one process per GPU.
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.train.nproc}",
+               "-m", "ddpm.cli", "train", "--params", args.params, *(["--profile", args.profile] if args.profile else []),
+               *(["--resume"] if args.resume else []), *args.overrides]
+        return subprocess.call(cmd)
+    from ddpm.train import train
     result = train(cfg, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
     print(f"trained to step {result.step}: loss {result.loss:.4f}, {result.images_per_sec:,.0f} img/s; "
           f"checkpoint {result.checkpoint}; samples {Path(cfg.train.out_dir) / 'samples_final.png'}")
     return 0

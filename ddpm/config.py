@@ -92,6 +92,7 @@ class TrainConfig:
     label_dropout: float = _f(0.1, _unit_closed, "a float in [0, 1]")
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    nproc: int = _f(1, _positive, "an integer > 0 (processes on this node; > 1 launches torchrun)")
     bf16: bool = True
     compile: bool = False
     log_every: int = _f(50, _positive, "an integer > 0")
@@ -116,12 +117,19 @@ class SampleConfig:
 
 @dataclass(frozen=True)
 class EvaluateConfig:
+    """Scoring samples (ddpm.evaluate). eta, variance, clip_denoised and guidance come from `sample`.
+
+    `feature_*` train the FID feature net when its file is missing (ddpm.features.train_feature_net).
+    """
+
     num_samples: int = _f(10000, _positive, "an integer > 0")
     sampler: Literal["ddpm", "ddim"] = "ddim"
     steps: int = _f(50, _positive, "an integer > 0")
     batch_size: int = _f(500, _positive, "an integer > 0")
     backend: Literal["torch", "onnx"] = "torch"
-    nearest_k: int = _f(3, _positive, "an integer > 0")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    nearest_k: int = _f(3, _positive, "an integer > 0 (k of the k-NN radii in precision/recall)")
+    memorisation_quantile: float = _f(0.01, _unit_open, "a float in (0, 1) (quantile of test-to-train distances)")
     seed: int = 0
     feature_epochs: int = _f(4, _positive, "an integer > 0")
     feature_batch_size: int = _f(256, _positive, "an integer > 0")
@@ -133,10 +141,31 @@ class ExportConfig:
     opset: int = _f(18, lambda v: 17 <= v <= 23, "an integer in [17, 23]")
     fp16: bool = False
     parity_atol: float = _f(1e-4, _positive, "a float > 0")
+    fp16_atol: float = _f(0.05, _positive, "a float > 0 (float16 model vs PyTorch float32, network output)")
     check_samples: int = _f(256, _positive, "an integer > 0")
     check_steps: int = _f(20, _positive, "an integer > 0")
+    check_atol: float = _f(0.02, _positive, "a float > 0 (max pixel difference in [-1, 1])")
     fid_margin: float = _f(0.05, _non_negative, "a float >= 0 (relative)")
+    fid_abs_floor: float = _f(0.5, _non_negative, "a float >= 0 (absolute, added to fid_margin * FID)")
     model_name: str = "ddpm-unet"
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Tracking and orchestration (flows/): read by the Prefect flows, never by the ddpm functions.
+
+    `tracking_uri` "" means $MLFLOW_TRACKING_URI if set, else sqlite:///<project>/mlflow/mlflow.db.
+    `feature_net` may contain "{dataset}"; relative paths are relative to the project root.
+    """
+
+    experiment: str = _f("ddpm", lambda v: bool(v.strip()), "a non-empty string")
+    tracking_uri: str = ""
+    registered_model: str = _f("ddpm-unet", lambda v: bool(v.strip()), "a non-empty string")
+    model_alias: str = _f("latest-accepted", lambda v: bool(v.strip()) and not (v[0] == "v" and v[1:].isdigit()),
+                          "a non-empty string other than v<number> (reserved by MLflow)")
+    feature_net: str = _f("runs/features/{dataset}.pt", lambda v: bool(v.strip()), "a non-empty path")
+    trajectory_images: int = _f(8, _positive, "an integer > 0")
+    log_checkpoint: bool = True
 
 
 @dataclass(frozen=True)
@@ -148,6 +177,7 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
@@ -155,7 +185,7 @@ class Config:
 
 _SECTION_CLASSES = {
     "data": DataConfig, "diffusion": DiffusionConfig, "model": ModelConfig, "train": TrainConfig,
-    "sample": SampleConfig, "evaluate": EvaluateConfig, "export": ExportConfig,
+    "sample": SampleConfig, "evaluate": EvaluateConfig, "export": ExportConfig, "pipeline": PipelineConfig,
 }
 IMAGE_SHAPES = {"mnist": (1, 28, 28), "fashion_mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
 
