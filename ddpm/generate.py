@@ -13,6 +13,7 @@ from torchvision.transforms.functional import to_pil_image
 from ddpm.checkpoint import atomic_write_bytes
 from ddpm.config import Config, SampleConfig, image_shape
 from ddpm.data import from_model_range
+from ddpm.graphed import GraphedDenoiser
 from ddpm.samplers import get_sampler
 from ddpm.schedule import Schedule
 
@@ -27,11 +28,12 @@ def sampler_options(sc: SampleConfig) -> dict[str, object]:
 @torch.no_grad()
 def generate(model: torch.nn.Module, schedule: Schedule, cfg: Config, n: int, seed: int = 0,
              sample_cfg: SampleConfig | None = None, label: int | None = None,
-             return_trajectory: bool = False) -> tuple[torch.Tensor, torch.Tensor | None] | tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:
+             return_trajectory: bool = False, cuda_graphs: bool = True) -> tuple[torch.Tensor, torch.Tensor | None] | tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:
     """Generate n images in batches; returns (uint8 [n, C, H, W] on the CPU, labels [n] or None[, trajectory]).
 
     The starting noise of image i depends only on `seed` and i's batch, so results are reproducible.
-    A conditional model without `label` gets labels 0..9 in turn (an even class mix).
+    A conditional model without `label` gets labels 0..9 in turn (an even class mix). On CUDA the
+    network runs as replayed CUDA graphs (`cuda_graphs`), in bf16 when cfg.train.bf16.
     """
     sc = sample_cfg or cfg.sample
     label = sc.label if label is None else label
@@ -43,7 +45,10 @@ def generate(model: torch.nn.Module, schedule: Schedule, cfg: Config, n: int, se
     outs, all_labels, traj = [], [], None
     was_training = model.training
     model.eval()
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.train.bf16)
+    # The cache must be off for CUDA-graph capture under autocast.
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.train.bf16,
+                              cache_enabled=False)
+    net = GraphedDenoiser(model) if device.type == "cuda" and cuda_graphs else model
     try:
         for start in range(0, n, sc.batch_size):
             b = min(sc.batch_size, n - start)
@@ -54,7 +59,7 @@ def generate(model: torch.nn.Module, schedule: Schedule, cfg: Config, n: int, se
                           else torch.arange(start, start + b, device=device) % 10)
                 all_labels.append(labels.cpu())
             with autocast:
-                result = sample_fn(model, schedule, x_T, labels=labels, guidance_scale=sc.guidance_scale,
+                result = sample_fn(net, schedule, x_T, labels=labels, guidance_scale=sc.guidance_scale,
                                    prediction=cfg.diffusion.prediction, clip_denoised=sc.clip_denoised,
                                    generator=gen, return_trajectory=return_trajectory and start == 0,
                                    **sampler_options(sc))
