@@ -1,0 +1,30 @@
+"""The command line: errors are one clear line and a non-zero status, before any work starts."""
+
+import subprocess
+import sys
+
+import pytest
+
+
+def _ddpm(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ddpm.cli", *args], capture_output=True, text=True, timeout=120, cwd=cwd)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("diffusion.timesteps=-1", "diffusion.timesteps"),
+    ("diffusion.beta_end=1.5", "diffusion.beta_end"),
+    ("diffusion.schedule=sigmoid", "diffusion.schedule"),
+    ("model.channel_mult=[1,2,2,2]", "model.channel_mult"),  # 28 is not divisible by 8
+])
+def test_invalid_settings_fail_before_any_work(override, key, tmp_path):
+    out = tmp_path / "run"
+    result = _ddpm("train", override, f"train.out_dir={out}")
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"ddpm train: error: {key}")
+    assert not out.exists()  # nothing was written
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    result = _ddpm("sample", "--checkpoint", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "s"))
+    assert result.returncode == 2 and "does not exist" in result.stderr
+    assert not (tmp_path / "s").exists()
