@@ -95,6 +95,8 @@ class TrainConfig:
     nproc: int = _f(1, _positive, "an integer > 0 (processes on this node; > 1 launches torchrun)")
     bf16: bool = True
     compile: bool = False
+    cuda_graphs: bool = False  # capture the whole step (forward, backward, clip, AdamW, EMA) as one CUDA graph
+    channels_last: bool = False
     log_every: int = _f(50, _positive, "an integer > 0")
     sample_every: int = _f(5000, _non_negative, "an integer >= 0 (0: only at the end)")
     checkpoint_every: int = _f(1000, _positive, "an integer > 0")
@@ -131,9 +133,9 @@ class EvaluateConfig:
     nearest_k: int = _f(3, _positive, "an integer > 0 (k of the k-NN radii in precision/recall)")
     memorisation_quantile: float = _f(0.01, _unit_open, "a float in (0, 1) (quantile of test-to-train distances)")
     seed: int = 0
-    feature_epochs: int = _f(4, _positive, "an integer > 0")
-    feature_batch_size: int = _f(256, _positive, "an integer > 0")
-    feature_lr: float = _f(1e-3, _positive, "a float > 0")
+    feature_epochs: int = _f(3, _positive, "an integer > 0")
+    feature_batch_size: int = _f(128, _positive, "an integer > 0")
+    feature_lr: float = _f(2e-3, _positive, "a float > 0")
 
 
 @dataclass(frozen=True)

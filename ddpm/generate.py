@@ -32,7 +32,7 @@ def generate(model: torch.nn.Module, schedule: Schedule, cfg: Config, n: int, se
     """Generate n images in batches; returns (uint8 [n, C, H, W] on the CPU, labels [n] or None[, trajectory]).
 
     The starting noise of image i depends only on `seed` and i's batch, so results are reproducible.
-    A conditional model without `label` gets labels 0..9 in turn (an even class mix). On CUDA the
+    A conditional model without `label` gets its classes in turn (an even class mix). On CUDA the
     network runs as replayed CUDA graphs (`cuda_graphs`), in bf16 when cfg.train.bf16.
     """
     sc = sample_cfg or cfg.sample
@@ -56,7 +56,7 @@ def generate(model: torch.nn.Module, schedule: Schedule, cfg: Config, n: int, se
             labels = None
             if cfg.model.class_conditional:
                 labels = (torch.full((b,), label, device=device, dtype=torch.long) if label is not None
-                          else torch.arange(start, start + b, device=device) % 10)
+                          else torch.arange(start, start + b, device=device) % model.num_classes)
                 all_labels.append(labels.cpu())
             with autocast:
                 result = sample_fn(net, schedule, x_T, labels=labels, guidance_scale=sc.guidance_scale,

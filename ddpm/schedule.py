@@ -7,18 +7,17 @@ paper's t = 1 (the least noisy step), index T-1 is the paper's t = T.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ddpm.config import DiffusionConfig
+from ddpm.schedule_math import cosine_betas, linear_betas, make_betas, schedule_arrays
 
 
 def linear_beta_schedule(timesteps: int, beta_start: float = 0.0001, beta_end: float = 0.02) -> torch.Tensor:
     """The DDPM paper's linear schedule: betas [T], float64."""
-    return torch.linspace(beta_start, beta_end, timesteps, dtype=torch.float64)
+    return torch.from_numpy(linear_betas(timesteps, beta_start, beta_end))
 
 
 def cosine_beta_schedule(timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
@@ -26,10 +25,7 @@ def cosine_beta_schedule(timesteps: int, s: float = 0.008, max_beta: float = 0.9
 
     beta_t = 1 - alpha_bar(t+1) / alpha_bar(t), clipped at `max_beta` to avoid a singularity at t = T.
     """
-    steps = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
-    f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
-    betas = 1 - f[1:] / f[:-1]
-    return betas.clamp(max=max_beta)
+    return torch.from_numpy(cosine_betas(timesteps, s, max_beta))
 
 
 @dataclass(frozen=True)
@@ -55,40 +51,14 @@ class Schedule:
 
     @classmethod
     def from_betas(cls, betas: torch.Tensor) -> "Schedule":
-        b = betas.to(torch.float64)
-        if b.ndim != 1 or len(b) == 0 or not bool(((b > 0) & (b < 1)).all()):
-            raise ValueError("betas must be a non-empty 1-D tensor with every value in (0, 1)")
-        alphas = 1.0 - b
-        acp = torch.cumprod(alphas, dim=0)
-        acp_prev = F.pad(acp[:-1], (1, 0), value=1.0)
-        post_var = b * (1.0 - acp_prev) / (1.0 - acp)
-        post_log_var = torch.log(torch.cat([post_var[1:2], post_var[1:]])) if len(b) > 1 else torch.log(b)
-        arrays = dict(
-            betas=b,
-            alphas=alphas,
-            alphas_cumprod=acp,
-            alphas_cumprod_prev=acp_prev,
-            sqrt_alphas_cumprod=acp.sqrt(),
-            sqrt_one_minus_alphas_cumprod=(1.0 - acp).sqrt(),
-            sqrt_recip_alphas=(1.0 / alphas).sqrt(),
-            sqrt_recip_alphas_cumprod=(1.0 / acp).sqrt(),
-            sqrt_recipm1_alphas_cumprod=(1.0 / acp - 1).sqrt(),
-            posterior_variance=post_var,
-            posterior_log_variance_clipped=post_log_var,
-            posterior_mean_coef1=b * acp_prev.sqrt() / (1.0 - acp),
-            posterior_mean_coef2=(1.0 - acp_prev) * alphas.sqrt() / (1.0 - acp),
-        )
-        return cls(**{k: v.to(torch.float32) for k, v in arrays.items()})
+        # The float64 arithmetic lives in ddpm.schedule_math, shared with the torch-free ONNX sampler.
+        arrays = schedule_arrays(betas.detach().cpu().to(torch.float64).numpy())
+        return cls(**{k: torch.from_numpy(v).to(torch.float32) for k, v in arrays.items()})
 
     @classmethod
     def from_config(cls, cfg: DiffusionConfig) -> "Schedule":
-        if cfg.schedule == "linear":
-            betas = linear_beta_schedule(cfg.timesteps, cfg.beta_start, cfg.beta_end)
-        elif cfg.schedule == "cosine":
-            betas = cosine_beta_schedule(cfg.timesteps, cfg.cosine_s)
-        else:
-            raise ValueError(f"diffusion.schedule: unknown schedule {cfg.schedule!r}; choose 'linear' or 'cosine'")
-        return cls.from_betas(betas)
+        return cls.from_betas(torch.from_numpy(
+            make_betas(cfg.schedule, cfg.timesteps, cfg.beta_start, cfg.beta_end, cfg.cosine_s)))
 
     @property
     def num_timesteps(self) -> int:

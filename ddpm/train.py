@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import csv
 import logging
-import math
 import os
 import signal
 import sys
@@ -89,10 +88,17 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 
 
 @torch.no_grad()
-def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * model, over all parameters at once."""
+def ema_update(ema: nn.Module, model: nn.Module, decay: float | torch.Tensor) -> None:
+    """ema <- decay * ema + (1 - decay) * model, over all parameters at once.
+
+    `decay` may be a 0-d device tensor, so that a captured CUDA graph can take a new value each step.
+    """
     e, m = list(ema.parameters()), list(model.parameters())
-    torch._foreach_lerp_(e, m, 1.0 - decay)
+    if isinstance(decay, torch.Tensor):
+        torch._foreach_mul_(e, decay)
+        torch._foreach_add_(e, torch._foreach_mul(m, 1.0 - decay))
+    else:
+        torch._foreach_lerp_(e, m, 1.0 - decay)
 
 
 def ema_decay_at(step: int, cfg_decay: float, warmup: bool) -> float:
@@ -159,9 +165,19 @@ def train(cfg: Config, resume: bool = False, on_log: Callable[[int, dict[str, fl
     images, labels = images[shard].to(device), labels[shard].to(device)
     schedule = Schedule.from_config(cfg.diffusion).to(device)
     model = build_unet(cfg.model, image_shape(cfg)).to(device)
+    if tc.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     fused = device.type == "cuda"
-    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, fused=fused)
+    graphed = tc.cuda_graphs and device.type == "cuda" and rank.world_size == 1
+    if tc.cuda_graphs and not graphed:
+        log.warning("train.cuda_graphs needs one CUDA process; running eagerly")
+    # On CUDA the learning rate and EMA decay are device tensors, so a captured graph sees new values.
+    lr_t = torch.tensor(tc.lr, device=device) if graphed else None
+    decay_t = torch.tensor(tc.ema_decay, device=device) if graphed else None
+    opt = torch.optim.AdamW(model.parameters(), lr=lr_t if graphed else tc.lr, weight_decay=tc.weight_decay,
+                            fused=fused, capturable=graphed)
     gen = torch.Generator(device=device).manual_seed(tc.seed + 1_000_003 * rank.rank)
 
     step = 0
@@ -170,6 +186,9 @@ def train(cfg: Config, resume: bool = False, on_log: Callable[[int, dict[str, fl
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["optimizer"])
+        if graphed:
+            for g in opt.param_groups:
+                g["lr"] = lr_t
         step = int(ckpt["step"])
         rng = ckpt["rng"]
         if rng.get("world_size", 1) == rank.world_size:
@@ -207,8 +226,37 @@ def train(cfg: Config, resume: bool = False, on_log: Callable[[int, dict[str, fl
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if rank.world_size > 1 else model
     net = torch.compile(ddp) if tc.compile else ddp
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.bf16 and device.type == "cuda")
     n, null_label = len(images), model.num_classes
+
+    def draw() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """A batch (Algorithm 1, lines 2-4): x0 [B, C, H, W] from this rank's shard, t [B], noise, labels."""
+        idx = torch.randint(0, n, (tc.batch_size,), device=device, generator=gen)
+        x0 = to_model_range(images[idx])
+        t = torch.randint(0, schedule.num_timesteps, (tc.batch_size,), device=device, generator=gen)
+        noise = torch.randn(x0.shape, device=device, generator=gen)
+        y = None
+        if cfg.model.class_conditional:  # label dropout trains the null class for classifier-free guidance
+            drop = torch.rand(tc.batch_size, device=device, generator=gen) < tc.label_dropout
+            y = torch.where(drop, torch.full_like(labels[idx], null_label), labels[idx])
+        return x0, t, noise, y
+
+    def update(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        """One optimisation step (Algorithm 1, line 5) plus the EMA; returns the loss (0-d, on the device)."""
+        with autocast:
+            loss = p_losses(net, schedule, x0, t, noise, labels=y, prediction=cfg.diffusion.prediction,
+                            weighting=cfg.diffusion.loss_weighting, min_snr_gamma=cfg.diffusion.min_snr_gamma)
+        opt.zero_grad(set_to_none=not graphed)
+        loss.backward()
+        if tc.grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        opt.step()
+        if rank.is_main:
+            ema_update(ema, model, decay_t if graphed else ema_decay_at(step, tc.ema_decay, tc.ema_warmup))
+        return loss.detach().float()
+
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.bf16 and device.type == "cuda",
+                              cache_enabled=not graphed)
+    graph, static, start_step = None, None, step
     loss_sum = torch.zeros((), device=device)
     no_bad = torch.iinfo(torch.long).max
     first_bad = torch.full((), no_bad, device=device, dtype=torch.long)
@@ -219,30 +267,28 @@ def train(cfg: Config, resume: bool = False, on_log: Callable[[int, dict[str, fl
     try:
         with _StopFlag() as stop:
             while step < tc.steps:
-                idx = torch.randint(0, n, (tc.batch_size,), device=device, generator=gen)
-                x0 = to_model_range(images[idx])
-                t = torch.randint(0, schedule.num_timesteps, (tc.batch_size,), device=device, generator=gen)
-                noise = torch.randn(x0.shape, device=device, generator=gen)
-                y = None
-                if cfg.model.class_conditional:
-                    drop = torch.rand(tc.batch_size, device=device, generator=gen) < tc.label_dropout
-                    y = torch.where(drop, torch.full_like(labels[idx], null_label), labels[idx])
-                for g in opt.param_groups:
-                    g["lr"] = lr_at(step)
-                with autocast:
-                    loss = p_losses(net, schedule, x0, t, noise, labels=y, prediction=cfg.diffusion.prediction,
-                                    weighting=cfg.diffusion.loss_weighting, min_snr_gamma=cfg.diffusion.min_snr_gamma)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if tc.grad_clip > 0:
-                    nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-                opt.step()
-                if rank.is_main:
-                    ema_update(ema, model, ema_decay_at(step, tc.ema_decay, tc.ema_warmup))
+                x0, t, noise, y = draw()
+                if graphed:
+                    lr_t.fill_(lr_at(step))
+                    decay_t.fill_(ema_decay_at(step, tc.ema_decay, tc.ema_warmup))
+                    if graph is None and step >= start_step + 3:  # a few eager steps first, as capture requires
+                        graph, static = _capture(update, (x0, t, noise, y))
+                    if graph is not None:
+                        for buf, value in zip(static[0], (x0, t, noise, y)):
+                            if buf is not None:
+                                buf.copy_(value)
+                        graph.replay()
+                        loss = static[1]
+                    else:
+                        loss = _on_side_stream(update, x0, t, noise, y)
+                else:
+                    for g in opt.param_groups:
+                        g["lr"] = lr_at(step)
+                    loss = update(x0, t, noise, y)
                 # Record the first non-finite step on the device; read it only when we sync anyway.
                 bad = ~torch.isfinite(loss.detach())
                 first_bad = torch.where(bad, torch.minimum(first_bad, torch.full_like(first_bad, step + 1)), first_bad)
-                loss_sum += loss.detach().float()
+                loss_sum += loss
                 step += 1
 
                 at_log = step % tc.log_every == 0 or step == tc.steps
@@ -335,3 +381,23 @@ class _progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def _on_side_stream(fn: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
+    """Run fn on a side stream, as the eager warm-up steps before a CUDA-graph capture must."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        out = fn(*args)
+    torch.cuda.current_stream().wait_stream(stream)
+    return out
+
+
+def _capture(fn: Callable[..., torch.Tensor], inputs: tuple) -> tuple[torch.cuda.CUDAGraph, tuple]:
+    """Capture fn(*static_inputs) as a CUDA graph; returns (graph, (static_inputs, static_output))."""
+    static_in = tuple(x.clone() if x is not None else None for x in inputs)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn(*static_in)
+    return graph, (static_in, out)

@@ -1,6 +1,5 @@
 """Training loop: resume equals an uninterrupted run, NaN stops with the last good checkpoint, safe checkpoints."""
 
-import pickle
 
 import pytest
 import torch
@@ -97,7 +96,7 @@ def test_failed_checkpoint_write_keeps_the_previous_file(tmp_path, monkeypatch):
     save_checkpoint(path, {"model": {}, "config": {}, "step": 1})
     before = path.read_bytes()
 
-    import ddpm.checkpoint as ck
+    import ddpm.atomic as ck
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(ck.os, "fsync", full_disk)

@@ -1,7 +1,6 @@
 """Property-based checks of the config parser and the samplers' argument checks (hypothesis)."""
 
 import dataclasses
-import typing
 
 import pytest
 from hypothesis import HealthCheck, given, settings

@@ -1,0 +1,277 @@
+"""Evaluation: sample from a checkpoint (PyTorch or onnxruntime) and score the samples.
+
+Metrics (all in one flat metrics.json):
+    fid                 Frechet distance to the real test set, in the feature net's space (ddpm.features)
+    fid_floor           the same for a real training subset of the same size: the best reachable at this n
+    precision, recall   Kynkaanniemi et al. 2019, k = evaluate.nearest_k, against a real training subset
+    density, coverage   Naeem et al. 2020, the same balls; unlike precision, not fooled by real outliers
+    inception_score     classifier-based IS (mean over 10 splits), from 1 to 10; and its std
+    class_entropy       entropy of the predicted-class histogram, nats, ln 10 = 2.303 when balanced
+    nn_train_dist_*     L2 distance on [0, 1] pixels from each sample to its nearest training image
+    memorised_fraction  fraction of samples closer to a training image than `memorisation_threshold`,
+                        the evaluate.memorisation_quantile quantile of the same distance for real test
+                        images (so a model that generalises like the test set scores about that quantile)
+
+Real-data reference statistics (test-set feature mean/cov, training features, test-to-train pixel
+distances) depend only on the dataset files and the feature net, so they are cached once as
+`<feature net folder>/<feature net stem>.ref-<key>.npz`, key = hash of both files' SHA-256.
+FID values are comparable only between runs that use the same feature-net file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ddpm.checkpoint import atomic_write_bytes, load_checkpoint, load_model
+from ddpm.config import Config, config_from_dict
+from ddpm.data import load_images
+from ddpm.errors import CheckpointError, ConfigError, DataError
+from ddpm.features import (FeatureNet, dataset_hashes, extract, file_sha256, load_feature_net,
+                           read_feature_checkpoint, train_feature_net)
+from ddpm.generate import generate, save_grid
+from ddpm.metrics import (class_entropy, feature_stats, frechet_distance, inception_score, manifold_metrics,
+                          nearest_neighbours)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_FEATURE_NET = "runs/features/{dataset}.pt"
+REFERENCE_VERSION = 1
+REAL_SUBSET_SEED = 0  # fixes which training images stand in for "real" in precision/recall and fid_floor
+GRID_IMAGES = 64
+NEAREST_PAIRS = 16
+
+
+@dataclass(frozen=True)
+class Reference:
+    """Real-data statistics of one dataset version under one feature net."""
+
+    mu_test: np.ndarray          # [D] float64
+    cov_test: np.ndarray         # [D, D] float64
+    train_feats: np.ndarray      # [N_train, D] float32, in a fixed random order
+    nn_test_train: np.ndarray    # [N_test] float64: pixel L2 from each test image to its nearest training image
+    path: Path
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("evaluate.device: 'cuda' was asked for, but no CUDA device is available; use 'cpu' or 'auto'")
+    return torch.device(name)
+
+
+def feature_net_path(cfg: Config, feature_net: str | Path | None = None) -> Path:
+    return Path(feature_net) if feature_net is not None else Path(DEFAULT_FEATURE_NET.format(dataset=cfg.data.dataset))
+
+
+def ensure_feature_net(cfg: Config, feature_net: str | Path | None = None, device: torch.device | None = None) -> Path:
+    """The feature net's path; trains it with the evaluate.feature_* settings if the file is missing.
+
+    A file that exists but is corrupt raises CheckpointError rather than being silently replaced.
+    """
+    path = feature_net_path(cfg, feature_net)
+    ev = cfg.evaluate
+    if not path.exists():
+        log.warning("feature net %s not found: training it on %s (%d epochs); FIDs are comparable only between "
+                    "runs that use the same feature-net file", path, cfg.data.dataset, ev.feature_epochs)
+        result = train_feature_net(cfg.data.dataset, cfg.data.root, path, epochs=ev.feature_epochs,
+                                   batch_size=ev.feature_batch_size, lr=ev.feature_lr, seed=ev.seed,
+                                   device=device or resolve_device(ev.device))
+        log.info("feature net %s: test accuracy %.4f (%.0f s)", path, result["test_accuracy"], result["seconds"])
+    ckpt = read_feature_checkpoint(path)
+    trained_on = ckpt.get("config", {}).get("dataset")
+    if trained_on != cfg.data.dataset:
+        raise CheckpointError(f"feature net {path} was trained on {trained_on!r}, but the samples are "
+                              f"{cfg.data.dataset!r}; pass the feature net of {cfg.data.dataset}")
+    return path
+
+
+def _save_npz(path: Path, **arrays: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def reference_stats(cfg: Config, feature_net: str | Path, device: torch.device | None = None,
+                    net: FeatureNet | None = None) -> Reference:
+    """Load the cached real-data statistics for (dataset files, feature net), or compute and cache them."""
+    dataset, root = cfg.data.dataset, cfg.data.root
+    device = device or resolve_device(cfg.evaluate.device)
+    fn_path = Path(feature_net)
+    hashes = dataset_hashes(dataset, root)
+    if not hashes:
+        raise DataError(f"no {dataset} files under {Path(root) / dataset}; run `ddpm data` first")
+    stored = read_feature_checkpoint(fn_path).get("dataset_hashes")
+    if stored != hashes:
+        log.warning("feature net %s was trained on other %s files than those in %s (a different dataset "
+                    "version); its FIDs are still self-consistent, but retrain it to match", fn_path, dataset, root)
+    key_src = json.dumps({"version": REFERENCE_VERSION, "dataset": dataset, "files": hashes,
+                          "feature_net": file_sha256(fn_path)}, sort_keys=True)
+    key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
+    cache = fn_path.with_name(f"{fn_path.stem}.ref-{key}.npz")
+    if cache.is_file():
+        try:
+            with np.load(cache, allow_pickle=False) as z:
+                return Reference(z["mu_test"], z["cov_test"], z["train_feats"], z["nn_test_train"], cache)
+        except Exception as exc:  # noqa: BLE001 - an unreadable cache is recomputed
+            log.warning("reference cache %s is unreadable (%s); recomputing it", cache, exc)
+    log.info("computing reference statistics of %s for %s -> %s", dataset, fn_path, cache)
+    start = time.perf_counter()
+    net = net or load_feature_net(fn_path, device)
+    bs = cfg.evaluate.batch_size
+    x_train, _ = load_images(dataset, root, "train")
+    x_test, _ = load_images(dataset, root, "test")
+    test_feats, _ = extract(net, x_test, bs)
+    mu, cov = feature_stats(test_feats)
+    order = np.random.default_rng(REAL_SUBSET_SEED).permutation(len(x_train))
+    train_feats, _ = extract(net, x_train[torch.from_numpy(order)], bs)
+    nn_test, _ = nearest_neighbours(x_test, x_train, device=device)
+    _save_npz(cache, mu_test=mu, cov_test=cov, train_feats=train_feats.astype(np.float32), nn_test_train=nn_test)
+    log.info("reference statistics cached in %s (%.0f s)", cache, time.perf_counter() - start)
+    return Reference(mu, cov, train_feats.astype(np.float32), nn_test, cache)
+
+
+def _real_subset(ref: Reference, n: int) -> np.ndarray:
+    if n > len(ref.train_feats):
+        raise ConfigError(f"evaluate.num_samples: {n} exceeds the {len(ref.train_feats)} training images used as "
+                          f"the real reference; use at most {len(ref.train_feats)}")
+    return ref.train_feats[:n].astype(np.float64)
+
+
+def _score(images: torch.Tensor | np.ndarray, cfg: Config, feature_net: str | Path | None,
+           device: torch.device) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+    """Metrics of uint8 images [N, C, H, W], plus each image's nearest-training-image distance and index."""
+    images = torch.as_tensor(images)
+    if len(images) < max(2, cfg.evaluate.nearest_k + 1):
+        raise ConfigError(f"cannot score {len(images)} images: FID and precision/recall need more than "
+                          f"evaluate.nearest_k ({cfg.evaluate.nearest_k}) images")
+    ev = cfg.evaluate
+    fn_path = ensure_feature_net(cfg, feature_net, device)
+    net = load_feature_net(fn_path, device)
+    ref = reference_stats(cfg, fn_path, device, net)
+    feats, logits = extract(net, images, ev.batch_size)
+    real = _real_subset(ref, len(images))
+    mu, cov = feature_stats(feats)
+    manifold = manifold_metrics(real, feats, k=ev.nearest_k, device=device)
+    is_mean, is_std = inception_score(logits)
+    x_train, _ = load_images(cfg.data.dataset, cfg.data.root, "train")
+    dists, idx = nearest_neighbours(images, x_train, device=device)
+    threshold = float(np.quantile(ref.nn_test_train, ev.memorisation_quantile))
+    metrics = {
+        "fid": frechet_distance(mu, cov, ref.mu_test, ref.cov_test),
+        "fid_floor": frechet_distance(*feature_stats(real), ref.mu_test, ref.cov_test),
+        **manifold,  # precision, recall, density, coverage
+        "inception_score": is_mean,
+        "inception_score_std": is_std,
+        "class_entropy": class_entropy(logits),
+        "nn_train_dist_mean": float(dists.mean()),
+        "nn_train_dist_min": float(dists.min()),
+        "nn_test_train_dist_mean": float(ref.nn_test_train.mean()),
+        "memorisation_threshold": threshold,
+        "memorised_fraction": float((dists < threshold).mean()),
+    }
+    return metrics, dists, idx
+
+
+def score_images(images_uint8: torch.Tensor | np.ndarray, cfg: Config, feature_net_path: str | Path | None = None,
+                 device: str | torch.device | None = None) -> dict[str, float]:
+    """Score uint8 images [N, C, H, W] of cfg.data.dataset: the metrics listed in the module docstring.
+
+    The feature net defaults to runs/features/<dataset>.pt and is trained if missing.
+    """
+    dev = torch.device(device) if device is not None else resolve_device(cfg.evaluate.device)
+    return _score(images_uint8, cfg, feature_net_path, dev)[0]
+
+
+def fid_floor(cfg: Config, feature_net: str | Path | None = None, n: int | None = None) -> float:
+    """FID between n = evaluate.num_samples real training images and the test set: the best a model can score."""
+    device = resolve_device(cfg.evaluate.device)
+    ref = reference_stats(cfg, ensure_feature_net(cfg, feature_net, device), device)
+    return frechet_distance(*feature_stats(_real_subset(ref, n or cfg.evaluate.num_samples)), ref.mu_test, ref.cov_test)
+
+
+def _eval_config(model_cfg: Config, cfg: Config) -> Config:
+    """The checkpoint's data/diffusion/model/train settings with cfg's evaluate settings and data root.
+
+    Its `sample` section is what the sampler gets: cfg's eta, variance, clip_denoised and guidance,
+    with sampler, steps, count, batch size and seed from `evaluate`, and no fixed label.
+    """
+    if model_cfg.data.dataset != cfg.data.dataset:
+        log.warning("the checkpoint was trained on %s; evaluating against %s, not data.dataset=%s",
+                    model_cfg.data.dataset, model_cfg.data.dataset, cfg.data.dataset)
+    raw = model_cfg.to_dict()
+    raw["data"] = {**raw["data"], "root": cfg.data.root}
+    raw["evaluate"] = cfg.to_dict()["evaluate"]
+    ev = cfg.evaluate
+    raw["sample"] = {**cfg.to_dict()["sample"], "label": None, "sampler": ev.sampler, "steps": ev.steps,
+                     "num_images": ev.num_samples, "batch_size": ev.batch_size, "seed": ev.seed}
+    return config_from_dict(raw)
+
+
+def _generate(checkpoint: str | Path, cfg: Config, onnx_model: str | Path | None,
+              device: torch.device) -> tuple[torch.Tensor, Config, str]:
+    """Sample evaluate.num_samples uint8 images; returns (images [N, C, H, W], the evaluation config, backend)."""
+    ev = cfg.evaluate
+    backend = "onnx" if onnx_model is not None or ev.backend == "onnx" else "torch"
+    if backend == "torch":
+        model, model_cfg, _ = load_model(checkpoint, device)
+        run_cfg = _eval_config(model_cfg, cfg)
+        from ddpm.schedule import Schedule
+        images, _ = generate(model, Schedule.from_config(run_cfg.diffusion), run_cfg, ev.num_samples, seed=ev.seed,
+                             sample_cfg=run_cfg.sample)
+        return images, run_cfg, backend
+    from ddpm import onnx_sampler  # lazily: onnxruntime is needed only here
+
+    onnx_path = Path(onnx_model) if onnx_model is not None else Path(checkpoint).with_name("model.onnx")
+    # The ONNX file carries its schedule; the checkpoint (if present) tells the dataset.
+    run_cfg = _eval_config(_config_of_checkpoint(checkpoint), cfg) if Path(checkpoint).is_file() else cfg
+    sc = run_cfg.sample
+    options: dict[str, Any] = {"variance": sc.variance, "clip_denoised": sc.clip_denoised}
+    if run_cfg.model.class_conditional:
+        options["guidance_scale"] = sc.guidance_scale
+    arr = onnx_sampler.sample(onnx_path, ev.num_samples, sampler=ev.sampler, steps=ev.steps, eta=sc.eta, seed=ev.seed,
+                              batch_size=ev.batch_size, provider="cuda" if device.type == "cuda" else "cpu", **options)
+    return torch.from_numpy(np.ascontiguousarray(arr)), run_cfg, backend
+
+
+def _config_of_checkpoint(checkpoint: str | Path) -> Config:
+    from ddpm.checkpoint import config_of
+    return config_of(load_checkpoint(checkpoint), checkpoint)
+
+
+def evaluate_checkpoint(checkpoint: str | Path, cfg: Config, out_dir: str | Path, onnx_model: str | Path | None = None,
+                        feature_net: str | Path | None = None) -> dict[str, Any]:
+    """Sample evaluate.num_samples images from `checkpoint` (or from `onnx_model` with onnxruntime) and score them.
+
+    Writes out_dir/metrics.json (the returned flat dict: floats plus sampler, steps, num_samples,
+    backend), out_dir/samples.png (64 samples) and out_dir/nearest.png (the samples closest to a
+    training image, each followed by that training image).
+    """
+    ev = cfg.evaluate
+    device = resolve_device(ev.device)
+    out = Path(out_dir)
+    start = time.perf_counter()
+    images, run_cfg, backend = _generate(checkpoint, cfg, onnx_model, device)
+    sample_seconds = time.perf_counter() - start
+    log.info("sampled %d images with %s/%s in %.1f s", len(images), backend, ev.sampler, sample_seconds)
+    metrics, dists, idx = _score(images, run_cfg, feature_net, device)
+    steps = ev.steps if ev.sampler == "ddim" else run_cfg.diffusion.timesteps
+    result: dict[str, Any] = {**metrics, "sample_seconds": sample_seconds, "sampler": ev.sampler, "steps": steps,
+                              "num_samples": len(images), "backend": backend}
+    save_grid(images[:GRID_IMAGES], out / "samples.png", nrow=8)
+    closest = np.argsort(dists, kind="stable")[:NEAREST_PAIRS]
+    x_train, _ = load_images(run_cfg.data.dataset, run_cfg.data.root, "train")
+    pairs = torch.stack([torch.stack([images[i], x_train[idx[i]]]) for i in closest]).flatten(0, 1)
+    save_grid(pairs, out / "nearest.png", nrow=8)  # 4 (sample, nearest training image) pairs per row
+    atomic_write_bytes(out / "metrics.json", (json.dumps(result, indent=2, sort_keys=True) + "\n").encode())
+    return result

@@ -1,0 +1,367 @@
+"""Export the EMA U-Net to ONNX, prove it computes what PyTorch computes, and gate it on samples.
+
+`export_onnx` writes a float32 model (and, with `export.fp16`, a float16 twin `<name>.fp16.onnx`)
+whose metadata (key "ddpm", JSON) holds everything `ddpm.onnx_sampler` needs. Nothing reaches
+`out_path` before onnx.checker and the parity check against PyTorch pass. `check_export` then
+samples from the same x_T with ddpm.samplers and with the onnxruntime loop and compares images.
+
+Graph: inputs x float32 [B, C, H, W], t int64 [B] (indices in [0, T-1]), labels int64 [B] (only
+for class-conditional models; label num_classes is the null class); output "output" float32
+[B, C, H, W], the network's prediction of kind metadata["diffusion"]["prediction"]. B is dynamic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from ddpm.checkpoint import load_model
+from ddpm.config import Config, ExportConfig, image_shape
+from ddpm.errors import ExportRejected, OnnxModelError
+from ddpm.onnx_sampler import (METADATA_KEY, METADATA_VERSION, OnnxDenoiser, class_labels, ddim_sample_loop,
+                               no_spin_options, to_uint8)
+from ddpm.samplers import ddim_sample_loop as torch_ddim_sample_loop
+from ddpm.schedule import Schedule
+
+log = logging.getLogger(__name__)
+OUTPUT_NAME = "output"
+PARITY_BATCHES = (1, 3, 64)
+EXTERNAL_DATA_BYTES = 1 << 30  # above this, weights go to `<name>.data` beside the model (protobuf's limit is 2 GiB)
+
+
+class _Unconditional(nn.Module):
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.net(x, t)
+
+
+class _Conditional(_Unconditional):
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return self.net(x, t, labels)
+
+
+def fp16_path(out_path: str | Path) -> Path:
+    """model.onnx -> model.fp16.onnx"""
+    p = Path(out_path)
+    return p.with_name(f"{p.stem}.fp16{p.suffix}")
+
+
+def export_metadata(cfg: Config, ckpt: dict[str, Any], checkpoint: Path, num_classes: int) -> dict[str, Any]:
+    """What a sampler needs, beside the weights: the schedule, the image shape and the labels."""
+    return {
+        "format": METADATA_VERSION,
+        "diffusion": dict(cfg.to_dict()["diffusion"]),
+        "image_shape": list(image_shape(cfg)),
+        "dataset": cfg.data.dataset,
+        "class_conditional": cfg.model.class_conditional,
+        "num_classes": num_classes,  # also the null label, used for classifier-free guidance
+        "step": int(ckpt["step"]),
+        "weights": "ema" if ckpt.get("ema") is not None else "model",
+        "model": cfg.to_dict()["model"],
+        "checkpoint_sha256": _sha256(checkpoint),
+        "inputs": ["x", "t", "labels"] if cfg.model.class_conditional else ["x", "t"],
+        "output": OUTPUT_NAME,
+        "precision": "float32",
+    }
+
+
+def export_onnx(checkpoint: str | Path, out_path: str | Path, cfg: ExportConfig) -> Path:
+    """Export the checkpoint's EMA U-Net to `out_path` (and `<name>.fp16.onnx` with cfg.fp16); returns out_path.
+
+    Raises ExportRejected, with the measured difference, when onnxruntime and PyTorch disagree by
+    more than cfg.parity_atol (float32) or cfg.fp16_atol (float16); then no model is left at out_path.
+    """
+    checkpoint, out = Path(checkpoint), Path(out_path)
+    model, full_cfg, ckpt = load_model(checkpoint, "cpu", use_ema=True)
+    meta = export_metadata(full_cfg, ckpt, checkpoint, model.num_classes)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.tmp-") as tmp_dir:
+        tmp = Path(tmp_dir)
+        proto = _to_onnx(model, full_cfg, cfg)
+        try:
+            written = [_save(proto, tmp / out.name, meta, cfg.model_name)]
+            worst = parity_check(tmp / out.name, model, atol=cfg.parity_atol)
+            log.info("float32 parity with PyTorch: max |diff| %.3g (atol %.3g)", worst, cfg.parity_atol)
+            meta["parity_max_abs_diff"] = worst
+            if cfg.fp16:
+                half = _to_fp16(proto)
+                meta16 = {**meta, "precision": "float16", "io_dtype": "float32", "parity_max_abs_diff": None}
+                written.append(_save(half, tmp / fp16_path(out).name, meta16, cfg.model_name))
+                worst16 = parity_check(tmp / fp16_path(out).name, model, atol=cfg.fp16_atol)
+                log.info("float16 parity with PyTorch float32: max |diff| %.3g (atol %.3g)", worst16, cfg.fp16_atol)
+                written[-1] = _save(half, tmp / fp16_path(out).name, {**meta16, "parity_max_abs_diff": worst16},
+                                    cfg.model_name)
+            written[0] = _save(proto, tmp / out.name, meta, cfg.model_name)  # with the measured figure
+        except ExportRejected:
+            remove_export(out)  # a stale model must not pass for this checkpoint's export
+            raise
+        if not cfg.fp16:
+            _remove_model(fp16_path(out))  # a float16 twin left by an earlier export is not this checkpoint's
+        for files in reversed(written):  # the float32 model, which the pipeline tracks, last
+            _commit(files, out.parent)
+    return out
+
+
+def _to_onnx(model: nn.Module, cfg: Config, ecfg: ExportConfig) -> onnx.ModelProto:
+    c, h, w = image_shape(cfg)
+    conditional = cfg.model.class_conditional
+    wrapper = (_Conditional if conditional else _Unconditional)(model).eval()
+    # Batch 2 as the example: torch.export specialises a dimension whose example size is 1.
+    args: tuple[torch.Tensor, ...] = (torch.randn(2, c, h, w), torch.tensor([0, 1]))
+    names = ["x", "t"]
+    if conditional:
+        args, names = args + (torch.tensor([0, model.num_classes]),), names + ["labels"]
+    batch = torch.export.Dim("batch")
+    with warnings.catch_warnings(), _quiet("onnxscript", "onnx_ir", "torch.onnx"):
+        warnings.filterwarnings("ignore", message=".*axis name.*")  # x, t and labels share the batch axis
+        program = torch.onnx.export(wrapper, args, dynamo=True, verbose=False, opset_version=ecfg.opset,
+                                    input_names=names, output_names=[OUTPUT_NAME],
+                                    dynamic_shapes={n: {0: batch} for n in names})
+    if program is None:
+        raise ExportRejected("torch.onnx.export returned no program")
+    return program.model_proto
+
+
+@contextlib.contextmanager
+def _quiet(*loggers: str) -> Iterator[None]:
+    """The exporter's optimiser logs every pass at INFO; keep the CLI's log readable."""
+    saved = {name: logging.getLogger(name).level for name in loggers}
+    for name in loggers:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
+
+
+def _save(proto: onnx.ModelProto, path: Path, meta: dict[str, Any], name: str) -> list[Path]:
+    """Write `proto` with `meta` to `path` (weights beside it when large), run onnx.checker; returns the files."""
+    del proto.metadata_props[:]
+    proto.metadata_props.add(key=METADATA_KEY, value=json.dumps(meta, sort_keys=True))
+    proto.graph.name = name
+    files = [path]
+    weight_bytes = sum(len(t.raw_data) for t in proto.graph.initializer)
+    if weight_bytes > EXTERNAL_DATA_BYTES:
+        data = path.with_name(path.name + ".data")
+        data.unlink(missing_ok=True)
+        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data.name, size_threshold=1024)
+        files.insert(0, data)  # moved first, so that the model never points to a missing file
+        onnx.load_external_data_for_model(proto, str(path.parent))
+    else:
+        onnx.save_model(proto, str(path))
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise ExportRejected(f"onnx.checker rejected the exported model: {str(exc).splitlines()[0]}") from None
+    return files
+
+
+def _commit(files: list[Path], dest_dir: Path) -> None:
+    """Move files (data first, the model last) from the temporary folder into dest_dir, each by one rename."""
+    for f in files:
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(f, dest_dir / f.name)
+    with contextlib.suppress(OSError):
+        fd = os.open(dest_dir, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def remove_export(out_path: str | Path) -> None:
+    """Delete an export's files: the model, its float16 twin and their external data."""
+    for p in (Path(out_path), fp16_path(out_path)):
+        _remove_model(p)
+
+
+def _remove_model(path: Path) -> None:
+    path.unlink(missing_ok=True)
+    path.with_name(path.name + ".data").unlink(missing_ok=True)
+
+
+def _to_fp16(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Float16 weights and arithmetic, float32 inputs and output; the timestep embedding stays float32.
+
+    sin/cos of t * freq with t up to 999 would lose up to 0.25 rad in float16 (its spacing is 0.5
+    there), so every node computed from t alone (cast, scaling, sin, cos, concat) is kept in float32.
+    """
+    from onnxruntime.transformers.float16 import convert_float_to_float16  # ships with onnxruntime
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    block = _nodes_from_only(proto.graph, "t")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        half = convert_float_to_float16(onnx.ModelProto.FromString(proto.SerializeToString()), keep_io_types=True,
+                                        node_block_list=block)
+    # The converter gives an initializer shared by several blocked nodes one Cast per use, all with
+    # the same output name (not SSA): keep the first of identical nodes.
+    seen, nodes = set(), []
+    for node in half.graph.node:
+        key = node.SerializeToString(deterministic=True)
+        if key not in seen:
+            seen.add(key)
+            nodes.append(node)
+    del half.graph.node[:]
+    half.graph.node.extend(nodes)
+    del half.graph.value_info[:]  # intermediate type annotations, some stale after conversion; the checker re-infers
+    wrapped = OnnxModel(half)
+    wrapped.topological_sort()  # the converter appends its Cast nodes at the end of the graph
+    return wrapped.model
+
+
+def _nodes_from_only(graph: onnx.GraphProto, source: str) -> list[str]:
+    """Names of the nodes whose inputs all derive from `source` and constants (the first with `source` among them)."""
+    constant = {i.name for i in graph.initializer} | {""}
+    derived, names = {source}, []
+    for node in graph.node:  # topologically sorted
+        ins = set(node.input)
+        if not ins:
+            constant.update(node.output)
+        elif ins <= derived | constant and ins & derived:
+            derived.update(node.output)
+            names.append(node.name)
+        elif ins <= constant:
+            constant.update(node.output)
+    return names
+
+
+@torch.no_grad()
+def parity_check(onnx_path: Path, model: nn.Module, atol: float, seed: int = 0) -> float:
+    """Max |onnxruntime CPU - PyTorch float32| over random x at batch 1, 3 and 64 and t = 0, T/2, T-1 (and mixed t).
+
+    Raises ExportRejected when it exceeds `atol`; returns it otherwise.
+    """
+    try:
+        den = OnnxDenoiser(onnx_path, "cpu", session_options=no_spin_options())
+    except OnnxModelError as exc:
+        raise ExportRejected(f"onnxruntime cannot run the exported model: {exc}") from None
+    T = den.schedule.num_timesteps
+    rng = np.random.default_rng(seed)
+    cases = []  # (x, t, labels, where)
+    for b in PARITY_BATCHES:
+        x = rng.standard_normal((b, *den.image_shape), dtype=np.float32)
+        for t in [np.full(b, v, np.int64) for v in sorted({0, T // 2, T - 1})] + [rng.integers(0, T, b)]:
+            labels = rng.integers(0, den.num_classes + 1, b) if den.class_conditional else None
+            cases.append((x, t, labels, f"batch {b}, t {int(t[0]) if len(set(t.tolist())) == 1 else 'mixed'}"))
+    # All PyTorch runs, then all onnxruntime runs: interleaved, their thread pools slow each other down.
+    refs = [model(torch.from_numpy(x), torch.from_numpy(t), None if y is None else torch.from_numpy(y)).numpy()
+            for x, t, y, _ in cases]
+    worst, where = 0.0, ""
+    for (x, t, y, case), ref in zip(cases, refs):
+        diff = float(np.abs(den(x, t, y).astype(np.float64) - ref).max())
+        if not np.isfinite(diff) or diff > worst:
+            worst, where = diff, case
+    if not worst <= atol:
+        raise ExportRejected(f"{onnx_path.name}: onnxruntime and PyTorch differ by {worst:.3g} (at {where}), "
+                             f"more than the allowed {atol:.3g}; the model was not written")
+    return worst
+
+
+# ---- The export gate: samples from onnxruntime against samples from PyTorch. ----
+
+@contextlib.contextmanager
+def _strict_fp32(device: torch.device) -> Iterator[None]:
+    """Turn TF32 off on CUDA (cuDNN convolutions use it by default) so that PyTorch computes in float32."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    if device.type == "cuda":
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def check_export(onnx_path: str | Path, checkpoint: str | Path, n: int = 256, steps: int = 20, seed: int = 0,
+                 score_fn: Callable[[np.ndarray], float] | None = None, fid_margin: float = 0.05, *,
+                 fid_abs_floor: float = 0.5, atol: float = 0.02, eta: float = 0.0, batch_size: int = 256,
+                 guidance_scale: float = 1.0, device: str = "cpu", provider: str = "cpu") -> dict[str, Any]:
+    """Sample n images by DDIM (`steps`, `eta`) from the same x_T with PyTorch float32 and with onnxruntime.
+
+    Accepts when max |x_onnx - x_torch| in [-1, 1] space <= atol and, with `score_fn` (uint8
+    [n, C, H, W] -> float, e.g. FID), when |score_onnx - score_torch| <= fid_margin * score_torch
+    + fid_abs_floor. Returns the measured numbers; raises ExportRejected with them otherwise.
+    """
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       "cpu" if device == "auto" else device)
+    model, cfg, ckpt = load_model(checkpoint, dev, use_ema=True)
+    den = OnnxDenoiser(onnx_path, provider, session_options=no_spin_options() if provider == "cpu" else None,
+                       cuda_options={"use_tf32": 0})  # strict float32 on both sides
+    _check_same_model(den, cfg, ckpt, Path(checkpoint))
+    schedule = Schedule.from_config(cfg.diffusion).to(dev)
+    rng = np.random.default_rng(seed)
+    x_T = rng.standard_normal((n, *den.image_shape), dtype=np.float32)
+    noise = rng.standard_normal((max(steps - 1, 1), n, *den.image_shape), dtype=np.float32) if eta > 0 else None
+    labels = class_labels(n, None, den.num_classes) if den.class_conditional else None
+    common = dict(guidance_scale=guidance_scale, prediction=den.prediction, clip_denoised=True, steps=steps, eta=eta)
+    batches = [slice(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
+    x_onnx = [ddim_sample_loop(den, den.schedule, x_T[sl], labels=None if labels is None else labels[sl],
+                               step_noise=None if noise is None else noise[:, sl], **common) for sl in batches]
+    x_torch = []
+    with _strict_fp32(dev):
+        for sl in batches:
+            out = torch_ddim_sample_loop(model, schedule, torch.from_numpy(x_T[sl]).to(dev),
+                                         labels=None if labels is None else torch.from_numpy(labels[sl]).to(dev),
+                                         step_noise=None if noise is None else torch.from_numpy(noise[:, sl]),
+                                         **common)
+            x_torch.append(out.float().cpu().numpy())
+    a, b = np.clip(np.concatenate(x_onnx), -1, 1), np.clip(np.concatenate(x_torch), -1, 1)
+    u8_onnx, u8_torch = to_uint8(a), to_uint8(b)
+    du8 = np.abs(u8_onnx.astype(np.int16) - u8_torch.astype(np.int16))
+    result: dict[str, Any] = {
+        "n": n, "steps": steps, "eta": eta, "seed": seed, "device": str(dev), "provider": den.provider,
+        "max_abs_diff": float(np.abs(a - b).max()), "mean_abs_diff": float(np.abs(a - b).mean()),
+        "max_abs_diff_uint8": int(du8.max()), "mean_abs_diff_uint8": float(du8.mean()),
+        "frac_pixels_differ_uint8": float((du8 > 0).mean()), "atol": atol,
+    }
+    problems = []
+    if not result["max_abs_diff"] <= atol:
+        problems.append(f"max |x_onnx - x_torch| = {result['max_abs_diff']:.3g} > {atol:.3g}")
+    if score_fn is not None:
+        s_onnx, s_torch = float(score_fn(u8_onnx)), float(score_fn(u8_torch))
+        allowed = fid_margin * abs(s_torch) + fid_abs_floor
+        result.update(score_onnx=s_onnx, score_torch=s_torch, score_diff=abs(s_onnx - s_torch),
+                      score_allowed=allowed)
+        if not abs(s_onnx - s_torch) <= allowed:
+            problems.append(f"score {s_onnx:.4g} (onnx) vs {s_torch:.4g} (torch) differ by more than {allowed:.3g}")
+    result["accepted"] = not problems
+    if problems:
+        raise ExportRejected(f"{onnx_path}: {'; '.join(problems)} ({json.dumps(result)})")
+    return result
+
+
+def _check_same_model(den: OnnxDenoiser, cfg: Config, ckpt: dict[str, Any], checkpoint: Path) -> None:
+    meta = den.metadata
+    mine = {"diffusion": dict(cfg.to_dict()["diffusion"]), "image_shape": list(image_shape(cfg)),
+            "class_conditional": cfg.model.class_conditional, "step": int(ckpt["step"])}
+    theirs = {k: meta.get(k) for k in mine}
+    if mine != theirs:
+        diff = [k for k in mine if mine[k] != theirs[k]]
+        raise ExportRejected(f"{den.path} was not exported from {checkpoint}: they differ in {', '.join(diff)} "
+                             f"({ {k: theirs[k] for k in diff} } vs { {k: mine[k] for k in diff} })")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

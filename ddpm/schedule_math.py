@@ -1,0 +1,73 @@
+"""The schedule's arithmetic in numpy float64, shared by `ddpm.schedule` (torch) and `ddpm.onnx_sampler` (no torch).
+
+Timestep convention: t is an index in [0, T-1]; index 0 is the paper's t = 1. Every array is [T].
+This module imports numpy alone, so that the onnxruntime sampler can rebuild a schedule from an
+exported model's metadata without PyTorch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+# The names of `schedule_arrays`' output, in the order `ddpm.schedule.Schedule` declares them.
+SCHEDULE_ARRAYS = (
+    "betas", "alphas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+    "sqrt_one_minus_alphas_cumprod", "sqrt_recip_alphas", "sqrt_recip_alphas_cumprod",
+    "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
+    "posterior_mean_coef1", "posterior_mean_coef2",
+)
+
+
+def linear_betas(timesteps: int, beta_start: float = 0.0001, beta_end: float = 0.02) -> np.ndarray:
+    """The DDPM paper's linear schedule: betas [T], float64."""
+    return np.linspace(beta_start, beta_end, timesteps, dtype=np.float64)
+
+
+def cosine_betas(timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> np.ndarray:
+    """Nichol & Dhariwal (2021), eq. 17: alpha_bar(t) = cos^2(((t/T + s) / (1 + s)) * pi/2); betas [T], float64.
+
+    beta_t = 1 - alpha_bar(t+1) / alpha_bar(t), clipped at `max_beta` to avoid a singularity at t = T.
+    """
+    steps = np.arange(timesteps + 1, dtype=np.float64) / timesteps
+    f = np.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+    return np.minimum(1 - f[1:] / f[:-1], max_beta)
+
+
+def make_betas(schedule: str, timesteps: int, beta_start: float = 0.0001, beta_end: float = 0.02,
+               cosine_s: float = 0.008) -> np.ndarray:
+    """Betas [T] float64 for a schedule named "linear" or "cosine" (the fields of DiffusionConfig)."""
+    if schedule == "linear":
+        return linear_betas(timesteps, beta_start, beta_end)
+    if schedule == "cosine":
+        return cosine_betas(timesteps, cosine_s)
+    raise ValueError(f"diffusion.schedule: unknown schedule {schedule!r}; choose 'linear' or 'cosine'")
+
+
+def schedule_arrays(betas: np.ndarray) -> dict[str, np.ndarray]:
+    """Every per-timestep constant of the diffusion from betas [T]; float64 arrays [T], keyed as SCHEDULE_ARRAYS."""
+    b = np.asarray(betas, dtype=np.float64)
+    if b.ndim != 1 or len(b) == 0 or not bool(((b > 0) & (b < 1)).all()):
+        raise ValueError("betas must be a non-empty 1-D array with every value in (0, 1)")
+    alphas = 1.0 - b
+    acp = np.cumprod(alphas)
+    acp_prev = np.concatenate([[1.0], acp[:-1]])  # alpha_bar_{-1} = 1
+    post_var = b * (1.0 - acp_prev) / (1.0 - acp)  # beta_tilde_t, eq. 7
+    # beta_tilde_0 = 0, so its log is replaced by that of t = 1 (as in the paper's code).
+    post_log_var = np.log(np.concatenate([post_var[1:2], post_var[1:]])) if len(b) > 1 else np.log(b)
+    return dict(
+        betas=b,
+        alphas=alphas,
+        alphas_cumprod=acp,
+        alphas_cumprod_prev=acp_prev,
+        sqrt_alphas_cumprod=np.sqrt(acp),
+        sqrt_one_minus_alphas_cumprod=np.sqrt(1.0 - acp),
+        sqrt_recip_alphas=np.sqrt(1.0 / alphas),
+        sqrt_recip_alphas_cumprod=np.sqrt(1.0 / acp),
+        sqrt_recipm1_alphas_cumprod=np.sqrt(1.0 / acp - 1),
+        posterior_variance=post_var,
+        posterior_log_variance_clipped=post_log_var,
+        posterior_mean_coef1=b * np.sqrt(acp_prev) / (1.0 - acp),  # coefficient of x_0 in mu_tilde_t, eq. 7
+        posterior_mean_coef2=(1.0 - acp_prev) * np.sqrt(alphas) / (1.0 - acp),  # coefficient of x_t
+    )

@@ -1,0 +1,355 @@
+"""ONNX export and the torch-free onnxruntime sampler, checked against PyTorch on tiny models.
+
+Measured on the 2-core CPU machine with these tiny random-weight models (outputs of order 1):
+network, onnxruntime vs PyTorch float32: 5e-6 to 9e-6; whole loops vs ddpm.samplers from the same
+x_T and step_noise: DDPM (50 steps) 1e-6 to 4e-6, DDIM (10 steps) 1e-6 to 7e-6, and 4e-5 with
+guidance scale 3; the float16 model vs PyTorch float32: 7e-3 to 1.1e-2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper
+
+from ddpm.checkpoint import save_checkpoint
+from ddpm.config import ExportConfig, ModelConfig, config_from_dict, image_shape
+from ddpm.errors import ExportRejected, OnnxModelError
+from ddpm.export import check_export, export_onnx, fp16_path
+from ddpm.onnx_sampler import METADATA_KEY, NumpySchedule, OnnxDenoiser, sample
+from ddpm.onnx_sampler import ddim_sample_loop as ort_ddim
+from ddpm.onnx_sampler import p_sample_loop as ort_ddpm
+from ddpm.samplers import ddim_sample_loop, p_sample_loop
+from ddpm.schedule import Schedule
+from ddpm.unet import build_unet
+
+ROOT = Path(__file__).resolve().parents[1]
+PARITY_ATOL = 1e-4  # the network, float32 (measured: about 2e-6)
+LOOP_ATOL = 1e-4  # whole sampling loops from the same random numbers (measured: about 1e-6)
+
+
+def _tiny(conditional: bool) -> dict:
+    model = ModelConfig(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,), num_heads=2,
+                        dropout=0.0, norm_groups=4, class_conditional=conditional)
+    # The unconditional model predicts eps on the linear schedule, the conditional one v on the cosine
+    # schedule, so that both prediction paths and both schedules are exercised.
+    diffusion = ({"timesteps": 50, "schedule": "cosine", "prediction": "v"} if conditional
+                 else {"timesteps": 50, "schedule": "linear", "prediction": "eps"})
+    raw = {"data": {"dataset": "mnist"}, "diffusion": diffusion, "model": {
+        k: list(v) if isinstance(v, tuple) else v for k, v in model.__dict__.items()},
+        "sample": {"steps": 10}, "evaluate": {"steps": 10}}
+    return raw
+
+
+def _write_checkpoint(path: Path, conditional: bool, seed: int) -> Path:
+    cfg = config_from_dict(_tiny(conditional))
+    torch.manual_seed(seed)
+    net = build_unet(cfg.model, image_shape(cfg))
+    with torch.no_grad():  # the zero-initialised output layers would make every prediction 0
+        for p in net.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    ema = {k: v + 0.01 for k, v in net.state_dict().items()}  # differs from `model`: export must take the EMA
+    save_checkpoint(path, {"model": net.state_dict(), "ema": ema, "config": cfg.to_dict(), "step": 1234 + seed})
+    return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models gain nothing from threads, and on a busy 2-core machine two OpenMP threads ran 100x slower."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """{'uncond': (checkpoint, onnx), 'cond': (checkpoint, onnx with an fp16 twin)}."""
+    d = tmp_path_factory.mktemp("onnx")
+    out = {}
+    for name, cond, fp16 in (("uncond", False, False), ("cond", True, True)):
+        ckpt = _write_checkpoint(d / f"{name}.pt", cond, seed=int(cond))
+        path = export_onnx(ckpt, d / name / "model.onnx", ExportConfig(fp16=fp16))
+        out[name] = (ckpt, path)
+    return out
+
+
+def _torch_model(ckpt):
+    from ddpm.checkpoint import load_model
+    model, cfg, _ = load_model(ckpt, "cpu", use_ema=True)
+    return model, cfg
+
+
+# ---- export ----
+
+def test_export_is_checked_and_carries_its_metadata(models):
+    for name, (ckpt, path) in models.items():
+        onnx.checker.check_model(str(path), full_check=True)
+        proto = onnx.load(str(path))
+        meta = json.loads({p.key: p.value for p in proto.metadata_props}[METADATA_KEY])
+        cfg = config_from_dict(_tiny(name == "cond"))
+        assert meta["diffusion"] == cfg.to_dict()["diffusion"]
+        assert meta["image_shape"] == [1, 28, 28] and meta["num_classes"] == 10
+        assert meta["class_conditional"] == (name == "cond") and meta["step"] == 1234 + int(name == "cond")
+        assert meta["weights"] == "ema" and meta["parity_max_abs_diff"] < PARITY_ATOL
+        inputs = {i.name: i.type.tensor_type for i in proto.graph.input}
+        assert list(inputs) == (["x", "t", "labels"] if name == "cond" else ["x", "t"])
+        assert inputs["x"].elem_type == TensorProto.FLOAT and inputs["t"].elem_type == TensorProto.INT64
+        assert inputs["x"].shape.dim[0].dim_param and inputs["t"].shape.dim[0].dim_param  # dynamic batch
+        assert [o.name for o in proto.graph.output] == ["output"]
+        expected_files = [path.name] + ([fp16_path(path).name] if name == "cond" else [])
+        assert sorted(os.listdir(path.parent)) == sorted(expected_files)  # no temporary files left
+
+
+def test_onnxruntime_matches_pytorch_at_batches_1_3_64(models):
+    rng = np.random.default_rng(1)
+    for name, (ckpt, path) in models.items():
+        model, _ = _torch_model(ckpt)
+        den = OnnxDenoiser(path)
+        T = den.schedule.num_timesteps
+        worst = 0.0
+        mixed = np.concatenate([[0, T - 1], rng.integers(0, T, 62)])
+        for b, t in ((1, np.array([0])), (1, np.array([T - 1])), (3, np.array([0, T // 2, T - 1])), (64, mixed)):
+            x = rng.standard_normal((b, 1, 28, 28), dtype=np.float32)
+            y = rng.integers(0, 11, b) if den.class_conditional else None
+            with torch.no_grad():
+                ref = model(torch.from_numpy(x), torch.from_numpy(t), None if y is None else torch.from_numpy(y))
+            worst = max(worst, float(np.abs(den(x, t, y) - ref.numpy()).max()))
+        assert worst < PARITY_ATOL, (name, worst)
+
+
+def test_fp16_twin_runs_with_float32_io(models):
+    ckpt, path = models["cond"]
+    half = OnnxDenoiser(fp16_path(path))
+    assert half.metadata["precision"] == "float16"
+    model, _ = _torch_model(ckpt)
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((8, 1, 28, 28), dtype=np.float32)
+    t, y = np.array([0, 10, 20, 30, 40, 49, 49, 25]), np.arange(8) % 11
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(y)).numpy()
+    out = half(x, t, y)
+    assert out.dtype == np.float32
+    assert np.abs(out - ref).max() < ExportConfig().fp16_atol
+
+
+def test_a_wrong_export_is_rejected_and_nothing_is_left(models, tmp_path, monkeypatch):
+    import ddpm.export as export
+    ckpt, path = models["uncond"]
+    broken = onnx.load(str(path))
+    init = max(broken.graph.initializer, key=lambda t: len(t.raw_data))
+    w = onnx.numpy_helper.to_array(init).copy()
+    w.flat[0] += 0.5  # one wrong weight
+    init.CopyFrom(onnx.numpy_helper.from_array(w, init.name))
+    monkeypatch.setattr(export, "_to_onnx", lambda *a: broken)  # skip the slow exporter: hand it this graph
+    out = tmp_path / "model.onnx"
+    out.write_bytes(b"a stale export")
+    with pytest.raises(ExportRejected, match=r"differ by [0-9.e-]+ .*more than the allowed 0.0001"):
+        export_onnx(ckpt, out, ExportConfig())
+    assert os.listdir(tmp_path) == []  # no model, no stale model, no temporary folder
+
+
+# ---- the numpy samplers against ddpm.samplers ----
+
+def test_numpy_schedule_is_the_torch_schedule():
+    from ddpm.config import DiffusionConfig
+    for d in (DiffusionConfig(timesteps=1000), DiffusionConfig(timesteps=50, schedule="cosine")):
+        mine, ref = NumpySchedule.from_diffusion(d.__dict__), Schedule.from_config(d)
+        for field in ref.__dataclass_fields__:
+            assert np.array_equal(getattr(mine, field), getattr(ref, field).numpy()), field
+
+
+@pytest.mark.parametrize("variance", ["beta_tilde", "beta"])
+def test_ddpm_loop_matches_torch(models, variance):
+    ckpt, path = models["uncond"]
+    model, cfg = _torch_model(ckpt)
+    den = OnnxDenoiser(path)
+    rng = np.random.default_rng(3)
+    x_T = rng.standard_normal((4, 1, 28, 28), dtype=np.float32)
+    noise = rng.standard_normal((49, 4, 1, 28, 28), dtype=np.float32)
+    got = ort_ddpm(den, den.schedule, x_T, step_noise=noise, variance=variance, prediction=den.prediction)
+    ref = p_sample_loop(model, Schedule.from_config(cfg.diffusion), torch.from_numpy(x_T),
+                        step_noise=torch.from_numpy(noise), variance=variance, prediction=cfg.diffusion.prediction)
+    assert np.abs(got - ref.numpy()).max() < LOOP_ATOL
+
+
+def test_ddim_loop_with_guidance_matches_torch(models):
+    ckpt, path = models["cond"]
+    model, cfg = _torch_model(ckpt)
+    den = OnnxDenoiser(path)
+    rng = np.random.default_rng(4)
+    x_T = rng.standard_normal((5, 1, 28, 28), dtype=np.float32)
+    noise = rng.standard_normal((9, 5, 1, 28, 28), dtype=np.float32)
+    labels = np.array([0, 3, 9, 3, 1])
+    kw = dict(steps=10, eta=0.5, guidance_scale=2.0, prediction="v")
+    got = ort_ddim(den, den.schedule, x_T, labels=labels, step_noise=noise, **kw)
+    ref = ddim_sample_loop(model, Schedule.from_config(cfg.diffusion), torch.from_numpy(x_T),
+                           labels=torch.from_numpy(labels), step_noise=torch.from_numpy(noise), **kw)
+    assert np.abs(got - ref.numpy()).max() < LOOP_ATOL
+    plain = ort_ddim(den, den.schedule, x_T, labels=labels, step_noise=noise, **{**kw, "guidance_scale": 1.0})
+    assert np.abs(plain - got).max() > 1e-3  # guidance changed something
+
+
+def test_sample_slices_x_T_and_step_noise_by_batch(models):
+    ckpt, path = models["uncond"]
+    model, cfg = _torch_model(ckpt)
+    rng = np.random.default_rng(5)
+    x_T = rng.standard_normal((5, 1, 28, 28), dtype=np.float32)
+    noise = rng.standard_normal((9, 5, 1, 28, 28), dtype=np.float32)
+    got = sample(path, 5, "ddim", steps=10, eta=1.0, batch_size=2, x_T=x_T, step_noise=noise)
+    ref = ddim_sample_loop(model, Schedule.from_config(cfg.diffusion), torch.from_numpy(x_T), steps=10, eta=1.0,
+                           step_noise=torch.from_numpy(noise))
+    ref_u8 = ((ref.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+    assert got.dtype == np.uint8 and got.shape == (5, 1, 28, 28)
+    assert np.abs(got.astype(int) - ref_u8).max() <= 1  # a rounding boundary may flip one level
+    again = sample(path, 5, "ddim", steps=10, eta=1.0, seed=7, batch_size=2)
+    assert np.array_equal(again, sample(path, 5, "ddim", steps=10, eta=1.0, seed=7, batch_size=2))
+
+
+def test_check_export_accepts_a_faithful_export_and_rejects_another(models, tmp_path):
+    ckpt, path = models["cond"]
+    result = check_export(path, ckpt, n=6, steps=5, score_fn=lambda u8: float(u8.mean()), fid_margin=0.0,
+                          fid_abs_floor=1e-9)
+    assert result["accepted"] and result["max_abs_diff"] < LOOP_ATOL and result["score_diff"] <= 1e-9
+    with pytest.raises(ExportRejected, match="was not exported from"):
+        check_export(models["uncond"][1], ckpt, n=2, steps=2)
+    # Same metadata, one wrong weight: the images differ.
+    broken = onnx.load(str(path))
+    init = max(broken.graph.initializer, key=lambda t: len(t.raw_data))
+    w = onnx.numpy_helper.to_array(init).copy()
+    w *= 1.5
+    init.CopyFrom(onnx.numpy_helper.from_array(w, init.name))
+    onnx.save(broken, str(tmp_path / "broken.onnx"))
+    with pytest.raises(ExportRejected, match=r"max \|x_onnx - x_torch\|"):
+        check_export(tmp_path / "broken.onnx", ckpt, n=4, steps=5, atol=1e-3)
+
+
+# ---- torch-free ----
+
+_NO_TORCH = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch import blocked by the test")
+sys.meta_path.insert(0, Block())
+from ddpm.cli import main
+rc = main(["onnx-sample", "--model", sys.argv[1], "--out", sys.argv[2], "-n", "3", "--steps", "4",
+           "--sampler", "ddim", "--label", "7"])
+assert rc == 0, rc
+assert not [m for m in sys.modules if m == "torch" or m.startswith("torch.")]
+print("NO_TORCH_OK")
+"""
+
+
+def test_onnx_sample_cli_never_imports_torch(models, tmp_path):
+    _, path = models["cond"]
+    proc = subprocess.run([sys.executable, "-c", _NO_TORCH, str(path), str(tmp_path / "s")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert "NO_TORCH_OK" in proc.stdout, proc.stdout + proc.stderr
+    assert "CPUExecutionProvider" in proc.stdout
+    arr = np.load(tmp_path / "s" / "samples.npz")
+    assert arr["images"].shape == (3, 1, 28, 28) and arr["images"].dtype == np.uint8
+    assert arr["labels"].tolist() == [7, 7, 7]
+    assert (tmp_path / "s" / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---- bad models and bad inputs ----
+
+def _model_with_inputs(path: Path, inputs: list[tuple[str, int, list]], meta: dict | None) -> Path:
+    x = helper.make_tensor_value_info(inputs[0][0], inputs[0][1], inputs[0][2])
+    out = helper.make_tensor_value_info("output", TensorProto.FLOAT, ["B", 1, 28, 28])
+    graph = helper.make_graph([helper.make_node("Identity", [inputs[0][0]], ["output"])], "g",
+                              [x] + [helper.make_tensor_value_info(*i) for i in inputs[1:]], [out])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    if meta is not None:
+        model.metadata_props.add(key=METADATA_KEY, value=json.dumps(meta))
+    onnx.save(model, str(path))
+    return path
+
+
+def test_bad_model_files_give_clear_errors(models, tmp_path):
+    _, good = models["uncond"]
+    meta = OnnxDenoiser(good).metadata
+    with pytest.raises(OnnxModelError, match="does not exist"):
+        OnnxDenoiser(tmp_path / "missing.onnx")
+    data = good.read_bytes()
+    (tmp_path / "truncated.onnx").write_bytes(data[: len(data) // 2])
+    with pytest.raises(OnnxModelError, match="truncated, corrupt or not an ONNX model"):
+        OnnxDenoiser(tmp_path / "truncated.onnx")
+    (tmp_path / "text.onnx").write_text("not a model")
+    with pytest.raises(OnnxModelError, match="truncated, corrupt or not an ONNX model"):
+        OnnxDenoiser(tmp_path / "text.onnx")
+    f = TensorProto.FLOAT
+    i64 = TensorProto.INT64
+    plain = _model_with_inputs(tmp_path / "plain.onnx", [("x", f, ["B", 1, 28, 28]), ("t", i64, ["B"])], None)
+    with pytest.raises(OnnxModelError, match="no 'ddpm' metadata"):
+        OnnxDenoiser(plain)
+    wrong = _model_with_inputs(tmp_path / "wrong.onnx", [("x", f, ["B", 1, 28, 28]), ("timestep", f, ["B"])], meta)
+    with pytest.raises(OnnxModelError, match=r"inputs are \['timestep', 'x'\].*takes \['t', 'x'\]"):
+        OnnxDenoiser(wrong)
+    wrong_t = _model_with_inputs(tmp_path / "t.onnx", [("x", f, ["B", 1, 28, 28]), ("t", f, ["B"])], meta)
+    with pytest.raises(OnnxModelError, match=r"input 't' is tensor\(float\).*expected tensor\(int64\)"):
+        OnnxDenoiser(wrong_t)
+    partial = _model_with_inputs(tmp_path / "partial.onnx", [("x", f, ["B", 1, 28, 28]), ("t", i64, ["B"])],
+                                 {**meta, "diffusion": {"schedule": "linear"}})
+    with pytest.raises(OnnxModelError, match="metadata lacks diffusion.timesteps"):
+        OnnxDenoiser(partial)
+    fixed = _model_with_inputs(tmp_path / "fixed.onnx", [("x", f, [4, 1, 28, 28]), ("t", i64, [4])], meta)
+    with pytest.raises(OnnxModelError, match="fixed batch size 4"):
+        OnnxDenoiser(fixed)
+    cifar = _model_with_inputs(tmp_path / "c.onnx", [("x", f, ["B", 3, 32, 32]), ("t", i64, ["B"])], meta)
+    with pytest.raises(OnnxModelError, match=r"shape \['B', 3, 32, 32\].*image shape is \[1, 28, 28\]"):
+        OnnxDenoiser(cifar)
+
+
+def test_bad_inputs_give_clear_errors(models):
+    den = OnnxDenoiser(models["uncond"][1])
+    x, t = np.zeros((2, 1, 28, 28), np.float32), np.array([0, 49])
+    assert den(x, t).shape == (2, 1, 28, 28)
+    with pytest.raises(OnnxModelError, match="float32"):
+        den(x.astype(np.float64), t)
+    with pytest.raises(OnnxModelError, match=r"shape \[2, 1, 27, 28\]; expected \[B, 1, 28, 28\]"):
+        den(np.zeros((2, 1, 27, 28), np.float32), t)
+    with pytest.raises(OnnxModelError, match=r"outside \[0, 49\]"):
+        den(x, np.array([0, 50]))
+    with pytest.raises(OnnxModelError, match=r"outside \[0, 49\]"):
+        den(x, np.array([-1, 3]))
+    with pytest.raises(OnnxModelError, match="integers"):
+        den(x, np.array([0.0, 1.0]))
+    with pytest.raises(OnnxModelError, match=r"t has shape \[3\]; expected \[2\]"):
+        den(x, np.array([0, 1, 2]))
+    with pytest.raises(OnnxModelError, match="not class-conditional"):
+        den(x, t, np.array([1, 2]))
+    with pytest.raises(OnnxModelError, match="not class-conditional"):
+        sample(den, 2, steps=2, label=3)
+    cond = OnnxDenoiser(models["cond"][1])
+    with pytest.raises(OnnxModelError, match=r"labels hold 0..11, outside \[0, 10\]"):
+        cond(x, t, np.array([0, 11]))
+
+
+def test_cuda_fails_loudly_without_a_gpu_and_matches_cpu_with_one(models):
+    path = models["cond"][1]
+    if shutil.which("nvidia-smi") is None:
+        with pytest.raises(OnnxModelError, match="CUDA was asked for"):
+            OnnxDenoiser(path, provider="cuda")
+        return
+    gpu = OnnxDenoiser(path, provider="cuda", cuda_options={"use_tf32": 0})  # on a GPU machine this must work
+    assert gpu.provider == "CUDAExecutionProvider"
+    cpu = OnnxDenoiser(path)
+    rng = np.random.default_rng(6)
+    x_T = rng.standard_normal((6, 1, 28, 28), dtype=np.float32)
+    labels = np.arange(6)
+    for b in (6, 3):  # two batch sizes: two sets of IO-binding buffers
+        a = ort_ddim(gpu, gpu.schedule, x_T[:b], labels=labels[:b], steps=5, guidance_scale=2.0, prediction="v")
+        c = ort_ddim(cpu, cpu.schedule, x_T[:b], labels=labels[:b], steps=5, guidance_scale=2.0, prediction="v")
+        assert np.abs(a - c).max() < 1e-3
