@@ -145,11 +145,12 @@ def _loss_log(out_dir: Path, resume_step: int) -> Any:
 
 
 def train(cfg: Config, resume: bool = False, on_log: Callable[[int, dict[str, float]], None] | None = None,
-          on_sample: Callable[[int, Path], None] | None = None) -> TrainResult:
+          on_sample: Callable[[int, Path], None] | None = None,
+          on_checkpoint: Callable[[int, Path], None] | None = None) -> TrainResult:
     """Train the U-Net described by `cfg`; write checkpoints, loss.csv and sample grids under cfg.train.out_dir.
 
     `on_log(step, metrics)` receives loss, lr and images_per_sec every `log_every` steps;
-    `on_sample(step, png_path)` every saved grid. Raises TrainingDivergedError on a non-finite loss
+    `on_sample(step, png_path)` every saved grid; `on_checkpoint(step, path)` after every checkpoint. Raises TrainingDivergedError on a non-finite loss
     and TrainingInterrupted on SIGINT/SIGTERM, after saving what is worth keeping.
     """
     tc = cfg.train
@@ -220,6 +221,8 @@ def train(cfg: Config, resume: bool = False, on_log: Callable[[int, dict[str, fl
                 "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(), "step": step,
                 "config": cfg.to_dict(), "rng": rng,
             })
+            if on_checkpoint is not None:
+                on_checkpoint(step, ckpt_path)
         if rank.world_size > 1:
             dist.barrier()
 

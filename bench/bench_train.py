@@ -1,0 +1,368 @@
+"""Training throughput of the U-Net on one GPU: images/s, ms/step, TFLOP/s, share of the bf16 peak, memory.
+
+One step is the whole of ddpm.train's step on random data already on the device: draw a batch
+(uint8 gather + scaling), t and noise; q_sample + forward + loss (p_losses) under bf16 autocast;
+backward; gradient clipping (train.grad_clip); fused AdamW; EMA (ddpm.train.ema_update, foreach).
+Learning rate and EMA decay are constants here (the training loop warms both up).
+
+Modes (--modes):
+  eager          plain PyTorch, as ddpm.train runs with train.compile=false.
+  graph          eager kernels, the whole step captured once in a CUDA graph and replayed
+                 (fused AdamW with capturable=True). No compile cost; removes launch overhead.
+  compile        torch.compile(model, dynamic=False), default mode, as ddpm.train with compile=true.
+  compile-graph  the same compiled model, the whole step captured in a CUDA graph. Reuses the
+                 compile of `compile` at that batch, so it costs no second compile.
+  reduce-overhead, max-autotune-no-cudagraphs
+                 torch.compile modes, opt-in. reduce-overhead graphs forward and backward only
+                 (the optimizer and EMA stay eager) and compiles again; max-autotune autotunes
+                 matmul/conv templates and takes minutes per shape. compile-graph is the sensible
+                 CUDA-graph mode for this budget; see bench/README.md.
+Compile-based modes run only at --compile-batches (each new batch size compiles again, 45-65 s).
+
+FLOPs: forward FLOPs per image counted by torch.utils.flop_counter.FlopCounterMode; a training
+step counts 3x forward. The share is of a dense bf16 8192^3 matmul timed in the same process.
+
+    python bench/bench_train.py --out results/train.json --out-md results/train.md
+    python bench/bench_train.py --device cpu --smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from bench import harness as H
+from bench.models import MODEL_NAMES, Spec, forward_flops, num_params, specs
+from ddpm.data import to_model_range
+from ddpm.losses import p_losses
+from ddpm.schedule import Schedule
+from ddpm.train import ema_update
+
+MODES = ("eager", "graph", "compile", "compile-graph", "reduce-overhead", "max-autotune-no-cudagraphs")
+# torch.compile mode behind each compile-based mode; modes sharing one share its compiled model.
+TORCH_COMPILE_MODE = {"compile": "default", "compile-graph": "default", "reduce-overhead": "reduce-overhead",
+                      "max-autotune-no-cudagraphs": "max-autotune-no-cudagraphs"}
+GRAPH_MODES = {"graph", "compile-graph"}
+# --smoke: a narrower, shallower U-Net of the same layout, so a 2-core CPU runs every code path in minutes.
+SMOKE_OVERRIDES = ("model.base_channels=32", "model.num_res_blocks=1")
+POOL_IMAGES = 8192  # random uint8 "training set" on the device; batches are gathered from it
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--models", default="mnist,cifar10", help=f"comma-separated, from {', '.join(MODEL_NAMES)}")
+    p.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True,
+                   help="also run the diffusers UNet2DModel twin of each model")
+    p.add_argument("--reference-compile", action="store_true",
+                   help="run compile-based modes on the twins too (each costs its own compile)")
+    p.add_argument("--modes", default=None,
+                   help=f"from {', '.join(MODES)} (default: eager,graph,compile,compile-graph; "
+                        "with --smoke: eager,graph, since a CPU compile takes minutes)")
+    p.add_argument("--batches", default="128,512")
+    p.add_argument("--compile-batches", default="512",
+                   help="batches at which compile-based modes run ('all': every --batches value)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
+                   help="bf16 autocast (CUDA only, as ddpm.train)")
+    p.add_argument("--channels-last", action="store_true", help="model and inputs in channels_last")
+    p.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
+    p.add_argument("--windows", type=int, default=5, help="timed windows per case (the median is reported)")
+    p.add_argument("--window-s", type=float, default=0.25, help="target seconds per timed window")
+    p.add_argument("--matmul-n", type=int, default=8192)
+    p.add_argument("--budget-s", type=float, default=225.0,
+                   help="start no case whose estimate would end past this many seconds from start")
+    p.add_argument("--compile-guess-s", type=float, default=80.0,
+                   help="first guess of one training compile of the MNIST model, until one is measured")
+    p.add_argument("--smoke", action="store_true", help="tiny batches and iterations, to check the code path")
+    p.add_argument("--out", default=None, help="JSON results path")
+    p.add_argument("--out-md", default=None, help="markdown results path")
+    args = p.parse_args(argv)
+    args.models = H.parse_choices(args.models, MODEL_NAMES, "--models")
+    args.modes = H.parse_choices(args.modes or ("eager,graph" if args.smoke else "eager,graph,compile,compile-graph"),
+                                 MODES, "--modes")
+    args.batches = H.parse_int_list(args.batches)
+    args.compile_batches = (list(args.batches) if args.compile_batches == "all"
+                            else H.parse_int_list(args.compile_batches))
+    args.overrides, args.warmup = (), 3
+    if args.smoke:
+        args.batches, args.compile_batches = [2], [2]
+        args.windows, args.matmul_n, args.budget_s, args.warmup = 2, 256, 1e9, 1
+        args.overrides = SMOKE_OVERRIDES
+    return args
+
+
+# ------------------------------------------------------------------------------------------------ plan
+
+def plan(all_specs: list[Spec], args: argparse.Namespace) -> list[tuple[Spec, int, str]]:
+    """Cases in priority order: every cheap (no-compile) case first, then the compiled ones."""
+    cheap = [m for m in args.modes if m not in TORCH_COMPILE_MODE]
+    costly = [m for m in args.modes if m in TORCH_COMPILE_MODE]
+    cases = [(s, b, m) for s in all_specs for b in args.batches for m in cheap]
+    for s in all_specs:
+        if s.is_reference and not args.reference_compile:
+            continue
+        for b in args.compile_batches:
+            cases += [(s, b, m) for m in costly]
+    return cases
+
+
+# ------------------------------------------------------------------------------------------------ step
+
+class Trainee:
+    """One network's persistent training state: model, EMA copy, compiled wrappers, random data pool."""
+
+    def __init__(self, spec: Spec, device: torch.device, channels_last: bool):
+        self.spec = spec
+        self.model = spec.build().to(device)
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.model.train()
+        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.schedule = Schedule.from_config(spec.cfg.diffusion).to(device)
+        g = torch.Generator(device=device).manual_seed(0)
+        self.pool = torch.randint(0, 256, (POOL_IMAGES, *spec.shape), device=device, dtype=torch.uint8, generator=g)
+        self.compiled: dict[str, Callable[..., torch.Tensor]] = {}
+        self.compiled_batches: set[tuple[str, int]] = set()
+        self.units = sum(1 for _ in self.model.modules())  # a proxy for compile cost
+        self.state_bytes = sum(t.numel() * t.element_size() for t in
+                               [*self.model.parameters(), *self.ema.parameters(), self.pool])
+
+    def net(self, mode: str) -> Callable[..., torch.Tensor]:
+        if mode not in TORCH_COMPILE_MODE:
+            return self.model
+        tmode = TORCH_COMPILE_MODE[mode]
+        if tmode not in self.compiled:
+            kw = {} if tmode == "default" else {"mode": tmode}
+            self.compiled[tmode] = torch.compile(self.model, dynamic=False, **kw)
+        return self.compiled[tmode]
+
+
+def make_step(tr: Trainee, net: Callable[..., torch.Tensor], opt: torch.optim.Optimizer, batch: int,
+              device: torch.device, bf16: bool, channels_last: bool, loss_buf: torch.Tensor,
+              ) -> Callable[[bool], None]:
+    """The training step body; `zero_grad=False` is for CUDA-graph capture, where the gradients are
+    None when capture starts, so the captured backward writes (not adds) them at every replay."""
+    tc = tr.spec.cfg.train
+    params = list(tr.model.parameters())
+    n, T = tr.pool.shape[0], tr.schedule.num_timesteps
+
+    def step(zero_grad: bool = True) -> None:
+        if zero_grad:
+            opt.zero_grad(set_to_none=True)
+        idx = torch.randint(0, n, (batch,), device=device)
+        x0 = to_model_range(tr.pool[idx])  # [B, C, H, W] in [-1, 1]
+        if channels_last:
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+        t = torch.randint(0, T, (batch,), device=device)
+        noise = torch.randn_like(x0)
+        # cache_enabled=False: required inside CUDA-graph capture; used in every mode so that the
+        # compiled model's guards (which include autocast state) match across modes.
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=False):
+            loss = p_losses(net, tr.schedule, x0, t, noise)
+        loss.backward()
+        if tc.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
+        opt.step()
+        ema_update(tr.ema, tr.model, tc.ema_decay)
+        loss_buf.copy_(loss.detach())
+    return step
+
+
+def run_case(tr: Trainee, batch: int, mode: str, args: argparse.Namespace, device: torch.device,
+             fwd_flops: float, peak_tflops: float, budget: H.Budget) -> dict[str, Any]:
+    sync = H.synchronizer(device)
+    H.free_memory(device)
+    # Other models stay resident between cases; count only this model's own state and the step.
+    resident = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    bf16 = args.bf16 and device.type == "cuda"
+    graph = mode in GRAPH_MODES
+    tc = tr.spec.cfg.train
+    opt = torch.optim.AdamW(tr.model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay,
+                            fused=device.type == "cuda", capturable=graph and device.type == "cuda")
+    loss_buf = torch.zeros((), device=device)
+    net = tr.net(mode)
+    step = make_step(tr, net, opt, batch, device, bf16, args.channels_last, loss_buf)
+    row: dict[str, Any] = {"model": tr.spec.name, "batch": batch, "mode": mode, "channels_last": args.channels_last,
+                           "bf16": bf16}
+    try:
+        first_s = None
+        if mode in TORCH_COMPILE_MODE:
+            mark = (torch.compiler.cudagraph_mark_step_begin if mode == "reduce-overhead" else (lambda: None))
+            compiled_before = (TORCH_COMPILE_MODE[mode], batch) in tr.compiled_batches
+            _, first_s = H.timed_once(lambda: (mark(), step(True)), sync)
+            tr.compiled_batches.add((TORCH_COMPILE_MODE[mode], batch))
+        else:
+            mark = lambda: None  # noqa: E731
+            compiled_before = True
+        if graph:
+            fn = H.capture(lambda: step(False), device, warmup=args.warmup, warmup_body=lambda: step(True),
+                           before_capture=lambda: opt.zero_grad(set_to_none=True))
+        else:
+            for _ in range(args.warmup):
+                mark()
+                step(True)
+
+            def fn() -> None:
+                mark()
+                step(True)
+        if args.smoke:
+            iters = 1
+        else:
+            iters = H.iters_for(fn, sync, args.window_s, lo=3, hi=500)
+        timing = H.time_windows(fn, sync, iters, args.windows)
+        loss = float(loss_buf)
+        s = timing.median_s
+        ips = batch / s
+        tflops = ips * 3 * fwd_flops / 1e12
+        row.update(status="ok", ms_per_step=s * 1e3, ms_min=timing.min_s * 1e3, ms_max=timing.max_s * 1e3,
+                   images_per_s=ips, train_tflops=tflops, pct_of_bf16_matmul=100 * tflops / peak_tflops,
+                   peak_mem_gib=case_peak_gib(device, resident, tr.state_bytes), iters_per_window=iters,
+                   windows_ms=[w * 1e3 for w in timing.windows_s], loss=loss, first_step_s=first_s)
+        if first_s is not None and not compiled_before:
+            row["compile_s"] = max(first_s - s, 0.0)
+            budget.record_compile(row["compile_s"], tr.units / args.mnist_units)
+        if not math.isfinite(loss):
+            row["status"] = "nonfinite-loss"
+    except Exception as exc:  # one broken mode must not cost the other measurements
+        traceback.print_exc()
+        row.update(status="error", error=f"{type(exc).__name__}: {str(exc)[:600]}")
+    finally:
+        fn = step = net = opt = None  # noqa: F841  (drop the graph, its memory pool, the optimizer state)
+        tr.model.zero_grad(set_to_none=True)
+        H.free_memory(device)
+    return row
+
+
+def case_peak_gib(device: torch.device, resident: int, own_bytes: int) -> float | None:
+    """Peak memory of this model's training: the peak during the case, less what was resident at
+    its start (every model's weights), plus this model's weights, EMA and data pool."""
+    if device.type != "cuda":
+        return None
+    return (torch.cuda.max_memory_allocated(device) - resident + own_bytes) / 2**30
+
+
+def estimate_s(tr: Trainee, batch: int, mode: str, budget: H.Budget, args: argparse.Namespace) -> float:
+    run = 12.0 if tr.spec.shape[1] > 28 else 8.0
+    if mode in TORCH_COMPILE_MODE and (TORCH_COMPILE_MODE[mode], batch) not in tr.compiled_batches:
+        return run + budget.compile_estimate(tr.units / args.mnist_units)
+    return run
+
+
+# ----------------------------------------------------------------------------------------------- report
+
+def render(doc: dict[str, Any]) -> str:
+    env, peak = doc.get("environment", {}), doc.get("matmul_peak", {})
+    out = [f"# Training throughput: {env.get('gpu') or env.get('device')} ({env.get('date_utc')})", "",
+           f"torch {env.get('torch')}, CUDA {env.get('cuda')}, cuDNN {env.get('cudnn')}, triton {env.get('triton')}, "
+           f"diffusers {env.get('diffusers')}, driver {env.get('driver')}, git {env.get('git_commit')}.",
+           f"Dense bf16 matmul {peak.get('n')}^3 in this process: {H.fmt(peak.get('tflops'))} TFLOP/s "
+           f"(best window {H.fmt(peak.get('tflops_best'))}).",
+           f"Settings: {doc.get('settings')}.", "",
+           "One step = batch gather + q_sample + forward + loss + backward + grad clip + fused AdamW + EMA; "
+           "training FLOPs = 3 x forward FLOPs (FlopCounterMode).", ""]
+    models = doc.get("models", {})
+    out.append(H.md_table(["model", "network", "params (M)", "fwd GFLOP/img", "train GFLOP/img"], [
+        [k, v["class"], H.fmt(v["params"] / 1e6, 3), H.fmt(v["fwd_flops_per_image"] / 1e9, 3),
+         H.fmt(3 * v["fwd_flops_per_image"] / 1e9, 2)] for k, v in models.items()]))
+    out.append("")
+    rows = []
+    for r in doc.get("results", []):
+        if r.get("status") in ("ok", "nonfinite-loss"):
+            rows.append([r["model"], r["batch"], r["mode"], H.fmt(r["ms_per_step"], 2),
+                         f"{H.fmt(r['ms_min'], 2)}-{H.fmt(r['ms_max'], 2)}", H.fmt(r["images_per_s"], 0),
+                         H.fmt(r["train_tflops"]), H.fmt(r["pct_of_bf16_matmul"]), H.fmt(r["peak_mem_gib"], 2),
+                         H.fmt(r.get("compile_s")), r["status"]])
+        else:
+            rows.append([r["model"], r["batch"], r["mode"], "-", "-", "-", "-", "-", "-", "-",
+                         f"{r['status']}: {r.get('error', '')[:120]}"])
+    out.append(H.md_table(["model", "batch", "mode", "ms/step", "range", "img/s", "TFLOP/s", "% bf16 peak",
+                           "peak GiB", "compile s", "status"], rows))
+    for k, why in doc.get("left_out", {}).items():
+        out.append(f"\n{k}: left out: {why}")
+    out.append(f"\nWall time {H.fmt(doc.get('wall_s'))} s.")
+    return "\n".join(out)
+
+
+# ------------------------------------------------------------------------------------------------- main
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    device = H.resolve_device(args.device)
+    budget = H.Budget(args.budget_s, args.compile_guess_s)
+    H.set_compile_limits()
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    torch.manual_seed(0)
+    report = H.Report(args.out, args.out_md, render)
+    doc = report.doc
+    doc["environment"] = H.environment(device)
+    doc["settings"] = {k: v for k, v in vars(args).items() if k not in ("out", "out_md")}
+    H.log(f"[train] {doc['environment'].get('gpu') or device}, torch {torch.__version__}")
+
+    doc["matmul_peak"] = H.matmul_peak(device, args.matmul_n)
+    peak = doc["matmul_peak"]["tflops"]
+    H.log(f"[train] bf16 matmul {args.matmul_n}^3: {peak:.1f} TFLOP/s")
+
+    all_specs, doc["left_out"] = specs(args.models, args.reference, args.overrides)
+    trainees: dict[str, Trainee] = {}
+    doc["models"], doc["results"] = {}, []
+    for s in list(all_specs):
+        try:
+            tr = Trainee(s, device, args.channels_last)
+        except Exception as exc:  # a twin that diffusers cannot build must not stop our own model's run
+            if not s.is_reference:
+                raise
+            traceback.print_exc()
+            doc["left_out"][s.name] = f"could not be built: {type(exc).__name__}: {exc}"
+            all_specs.remove(s)
+            continue
+        trainees[s.name] = tr
+        flops, by_op = forward_flops(tr.model, s.shape, device)
+        doc["models"][s.name] = {"class": s.arch["class"], "params": num_params(tr.model),
+                                 "fwd_flops_per_image": flops, "fwd_flops_by_op": by_op, "arch": s.arch}
+        H.log(f"[train] {s.name}: {num_params(tr.model) / 1e6:.3f} M params, {flops / 1e9:.3f} GFLOP/img forward")
+    # compile cost scales roughly with the number of modules; the default MNIST U-Net is one unit
+    args.mnist_units = trainees["mnist"].units if "mnist" in trainees else next(iter(trainees.values())).units
+    report.save()
+
+    for s, batch, mode in plan(all_specs, args):
+        tr = trainees[s.name]
+        est = estimate_s(tr, batch, mode, budget, args)
+        if not budget.allows(est):
+            row = {"model": s.name, "batch": batch, "mode": mode, "status": "skipped",
+                   "error": f"time budget: {budget.elapsed():.0f} s spent, this case needs about {est:.0f} s "
+                            f"of --budget-s {args.budget_s:.0f}"}
+            H.log(f"[train] skip {s.name} b{batch} {mode}: {row['error']}")
+        else:
+            H.log(f"[train] {s.name} b{batch} {mode} ... (t={budget.elapsed():.0f}s)")
+            row = run_case(tr, batch, mode, args, device, doc["models"][s.name]["fwd_flops_per_image"], peak, budget)
+            if row["status"] == "ok":
+                H.log(f"[train]   {row['ms_per_step']:.2f} ms/step, {row['images_per_s']:,.0f} img/s, "
+                      f"{row['train_tflops']:.1f} TFLOP/s ({row['pct_of_bf16_matmul']:.1f}% of bf16 matmul), "
+                      f"peak {H.fmt(row['peak_mem_gib'], 2)} GiB" +
+                      (f", compile {row['compile_s']:.0f} s" if "compile_s" in row else ""))
+            else:
+                H.log(f"[train]   {row['status']}: {row.get('error', '')}")
+        doc["results"].append(row)
+        doc["wall_s"] = budget.elapsed()
+        report.save()
+
+    doc["wall_s"] = budget.elapsed()
+    report.save()
+    print()
+    print(render(doc))
+    return doc
+
+
+if __name__ == "__main__":
+    main()
