@@ -9,19 +9,22 @@ Architecture: one stage per conv width w, each a stride-2 conv (5x5 in the first
 then `depth - 1` 3x3 convs, each followed by [BatchNorm] and ReLU; then flatten -> linear
 (feature_dim) = the features -> ReLU -> linear (10) = the logits. The features are taken before
 that ReLU so that no dimension is exactly zero for every image (which would make the covariance
-singular). Strided convs rather than pooling and no BatchNorm on 28x28 keep an MNIST epoch near
-a minute on a 2-core CPU; the 32x32 RGB net is deeper and normalised.
+singular). Strided convs rather than pooling keep an MNIST epoch near a minute on a 2-core CPU.
+BatchNorm costs about a third of that but pays for itself: 99.1% MNIST test accuracy after 2
+epochs with it, 97.6% without. The 32x32 RGB net (CIFAR-10) is deeper; its accuracy is untested
+here (no offline CIFAR-10), expect roughly 80% without augmentation.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -53,7 +56,7 @@ class FeatureNetConfig:
     image_size: int
     widths: tuple[int, ...]
     depth: int = 1
-    batch_norm: bool = False
+    batch_norm: bool = True
     feature_dim: int = 128
     num_classes: int = NUM_CLASSES
 
@@ -108,9 +111,8 @@ def dataset_hashes(dataset: str, root: str | Path) -> dict[str, str]:
     return {rel: file_sha256(base / rel) for rel in sorted(_expected_hashes(dataset)) if (base / rel).is_file()}
 
 
-def _batches(n: int, batch_size: int, gen: torch.Generator | None = None) -> list[torch.Tensor]:
-    order = torch.randperm(n, generator=gen) if gen is not None else torch.arange(n)
-    return list(order.split(batch_size))
+def _shuffled_batches(n: int, batch_size: int, gen: torch.Generator) -> list[torch.Tensor]:
+    return list(torch.randperm(n, generator=gen).split(batch_size))
 
 
 @torch.no_grad()
@@ -119,10 +121,13 @@ def _accuracy(net: FeatureNet, images: torch.Tensor, labels: torch.Tensor, batch
     return float((logits.argmax(1) == labels.numpy()).mean())
 
 
-def train_feature_net(dataset: str, root: str | Path, out_path: str | Path, epochs: int = 4, batch_size: int = 256,
-                      lr: float = 1e-3, seed: int = 0, device: str | torch.device = "cpu") -> dict[str, Any]:
+def train_feature_net(dataset: str, root: str | Path, out_path: str | Path, epochs: int = 3, batch_size: int = 128,
+                      lr: float = 2e-3, seed: int = 0, device: str | torch.device = "cpu") -> dict[str, Any]:
     """Train the classifier on the real train split, test it, save it atomically.
 
+    Defaults are EvaluateConfig's: 99.16% on MNIST, 91.25% on Fashion-MNIST, about 3 minutes each on
+    a 2-core CPU. Deterministic on the CPU for a given seed (not bit-identical across machines or on
+    CUDA, so keep one versioned file rather than retraining it per machine).
     Adam with a 100-step linear warm-up then cosine decay to 0; no augmentation. The checkpoint holds
     the state dict, the FeatureNetConfig, the test accuracy, the training settings and the SHA-256 of
     the dataset files, and loads with weights_only=True. Returns {"test_accuracy", "path", "seconds"}.
@@ -147,8 +152,8 @@ def train_feature_net(dataset: str, root: str | Path, out_path: str | Path, epoc
     start, step = time.perf_counter(), 0
     net.train()
     for epoch in range(epochs):
-        running = 0.0
-        for idx in _batches(len(x_train), batch_size, gen):
+        running = torch.zeros((), device=device)  # summed on the device: no sync per step
+        for idx in _shuffled_batches(len(x_train), batch_size, gen):
             idx = idx.to(device)
             for group in opt.param_groups:
                 group["lr"] = lr_at(step)
@@ -157,10 +162,10 @@ def train_feature_net(dataset: str, root: str | Path, out_path: str | Path, epoc
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            running += loss.item()
+            running += loss.detach()
             step += 1
         log.info("feature net %s: epoch %d/%d, mean loss %.4f", dataset, epoch + 1, epochs,
-                 running / math.ceil(len(x_train) / batch_size))
+                 float(running) / math.ceil(len(x_train) / batch_size))
     net.eval()
     accuracy = _accuracy(net, x_test, y_test, 1024)
     seconds = time.perf_counter() - start
@@ -213,12 +218,24 @@ def load_feature_net(path: str | Path, device: str | torch.device = "cpu") -> Fe
     return net.to(device).eval()
 
 
+@contextlib.contextmanager
+def _strict_fp32() -> Iterator[None]:
+    """Turn TF32 off (cuDNN convolutions use it by default on CUDA) so that GPU features match CPU ones
+    to float32 precision, and cached reference statistics stay valid across devices."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 @torch.no_grad()
 def extract(net: FeatureNet, images_uint8: torch.Tensor | np.ndarray, batch_size: int = 500
             ) -> tuple[np.ndarray, np.ndarray]:
     """uint8 images [N, C, H, W] -> (features float64 [N, D], logits float64 [N, 10]) as numpy arrays.
 
-    Runs on the net's device in float32, batch by batch; the net is put in eval mode.
+    Runs on the net's device in strict float32 (no TF32), batch by batch; the net is put in eval mode.
     """
     images = torch.as_tensor(images_uint8)
     expect = (net.cfg.in_channels, net.cfg.image_size, net.cfg.image_size)
@@ -228,10 +245,11 @@ def extract(net: FeatureNet, images_uint8: torch.Tensor | np.ndarray, batch_size
     net.eval()
     device = next(net.parameters()).device
     feats, logits = [], []
-    for idx in _batches(len(images), batch_size):
-        f, lg = net(to_model_range(images[idx].to(device)))
-        feats.append(f.double().cpu())
-        logits.append(lg.double().cpu())
+    with _strict_fp32():
+        for start in range(0, len(images), batch_size):
+            f, lg = net(to_model_range(images[start:start + batch_size].to(device)))
+            feats.append(f.double().cpu())
+            logits.append(lg.double().cpu())
     if not feats:
         return np.zeros((0, net.cfg.feature_dim)), np.zeros((0, net.cfg.num_classes))
     return torch.cat(feats).numpy(), torch.cat(logits).numpy()
