@@ -396,9 +396,6 @@ def test_onnx_backend_and_missing_feature_net(trained: dict, tmp_path: Path, mon
     (training is faked too: it copies the module's net)."""
     import logging
     import shutil
-    import sys
-    import types
-
     from ddpm import evaluate
     from ddpm.data import load_images
 
@@ -415,7 +412,8 @@ def test_onnx_backend_and_missing_feature_net(trained: dict, tmp_path: Path, mon
         shutil.copy(trained["path"], out_path)
         return {"test_accuracy": trained["test_accuracy"], "path": str(out_path), "seconds": 0.0}
 
-    monkeypatch.setitem(sys.modules, "ddpm.onnx_sampler", types.SimpleNamespace(sample=fake_sample))
+    import ddpm.onnx_sampler
+    monkeypatch.setattr(ddpm.onnx_sampler, "sample", fake_sample)
     monkeypatch.setattr(evaluate, "train_feature_net", fake_train)
     cfg = config_from_dict({"data": {"dataset": "mnist", "root": str(trained["root"])},
                             "evaluate": {"backend": "onnx", "num_samples": 200, "steps": 7, "seed": 3, "batch_size": 100,
