@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ddpm.atomic import atomic_write_bytes  # noqa: F401  (re-exported)
+from ddpm.fileio import atomic_write_bytes  # noqa: F401  (re-exported)
 from ddpm.errors import CheckpointError
 from ddpm.config import Config, ConfigError, config_from_dict, image_shape
 from ddpm.unet import UNet, build_unet

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import gzip
-import hashlib
 import importlib
 import logging
 import math
@@ -35,6 +34,7 @@ import numpy as np
 import torch
 
 from ddpm.errors import DataError  # noqa: F401  (re-exported)
+from ddpm.fileio import file_digest
 
 log = logging.getLogger(__name__)
 
@@ -89,11 +89,6 @@ def _expected_hashes(name: str) -> dict[str, tuple[str, str]]:
     return {f: ("sha256", digest) for f, digest in SHA256[name].items()}
 
 
-def _file_hash(path: Path, algo: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, algo).hexdigest()
-
-
 def _mismatch(path: Path, algo: str, expected: str, actual: str, todo: str) -> str:
     return f"{path}: wrong {algo}: expected {expected}, actual {actual}; {todo}"
 
@@ -108,7 +103,7 @@ def verify_dataset(name: str, root: str | Path = "data") -> Path:
         path = target / rel
         if not path.is_file():
             problems.append(f"{path}: missing; {todo}")
-        elif (actual := _file_hash(path, algo)) != expected:
+        elif (actual := file_digest(path, algo)) != expected:
             problems.append(_mismatch(path, algo, expected, actual, todo))
     if problems and all(p.endswith(f"missing; {todo}") for p in problems):
         raise DataError(f"{name}: none of its {len(problems)} files is in {target}; {todo}")
@@ -144,7 +139,7 @@ def _install(name: str, scratch: Path, target: Path) -> None:
     for rel, (algo, digest) in expected.items():  # all-or-nothing: check before touching root
         if not (scratch / rel).is_file():
             raise DataError(f"source produced no file {rel}")
-        if (actual := _file_hash(scratch / rel, algo)) != digest:
+        if (actual := file_digest(scratch / rel, algo)) != digest:
             raise DataError(_mismatch(target / rel, algo, digest, actual, todo))
     for rel, (algo, digest) in expected.items():
         dest = target / rel
@@ -152,7 +147,7 @@ def _install(name: str, scratch: Path, target: Path) -> None:
         tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
         try:  # a crash before os.replace leaves only the temp name (removed by the next fetch)
             shutil.copyfile(scratch / rel, tmp)
-            if (actual := _file_hash(tmp, algo)) != digest:  # check the bytes as written
+            if (actual := file_digest(tmp, algo)) != digest:  # check the bytes as written
                 raise DataError(_mismatch(dest, algo, digest, actual, todo))
             os.replace(tmp, dest)
         finally:

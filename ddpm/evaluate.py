@@ -36,7 +36,8 @@ from ddpm.checkpoint import atomic_write_bytes, load_checkpoint, load_model
 from ddpm.config import Config, config_from_dict
 from ddpm.data import load_images
 from ddpm.errors import CheckpointError, ConfigError, DataError
-from ddpm.features import (FeatureNet, dataset_hashes, extract, file_sha256, load_feature_net,
+from ddpm.fileio import file_sha256
+from ddpm.features import (FeatureNet, dataset_hashes, extract, load_feature_net,
                            read_feature_checkpoint, train_feature_net)
 from ddpm.generate import generate, save_grid
 from ddpm.metrics import (class_entropy, feature_stats, frechet_distance, inception_score, manifold_metrics,

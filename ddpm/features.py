@@ -18,7 +18,6 @@ here (no offline CIFAR-10), expect roughly 80% without augmentation.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import math
 import time
@@ -34,6 +33,7 @@ from torch.nn import functional as F
 from ddpm.checkpoint import save_checkpoint
 from ddpm.data import DATASET_SHAPES, NUM_CLASSES, load_images, to_model_range
 from ddpm.errors import CheckpointError
+from ddpm.fileio import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -93,14 +93,6 @@ class FeatureNet(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         feats = self.fc1(self.conv(x).flatten(1))  # [N, D], pre-activation
         return feats, self.fc2(F.relu(feats))
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def dataset_hashes(dataset: str, root: str | Path) -> dict[str, str]:

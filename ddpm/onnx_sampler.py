@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import onnxruntime as ort
 
-from ddpm.atomic import atomic_write_bytes
+from ddpm.fileio import atomic_write_bytes
 from ddpm.errors import ConfigError, OnnxModelError
 from ddpm.schedule_math import SCHEDULE_ARRAYS, make_betas, schedule_arrays
 

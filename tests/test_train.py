@@ -96,7 +96,7 @@ def test_failed_checkpoint_write_keeps_the_previous_file(tmp_path, monkeypatch):
     save_checkpoint(path, {"model": {}, "config": {}, "step": 1})
     before = path.read_bytes()
 
-    import ddpm.atomic as ck
+    import ddpm.fileio as ck
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(ck.os, "fsync", full_disk)

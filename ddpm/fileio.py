@@ -1,7 +1,8 @@
-"""Atomic file writes, torch-free so that the ONNX sampler can use them too."""
+"""File helpers shared by every stage: atomic writes and content hashes. Torch-free, so the ONNX sampler can use them."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -31,3 +32,13 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             os.close(fd)
     except OSError:
         pass
+
+
+def file_digest(path: str | Path, algo: str = "sha256") -> str:
+    """Hex digest of a file's bytes."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, algo).hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    return file_digest(path, "sha256")
