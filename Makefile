@@ -20,10 +20,13 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# ddpm-pipeline (flows/pipeline.py) on params.yaml's default profile (cpu): fetch and verify MNIST,
+# train, evaluate, export to ONNX, sample with onnxruntime; log to MLflow (mlflow/ or
+# $$MLFLOW_TRACKING_URI). A rerun resumes. `make pipeline PROFILE=gpu ARGS="train.steps=40000"`.
+PROFILE ?=
+ARGS ?=
 pipeline: $(STAMP)
-	$(VENV)/bin/ddpm data
-	$(VENV)/bin/ddpm train --resume
-	$(VENV)/bin/ddpm sample --out runs/default/samples
+	$(PY) -m flows.pipeline $(if $(PROFILE),--profile $(PROFILE)) $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -1,0 +1,16 @@
+"""The MLOps pipeline around `ddpm`: Prefect flows, MLflow tracking, DVC stages.
+
+    flows.runtime   settings of one run (params.yaml + profile + overrides), paths, preflight checks
+    flows.tracking  MLflow: one parent run per pipeline run, one nested run per stage
+    flows.tasks     Prefect tasks: thin wrappers around ddpm functions that pass file paths
+    flows.stages    one flow per stage (data, features, train, evaluate, export); `python -m flows.stages`
+    flows.pipeline  the `ddpm-pipeline` flow chaining the stage flows; `python -m flows.pipeline`
+    flows.serve     serves the deployments `ddpm-pipeline/cpu` and `ddpm-pipeline/gpu`
+
+Importing this package sets quiet defaults for the environment (no telemetry, short network
+timeouts) before Prefect or MLflow is imported; a value already in the environment wins.
+"""
+
+from flows.runtime import apply_env_defaults
+
+apply_env_defaults()

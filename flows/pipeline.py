@@ -1,0 +1,98 @@
+"""`ddpm-pipeline`: data -> train -> evaluate (with the feature net) -> export, as one Prefect flow.
+
+    python -m flows.pipeline                      # params.yaml with its default profile (cpu)
+    python -m flows.pipeline --profile gpu train.steps=40000
+    python -m flows.pipeline --force              # redo every stage instead of resuming
+
+Each stage is a subflow (flows.stages) and gets an MLflow run nested under this flow's run. A rerun
+after a failure resumes: the dataset is kept once verified, training continues from its
+checkpoint, and evaluation and export are skipped when their outputs are current.
+Without PREFECT_API_URL the flow runs on Prefect's temporary local API.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from prefect import flow
+from prefect.runtime import flow_run
+
+from flows import stages
+from flows.runtime import load_settings
+from flows.tracking import Tracker
+
+
+@flow(name="ddpm-pipeline")
+def ddpm_pipeline(profile: str | None = None, overrides: list[str] | None = None, params_path: str = "params.yaml",
+                  force: bool = False) -> dict[str, Any]:
+    """Run every stage under one MLflow parent run; returns where the results are.
+
+    profile: a profile of the params file (None: its `profile:` key); overrides: `section.key=value`
+    strings applied last; force: redo stages whose outputs are current.
+    """
+    s = load_settings(params_path, profile, overrides)
+    tracker = Tracker(s)
+    parent = tracker.start_run(flow_run.name or "ddpm-pipeline", tags={"ddpm.stage": "pipeline"})
+    common = dict(params_path=str(s.params_path), profile=s.profile, overrides=list(s.overrides),
+                  parent_run_id=parent.run_id, force=force)
+    try:
+        stages.data_flow(**common)
+        trained = stages.train_flow(**common)
+        metrics = stages.evaluate_flow(**common)
+        exported = stages.export_flow(**common)
+        parent.logger().metrics({"train_loss": trained["loss"], "images_per_sec": trained["images_per_sec"],
+                                 **metrics}, trained["step"])
+    except BaseException as exc:
+        tracker.end_run(parent, exc)
+        raise
+    tracker.end_run(parent)
+    return {
+        "tracking_uri": tracker.uri, "experiment_id": tracker.experiment_id, "run_id": parent.run_id,
+        "checkpoint": trained["checkpoint"], "step": trained["step"], "samples": trained["samples"],
+        "trajectory": trained["trajectory"], "metrics": metrics, **{k: exported[k] for k in (
+            "onnx_model", "onnx_samples", "model_uri", "registered_model", "version", "alias")},
+    }
+
+
+def summary(result: dict[str, Any]) -> str:
+    uri = result["tracking_uri"]
+    ui = (f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite:") else f"open {uri}")
+    fid = result["metrics"].get("fid")
+    lines = [
+        "",
+        f"ddpm-pipeline finished: step {result['step']}" + (f", FID {fid:.2f}" if fid is not None else ""),
+        f"  samples (PyTorch)      {result['samples']}",
+        f"  samples (onnxruntime)  {result['onnx_samples']}",
+        f"  denoising trajectory   {result['trajectory']}",
+        f"  checkpoint             {result['checkpoint']}",
+        f"  ONNX model             {result['onnx_model']}",
+        f"  registered model       models:/{result['registered_model']}@{result['alias']} "
+        f"(version {result['version']})",
+        f"  MLflow run             {result['run_id']} (experiment {result['experiment_id']}) in {uri}",
+        f"  MLflow UI              {ui}   then http://127.0.0.1:5000/#/experiments/{result['experiment_id']}"
+        f"/runs/{result['run_id']}",
+        f"  sample again           ddpm onnx-sample --model {result['onnx_model']} --out samples_onnx",
+    ]
+    return "\n".join(lines)
+
+
+def _main(argv: list[str] | None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows.pipeline", description="Run the whole DDPM pipeline.")
+    stages.add_settings_arguments(parser)
+    parser.add_argument("--force", action="store_true", help="redo stages whose outputs are current")
+    args = parser.parse_args(argv)
+    settings = stages.preflight(args.params, args.profile, args.overrides)
+    result = ddpm_pipeline(profile=args.profile, overrides=args.overrides, params_path=str(settings.params_path),
+                           force=args.force)
+    print(summary(result))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stages.run_cli(_main, argv, "flows.pipeline")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

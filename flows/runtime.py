@@ -1,0 +1,279 @@
+"""What one pipeline run works with: its settings, its paths, and checks made before any work.
+
+Relative paths in params.yaml (data.root, train.out_dir, pipeline.feature_net) are relative to the
+folder of the params file, the project root, whatever the current directory: a served deployment,
+a DVC stage and `make pipeline` all write to the same places.
+
+This module imports neither torch, Prefect nor MLflow, so that importing `flows` stays cheap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from ddpm.config import Config, load_config
+
+log = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_PARAMS = "params.yaml"
+
+# Set unless the environment already has them. Nothing here should phone home or wait minutes on
+# an unreachable server; MLflow's defaults (7 retries, 120 s timeout) can hang a run for minutes.
+ENV_DEFAULTS = {
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    # The first ephemeral start on a fresh 2-core machine migrates a database: more than the default 20 s.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+    "PREFECT_LOGGING_EXTRA_LOGGERS": "ddpm",  # the ddpm library's log lines appear in Prefect's run logs
+}
+HEALTH_TIMEOUT_S = 3.0
+
+
+class ServiceUnavailable(RuntimeError):
+    """A server the run needs (Prefect API, MLflow tracking) did not answer; nothing was started."""
+
+
+def apply_env_defaults() -> None:
+    for key, value in ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
+def _config_dict(cfg: Config) -> dict[str, Any]:
+    return cfg.to_dict()
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The validated config of one run, with every path made absolute, and where it came from."""
+
+    cfg: Config                 # paths absolute; what the stages use
+    params_path: Path
+    profile: str | None         # the profile actually applied (params.yaml's `profile:` if none was asked for)
+    overrides: tuple[str, ...]
+
+    @property
+    def project(self) -> Path:
+        return self.params_path.parent
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.cfg.train.out_dir)
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.out_dir / "checkpoint.pt"
+
+    @property
+    def loss_csv(self) -> Path:
+        return self.out_dir / "loss.csv"
+
+    @property
+    def samples(self) -> Path:
+        return self.out_dir / "samples_final.png"
+
+    @property
+    def trajectory(self) -> Path:
+        return self.out_dir / "trajectory.png"
+
+    @property
+    def dataset_manifest(self) -> Path:
+        return self.out_dir / "dataset.json"
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.out_dir / "eval"
+
+    @property
+    def onnx_model(self) -> Path:
+        return self.out_dir / "model.onnx"
+
+    @property
+    def export_report(self) -> Path:
+        return self.out_dir / "export.json"
+
+    @property
+    def onnx_samples(self) -> Path:
+        return self.out_dir / "samples_onnx" / "samples.png"
+
+    @property
+    def feature_net(self) -> Path:
+        return Path(self.cfg.pipeline.feature_net)
+
+    def params(self) -> dict[str, str]:
+        """Every setting as `section.key` -> string, as configured (relative paths stay relative)."""
+        raw = load_config(self.params_path, self.profile, self.overrides)
+        flat = {f"{section}.{key}": _param_str(value)
+                for section, values in _config_dict(raw).items() for key, value in values.items()}
+        flat["profile"] = str(self.profile)
+        flat["overrides"] = json.dumps(list(self.overrides))
+        return flat
+
+
+def _param_str(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, (list, tuple, bool)) or value is None else str(value)
+
+
+def resolve_params_path(params_path: str | Path | None) -> Path:
+    """A relative params path is looked up in the current directory, then in the project root."""
+    path = Path(params_path or DEFAULT_PARAMS).expanduser()
+    if not path.is_absolute():
+        path = path if path.is_file() else PROJECT_ROOT / path
+    return path.resolve()
+
+
+def load_settings(params_path: str | Path | None = None, profile: str | None = None,
+                  overrides: Sequence[str] | None = ()) -> Settings:
+    """Read and validate params.yaml + profile + overrides (ConfigError names a bad key); make paths absolute."""
+    path = resolve_params_path(params_path)
+    overrides = tuple(overrides or ())
+    cfg = load_config(path, profile, overrides)
+    if profile is None and path.is_file():
+        profile = (yaml.safe_load(path.read_text()) or {}).get("profile")
+    root = path.parent
+
+    def absolute(p: str) -> str:
+        return str(Path(p) if Path(p).is_absolute() else root / p)
+
+    cfg = dataclasses.replace(
+        cfg,
+        data=dataclasses.replace(cfg.data, root=absolute(cfg.data.root)),
+        train=dataclasses.replace(cfg.train, out_dir=absolute(cfg.train.out_dir)),
+        pipeline=dataclasses.replace(
+            cfg.pipeline, feature_net=absolute(cfg.pipeline.feature_net.format(dataset=cfg.data.dataset))),
+    )
+    return Settings(cfg=cfg, params_path=path, profile=profile, overrides=overrides)
+
+
+# --- checks made before any work, so that an unreachable server fails in seconds ---------------
+
+def _get(url: str, timeout: float) -> tuple[int, str]:
+    req = urllib.request.Request(url, headers={"User-Agent": "ddpm-pipeline"})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - URLs come from the user's config
+        return resp.status, resp.read(200).decode(errors="replace")
+
+
+def check_prefect_api(timeout: float = HEALTH_TIMEOUT_S) -> str | None:
+    """Return the configured Prefect API URL after checking that it answers; None means ephemeral mode."""
+    from prefect.settings import PREFECT_API_URL  # light: no server or client is started
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        return None
+    try:
+        status, _ = _get(url.rstrip("/") + "/health", timeout)
+    except (urllib.error.URLError, OSError) as exc:
+        raise ServiceUnavailable(
+            f"the Prefect API at {url} (PREFECT_API_URL) did not answer within {timeout:.0f} s: "
+            f"{getattr(exc, 'reason', exc)}. Start it with `prefect server start --host 127.0.0.1`, or unset "
+            f"PREFECT_API_URL (`prefect config unset PREFECT_API_URL`) to run on a temporary local API.") from None
+    if status != 200:
+        raise ServiceUnavailable(f"the Prefect API at {url} answered /health with HTTP {status}")
+    return url
+
+
+def check_tracking_uri(uri: str, timeout: float = HEALTH_TIMEOUT_S) -> None:
+    """Fail in seconds when an MLflow tracking server does not answer, before any stage starts."""
+    if uri.startswith(("http://", "https://")):
+        try:
+            status, _ = _get(uri.rstrip("/") + "/health", timeout)
+        except urllib.error.HTTPError as exc:
+            status = exc.code
+        except (urllib.error.URLError, OSError) as exc:
+            raise ServiceUnavailable(
+                f"the MLflow tracking server at {uri} (MLFLOW_TRACKING_URI) did not answer within {timeout:.0f} s: "
+                f"{getattr(exc, 'reason', exc)}. Start it (`mlflow server --host 127.0.0.1 --backend-store-uri "
+                f"sqlite:///mlflow.db`) or unset MLFLOW_TRACKING_URI to use the local store mlflow/mlflow.db.") from None
+        if status != 200:
+            raise ServiceUnavailable(f"the MLflow tracking server at {uri} answered /health with HTTP {status}")
+    elif uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        try:
+            db.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ServiceUnavailable(f"cannot create the folder of the MLflow store {db}: {exc}") from None
+
+
+# --- provenance -------------------------------------------------------------------------------
+
+def git_commit(project: Path) -> tuple[str, bool]:
+    """(commit hash or "unknown", whether tracked files differ from it)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(project), *args], capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip()
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return "unknown", False
+    return commit, dirty
+
+
+def dvc_dataset_version(project: Path, data_root: str | Path) -> str:
+    """The md5 that data.dvc records for data.root, or "untracked" when data.dvc tracks another folder."""
+    dvc_file = project / "data.dvc"
+    try:
+        outs = (yaml.safe_load(dvc_file.read_text()) or {}).get("outs") or []
+    except (OSError, yaml.YAMLError):
+        return "untracked"
+    for out in outs:
+        if (project / out.get("path", "")).resolve() == Path(data_root).resolve():
+            return str(out.get("md5", "untracked"))
+    return "untracked"
+
+
+# --- freshness of a stage's outputs, for reruns that resume -------------------------------------
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class Stamp:
+    """A record, beside a stage's outputs, of the inputs they were made from and of their hashes.
+
+    `fresh()` is true only when the inputs key is unchanged and every output still has the recorded
+    hash, so a rerun of the pipeline skips a finished stage and redoes one whose outputs changed.
+    DVC keeps its own record (dvc.lock); a stage run by DVC ignores stamps (force).
+    """
+
+    def __init__(self, out_dir: Path, stage: str, inputs: dict[str, Any]):
+        self.path = out_dir / ".stamps" / f"{stage}.json"
+        self.key = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
+
+    def fresh(self, outputs: Sequence[Path]) -> bool:
+        try:
+            rec = json.loads(self.path.read_text())
+            return rec["key"] == self.key and all(
+                Path(p).is_file() and file_sha256(p) == rec["outputs"].get(str(p)) for p in outputs)
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+
+    def write(self, outputs: Sequence[Path]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        rec = {"key": self.key, "outputs": {str(p): file_sha256(p) for p in outputs}}
+        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(rec, indent=1))
+        os.replace(tmp, self.path)
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)

@@ -1,0 +1,168 @@
+"""One Prefect flow per stage, and the command DVC runs for each: `python -m flows.stages <stage>`.
+
+Every stage flow takes the same parameters: where the settings come from (params_path, profile,
+overrides), the MLflow run to nest under (parent_run_id; none: the stage gets a top-level run)
+and `force`. Each reloads and validates the settings itself, so a stage runs the same alone, under
+`ddpm-pipeline`, or from DVC. They return file paths and numbers only.
+
+    data      fetch and verify the dataset, write dataset.json
+    features  train (or reuse) the feature network that FID uses
+    train     train the U-Net (resuming), render the denoising trajectory
+    evaluate  the feature net (reused when current), then sample and score the checkpoint
+    export    ONNX export with parity check, onnxruntime-vs-PyTorch check, onnxruntime samples,
+              log the model and register it under an alias when accepted
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+from prefect import flow
+
+from flows import tasks
+from flows.runtime import Settings, ServiceUnavailable, check_prefect_api, check_tracking_uri, load_settings
+from flows.tracking import Tracker, tracking_uri_for
+
+log = logging.getLogger(__name__)
+
+
+def _open(params_path: str, profile: str | None, overrides: list[str] | None) -> tuple[Settings, Tracker]:
+    settings = load_settings(params_path, profile, overrides)
+    return settings, Tracker(settings)
+
+
+@flow(name="ddpm-data")
+def data_flow(params_path: str = "params.yaml", profile: str | None = None, overrides: list[str] | None = None,
+              parent_run_id: str | None = None, force: bool = False) -> str:
+    """Fetch (with retries on network errors) and verify the dataset; returns dataset.json's path."""
+    s, tracker = _open(params_path, profile, overrides)
+    with tracker.stage("data", parent_run_id) as run:
+        tasks.fetch_data(s.cfg.data.dataset, s.cfg.data.root)
+        manifest = tasks.describe_dataset(s.cfg.data.dataset, s.cfg.data.root, str(s.dataset_manifest),
+                                          str(s.project))
+        tasks.log_data(run, manifest)
+    return manifest
+
+
+def _feature_net(s: Settings, force: bool) -> dict[str, Any]:
+    ev = s.cfg.evaluate
+    return tasks.ensure_feature_net(s.cfg.data.dataset, s.cfg.data.root, str(s.feature_net), ev.feature_epochs,
+                                    ev.feature_batch_size, ev.feature_lr, ev.seed, ev.device, force)
+
+
+@flow(name="ddpm-features")
+def features_flow(params_path: str = "params.yaml", profile: str | None = None, overrides: list[str] | None = None,
+                  parent_run_id: str | None = None, force: bool = False) -> str:
+    """Train the feature network for FID, or reuse it when current; returns its path."""
+    s, tracker = _open(params_path, profile, overrides)
+    with tracker.stage("features", parent_run_id) as run:
+        info = _feature_net(s, force)
+        tasks.log_feature_net(run, info)
+    return info["path"]
+
+
+@flow(name="ddpm-train")
+def train_flow(params_path: str = "params.yaml", profile: str | None = None, overrides: list[str] | None = None,
+               parent_run_id: str | None = None, force: bool = False) -> dict[str, Any]:
+    """Train (resuming from a compatible checkpoint), render the trajectory, log; returns the checkpoint and step."""
+    s, tracker = _open(params_path, profile, overrides)
+    with tracker.stage("train", parent_run_id) as run:
+        result = tasks.train_model(s.cfg, run, force)
+        tasks.render_trajectory(result["checkpoint"], s.cfg, str(s.trajectory), s.cfg.pipeline.trajectory_images)
+        tasks.log_training(run, result, str(s.loss_csv), str(s.samples), str(s.trajectory),
+                           s.cfg.pipeline.log_checkpoint)
+    return {"checkpoint": result["checkpoint"], "step": result["step"], "loss": result["loss"],
+            "images_per_sec": result["images_per_sec"], "samples": str(s.samples), "trajectory": str(s.trajectory),
+            "run_id": run.run_id}
+
+
+def _step(checkpoint: str) -> int:
+    from ddpm.checkpoint import load_checkpoint
+
+    return int(load_checkpoint(checkpoint)["step"])
+
+
+@flow(name="ddpm-evaluate")
+def evaluate_flow(params_path: str = "params.yaml", profile: str | None = None, overrides: list[str] | None = None,
+                  parent_run_id: str | None = None, force: bool = False) -> dict[str, float]:
+    """Make sure the feature net is current, then evaluate the checkpoint; returns the metrics."""
+    s, tracker = _open(params_path, profile, overrides)
+    with tracker.stage("evaluate", parent_run_id) as run:
+        info = _feature_net(s, force=False)  # a forced evaluation need not retrain the feature net
+        tasks.log_feature_net(run, info)
+        result = tasks.evaluate_model(str(s.checkpoint), s.cfg, str(s.eval_dir), info["path"], force)
+        metrics = tasks.log_evaluation(run, result, str(s.eval_dir), _step(str(s.checkpoint)))
+    return metrics
+
+
+@flow(name="ddpm-export")
+def export_flow(params_path: str = "params.yaml", profile: str | None = None, overrides: list[str] | None = None,
+                parent_run_id: str | None = None, force: bool = False) -> dict[str, Any]:
+    """Export to ONNX, check it against PyTorch, sample with onnxruntime, log and register; returns paths and the
+    registered version. A rejected export fails the stage and is not registered."""
+    s, tracker = _open(params_path, profile, overrides)
+    with tracker.stage("export", parent_run_id) as run:
+        info = _feature_net(s, force=False)
+        onnx_path = tasks.export_model(str(s.checkpoint), s.cfg, str(s.onnx_model), force)
+        tasks.check_model(onnx_path, str(s.checkpoint), s.cfg, info["path"], str(s.export_report), force)
+        samples = tasks.sample_onnx(onnx_path, s.cfg, str(s.onnx_samples))
+        registered = tasks.log_export(run, onnx_path, str(s.export_report), samples,
+                                      s.cfg.pipeline.registered_model, s.cfg.pipeline.model_alias,
+                                      _step(str(s.checkpoint)))
+    return {"onnx_model": onnx_path, "onnx_samples": samples, "report": str(s.export_report), **registered,
+            "run_id": run.run_id}
+
+
+STAGES = {"data": data_flow, "features": features_flow, "train": train_flow, "evaluate": evaluate_flow,
+          "export": export_flow}
+
+
+def add_settings_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="override a setting of params.yaml, e.g. train.steps=200")
+    p.add_argument("--params", default="params.yaml", help="settings file (default: %(default)s)")
+    p.add_argument("--profile", default=None, help="profile of the settings file (default: its `profile:` key)")
+
+
+def preflight(params: str, profile: str | None, overrides: list[str]) -> Settings:
+    """Validate the settings and reach every configured server before Prefect starts anything (seconds)."""
+    settings = load_settings(params, profile, overrides)
+    check_prefect_api()
+    check_tracking_uri(tracking_uri_for(settings))
+    return settings
+
+
+def run_cli(main: Any, argv: list[str] | None, prog: str) -> int:
+    """Run `main(argv)`; a user-facing error (bad setting, server down, rejected export) is one line, exit 2."""
+    from ddpm.errors import DDPMError
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return main(argv)
+    except (DDPMError, ServiceUnavailable, tasks.CheckpointMismatch) as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str] | None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows.stages", description=__doc__.split("\n\n")[0])
+    parser.add_argument("stage", choices=list(STAGES))
+    add_settings_arguments(parser)
+    parser.add_argument("--no-force", dest="force", action="store_false",
+                        help="skip work whose outputs are current (by default a stage reruns: DVC decided it must)")
+    args = parser.parse_args(argv)
+    settings = preflight(args.params, args.profile, args.overrides)
+    STAGES[args.stage](params_path=str(settings.params_path), profile=args.profile, overrides=args.overrides,
+                       force=args.force)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(_main, argv, "flows.stages")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,457 @@
+"""Prefect tasks: thin wrappers around ddpm functions. They take and return file paths and numbers.
+
+Work tasks (fetch, train, evaluate, export, ...) write files; `log_*` tasks send those files and
+numbers to an MLflow run. Keeping the two apart means a tracking failure shows up as a failed
+`log-*` task after a completed work task, whose outputs are on disk for the rerun to reuse.
+Every ddpm import happens inside a task, so importing the flows does not import torch.
+
+No Prefect result caching (NO_CACHE): whether a stage's outputs are current is decided from the
+files themselves (flows.runtime.Stamp, the checkpoint's own config), which Prefect cannot see.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import socket
+import urllib.error
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from flows.runtime import Stamp, dvc_dataset_version, file_sha256
+from flows.tracking import LiveMetrics, RunRef, backfill_loss_csv, write_json
+
+log = logging.getLogger(__name__)
+
+# Settings a run may change and still resume from a checkpoint: they do not change what is learned.
+RESUMABLE_TRAIN_KEYS = {"steps", "log_every", "sample_every", "checkpoint_every", "out_dir", "device", "compile",
+                        "nproc"}
+
+
+class CheckpointMismatch(RuntimeError):
+    """A checkpoint in train.out_dir was trained with other settings; it is kept, not resumed."""
+
+
+# --- data -----------------------------------------------------------------------------------------
+
+_NETWORK_HINT = re.compile(r"urlopen|URLError|timed? ?out|Timeout|Connection|Network is|unreachable|"
+                           r"Name or service|Temporary failure|EAI_AGAIN|ECONN|download failed|`npm pack|"
+                           r"apt-get download|HTTP Error 5\d\d|HTTP Error 429", re.IGNORECASE)
+
+
+def is_network_error(exc: BaseException) -> bool:
+    """True for errors worth a retry: a connection, timeout or registry failure anywhere in the chain."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, (ConnectionError, TimeoutError, socket.timeout, urllib.error.URLError)):
+            return True
+        e = e.__cause__ or e.__context__
+    return bool(_NETWORK_HINT.search(str(exc)))
+
+
+def retry_on_network_error(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect retry_condition_fn: retry a failed fetch only when the failure looks like the network's."""
+    exc = state.data if isinstance(state.data, BaseException) else state.result(raise_on_failure=False)
+    retry = isinstance(exc, BaseException) and is_network_error(exc)
+    if retry:
+        log.warning("fetch failed with what looks like a network error; retrying: %s", exc)
+    return retry
+
+
+@task(name="fetch-data", retries=3, retry_delay_seconds=[5, 30, 120], retry_condition_fn=retry_on_network_error,
+      cache_policy=NO_CACHE)
+def fetch_data(dataset: str, root: str) -> str:
+    """Make root/<dataset>/ hold the verified raw files (a verified copy there is kept as is)."""
+    from ddpm.data import fetch_dataset
+
+    return str(fetch_dataset(dataset, root))
+
+
+@task(name="describe-dataset", cache_policy=NO_CACHE)
+def describe_dataset(dataset: str, root: str, manifest: str, project: str) -> str:
+    """Write dataset.json: the dataset's files with their SHA-256 and data.dvc's md5 (its DVC version).
+
+    Nothing in it depends on where the project is, so the stages after it stay current in a new clone.
+    """
+    from ddpm.features import dataset_hashes
+
+    return str(write_json(Path(manifest), {
+        "dataset": dataset, "sha256": dataset_hashes(dataset, root), "dvc_md5": dvc_dataset_version(Path(project), root),
+    }))
+
+
+@task(name="log-data", cache_policy=NO_CACHE)
+def log_data(run: RunRef, manifest: str) -> None:
+    logger = run.logger()
+    info = json.loads(Path(manifest).read_text())
+    logger.metrics({"dataset_files": len(info["sha256"])})
+    logger.artifact(manifest)
+
+
+# --- feature network (for FID) -----------------------------------------------------------------
+
+@task(name="feature-net", cache_policy=NO_CACHE)
+def ensure_feature_net(dataset: str, root: str, path: str, epochs: int, batch_size: int, lr: float, seed: int,
+                       device: str, force: bool = False) -> dict[str, Any]:
+    """Reuse the feature net at `path` when it was trained on these files with these settings, else train it."""
+    from ddpm.features import dataset_hashes, read_feature_checkpoint, train_feature_net
+    from ddpm.train import resolve_device
+
+    wanted = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed}
+    if not force and Path(path).is_file():
+        try:
+            ckpt = read_feature_checkpoint(path)
+            same = (ckpt["config"]["dataset"] == dataset
+                    and {k: ckpt["train"].get(k) for k in wanted} == wanted
+                    and ckpt["dataset_hashes"] == dataset_hashes(dataset, root))
+        except Exception as exc:  # noqa: BLE001 - an unreadable file is retrained
+            log.warning("feature net %s is unusable (%s); retraining it", path, exc)
+            same = False
+        if same:
+            log.info("feature net %s is current (test accuracy %.4f); reusing it", path, ckpt["test_accuracy"])
+            return {"path": path, "test_accuracy": float(ckpt["test_accuracy"]), "reused": True}
+    result = train_feature_net(dataset, root, path, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                               device=resolve_device(device))
+    return {"path": path, "test_accuracy": float(result["test_accuracy"]),
+            "seconds": float(result.get("seconds", 0.0)), "reused": False}
+
+
+@task(name="log-feature-net", cache_policy=NO_CACHE)
+def log_feature_net(run: RunRef, info: dict[str, Any]) -> None:
+    logger = run.logger()
+    logger.metrics({"feature_net_test_accuracy": info["test_accuracy"]})
+    logger.tags({"feature_net.path": info["path"], "feature_net.sha256": file_sha256(info["path"]),
+                 "feature_net.reused": str(info["reused"]).lower()})
+    logger.artifact(info["path"], "feature_net")
+
+
+# --- training -----------------------------------------------------------------------------------
+
+def _checkpoint_differences(saved: dict[str, Any], wanted: dict[str, Any], step: int, steps: int) -> list[str]:
+    """Settings that make a saved checkpoint unusable for resuming the wanted run."""
+    diffs = []
+    for section in ("diffusion", "model", "train"):
+        for key, value in wanted[section].items():
+            if section == "train" and key in RESUMABLE_TRAIN_KEYS:
+                continue
+            old = saved.get(section, {}).get(key)
+            if old != value:
+                diffs.append(f"{section}.{key}: {old!r} -> {value!r}")
+    if saved.get("data", {}).get("dataset") != wanted["data"]["dataset"]:
+        diffs.append(f"data.dataset: {saved.get('data', {}).get('dataset')!r} -> {wanted['data']['dataset']!r}")
+    if step > steps:
+        diffs.append(f"the checkpoint is at step {step}, past train.steps={steps}")
+    return diffs
+
+
+def _last_loss_row(loss_csv: Path) -> dict[str, float]:
+    import csv
+
+    with open(loss_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return {k: float(v) for k, v in rows[-1].items()} if rows else {}
+
+
+@task(name="train", cache_policy=NO_CACHE)
+def train_model(cfg: Any, run: RunRef | None = None, force: bool = False) -> dict[str, Any]:
+    """ddpm.train.train, resuming from train.out_dir/checkpoint.pt when it was trained with these settings.
+
+    A finished checkpoint (step == train.steps) is not retrained. A checkpoint from other settings
+    stops the run with the differences (force=True trains from scratch over it).
+    """
+    from ddpm.checkpoint import load_checkpoint
+    from ddpm.train import CHECKPOINT_NAME, LOSS_LOG_NAME, train
+
+    out = Path(cfg.train.out_dir)
+    ckpt_path, loss_csv, samples = out / CHECKPOINT_NAME, out / LOSS_LOG_NAME, out / "samples_final.png"
+    resume = not force
+    if resume and ckpt_path.is_file():
+        ckpt = load_checkpoint(ckpt_path)
+        step = int(ckpt["step"])
+        diffs = _checkpoint_differences(ckpt["config"], cfg.to_dict(), step, cfg.train.steps)
+        if diffs:
+            raise CheckpointMismatch(
+                f"{ckpt_path} was trained with other settings ({'; '.join(diffs)}); it was kept. Set train.out_dir "
+                f"to a new folder, or rerun with force (--force) to train from scratch over it.")
+        if step == cfg.train.steps and loss_csv.is_file() and samples.is_file():
+            last = _last_loss_row(loss_csv)
+            log.info("%s is already at step %d; training skipped", ckpt_path, step)
+            return {"checkpoint": str(ckpt_path), "step": step, "loss": last.get("loss", float("nan")),
+                    "images_per_sec": last.get("images_per_sec", 0.0), "sent_steps": [], "skipped": True}
+    if cfg.train.nproc > 1:
+        return _train_distributed(cfg, resume)
+    live = LiveMetrics(run.logger()) if run is not None else None
+    samples_logged: list[tuple[int, str]] = []
+
+    def on_sample(step: int, png: Path) -> None:
+        samples_logged.append((step, str(png)))
+
+    result = train(cfg, resume=resume, on_log=live, on_sample=on_sample)
+    return {"checkpoint": str(result.checkpoint), "step": result.step, "loss": result.loss,
+            "images_per_sec": result.images_per_sec, "sent_steps": sorted(live.sent) if live else [],
+            "samples": samples_logged, "skipped": False}
+
+
+def _train_distributed(cfg: Any, resume: bool) -> dict[str, Any]:
+    """train.nproc > 1: `ddpm train` relaunches itself under torchrun; its loss.csv is logged afterwards."""
+    import subprocess
+    import sys
+    import tempfile
+
+    import yaml
+
+    from ddpm.checkpoint import load_checkpoint
+
+    out = Path(cfg.train.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", dir=out, prefix=".params-", delete=False) as f:
+        yaml.safe_dump(cfg.to_dict(), f)  # the resolved settings: no profile left to apply
+    try:
+        cmd = [sys.executable, "-m", "ddpm.cli", "train", "--params", f.name, *(["--resume"] if resume else [])]
+        if (code := subprocess.call(cmd)) != 0:
+            raise RuntimeError(f"`{' '.join(cmd)}` exited with status {code}")
+    finally:
+        Path(f.name).unlink(missing_ok=True)
+    ckpt = out / "checkpoint.pt"
+    last = _last_loss_row(out / "loss.csv")
+    return {"checkpoint": str(ckpt), "step": int(load_checkpoint(ckpt)["step"]), "loss": last.get("loss", float("nan")),
+            "images_per_sec": last.get("images_per_sec", 0.0), "sent_steps": [], "skipped": False}
+
+
+@task(name="trajectory", cache_policy=NO_CACHE)
+def render_trajectory(checkpoint: str, cfg: Any, out_png: str, n: int, frames: int = 11) -> str:
+    """A grid of the denoising trajectory: one row per saved step (noise at the top), n images per row."""
+    import torch
+
+    from ddpm.checkpoint import load_model
+    from ddpm.generate import generate, save_grid, trajectory_strip
+    from ddpm.schedule import Schedule
+    from ddpm.train import resolve_device
+
+    model, _, _ = load_model(checkpoint, resolve_device(cfg.train.device))
+    _, _, trajectory = generate(model, Schedule.from_config(cfg.diffusion), cfg, n, seed=cfg.sample.seed,
+                                return_trajectory=True)
+    if len(trajectory) > frames:  # evenly spaced, first and last included
+        keep = torch.linspace(0, len(trajectory) - 1, frames).round().long().tolist()
+        trajectory = [trajectory[i] for i in keep]
+    return str(save_grid(trajectory_strip(trajectory, n), out_png, nrow=n))
+
+
+@task(name="log-train", cache_policy=NO_CACHE)
+def log_training(run: RunRef, result: dict[str, Any], loss_csv: str, samples: str, trajectory: str,
+                 log_checkpoint: bool = True) -> int:
+    """The loss curve (rows not sent live), the checkpoint, loss.csv and the images; returns rows sent."""
+    logger = run.logger()
+    sent = backfill_loss_csv(logger, Path(loss_csv), set(result.get("sent_steps", ())))
+    step = int(result["step"])
+    logger.tags({"train.skipped": str(result.get("skipped", False)).lower(), "train.step": step})
+    for s, png in result.get("samples", ()):
+        if Path(png).name != Path(samples).name:  # intermediate grids; the final one is logged below
+            logger.image(png, "samples", s)
+    logger.image(samples, "samples", step)
+    logger.image(trajectory, "trajectory", step)
+    for path in (loss_csv, samples, trajectory):
+        logger.artifact(path, "train")
+    if log_checkpoint:
+        logger.artifact(result["checkpoint"], "checkpoint")
+    return sent
+
+
+# --- evaluation -----------------------------------------------------------------------------------
+
+def _flat_numbers(d: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    out: dict[str, float] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat_numbers(v, f"{prefix}{k}."))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[f"{prefix}{k}"] = float(v)
+    return out
+
+
+@task(name="evaluate", cache_policy=NO_CACHE)
+def evaluate_model(checkpoint: str, cfg: Any, out_dir: str, feature_net: str, force: bool = False) -> dict[str, Any]:
+    """ddpm.evaluate.evaluate_checkpoint unless metrics.json is current for this checkpoint and settings."""
+    out = Path(out_dir)
+    metrics_json = out / "metrics.json"
+    stamp = Stamp(out.parent, "evaluate", {
+        "checkpoint": file_sha256(checkpoint), "feature_net": file_sha256(feature_net),
+        "evaluate": cfg.to_dict()["evaluate"], "sample": cfg.to_dict()["sample"]})
+    if not force and stamp.fresh([metrics_json]):
+        log.info("%s is current for this checkpoint; evaluation skipped", metrics_json)
+        return {"metrics": json.loads(metrics_json.read_text()), "skipped": True}
+    stamp.clear()
+    from ddpm.evaluate import evaluate_checkpoint
+
+    metrics = evaluate_checkpoint(checkpoint, cfg, out_dir=out, feature_net=feature_net)
+    if not metrics_json.is_file():
+        write_json(metrics_json, metrics)
+    stamp.write([metrics_json])
+    return {"metrics": metrics, "skipped": False}
+
+
+@task(name="log-evaluate", cache_policy=NO_CACHE)
+def log_evaluation(run: RunRef, result: dict[str, Any], out_dir: str, step: int) -> dict[str, float]:
+    logger = run.logger()
+    numbers = _flat_numbers(result["metrics"])
+    logger.metrics(numbers, step)
+    logger.tags({"evaluate.skipped": str(result["skipped"]).lower()})
+    for f in sorted(Path(out_dir).iterdir()):
+        if f.is_file() and not f.name.startswith("."):
+            logger.artifact(f, "evaluate")
+            if f.suffix == ".png":
+                logger.image(f, f"evaluate_{f.stem}", step)
+    return numbers
+
+
+# --- export -----------------------------------------------------------------------------------------
+
+@task(name="export-onnx", cache_policy=NO_CACHE)
+def export_model(checkpoint: str, cfg: Any, onnx_path: str, force: bool = False) -> str:
+    """ddpm.export.export_onnx (with its parity check) unless the ONNX file is current for this checkpoint."""
+    out = Path(onnx_path)
+    stamp = Stamp(out.parent, "export", {"checkpoint": file_sha256(checkpoint), "export": cfg.to_dict()["export"]})
+    if not force and stamp.fresh([out]):
+        log.info("%s is current for this checkpoint; export skipped", out)
+        return str(out)
+    stamp.clear()
+    from ddpm.export import export_onnx
+
+    path = export_onnx(checkpoint, out, cfg.export)
+    stamp.write([Path(path)])
+    return str(path)
+
+
+@task(name="check-export", cache_policy=NO_CACHE)
+def check_model(onnx_path: str, checkpoint: str, cfg: Any, feature_net: str, report: str,
+                force: bool = False) -> dict[str, Any]:
+    """ddpm.export.check_export: onnxruntime samples against PyTorch's, and their FIDs. Writes export.json
+    either way; raises ExportRejected (with the measured differences) when the export is not accepted."""
+    from ddpm.errors import ExportRejected
+
+    ec = cfg.export
+    stamp = Stamp(Path(report).parent, "check-export", {
+        "onnx": file_sha256(onnx_path), "checkpoint": file_sha256(checkpoint), "feature_net": file_sha256(feature_net),
+        "export": cfg.to_dict()["export"], "seed": cfg.sample.seed})
+    if not force and stamp.fresh([Path(report)]):
+        result = json.loads(Path(report).read_text())
+        if result.get("accepted"):
+            log.info("%s: the export was already accepted; check skipped", report)
+            return result
+    stamp.clear()
+    from ddpm.evaluate import score_images
+    from ddpm.export import check_export
+
+    def fid(images: Any) -> float:
+        return float(score_images(images, cfg, feature_net)["fid"])
+
+    try:
+        result = check_export(onnx_path, checkpoint, n=ec.check_samples, steps=ec.check_steps, seed=cfg.sample.seed,
+                              score_fn=fid, fid_margin=ec.fid_margin, fid_abs_floor=ec.fid_abs_floor,
+                              atol=ec.check_atol, device=_torch_device(cfg), provider=_ort_provider(cfg))
+    except ExportRejected as exc:
+        write_json(Path(report), {"accepted": False, "error": str(exc)})
+        raise
+    write_json(Path(report), result)
+    stamp.write([Path(report)])
+    return result
+
+
+def _torch_device(cfg: Any) -> str:
+    return cfg.train.device if cfg.train.device != "auto" else "auto"
+
+
+def _ort_provider(cfg: Any) -> str:
+    """onnxruntime provider matching train.device: CUDA when asked for (or auto and present), else CPU."""
+    import onnxruntime as ort
+
+    from ddpm.train import resolve_device
+
+    # onnxruntime-gpu lists the CUDA provider even on a machine without a GPU: ask torch instead.
+    wants_cuda = resolve_device(cfg.train.device).type == "cuda"
+    return "cuda" if wants_cuda and "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
+
+
+@task(name="onnx-sample", cache_policy=NO_CACHE)
+def sample_onnx(onnx_path: str, cfg: Any, out_png: str) -> str:
+    """Sample with onnxruntime alone (ddpm.onnx_sampler, no PyTorch) and save the grid."""
+    from ddpm.onnx_sampler import grid_png, sample
+
+    sc = cfg.sample
+    images = sample(onnx_path, sc.num_images, sc.sampler, sc.steps, sc.eta, sc.seed, sc.batch_size, sc.label,
+                    sc.guidance_scale, provider=_ort_provider(cfg), variance=sc.variance,
+                    clip_denoised=sc.clip_denoised)
+    png = grid_png(images)
+    if png is None:
+        raise RuntimeError("Pillow is needed to write the sample grid")
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(png)
+    return str(out)
+
+
+def onnx_signature(proto: Any) -> Any:
+    """The MLflow signature of an ONNX graph: its inputs and outputs as tensors, -1 for dynamic dims."""
+    import onnx
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    initializers = {i.name for i in proto.graph.initializer}
+
+    def spec(value: Any) -> TensorSpec:
+        tt = value.type.tensor_type
+        shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in tt.shape.dim)
+        return TensorSpec(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type), shape, value.name)
+
+    return ModelSignature(inputs=Schema([spec(v) for v in proto.graph.input if v.name not in initializers]),
+                          outputs=Schema([spec(v) for v in proto.graph.output]))
+
+
+@task(name="log-export", cache_policy=NO_CACHE)
+def log_export(run: RunRef, onnx_path: str, report: str, onnx_samples: str, registered_model: str, alias: str,
+               step: int) -> dict[str, Any]:
+    """Log the accepted ONNX model (mlflow.onnx.log_model, with its signature), register it and move the
+    alias to it. A model identical to the one the alias already names is logged but not registered again."""
+    import mlflow.onnx
+    import onnx
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    logger = run.logger()
+    check = json.loads(Path(report).read_text())
+    logger.metrics(_flat_numbers({k: v for k, v in check.items() if k not in ("n", "steps", "seed")}), step)
+    logger.artifact(report, "export")
+    logger.artifact(onnx_samples, "export")
+    logger.image(onnx_samples, "onnx_samples", step)
+
+    sha = file_sha256(onnx_path)
+    client = MlflowClient(run.uri)
+    try:
+        current = client.get_model_version_by_alias(registered_model, alias)
+    except MlflowException:
+        current = None
+    register = current is None or current.tags.get("onnx_sha256") != sha
+    proto = onnx.load(onnx_path)
+    info = mlflow.onnx.log_model(
+        proto, name="onnx-model", run_id=run.run_id, signature=onnx_signature(proto),
+        registered_model_name=registered_model if register else None, save_as_external_data=False,
+        pip_requirements=[f"onnx=={onnx.__version__}", "onnxruntime>=1.20", "numpy"],
+        metadata={"onnx_sha256": sha, "training_step": step}, await_registration_for=60)
+    if register:
+        version = str(info.registered_model_version)
+        client.set_model_version_tag(registered_model, version, "onnx_sha256", sha)
+        client.set_model_version_tag(registered_model, version, "training_step", str(step))
+        client.set_registered_model_alias(registered_model, alias, version)
+    else:
+        version = str(current.version)
+        log.info("model version %s (alias %r) already holds this ONNX file; not registered again", version, alias)
+    logger.tags({"registered_model": registered_model, "registered_model.version": version,
+                 "registered_model.alias": alias, "onnx_sha256": sha})
+    return {"model_uri": info.model_uri, "registered_model": registered_model, "version": version, "alias": alias,
+            "registered_now": register}

