@@ -23,6 +23,7 @@ from typing import Any, Sequence
 
 import yaml
 
+from ddpm.fileio import file_sha256  # noqa: F401  (used by flows.tasks too)
 from ddpm.config import Config, load_config
 
 log = logging.getLogger(__name__)
@@ -239,14 +240,6 @@ def dvc_dataset_version(project: Path, data_root: str | Path) -> str:
 
 
 # --- freshness of a stage's outputs, for reruns that resume -------------------------------------
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 class Stamp:
     """A record, beside a stage's outputs, of the inputs they were made from and of their hashes.
