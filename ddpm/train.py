@@ -27,10 +27,11 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
+import yaml
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ddpm.checkpoint import load_checkpoint, save_checkpoint
+from ddpm.checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
 from ddpm.config import Config, image_shape
 from ddpm.errors import ConfigError, TrainingDivergedError, TrainingInterrupted
 from ddpm.data import load_images, to_model_range
@@ -160,6 +161,8 @@ def train(cfg: Config, resume: bool = False, on_log: Callable[[int, dict[str, fl
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = out_dir / CHECKPOINT_NAME
 
+    if rank.is_main:  # the resolved settings beside the run, readable without loading the checkpoint
+        atomic_write_bytes(out_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
     torch.manual_seed(tc.seed + rank.rank)
     images, labels = load_images(cfg.data.dataset, cfg.data.root, "train")  # uint8 [N, C, H, W], int64 [N]
     shard = slice(rank.rank * len(images) // rank.world_size, (rank.rank + 1) * len(images) // rank.world_size)

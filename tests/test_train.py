@@ -50,6 +50,9 @@ def test_checkpoint_rebuilds_the_model_alone(cfg_for):
     out = model(torch.randn(2, 1, 28, 28), torch.tensor([0, 19]), torch.tensor([3, 10]))
     assert out.shape == (2, 1, 28, 28)
     assert (result.checkpoint.parent / "samples_final.png").stat().st_size > 0
+    import yaml
+    from ddpm.config import config_from_dict
+    assert config_from_dict(yaml.safe_load((result.checkpoint.parent / "config.yaml").read_text())) == cfg
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(cfg_for, monkeypatch):
