@@ -30,6 +30,7 @@ import mlflow
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 
+from ddpm.errors import TrainingInterrupted
 from flows.runtime import Settings, check_tracking_uri, dvc_dataset_version, git_commit
 
 log = logging.getLogger(__name__)
@@ -169,7 +170,8 @@ class Tracker:
         return ref
 
     def end_run(self, ref: RunRef, error: BaseException | None = None) -> None:
-        """FINISHED, or FAILED with the error as tag `error` and the traceback as artifact error.txt."""
+        """FINISHED; KILLED when a signal stopped the work; else FAILED. The error becomes tag `error`
+        and its traceback the artifact error.txt."""
         if error is None:
             self.client.set_terminated(ref.run_id, RunStatus.to_string(RunStatus.FINISHED))
             return
@@ -179,8 +181,9 @@ class Tracker:
             self.client.log_text(ref.run_id, "".join(traceback.format_exception(error)), "error.txt")
         except Exception as exc:  # noqa: BLE001 - the store may be what failed; report the original error
             log.warning("could not record the error in MLflow run %s: %s", ref.run_id, exc)
+        status = RunStatus.KILLED if isinstance(error, (KeyboardInterrupt, TrainingInterrupted)) else RunStatus.FAILED
         with contextlib.suppress(Exception):
-            self.client.set_terminated(ref.run_id, RunStatus.to_string(RunStatus.FAILED))
+            self.client.set_terminated(ref.run_id, RunStatus.to_string(status))
 
     @contextlib.contextmanager
     def stage(self, name: str, parent_run_id: str | None = None) -> Iterator[RunRef]:

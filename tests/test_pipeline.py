@@ -445,3 +445,24 @@ def test_dvc_dataset_version_reads_data_dvc(tmp_path):
     assert runtime.dvc_dataset_version(tmp_path, tmp_path / "data") == "abc.dir"
     assert runtime.dvc_dataset_version(tmp_path, tmp_path / "elsewhere") == "untracked"
     assert runtime.dvc_dataset_version(REPO, REPO / "data").endswith(".dir")  # the repo's own data.dvc
+
+
+def test_interrupted_stage_is_killed_and_a_crash_is_failed(tmp_path):
+    """A stage stopped by SIGTERM/SIGINT (TrainingInterrupted) ends KILLED in MLflow; any other error FAILED."""
+    from mlflow.tracking import MlflowClient
+
+    from ddpm.errors import TrainingInterrupted
+    from flows.tracking import RunRef, Tracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker.__new__(Tracker)  # only the client is needed to end runs
+    tracker.client = MlflowClient(uri)
+    exp = tracker.client.create_experiment("faults", artifact_location=str(tmp_path / "artifacts"))
+    statuses = {}
+    for name, error in [("killed", TrainingInterrupted("stopped by SIGTERM at step 7")), ("failed", ValueError("boom"))]:
+        run = tracker.client.create_run(exp, run_name=name)
+        tracker.end_run(RunRef(uri, run.info.run_id), error)
+        got = tracker.client.get_run(run.info.run_id)
+        statuses[name] = (got.info.status, got.data.tags["error"])
+    assert statuses["killed"] == ("KILLED", "TrainingInterrupted: stopped by SIGTERM at step 7")
+    assert statuses["failed"] == ("FAILED", "ValueError: boom")
