@@ -472,9 +472,7 @@ def render(doc: dict[str, Any]) -> str:
                        f"{'met' if fast['meets_goal'] else 'NOT met'}.")
         else:
             out.append(f"\nFastest-path run: {fast.get('status')}: {fast.get('error')}")
-    for k, why in doc.get("left_out", {}).items():
-        out.append(f"\n{k}: left out: {why}")
-    out.append(f"\nWall time {H.fmt(doc.get('wall_s'))} s.")
+    out += H.report_footer(doc)
     return "\n".join(out)
 
 
@@ -482,18 +480,9 @@ def render(doc: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    device = H.resolve_device(args.device)
-    H.set_compile_limits()
-    torch.backends.cudnn.benchmark = args.cudnn_benchmark
-    torch.manual_seed(0)
-    report = H.Report(args.out, args.out_md, render)
+    device, report = H.start_report(args, render, "sample")
     doc = report.doc
     bench = Bench(args, device, report)
-    doc["environment"] = H.environment(device)
-    doc["settings"] = {k: v for k, v in vars(args).items() if k not in ("out", "out_md")}
-    H.log(f"[sample] {doc['environment'].get('gpu') or device}, torch {torch.__version__}")
-    doc["matmul_peak"] = H.matmul_peak(device, args.matmul_n)
-    H.log(f"[sample] bf16 matmul {args.matmul_n}^3: {doc['matmul_peak']['tflops']:.1f} TFLOP/s")
     all_specs, doc["left_out"] = specs(args.models, args.reference, args.overrides)
     doc["models"], doc["results"] = {}, []
     for s in list(all_specs):

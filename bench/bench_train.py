@@ -288,9 +288,7 @@ def render(doc: dict[str, Any]) -> str:
                          f"{r['status']}: {r.get('error', '')[:120]}"])
     out.append(H.md_table(["model", "batch", "mode", "ms/step", "range", "img/s", "TFLOP/s", "% bf16 peak",
                            "peak GiB", "compile s", "status"], rows))
-    for k, why in doc.get("left_out", {}).items():
-        out.append(f"\n{k}: left out: {why}")
-    out.append(f"\nWall time {H.fmt(doc.get('wall_s'))} s.")
+    out += H.report_footer(doc)
     return "\n".join(out)
 
 
@@ -298,20 +296,10 @@ def render(doc: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    device = H.resolve_device(args.device)
     budget = H.Budget(args.budget_s, args.compile_guess_s)
-    H.set_compile_limits()
-    torch.backends.cudnn.benchmark = args.cudnn_benchmark
-    torch.manual_seed(0)
-    report = H.Report(args.out, args.out_md, render)
+    device, report = H.start_report(args, render, "train")
     doc = report.doc
-    doc["environment"] = H.environment(device)
-    doc["settings"] = {k: v for k, v in vars(args).items() if k not in ("out", "out_md")}
-    H.log(f"[train] {doc['environment'].get('gpu') or device}, torch {torch.__version__}")
-
-    doc["matmul_peak"] = H.matmul_peak(device, args.matmul_n)
     peak = doc["matmul_peak"]["tflops"]
-    H.log(f"[train] bf16 matmul {args.matmul_n}^3: {peak:.1f} TFLOP/s")
 
     all_specs, doc["left_out"] = specs(args.models, args.reference, args.overrides)
     trainees: dict[str, Trainee] = {}

@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
-import os
 import platform
 import statistics
 import subprocess
@@ -20,6 +19,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+
+from ddpm.fileio import atomic_write_bytes
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -281,9 +282,9 @@ class Report:
 
     def save(self) -> None:
         if self.json_path:
-            _atomic_write(self.json_path, json.dumps(self.doc, indent=2, default=_json_default) + "\n")
+            atomic_write_bytes(self.json_path, (json.dumps(self.doc, indent=2, default=_json_default) + "\n").encode())
         if self.md_path:
-            _atomic_write(self.md_path, self.render(self.doc) + "\n")
+            atomic_write_bytes(self.md_path, (self.render(self.doc) + "\n").encode())
 
 
 def _json_default(o: Any) -> Any:
@@ -294,11 +295,28 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serializable: {type(o).__name__}")
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def start_report(args: Any, render: Callable[[dict[str, Any]], str], tag: str) -> tuple[torch.device, Report]:
+    """What every benchmark does first: device, compile limits, cuDNN mode, seed, the report with the
+    environment, settings and the bf16 matmul ceiling measured in this process."""
+    device = resolve_device(args.device)
+    set_compile_limits()
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    torch.manual_seed(0)
+    report = Report(args.out, args.out_md, render)
+    doc = report.doc
+    doc["environment"] = environment(device)
+    doc["settings"] = {k: v for k, v in vars(args).items() if k not in ("out", "out_md")}
+    log(f"[{tag}] {doc['environment'].get('gpu') or device}, torch {torch.__version__}")
+    doc["matmul_peak"] = matmul_peak(device, args.matmul_n)
+    log(f"[{tag}] bf16 matmul {args.matmul_n}^3: {doc['matmul_peak']['tflops']:.1f} TFLOP/s")
+    return device, report
+
+
+def report_footer(doc: dict[str, Any]) -> list[str]:
+    """The markdown lines that close every report: what was left out, and the wall time."""
+    out = [f"\n{k}: left out: {why}" for k, why in doc.get("left_out", {}).items()]
+    out.append(f"\nWall time {fmt(doc.get('wall_s'))} s.")
+    return out
 
 
 def parse_int_list(text: str) -> list[int]:
