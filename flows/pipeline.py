@@ -34,20 +34,15 @@ def ddpm_pipeline(profile: str | None = None, overrides: list[str] | None = None
     """
     s = load_settings(params_path, profile, overrides)
     tracker = Tracker(s)
-    parent = tracker.start_run(flow_run.name or "ddpm-pipeline", tags={"ddpm.stage": "pipeline"})
-    common = dict(params_path=str(s.params_path), profile=s.profile, overrides=list(s.overrides),
-                  parent_run_id=parent.run_id, force=force)
-    try:
+    with tracker.run(flow_run.name or "ddpm-pipeline", tags={"ddpm.stage": "pipeline"}) as parent:
+        common = dict(params_path=str(s.params_path), profile=s.profile, overrides=list(s.overrides),
+                      parent_run_id=parent.run_id, force=force)
         stages.data_flow(**common)
         trained = stages.train_flow(**common)
         metrics = stages.evaluate_flow(**common)
         exported = stages.export_flow(**common)
         parent.logger().metrics({"train_loss": trained["loss"], "images_per_sec": trained["images_per_sec"],
                                  **metrics}, trained["step"])
-    except BaseException as exc:
-        tracker.end_run(parent, exc)
-        raise
-    tracker.end_run(parent)
     return {
         "tracking_uri": tracker.uri, "experiment_id": tracker.experiment_id, "run_id": parent.run_id,
         "checkpoint": trained["checkpoint"], "step": trained["step"], "samples": trained["samples"],

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from typing import Any
 
@@ -24,7 +25,7 @@ from prefect import flow
 
 from flows import tasks
 from flows.runtime import Settings, ServiceUnavailable, check_prefect_api, check_tracking_uri, load_settings
-from flows.tracking import Tracker, tracking_uri_for
+from flows.tracking import Tracker, sigterm_noted, tracking_uri_for
 
 log = logging.getLogger(__name__)
 
@@ -135,16 +136,43 @@ def preflight(params: str, profile: str | None, overrides: list[str]) -> Setting
     return settings
 
 
+class Stopped(SystemExit):
+    """SIGTERM outside the training loop (which stops by itself at a step boundary)."""
+
+
+def _stop(signum: int, frame: Any) -> None:
+    raise Stopped(128 + signum)
+
+
 def run_cli(main: Any, argv: list[str] | None, prog: str) -> int:
-    """Run `main(argv)`; a user-facing error (bad setting, server down, rejected export) is one line, exit 2."""
+    """Run `main(argv)`; a user-facing error (bad setting, server down, rejected export) is one line, exit 2.
+
+    SIGTERM exits with status 143 through the normal shutdown, so the temporary Prefect API started for
+    the run is stopped too. Within a flow run Prefect turns SIGTERM into its own exception first (the
+    runs end Crashed in Prefect, KILLED in MLflow), then sends it again: to this handler, not to the
+    default one that would kill the process at once. (In the training loop SIGTERM is ddpm.train's: it
+    stops after the step with a checkpoint and TrainingInterrupted, exit status 2.)
+    """
     from ddpm.errors import DDPMError
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("ddpm", "flows"):  # Prefect configured logging on import, with the root at WARNING
+        logging.getLogger(name).setLevel(logging.INFO)
+    signal.signal(signal.SIGTERM, _stop)
     try:
         return main(argv)
     except (DDPMError, ServiceUnavailable, tasks.CheckpointMismatch) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
+    except Exception:
+        if not sigterm_noted():  # else SIGTERM came first, and this is what became of Prefect's exception
+            raise
+        exit_code = 128 + signal.SIGTERM
+    except Stopped as exc:
+        exit_code = int(exc.code)
+    print(f"{prog}: stopped by SIGTERM; what finished is kept, and a rerun without --force resumes from it",
+          file=sys.stderr)
+    return exit_code
 
 
 def _main(argv: list[str] | None) -> int:

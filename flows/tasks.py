@@ -166,6 +166,7 @@ def train_model(cfg: Any, run: RunRef | None = None, force: bool = False) -> dic
     stops the run with the differences (force=True trains from scratch over it).
     """
     from ddpm.checkpoint import load_checkpoint
+    from ddpm.errors import TrainingInterrupted
     from ddpm.train import CHECKPOINT_NAME, LOSS_LOG_NAME, train
 
     out = Path(cfg.train.out_dir)
@@ -192,7 +193,12 @@ def train_model(cfg: Any, run: RunRef | None = None, force: bool = False) -> dic
     def on_sample(step: int, png: Path) -> None:
         samples_logged.append((step, str(png)))
 
-    result = train(cfg, resume=resume, on_log=live, on_sample=on_sample)
+    try:
+        result = train(cfg, resume=resume, on_log=live, on_sample=on_sample)
+    except TrainingInterrupted as exc:  # its hint is `ddpm train --resume`; a stage resumes unless forced
+        stopped = str(exc).split("; rerun", 1)[0]
+        raise TrainingInterrupted(f"{stopped}; rerun without --force to resume from it (`python -m flows.pipeline`, "
+                                  f"`python -m flows.stages train --no-force`)") from None
     return {"checkpoint": str(result.checkpoint), "step": result.step, "loss": result.loss,
             "images_per_sec": result.images_per_sec, "sent_steps": sorted(live.sent) if live else [],
             "samples": samples_logged, "skipped": False}

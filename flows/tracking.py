@@ -11,6 +11,15 @@ the whole curve is sent from loss.csv when the stage ends. If sending the stage'
 then, the stage fails with that error (the run is not silently incomplete), its files stay, and a
 rerun skips the finished work and logs the record again. So MLflow is "buffer to disk, fail at the
 stage boundary", never "lose a checkpoint".
+
+When the tracking server itself goes away mid-run (killed, restarted): training does not stop for
+it (checkpoints and loss.csv keep being written to the end of train.steps); the first record that
+cannot be sent afterwards raises TrackingUnavailable, which names the server and says what to do,
+and the process exits with status 2 within seconds (MLflow's retries are capped, see
+flows.runtime.ENV_DEFAULTS, and nothing more is sent to a server known to be down). The runs that
+could not be ended are listed in <train.out_dir>/.mlflow-unended.json, and the next run on the same
+store ends them FAILED (KILLED after a signal) with the original error, then resumes: finished
+stages are skipped and their records, the whole loss curve included, are sent again.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ import csv
 import json
 import logging
 import os
+import signal
 import time
 import traceback
 from dataclasses import dataclass
@@ -29,15 +39,91 @@ from typing import Any, Iterator
 import mlflow
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
+from prefect.exceptions import TerminationSignal
 
 from ddpm.errors import TrainingInterrupted
-from flows.runtime import Settings, check_tracking_uri, dvc_dataset_version, git_commit
+from flows.runtime import ServiceUnavailable, Settings, check_tracking_uri, dvc_dataset_version, git_commit
 
 log = logging.getLogger(__name__)
 
 MAX_TAG_CHARS = 5000
 METRICS_PER_BATCH = 1000  # MLflow's limit per log_batch request
 PARAMS_PER_BATCH = 100
+UNENDED_RUNS = ".mlflow-unended.json"
+
+
+class TrackingUnavailable(ServiceUnavailable):
+    """The MLflow tracking server stopped answering during a run; the stages' files are on disk."""
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """exc and the exceptions it was raised from or while handling, outermost first."""
+    chain: list[BaseException] = []
+    e: BaseException | None = exc
+    while e is not None and not any(e is c for c in chain):
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    return chain
+
+
+def server_unreachable(exc: BaseException, uri: str) -> bool:
+    """True when exc comes from a request to the tracking server `uri` that got no answer (refused, reset,
+    timed out), as opposed to an answer that refused the request."""
+    import requests
+
+    if not uri.startswith(("http://", "https://")):
+        return False
+    chain = _chain(exc)
+    no_answer = any(isinstance(e, (ConnectionError, TimeoutError, requests.ConnectionError, requests.Timeout))
+                    for e in chain)
+    return no_answer and any(uri.rstrip("/") in str(e) for e in chain)
+
+
+_sigterms: list[int] = []  # the SIGTERMs noted by _noting_sigterm in this process
+
+
+def sigterm_noted() -> bool:
+    """Whether a SIGTERM arrived during a run block of this process."""
+    return bool(_sigterms)
+
+
+@contextlib.contextmanager
+def _noting_sigterm() -> Iterator[None]:
+    """Note each SIGTERM, then pass it on to the handler in place (in a flow run Prefect's, which raises
+    TerminationSignal wherever the main thread is). That exception may not survive the way up: a C
+    extension being imported turns it into "ImportError: initialization failed". The note does."""
+    try:
+        handler = signal.getsignal(signal.SIGTERM)
+    except ValueError:  # not the main thread: signals stay with the caller
+        handler = None
+    if not callable(handler):
+        yield
+        return
+
+    def note(signum: int, frame: Any) -> None:
+        _sigterms.append(signum)
+        handler(signum, frame)
+
+    signal.signal(signal.SIGTERM, note)
+    try:
+        yield
+    finally:
+        if signal.getsignal(signal.SIGTERM) is note:
+            signal.signal(signal.SIGTERM, handler)
+
+
+def _stopped_by_signal(error: BaseException) -> bool:
+    """SIGINT (KeyboardInterrupt), SIGTERM in the training loop (TrainingInterrupted) or anywhere else in a
+    Prefect flow (Prefect's TerminationSignal)."""
+    return isinstance(error, (KeyboardInterrupt, TrainingInterrupted, TerminationSignal))
+
+
+def _describe(error: BaseException, signalled: bool = False) -> str:
+    if isinstance(error, TerminationSignal):  # it carries no message, only the signal number
+        return f"TerminationSignal: stopped by {signal.Signals(error.signal).name}"
+    if signalled and not _stopped_by_signal(error):
+        return f"stopped by SIGTERM, which surfaced as {type(error).__name__}: {error}"
+    return f"{type(error).__name__}: {error}"
 
 
 def tracking_uri_for(settings: Settings) -> str:
@@ -139,10 +225,12 @@ class Tracker:
         mlflow.set_tracking_uri(self.uri)
         self.client = MlflowClient(self.uri)
         name = settings.cfg.pipeline.experiment
-        exp = self.client.get_experiment_by_name(name)
-        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(
-            name, artifact_location=artifact_location_for(self.uri))
-        mlflow.set_experiment(experiment_id=self.experiment_id)
+        with self._reaching():
+            exp = self.client.get_experiment_by_name(name)
+            self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(
+                name, artifact_location=artifact_location_for(self.uri))
+            mlflow.set_experiment(experiment_id=self.experiment_id)
+        self._end_unended()
 
     def provenance_tags(self) -> dict[str, str]:
         s = self.settings
@@ -164,40 +252,101 @@ class Tracker:
         all_tags = {**self.provenance_tags(), **(tags or {})}
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
-        run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
-        ref = RunRef(self.uri, run.info.run_id)
-        ref.logger().params(self.settings.params())
+        with self._reaching():
+            run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
+            ref = RunRef(self.uri, run.info.run_id)
+            ref.logger().params(self.settings.params())
         return ref
 
-    def end_run(self, ref: RunRef, error: BaseException | None = None) -> None:
-        """FINISHED; KILLED when a signal stopped the work; else FAILED. The error becomes tag `error`
-        and its traceback the artifact error.txt."""
+    def end_run(self, ref: RunRef, error: BaseException | None = None, signalled: bool = False) -> None:
+        """FINISHED; KILLED when a signal stopped the work (`signalled`: a SIGTERM was noted, whatever `error`
+        became); else FAILED. The error becomes tag `error` and its traceback the artifact error.txt. A run
+        that cannot be ended is left for the next run."""
         if error is None:
-            self.client.set_terminated(ref.run_id, RunStatus.to_string(RunStatus.FINISHED))
+            with self._reaching():
+                self.client.set_terminated(ref.run_id, RunStatus.to_string(RunStatus.FINISHED))
+            return
+        killed = signalled or _stopped_by_signal(error)
+        status = RunStatus.to_string(RunStatus.KILLED if killed else RunStatus.FAILED)
+        message = _describe(error, signalled)[:MAX_TAG_CHARS]
+        if isinstance(error, ServiceUnavailable):  # the store is what failed: each try would wait for retries
+            self._leave_unended(ref, status, message)
             return
         try:
-            message = f"{type(error).__name__}: {error}"
-            self.client.set_tag(ref.run_id, "error", message[:MAX_TAG_CHARS])
+            self.client.set_tag(ref.run_id, "error", message)
             self.client.log_text(ref.run_id, "".join(traceback.format_exception(error)), "error.txt")
         except Exception as exc:  # noqa: BLE001 - the store may be what failed; report the original error
             log.warning("could not record the error in MLflow run %s: %s", ref.run_id, exc)
-        status = RunStatus.KILLED if isinstance(error, (KeyboardInterrupt, TrainingInterrupted)) else RunStatus.FAILED
-        with contextlib.suppress(Exception):
-            self.client.set_terminated(ref.run_id, RunStatus.to_string(status))
+        try:
+            self.client.set_terminated(ref.run_id, status)
+        except Exception:  # noqa: BLE001
+            self._leave_unended(ref, status, message)
+
+    def _leave_unended(self, ref: RunRef, status: str, message: str) -> None:
+        path = self.settings.out_dir / UNENDED_RUNS
+        runs = json.loads(path.read_text()) if path.is_file() else []
+        runs.append({"uri": ref.uri, "run_id": ref.run_id, "status": status, "error": message})
+        write_json(path, runs)
+        log.warning("MLflow run %s could not be ended (%s); the next run on %s ends it", ref.run_id, status, ref.uri)
+
+    def _end_unended(self) -> None:
+        """End the runs that an earlier run could not end (its tracking server was down)."""
+        path = self.settings.out_dir / UNENDED_RUNS
+        if not path.is_file():
+            return
+        left = []
+        for run in json.loads(path.read_text()):
+            if run["uri"] != self.uri:
+                left.append(run)
+                continue
+            try:
+                with self._reaching():
+                    self.client.set_tag(run["run_id"], "error", run["error"])
+                    self.client.set_terminated(run["run_id"], run["status"])
+            except TrackingUnavailable:
+                raise
+            except Exception as exc:  # noqa: BLE001 - e.g. a store made anew, without that run: nothing to end
+                log.warning("could not end MLflow run %s of an earlier run: %s", run["run_id"], exc)
+                continue
+            log.info("ended MLflow run %s of an earlier run as %s", run["run_id"], run["status"])
+        if left:
+            write_json(path, left)
+        else:
+            path.unlink()
 
     @contextlib.contextmanager
-    def stage(self, name: str, parent_run_id: str | None = None) -> Iterator[RunRef]:
-        """A run for one stage, nested under the pipeline's run when there is one; FAILED if the body raises."""
-        ref = self.start_run(name, parent_run_id, {"ddpm.stage": name})
+    def _reaching(self) -> Iterator[None]:
+        """Turn "the tracking server did not answer" into TrackingUnavailable, which says what to do."""
         try:
-            yield ref
+            yield
+        except Exception as exc:
+            if isinstance(exc, TrackingUnavailable) or not server_unreachable(exc, self.uri):
+                raise
+            reason = str(_chain(exc)[-1]).splitlines()[0][:200]
+            raise TrackingUnavailable(
+                f"the MLflow tracking server at {self.uri} stopped answering ({reason}). What finished is on disk "
+                f"in {self.settings.out_dir}. Start the server again on the same backend store and rerun: finished "
+                f"stages are skipped and their records sent then.") from exc
+
+    @contextlib.contextmanager
+    def run(self, name: str, parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> Iterator[RunRef]:
+        """A run around a block: FINISHED, or ended by `end_run` with the block's error."""
+        ref = self.start_run(name, parent_run_id, tags)
+        noted = len(_sigterms)
+        try:
+            with self._reaching(), _noting_sigterm():
+                yield ref
         except BaseException as exc:
-            self.end_run(ref, exc)
+            self.end_run(ref, exc, signalled=len(_sigterms) > noted)
             raise
         self.end_run(ref)
 
+    def stage(self, name: str, parent_run_id: str | None = None) -> contextlib.AbstractContextManager[RunRef]:
+        """A run for one stage, nested under the pipeline's run when there is one."""
+        return self.run(name, parent_run_id, {"ddpm.stage": name})
 
-def write_json(path: Path, data: dict[str, Any]) -> Path:
+
+def write_json(path: Path, data: dict[str, Any] | list[Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")

@@ -418,6 +418,70 @@ def test_live_metrics_stop_on_failure_and_the_curve_is_backfilled(tmp_path):
     assert sorted(k for k in got if k[0] == "loss") == [("loss", 20, 0.5), ("loss", 30, 0.25)]
 
 
+def test_sigterm_whose_exception_is_lost_on_the_way_up_still_ends_the_run_killed(tmp_path, monkeypatch):
+    """Prefect's SIGTERM handler raises wherever the main thread is; inside the import of a C extension the
+    exception becomes ImportError. The run block notes the signal itself, so its run still ends KILLED."""
+    import signal
+
+    from mlflow.tracking import MlflowClient
+
+    from flows.tracking import Tracker
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setattr(tracking, "_sigterms", [])  # this process's record, kept for this test
+    settings = runtime.load_settings(REPO / "params.yaml", None, [f"train.out_dir={tmp_path / 'run'}",
+                                                                  "pipeline.experiment=lost-signal"])
+    tracker = Tracker(settings)
+
+    class Raised(BaseException):  # stands for Prefect's TerminationSignal
+        pass
+
+    def prefect_like(signum, frame):
+        raise Raised()
+
+    old = signal.signal(signal.SIGTERM, prefect_like)
+    try:
+        with pytest.raises(ImportError):
+            with tracker.run("stage") as ref:
+                try:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    time.sleep(5)  # the handler runs at the next bytecode boundary
+                except Raised:
+                    raise ImportError("initialization failed") from None  # what a pybind11 module does
+        assert signal.getsignal(signal.SIGTERM) is prefect_like  # restored
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    run = MlflowClient(tracker.uri).get_run(ref.run_id)
+    assert run.info.status == "KILLED"
+    assert run.data.tags["error"] == "stopped by SIGTERM, which surfaced as ImportError: initialization failed"
+    assert tracking.sigterm_noted()
+
+
+def test_only_an_unanswered_request_to_the_tracking_server_is_tracking_unavailable():
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    def raised(outer: Exception, inner: Exception) -> Exception:
+        try:
+            try:
+                raise inner
+            except Exception:
+                raise outer  # noqa: B904 - implicit chaining, as mlflow.utils.rest_utils does
+        except Exception as exc:
+            return exc
+
+    uri = "http://127.0.0.1:5000"
+    refused = requests.ConnectionError("Max retries exceeded ([Errno 111] Connection refused)")
+    assert tracking.server_unreachable(raised(MlflowException(f"API request to {uri}/api/2.0/mlflow/runs/log-batch "
+                                                              f"failed"), refused), uri)
+    assert not tracking.server_unreachable(raised(MlflowException(f"API request to {uri}/x failed: HTTP 400"),
+                                                  ValueError("bad")), uri)  # an answer
+    assert not tracking.server_unreachable(raised(RuntimeError("fetch from https://registry.npmjs.org failed"),
+                                                  ConnectionError("reset")), uri)  # another server
+    assert not tracking.server_unreachable(raised(MlflowException("database is locked"), TimeoutError()),
+                                           "sqlite:///m.db")
+
+
 def test_stamps_notice_changed_outputs(tmp_path):
     out = tmp_path / "x.bin"
     out.write_bytes(b"a")
@@ -448,8 +512,12 @@ def test_dvc_dataset_version_reads_data_dvc(tmp_path):
 
 
 def test_interrupted_stage_is_killed_and_a_crash_is_failed(tmp_path):
-    """A stage stopped by SIGTERM/SIGINT (TrainingInterrupted) ends KILLED in MLflow; any other error FAILED."""
+    """A stage stopped by SIGTERM/SIGINT (TrainingInterrupted in training, Prefect's TerminationSignal
+    elsewhere) ends KILLED in MLflow; any other error FAILED."""
+    import signal
+
     from mlflow.tracking import MlflowClient
+    from prefect.exceptions import TerminationSignal
 
     from ddpm.errors import TrainingInterrupted
     from flows.tracking import RunRef, Tracker
@@ -459,10 +527,12 @@ def test_interrupted_stage_is_killed_and_a_crash_is_failed(tmp_path):
     tracker.client = MlflowClient(uri)
     exp = tracker.client.create_experiment("faults", artifact_location=str(tmp_path / "artifacts"))
     statuses = {}
-    for name, error in [("killed", TrainingInterrupted("stopped by SIGTERM at step 7")), ("failed", ValueError("boom"))]:
+    for name, error in [("killed", TrainingInterrupted("stopped by SIGTERM at step 7")), ("failed", ValueError("boom")),
+                        ("terminated", TerminationSignal(signal.SIGTERM))]:
         run = tracker.client.create_run(exp, run_name=name)
         tracker.end_run(RunRef(uri, run.info.run_id), error)
         got = tracker.client.get_run(run.info.run_id)
         statuses[name] = (got.info.status, got.data.tags["error"])
     assert statuses["killed"] == ("KILLED", "TrainingInterrupted: stopped by SIGTERM at step 7")
     assert statuses["failed"] == ("FAILED", "ValueError: boom")
+    assert statuses["terminated"] == ("KILLED", "TerminationSignal: stopped by SIGTERM")
