@@ -194,6 +194,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast (CUDA only)")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--cudnn-benchmark", action="store_true")
+    p.add_argument("--inductor", action="append", type=H.parse_inductor_option, default=[], metavar="KEY=VALUE",
+                   help="a torch._inductor.config setting for compile-based modes (repeatable), "
+                        "e.g. coordinate_descent_tuning=True")
     p.add_argument("--matmul-n", type=int, default=8192)
     p.add_argument("--budget-s", type=float, default=200.0,
                    help="start no case whose estimate would end past this many seconds from start")

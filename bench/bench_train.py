@@ -77,6 +77,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="bf16 autocast (CUDA only, as ddpm.train)")
     p.add_argument("--channels-last", action="store_true", help="model and inputs in channels_last")
     p.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
+    p.add_argument("--inductor", action="append", type=H.parse_inductor_option, default=[], metavar="KEY=VALUE",
+                   help="a torch._inductor.config setting for compile-based modes (repeatable), "
+                        "e.g. coordinate_descent_tuning=True")
     p.add_argument("--windows", type=int, default=5, help="timed windows per case (the median is reported)")
     p.add_argument("--window-s", type=float, default=0.25, help="target seconds per timed window")
     p.add_argument("--matmul-n", type=int, default=8192)

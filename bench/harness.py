@@ -6,6 +6,8 @@ device around every timed region, time several windows of many iterations and re
 
 from __future__ import annotations
 
+import argparse
+import ast
 import datetime as _dt
 import json
 import math
@@ -295,12 +297,33 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serializable: {type(o).__name__}")
 
 
+def parse_inductor_option(text: str) -> tuple[str, bool | int | float | str]:
+    """`--inductor KEY=VALUE`: a torch._inductor.config setting (VALUE as a Python literal), checked to exist."""
+    import torch._inductor.config as inductor_config
+    key, sep, raw = text.partition("=")
+    if not sep or not hasattr(inductor_config, key):
+        raise argparse.ArgumentTypeError(f"--inductor {text!r}: expected KEY=VALUE with KEY a torch._inductor.config "
+                                         f"setting, e.g. coordinate_descent_tuning=True")
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw
+    return key, value
+
+
+def set_inductor_options(options: list[tuple[str, Any]]) -> None:
+    import torch._inductor.config as inductor_config
+    for key, value in options:
+        setattr(inductor_config, key, value)
+
+
 def start_report(args: Any, render: Callable[[dict[str, Any]], str], tag: str) -> tuple[torch.device, Report]:
     """What every benchmark does first: device, compile limits, cuDNN mode, seed, the report with the
     environment, settings and the bf16 matmul ceiling measured in this process."""
     device = resolve_device(args.device)
     set_compile_limits()
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    set_inductor_options(args.inductor)
     torch.manual_seed(0)
     report = Report(args.out, args.out_md, render)
     doc = report.doc

@@ -115,6 +115,7 @@ class SampleConfig:
     guidance_scale: float = _f(1.0, _non_negative, "a float >= 0")
     label: int | None = None
     seed: int = 0
+    compile: bool = False  # CUDA: torch.compile the network for sampling (ddpm.generate.sampling_network)
 
 
 @dataclass(frozen=True)

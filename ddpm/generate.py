@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import io
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torchvision.utils import make_grid
 from torchvision.transforms.functional import to_pil_image
 
@@ -16,6 +19,23 @@ from ddpm.data import from_model_range
 from ddpm.graphed import GraphedDenoiser
 from ddpm.samplers import get_sampler
 from ddpm.schedule import Schedule
+
+
+def sampling_network(model: torch.nn.Module, device: torch.device, cuda_graphs: bool = True,
+                     compile: bool = False) -> Callable[..., torch.Tensor]:
+    """What the sampler calls on `device`: the model, or on CUDA its replayed CUDA graphs (`cuda_graphs`).
+
+    `compile` (CUDA only): a channels-last copy of the model compiled by torch.compile with
+    coordinate-descent tuning of the generated kernels, for one batch shape. On an H200 this takes
+    the MNIST U-Net's DDIM step at batch 1024 from 39 ms (CUDA graphs) to 10.8 ms; the first compile
+    costs about 2 minutes, later ones in the same environment come from inductor's on-disk cache.
+    """
+    if device.type != "cuda":
+        return model
+    if compile:
+        model = torch.compile(copy.deepcopy(model).to(memory_format=torch.channels_last), dynamic=False,
+                              options={"coordinate_descent_tuning": True})
+    return GraphedDenoiser(model) if cuda_graphs else model
 
 
 def sampler_options(sc: SampleConfig) -> dict[str, object]:
@@ -33,7 +53,10 @@ def generate(model: torch.nn.Module, schedule: Schedule, cfg: Config, n: int, se
 
     The starting noise of image i depends only on `seed` and i's batch, so results are reproducible.
     A conditional model without `label` gets its classes in turn (an even class mix). On CUDA the
-    network runs as replayed CUDA graphs (`cuda_graphs`), in bf16 when cfg.train.bf16.
+    network runs as replayed CUDA graphs (`cuda_graphs`), in bf16 when cfg.train.bf16, compiled when
+    `sample.compile` (see sampling_network; a short last batch is then zero-padded to the batch size,
+    so that one compiled shape serves every batch: its starting noise is unchanged, the step noise of
+    DDPM or DDIM with eta > 0 is drawn for the padded shape).
     """
     sc = sample_cfg or cfg.sample
     label = sc.label if label is None else label
@@ -48,7 +71,8 @@ def generate(model: torch.nn.Module, schedule: Schedule, cfg: Config, n: int, se
     # The cache must be off for CUDA-graph capture under autocast.
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.train.bf16,
                               cache_enabled=False)
-    net = GraphedDenoiser(model) if device.type == "cuda" and cuda_graphs else model
+    compiled = sc.compile and device.type == "cuda"
+    net = sampling_network(model, device, cuda_graphs, compiled)
     try:
         for start in range(0, n, sc.batch_size):
             b = min(sc.batch_size, n - start)
@@ -58,6 +82,9 @@ def generate(model: torch.nn.Module, schedule: Schedule, cfg: Config, n: int, se
                 labels = (torch.full((b,), label, device=device, dtype=torch.long) if label is not None
                           else torch.arange(start, start + b, device=device) % model.num_classes)
                 all_labels.append(labels.cpu())
+            if compiled and b < sc.batch_size:  # zero padding: the images' starting noise stays the same
+                x_T = F.pad(x_T, (0, 0) * len(shape) + (0, sc.batch_size - b))
+                labels = None if labels is None else F.pad(labels, (0, sc.batch_size - b))
             with autocast:
                 result = sample_fn(net, schedule, x_T, labels=labels, guidance_scale=sc.guidance_scale,
                                    prediction=cfg.diffusion.prediction, clip_denoised=sc.clip_denoised,
@@ -65,7 +92,7 @@ def generate(model: torch.nn.Module, schedule: Schedule, cfg: Config, n: int, se
                                    **sampler_options(sc))
             if return_trajectory and start == 0:
                 result, traj = result
-            outs.append(from_model_range(result.float()).cpu())
+            outs.append(from_model_range(result[:b].float()).cpu())
     finally:
         model.train(was_training)
     images = torch.cat(outs)

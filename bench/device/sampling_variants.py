@@ -1,0 +1,94 @@
+"""Which compile settings make the MNIST U-Net's sampling step fastest? (exploration, one device call)
+
+    python3 bench/device/sampling_variants.py [VARIANT ...]
+
+Each variant compiles the default MNIST U-Net (random weights) for inference under bf16 autocast,
+captures one forward pass in a CUDA graph (ddpm.graphed.GraphedDenoiser) and times replays.
+Prints one line per variant: ms per step, images/s for 50-step DDIM, TFLOP/s (forward FLOPs).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+
+from bench.models import ours
+from ddpm.graphed import GraphedDenoiser
+
+VARIANTS = {
+    "default-1024": dict(batch=1024),
+    "default-2048": dict(batch=2048),
+    "channels-last-1024": dict(batch=1024, channels_last=True),
+    "freezing-1024": dict(batch=1024, inductor={"freezing": True}),
+    "freezing-2048": dict(batch=2048, inductor={"freezing": True}),
+    "coord-1024": dict(batch=1024, inductor={"coordinate_descent_tuning": True}),
+    "coord-cl-1024": dict(batch=1024, channels_last=True, inductor={"coordinate_descent_tuning": True}),
+    "coord-cl-freezing-1024": dict(batch=1024, channels_last=True,
+                                   inductor={"coordinate_descent_tuning": True, "freezing": True}),
+    "coord-cl-freezing-2048": dict(batch=2048, channels_last=True,
+                                   inductor={"coordinate_descent_tuning": True, "freezing": True}),
+    "coord-cl-freezing-512": dict(batch=512, channels_last=True,
+                                  inductor={"coordinate_descent_tuning": True, "freezing": True}),
+    "autotune-1024": dict(batch=1024, mode="max-autotune-no-cudagraphs"),
+    "autotune-freezing-2048": dict(batch=2048, mode="max-autotune-no-cudagraphs", inductor={"freezing": True}),
+}
+
+
+def run(name: str, batch: int, channels_last: bool = False, inductor: dict | None = None,
+        mode: str = "default") -> None:
+    import torch._inductor.config as ic
+    torch._dynamo.reset()
+    spec = ours("mnist")
+    model = spec.build().cuda().eval()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    saved = {k: getattr(ic, k) for k in (inductor or {})}
+    for k, v in (inductor or {}).items():
+        setattr(ic, k, v)
+    try:
+        net = torch.compile(model, dynamic=False, **({} if mode == "default" else {"mode": mode}))
+        x = torch.randn(batch, *spec.shape, device="cuda").to(memory_format=fmt)
+        t = torch.full((batch,), 500, device="cuda", dtype=torch.long)
+        g = GraphedDenoiser(net)
+        t0 = time.perf_counter()
+        with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, cache_enabled=False):
+            g(x, t)
+            torch.cuda.synchronize()
+            compile_s = time.perf_counter() - t0
+            times = []
+            for _ in range(3):
+                torch.cuda.synchronize()
+                t1 = time.perf_counter()
+                for _ in range(50):
+                    g(x, t)
+                torch.cuda.synchronize()
+                times.append((time.perf_counter() - t1) / 50)
+    finally:
+        for k, v in saved.items():
+            setattr(ic, k, v)
+    if PROFILE:
+        from torch.profiler import ProfilerActivity, profile
+        with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, cache_enabled=False), \
+                profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(10):
+                g(x, t)
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
+    ms = sorted(times)[1] * 1e3
+    gflop = 2.209
+    print(f"{name:28s} batch {batch:5d}  {ms:7.3f} ms/step  {batch / (50 * ms / 1e3):7.0f} img/s DDIM-50  "
+          f"{batch * gflop / ms:6.1f} TFLOP/s  10k DDIM-50 ~ {10000 / batch * 50 * ms / 1e3:5.2f} s  "
+          f"compile+capture {compile_s:5.1f} s", flush=True)
+
+
+PROFILE = "--profile" in sys.argv
+
+if __name__ == "__main__":
+    print(torch.__version__, torch.cuda.get_device_name(), flush=True)
+    for name in [a for a in sys.argv[1:] if a != "--profile"] or list(VARIANTS):
+        try:
+            run(name, **VARIANTS[name])
+        except Exception as exc:  # one failing variant must not cost the others
+            print(f"{name:28s} failed: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
