@@ -64,6 +64,7 @@ def main() -> None:
                 record["milestones"].setdefault(str(step), {})[f"{sampler}{steps}"] = m
                 print(f"step {step} {sampler}-{steps}: fid {m['fid']:.3f} precision {m['precision']:.3f} "
                       f"recall {m['recall']:.3f} ({m['sample_seconds']:.1f} s sampling)", flush=True)
+                record_path.write_text(json.dumps(record, indent=2, default=str))  # a killed run keeps what it scored
     out.mkdir(parents=True, exist_ok=True)
     record_path.write_text(json.dumps(record, indent=2, default=str))
     print(json.dumps(record, indent=1, default=str)[:3000])

@@ -4,7 +4,7 @@ from ddpm.config import Config, ConfigError, config_from_dict, load_config
 
 
 def test_params_yaml_loads_with_every_profile():
-    for profile in (None, "cpu", "gpu", "cifar10"):
+    for profile in (None, "cpu", "gpu", "gpu-fast", "cifar10"):
         cfg = load_config("params.yaml", profile)
         assert isinstance(cfg, Config)
     assert load_config("params.yaml").model.base_channels == 32  # the file's default profile is cpu
