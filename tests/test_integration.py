@@ -16,6 +16,7 @@ pays for a full feature-net training. Set DDPM_SKIP_INTEGRATION=1 to skip this m
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import os
 import re
@@ -24,6 +25,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -238,6 +240,30 @@ def test_mlflow_server_received_the_run(deployment_run, mlflow_server, tmp_path)
     version = c.get_model_version_by_alias("ddpm-unet", "latest-accepted")
     assert version.run_id == by_stage["export"].info.run_id
     assert version.tags["onnx_sha256"] == sha256(out / "run" / "model.onnx")
+
+
+def listening_addresses(port: int) -> set[str]:
+    """The local IPv4/IPv6 addresses with a socket in LISTEN state on `port` (Linux /proc/net/tcp*)."""
+    found = set()
+    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            addr, hex_port = local.split(":")
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: TCP_LISTEN
+                raw = bytes.fromhex(addr)
+                # /proc prints each 32-bit word in host (little-endian) order
+                words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+                found.add(str(ipaddress.ip_address(words)))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads Linux's /proc/net/tcp")
+def test_servers_listen_on_loopback_only(prefect_server, mlflow_server):
+    for url in (prefect_server[0], mlflow_server):
+        port = urllib.parse.urlsplit(url).port
+        addresses = listening_addresses(port)
+        assert addresses, f"nothing listens on port {port}"
+        assert all(ipaddress.ip_address(a).is_loopback for a in addresses), (url, addresses)
 
 
 # --- DVC -----------------------------------------------------------------------------------------------------
