@@ -32,6 +32,8 @@ from ddpm.samplers import ddim_sample_loop, p_sample_loop
 from ddpm.schedule import Schedule
 from ddpm.unet import build_unet
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 ROOT = Path(__file__).resolve().parents[1]
 PARITY_ATOL = 1e-4  # the network, float32 (measured: about 2e-6)
 LOOP_ATOL = 1e-4  # whole sampling loops from the same random numbers (measured: about 1e-6)
@@ -60,15 +62,6 @@ def _write_checkpoint(path: Path, conditional: bool, seed: int) -> Path:
     ema = {k: v + 0.01 for k, v in net.state_dict().items()}  # differs from `model`: export must take the EMA
     save_checkpoint(path, {"model": net.state_dict(), "ema": ema, "config": cfg.to_dict(), "step": 1234 + seed})
     return path
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine two OpenMP threads ran 100x slower."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ from ddpm.export import export_onnx, fp16_path
 from ddpm.onnx_sampler import METADATA_KEY
 from ddpm.unet import build_unet
 
-pytestmark = pytest.mark.faults
+pytestmark = [pytest.mark.faults, pytest.mark.usefixtures("one_torch_thread")]
 
 TINY = {"data": {"dataset": "mnist"}, "diffusion": {"timesteps": 50},
         "model": {"base_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_levels": [1],
@@ -111,14 +111,6 @@ def _files(folder: Path) -> dict[str, str]:
 
 def _step(path: Path) -> int:
     return json.loads({p.key: p.value for p in onnx.load(str(path)).metadata_props}[METADATA_KEY])["step"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 @pytest.fixture(scope="module")
