@@ -43,7 +43,7 @@ from torch import nn
 from ddpm.checkpoint import load_model, save_checkpoint
 from ddpm.config import ExportConfig, config_from_dict, image_shape
 from ddpm.export import export_onnx, fp16_path
-from ddpm.onnx_sampler import OnnxDenoiser
+from ddpm.onnx_model import OnnxDenoiser
 from ddpm.onnx_sampler import ddim_sample_loop as ort_ddim
 from ddpm.onnx_sampler import p_sample_loop as ort_ddpm
 from ddpm.samplers import ddim_sample_loop, p_sample_loop

@@ -32,8 +32,8 @@ from torch import nn
 from ddpm.checkpoint import load_model
 from ddpm.config import Config, ExportConfig, image_shape
 from ddpm.errors import ExportRejected, OnnxModelError
-from ddpm.onnx_sampler import (METADATA_KEY, METADATA_VERSION, OnnxDenoiser, class_labels, ddim_sample_loop,
-                               no_spin_options, to_uint8)
+from ddpm.onnx_model import METADATA_KEY, METADATA_VERSION, OnnxDenoiser, no_spin_options
+from ddpm.onnx_sampler import class_labels, ddim_sample_loop, to_uint8
 from ddpm.samplers import ddim_sample_loop as torch_ddim_sample_loop
 from ddpm.schedule import Schedule
 

@@ -25,7 +25,8 @@ from ddpm.checkpoint import save_checkpoint
 from ddpm.config import ExportConfig, ModelConfig, config_from_dict, image_shape
 from ddpm.errors import ExportRejected, OnnxModelError
 from ddpm.export import check_export, export_onnx, fp16_path
-from ddpm.onnx_sampler import METADATA_KEY, NumpySchedule, OnnxDenoiser, sample
+from ddpm.onnx_model import METADATA_KEY, NumpySchedule, OnnxDenoiser
+from ddpm.onnx_sampler import sample
 from ddpm.onnx_sampler import ddim_sample_loop as ort_ddim
 from ddpm.onnx_sampler import p_sample_loop as ort_ddpm
 from ddpm.samplers import ddim_sample_loop, p_sample_loop

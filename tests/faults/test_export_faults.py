@@ -25,7 +25,7 @@ import ddpm.export as export
 from ddpm.checkpoint import load_model, save_checkpoint
 from ddpm.config import ExportConfig, config_from_dict, image_shape
 from ddpm.export import export_onnx, fp16_path
-from ddpm.onnx_sampler import METADATA_KEY
+from ddpm.onnx_model import METADATA_KEY
 from ddpm.unet import build_unet
 
 pytestmark = [pytest.mark.faults, pytest.mark.usefixtures("one_torch_thread")]
