@@ -304,10 +304,14 @@ def parse_inductor_option(text: str) -> tuple[str, bool | int | float | str]:
     if not sep or not hasattr(inductor_config, key):
         raise argparse.ArgumentTypeError(f"--inductor {text!r}: expected KEY=VALUE with KEY a torch._inductor.config "
                                          f"setting, e.g. coordinate_descent_tuning=True")
+    current = getattr(inductor_config, key)
     try:
         value = ast.literal_eval(raw)
     except (ValueError, SyntaxError):
         value = raw
+    if current is not None and type(value) is not type(current):
+        raise argparse.ArgumentTypeError(f"--inductor {text!r}: {key} is a {type(current).__name__} "
+                                         f"(now {current!r}); {raw!r} is not")
     return key, value
 
 

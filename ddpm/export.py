@@ -88,7 +88,9 @@ def export_onnx(checkpoint: str | Path, out_path: str | Path, cfg: ExportConfig)
     Raises ExportRejected, with the measured difference, when onnxruntime and PyTorch disagree by
     more than cfg.parity_atol (float32) or cfg.fp16_atol (float16); then no model is left at out_path.
     Raises OSError (its errno kept, out_path named) when a file cannot be written, e.g. the disk is
-    full; then the files at out_path are those of before.
+    full; then the files at out_path are those of before. Every file is written and fsynced before the
+    first rename; a crash between the renames themselves (power loss, SIGKILL) can leave a new float16
+    twin, or a new external-weights file of a model over 1 GiB, beside the old model: export again.
     """
     checkpoint, out = Path(checkpoint), Path(out_path)
     model, full_cfg, ckpt = load_model(checkpoint, "cpu", use_ema=True)

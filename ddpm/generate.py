@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
+import logging
 from pathlib import Path
 from typing import Callable
 
@@ -20,6 +21,8 @@ from ddpm.graphed import GraphedDenoiser
 from ddpm.samplers import get_sampler
 from ddpm.schedule import Schedule
 
+log = logging.getLogger(__name__)
+
 
 def sampling_network(model: torch.nn.Module, device: torch.device, cuda_graphs: bool = True,
                      compile: bool = False) -> Callable[..., torch.Tensor]:
@@ -27,8 +30,10 @@ def sampling_network(model: torch.nn.Module, device: torch.device, cuda_graphs: 
 
     `compile` (CUDA only): a channels-last copy of the model compiled by torch.compile with
     coordinate-descent tuning of the generated kernels, for one batch shape. On an H200 this takes
-    the MNIST U-Net's DDIM step at batch 1024 from 39 ms (CUDA graphs) to 10.8 ms; the first compile
-    costs about 2 minutes, later ones in the same environment come from inductor's on-disk cache.
+    the MNIST U-Net's DDIM step at batch 1024 from 39 ms (CUDA graphs) to 10.8 ms. The first compile
+    on a machine costs about 2.5 minutes; later ones reuse inductor's caches (in one process the second
+    and third 10,000-image runs took 5.5 s each, compile included). So it pays off for many images,
+    not for a preview grid.
     """
     if device.type != "cuda":
         return model
@@ -48,13 +53,14 @@ def sampler_options(sc: SampleConfig) -> dict[str, object]:
 @torch.no_grad()
 def generate(model: torch.nn.Module, schedule: Schedule, cfg: Config, n: int, seed: int = 0,
              sample_cfg: SampleConfig | None = None, label: int | None = None,
-             return_trajectory: bool = False, cuda_graphs: bool = True) -> tuple[torch.Tensor, torch.Tensor | None] | tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:
+             return_trajectory: bool = False, cuda_graphs: bool = True,
+             compile: bool | None = None) -> tuple[torch.Tensor, torch.Tensor | None] | tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:
     """Generate n images in batches; returns (uint8 [n, C, H, W] on the CPU, labels [n] or None[, trajectory]).
 
     The starting noise of image i depends only on `seed` and i's batch, so results are reproducible.
     A conditional model without `label` gets its classes in turn (an even class mix). On CUDA the
     network runs as replayed CUDA graphs (`cuda_graphs`), in bf16 when cfg.train.bf16, compiled when
-    `sample.compile` (see sampling_network; a short last batch is then zero-padded to the batch size,
+    `compile` (None: `sample.compile`; see sampling_network; a short last batch is then zero-padded to the batch size,
     so that one compiled shape serves every batch: its starting noise is unchanged, the step noise of
     DDPM or DDIM with eta > 0 is drawn for the padded shape).
     """
@@ -71,7 +77,10 @@ def generate(model: torch.nn.Module, schedule: Schedule, cfg: Config, n: int, se
     # The cache must be off for CUDA-graph capture under autocast.
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.train.bf16,
                               cache_enabled=False)
-    compiled = sc.compile and device.type == "cuda"
+    compiled = sc.compile if compile is None else compile
+    if compiled and device.type != "cuda":
+        log.warning("sample.compile applies on CUDA only; sampling on %s uncompiled", device)
+        compiled = False
     net = sampling_network(model, device, cuda_graphs, compiled)
     try:
         for start in range(0, n, sc.batch_size):
@@ -92,6 +101,7 @@ def generate(model: torch.nn.Module, schedule: Schedule, cfg: Config, n: int, se
                                    **sampler_options(sc))
             if return_trajectory and start == 0:
                 result, traj = result
+                traj = [x[:b] for x in traj]
             outs.append(from_model_range(result[:b].float()).cpu())
     finally:
         model.train(was_training)

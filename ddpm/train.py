@@ -357,8 +357,10 @@ def _any_rank(flag: bool, device: torch.device) -> bool:
 
 @torch.no_grad()
 def save_sample_grid(model: nn.Module, schedule: Schedule, cfg: Config, path: Path, n: int = 64) -> Path:
-    """Sample n images with the configured sampler from a fixed seed and save them as a PNG grid."""
-    images, _ = generate(model, schedule, cfg, n, seed=cfg.sample.seed)
+    """Sample n images with the configured sampler from a fixed seed and save them as a PNG grid.
+
+    Never compiled (sample.compile): a compile costs minutes, a preview grid a fraction of a second."""
+    images, _ = generate(model, schedule, cfg, n, seed=cfg.sample.seed, compile=False)
     save_grid(images, path)
     return path
 

@@ -48,7 +48,8 @@ HEALTH_TIMEOUT_S = 3.0
 
 
 class ServiceUnavailable(RuntimeError):
-    """A server the run needs (Prefect API, MLflow tracking) did not answer; nothing was started."""
+    """A server the run needs (Prefect API, MLflow tracking) did not answer: before anything was started,
+    or, for TrackingUnavailable, during the run (its files are on disk)."""
 
 
 def apply_env_defaults() -> None:

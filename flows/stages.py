@@ -25,7 +25,7 @@ from prefect import flow
 
 from flows import tasks
 from flows.runtime import Settings, ServiceUnavailable, check_prefect_api, check_tracking_uri, load_settings
-from flows.tracking import Tracker, sigterm_noted, tracking_uri_for
+from flows.tracking import Tracker, sigterm_count, tracking_uri_for
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ def run_cli(main: Any, argv: list[str] | None, prog: str) -> int:
 
     SIGTERM exits with status 143 through the normal shutdown, so the temporary Prefect API started for
     the run is stopped too. Within a flow run Prefect turns SIGTERM into its own exception first (the
-    runs end Crashed in Prefect, KILLED in MLflow), then sends it again: to this handler, not to the
+    runs end Crashed or Failed in Prefect, KILLED in MLflow), then sends it again: to this handler, not to the
     default one that would kill the process at once. (In the training loop SIGTERM is ddpm.train's: it
     stops after the step with a checkpoint and TrainingInterrupted, exit status 2.)
     """
@@ -158,18 +158,21 @@ def run_cli(main: Any, argv: list[str] | None, prog: str) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for name in ("ddpm", "flows"):  # Prefect configured logging on import, with the root at WARNING
         logging.getLogger(name).setLevel(logging.INFO)
-    signal.signal(signal.SIGTERM, _stop)
+    previous = signal.signal(signal.SIGTERM, _stop)
+    noted = sigterm_count()
     try:
         return main(argv)
     except (DDPMError, ServiceUnavailable, tasks.CheckpointMismatch) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     except Exception:
-        if not sigterm_noted():  # else SIGTERM came first, and this is what became of Prefect's exception
+        if sigterm_count() == noted:  # else SIGTERM came first, and this is what became of Prefect's exception
             raise
         exit_code = 128 + signal.SIGTERM
     except Stopped as exc:
         exit_code = int(exc.code)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(f"{prog}: stopped by SIGTERM; what finished is kept, and a rerun without --force resumes from it",
           file=sys.stderr)
     return exit_code

@@ -242,7 +242,7 @@ def render_trajectory(checkpoint: str, cfg: Any, out_png: str, n: int, frames: i
 
     model, _, _ = load_model(checkpoint, resolve_device(cfg.train.device))
     _, _, trajectory = generate(model, Schedule.from_config(cfg.diffusion), cfg, n, seed=cfg.sample.seed,
-                                return_trajectory=True)
+                                return_trajectory=True, compile=False)
     if len(trajectory) > frames:  # evenly spaced, first and last included
         keep = torch.linspace(0, len(trajectory) - 1, frames).round().long().tolist()
         trajectory = [trajectory[i] for i in keep]

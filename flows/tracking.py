@@ -82,9 +82,9 @@ def server_unreachable(exc: BaseException, uri: str) -> bool:
 _sigterms: list[int] = []  # the SIGTERMs noted by _noting_sigterm in this process
 
 
-def sigterm_noted() -> bool:
-    """Whether a SIGTERM arrived during a run block of this process."""
-    return bool(_sigterms)
+def sigterm_count() -> int:
+    """How many SIGTERMs arrived during run blocks of this process (compare before and after a call)."""
+    return len(_sigterms)
 
 
 @contextlib.contextmanager
@@ -92,19 +92,19 @@ def _noting_sigterm() -> Iterator[None]:
     """Note each SIGTERM, then pass it on to the handler in place (in a flow run Prefect's, which raises
     TerminationSignal wherever the main thread is). That exception may not survive the way up: a C
     extension being imported turns it into "ImportError: initialization failed". The note does."""
-    try:
-        handler = signal.getsignal(signal.SIGTERM)
-    except ValueError:  # not the main thread: signals stay with the caller
-        handler = None
-    if not callable(handler):
-        yield
-        return
+    handler = signal.getsignal(signal.SIGTERM)
 
     def note(signum: int, frame: Any) -> None:
         _sigterms.append(signum)
         handler(signum, frame)
 
-    signal.signal(signal.SIGTERM, note)
+    try:
+        if not callable(handler):
+            raise ValueError("no Python handler to pass SIGTERM on to")
+        signal.signal(signal.SIGTERM, note)
+    except ValueError:  # not the main thread (signals stay with the caller), or nothing to wrap
+        yield
+        return
     try:
         yield
     finally:
@@ -254,8 +254,13 @@ class Tracker:
             all_tags["mlflow.parentRunId"] = parent_run_id
         with self._reaching():
             run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
-            ref = RunRef(self.uri, run.info.run_id)
-            ref.logger().params(self.settings.params())
+        ref = RunRef(self.uri, run.info.run_id)
+        try:
+            with self._reaching():
+                ref.logger().params(self.settings.params())
+        except TrackingUnavailable as exc:  # the run exists: leave it for the next run to end
+            self._leave_unended(ref, RunStatus.to_string(RunStatus.FAILED), _describe(exc)[:MAX_TAG_CHARS])
+            raise
         return ref
 
     def end_run(self, ref: RunRef, error: BaseException | None = None, signalled: bool = False) -> None:
@@ -263,13 +268,17 @@ class Tracker:
         became); else FAILED. The error becomes tag `error` and its traceback the artifact error.txt. A run
         that cannot be ended is left for the next run."""
         if error is None:
-            with self._reaching():
-                self.client.set_terminated(ref.run_id, RunStatus.to_string(RunStatus.FINISHED))
+            try:
+                with self._reaching():
+                    self.client.set_terminated(ref.run_id, RunStatus.to_string(RunStatus.FINISHED))
+            except TrackingUnavailable as exc:  # the work is done, its end not recorded: the next run ends it
+                self._leave_unended(ref, RunStatus.to_string(RunStatus.FAILED), _describe(exc)[:MAX_TAG_CHARS])
+                raise
             return
         killed = signalled or _stopped_by_signal(error)
         status = RunStatus.to_string(RunStatus.KILLED if killed else RunStatus.FAILED)
         message = _describe(error, signalled)[:MAX_TAG_CHARS]
-        if isinstance(error, ServiceUnavailable):  # the store is what failed: each try would wait for retries
+        if isinstance(error, TrackingUnavailable):  # the store is what failed: each try would wait for retries
             self._leave_unended(ref, status, message)
             return
         try:
@@ -322,7 +331,8 @@ class Tracker:
         except Exception as exc:
             if isinstance(exc, TrackingUnavailable) or not server_unreachable(exc, self.uri):
                 raise
-            reason = str(_chain(exc)[-1]).splitlines()[0][:200]
+            innermost = _chain(exc)[-1]
+            reason = (str(innermost).splitlines() or [type(innermost).__name__])[0][:200]
             raise TrackingUnavailable(
                 f"the MLflow tracking server at {self.uri} stopped answering ({reason}). What finished is on disk "
                 f"in {self.settings.out_dir}. Start the server again on the same backend store and rerun: finished "

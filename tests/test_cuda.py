@@ -34,24 +34,38 @@ def test_graphed_ddim_matches_eager_ddim_in_bf16():
     assert (a - b).abs().max().item() < 1e-2
 
 
-def test_compiled_generate_matches_graph_mode_and_pads_the_last_batch():
+def test_compiled_generate_matches_graph_mode_and_pads_the_last_batch(monkeypatch):
     import dataclasses
 
+    import ddpm.generate as generate_mod
     from ddpm.config import config_from_dict
-    from ddpm.generate import generate
 
     torch.manual_seed(0)
     cfg = config_from_dict({"model": {"base_channels": 16, "channel_mult": [1, 2], "attention_levels": [1],
-                                      "norm_groups": 8, "num_heads": 2},
+                                      "norm_groups": 8, "num_heads": 2, "class_conditional": True},
                             "train": {"bf16": False}, "sample": {"batch_size": 4, "steps": 4}})
     model = UNet(cfg.model).cuda()
     for mod in model.modules():  # zero-initialised output layers would make every network output 0
         if isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear)) and not mod.weight.any():
             mod.reset_parameters()
+    batches: list[int] = []  # the batch of every network call
+    real_network = generate_mod.sampling_network
+
+    def spying(*args, **kwargs):
+        net = real_network(*args, **kwargs)
+        return lambda x, t, labels=None: (batches.append(x.shape[0]), net(x, t, labels))[1]
+    monkeypatch.setattr(generate_mod, "sampling_network", spying)
+
     s = Schedule.from_config(cfg.diffusion)
-    graphed, _ = generate(model, s, cfg, 6, seed=1)  # batches of 4 and 2
+    graphed, graphed_labels = generate_mod.generate(model, s, cfg, 6, seed=1)  # batches of 4 and 2
+    assert batches == [4] * 4 + [2] * 4
+    batches.clear()
     compiled_cfg = dataclasses.replace(cfg, sample=dataclasses.replace(cfg.sample, compile=True))
-    compiled, _ = generate(model, s, compiled_cfg, 6, seed=1)  # the batch of 2 is padded to 4
+    compiled, compiled_labels = generate_mod.generate(model, s, compiled_cfg, 6, seed=1)
+    assert batches == [4] * 8  # the batch of 2 was padded to 4: one compiled shape
     assert graphed.shape == compiled.shape == (6, 1, 28, 28) and compiled.dtype == torch.uint8
+    assert torch.equal(graphed_labels, compiled_labels) and compiled_labels.tolist() == [0, 1, 2, 3, 4, 5]
     assert (graphed.int() - compiled.int()).abs().max().item() <= 2  # fp32: rounding of fused kernels only
     assert next(model.parameters()).is_contiguous()  # the channels-last copy left the model alone
+    images, _, trajectory = generate_mod.generate(model, s, compiled_cfg, 3, seed=1, return_trajectory=True)
+    assert images.shape[0] == 3 and all(frame.shape[0] == 3 for frame in trajectory)  # padding removed

@@ -107,3 +107,21 @@ def test_failed_checkpoint_write_keeps_the_previous_file(tmp_path, monkeypatch):
         save_checkpoint(path, {"model": {"w": torch.ones(10)}, "config": {}, "step": 2})
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
+def test_preview_grids_are_never_compiled(monkeypatch, tmp_path, tiny_model_cfg):
+    """sample.compile costs minutes of compilation; a 64-image preview must not pay it."""
+    from ddpm.config import config_from_dict
+    from ddpm.schedule import Schedule
+    from ddpm.unet import UNet
+
+    calls = []
+
+    def fake_generate(model, schedule, cfg, n, **kwargs):
+        calls.append(kwargs)
+        return torch.zeros(n, 1, 28, 28, dtype=torch.uint8), None
+    monkeypatch.setattr(train_mod, "generate", fake_generate)
+    cfg = config_from_dict({"sample": {"compile": True}})
+    model = UNet(tiny_model_cfg)
+    train_mod.save_sample_grid(model, Schedule.from_config(cfg.diffusion), cfg, tmp_path / "grid.png", n=4)
+    assert calls and calls[0]["compile"] is False and (tmp_path / "grid.png").is_file()
