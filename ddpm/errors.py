@@ -25,7 +25,21 @@ class TrainingDivergedError(DDPMError):
 
 
 class TrainingInterrupted(DDPMError):
-    """SIGINT or SIGTERM arrived; a checkpoint of the last finished step was saved."""
+    """SIGINT or SIGTERM arrived; a checkpoint of the last finished step was saved.
+
+    `what` says what happened (signal, step, checkpoint), `hint` how to continue; a caller that
+    resumes another way swaps the hint (`with_hint`).
+    """
+
+    def __init__(self, what: str, hint: str = "rerun with --resume to continue"):
+        super().__init__(f"{what}; {hint}")
+        self.what, self.hint = what, hint
+
+    def __reduce__(self):  # pickles (Prefect, multiprocessing) rebuild it from both parts
+        return type(self), (self.what, self.hint)
+
+    def with_hint(self, hint: str) -> "TrainingInterrupted":
+        return type(self)(self.what, hint)
 
 
 class OnnxModelError(DDPMError):

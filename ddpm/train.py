@@ -332,8 +332,7 @@ def train(cfg: Config, resume: bool = False, on_log: Callable[[int, dict[str, fl
                     on_sample(step, save_sample_grid(ema, schedule, cfg, out_dir / f"samples_{step:07d}.png"))
                 if stopping:
                     name = signal.Signals(stop.signum).name if stop.signum else "a signal on another rank"
-                    raise TrainingInterrupted(f"stopped by {name} at step {step}; checkpoint saved to {ckpt_path}; "
-                                              f"rerun with --resume to continue")
+                    raise TrainingInterrupted(f"stopped by {name} at step {step}; checkpoint saved to {ckpt_path}")
     finally:
         if log_f is not None:
             log_f.close()

@@ -196,9 +196,8 @@ def train_model(cfg: Any, run: RunRef | None = None, force: bool = False) -> dic
     try:
         result = train(cfg, resume=resume, on_log=live, on_sample=on_sample)
     except TrainingInterrupted as exc:  # its hint is `ddpm train --resume`; a stage resumes unless forced
-        stopped = str(exc).split("; rerun", 1)[0]
-        raise TrainingInterrupted(f"{stopped}; rerun without --force to resume from it (`python -m flows.pipeline`, "
-                                  f"`python -m flows.stages train --no-force`)") from None
+        raise exc.with_hint("rerun without --force to resume from it (`python -m flows.pipeline`, "
+                            "`python -m flows.stages train --no-force`)") from None
     return {"checkpoint": str(result.checkpoint), "step": result.step, "loss": result.loss,
             "images_per_sec": result.images_per_sec, "sent_steps": sorted(live.sent) if live else [],
             "samples": samples_logged, "skipped": False}

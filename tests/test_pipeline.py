@@ -533,6 +533,7 @@ def test_interrupted_stage_is_killed_and_a_crash_is_failed(tmp_path):
         tracker.end_run(RunRef(uri, run.info.run_id), error)
         got = tracker.client.get_run(run.info.run_id)
         statuses[name] = (got.info.status, got.data.tags["error"])
-    assert statuses["killed"] == ("KILLED", "TrainingInterrupted: stopped by SIGTERM at step 7")
+    assert statuses["killed"] == ("KILLED",
+                                  "TrainingInterrupted: stopped by SIGTERM at step 7; rerun with --resume to continue")
     assert statuses["failed"] == ("FAILED", "ValueError: boom")
     assert statuses["terminated"] == ("KILLED", "TerminationSignal: stopped by SIGTERM")
