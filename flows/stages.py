@@ -141,7 +141,32 @@ class Stopped(SystemExit):
 
 
 def _stop(signum: int, frame: Any) -> None:
+    if _held is not None:
+        _held.append(signum)
+        return
     raise Stopped(128 + signum)
+
+
+# C extensions that stages import lazily. A signal handler that raises (Prefect's, on SIGTERM) while one
+# of them initialises can abort the process: nanobind turns the exception into std::terminate (seen
+# with onnx: exit -6 instead of 143). run_cli imports them first, holding a SIGTERM back until after.
+EXTENSIONS = ("numpy", "torch", "torchvision", "onnx", "onnxruntime", "PIL.Image")
+_held: list[int] | None = None  # SIGTERMs that arrived while _import_extensions ran
+
+
+def _import_extensions() -> None:
+    """Import EXTENSIONS; a SIGTERM meanwhile stops the run afterwards, at a safe point."""
+    import importlib
+
+    global _held
+    _held = []
+    try:
+        for name in EXTENSIONS:
+            importlib.import_module(name)
+    finally:
+        held, _held = _held, None
+    if held:
+        raise Stopped(128 + held[0])
 
 
 def run_cli(main: Any, argv: list[str] | None, prog: str) -> int:
@@ -161,6 +186,7 @@ def run_cli(main: Any, argv: list[str] | None, prog: str) -> int:
     previous = signal.signal(signal.SIGTERM, _stop)
     noted = sigterm_count()
     try:
+        _import_extensions()
         return main(argv)
     except (DDPMError, ServiceUnavailable, tasks.CheckpointMismatch) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)

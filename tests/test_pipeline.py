@@ -537,3 +537,28 @@ def test_interrupted_stage_is_killed_and_a_crash_is_failed(tmp_path):
                                   "TrainingInterrupted: stopped by SIGTERM at step 7; rerun with --resume to continue")
     assert statuses["failed"] == ("FAILED", "ValueError: boom")
     assert statuses["terminated"] == ("KILLED", "TerminationSignal: stopped by SIGTERM")
+
+
+def test_sigterm_while_extensions_import_waits_for_the_import(monkeypatch, tmp_path):
+    """A SIGTERM that lands while a C extension initialises must not raise inside it (nanobind would abort
+    the process): run_cli imports them first and stops after the import, with status 143."""
+    import signal
+    import sys
+
+    (tmp_path / "slow_extension.py").write_text(
+        "import os, signal, time\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "for _ in range(50):\n"
+        "    time.sleep(0.01)  # bytecode boundaries at which a raising handler would fire\n"
+        "finished = True\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(stages, "EXTENSIONS", ("slow_extension",))
+    ran = []
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        assert stages.run_cli(lambda argv: ran.append(argv) or 0, [], "test") == 128 + signal.SIGTERM
+        assert sys.modules["slow_extension"].finished  # the signal did not cut the import short
+    finally:
+        sys.modules.pop("slow_extension", None)
+    assert not ran  # and the run did not start
+    assert signal.getsignal(signal.SIGTERM) is previous  # run_cli put the handler back
