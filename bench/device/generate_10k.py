@@ -13,11 +13,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import time
 
 import torch
 
-from bench.harness import environment
+from bench.harness import environment, timed_once
 from bench.models import ours
 from ddpm.generate import generate
 from ddpm.schedule import Schedule
@@ -39,10 +38,9 @@ def main() -> None:
     schedule = Schedule.from_config(cfg.diffusion)
     walls = []
     for r in range(args.runs):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        images, _ = generate(model, schedule, cfg, args.images, seed=r)
-        walls.append(time.perf_counter() - t0)
+        (images, _), wall = timed_once(lambda: generate(model, schedule, cfg, args.images, seed=r),
+                                       torch.cuda.synchronize)
+        walls.append(wall)
         assert images.shape == (args.images, 1, 28, 28) and images.dtype == torch.uint8
         print(f"run {r}: {args.images} images, DDIM-50, batch {args.batch}, compile={args.compile}: "
               f"{walls[-1]:.2f} s", flush=True)

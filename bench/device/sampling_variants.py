@@ -10,11 +10,11 @@ Prints one line per variant: ms per step, images/s for 50-step DDIM, TFLOP/s (fo
 from __future__ import annotations
 
 import sys
-import time
 
 import torch
 
-from bench.models import ours
+from bench import harness as H
+from bench.models import forward_flops, ours
 from ddpm.graphed import GraphedDenoiser
 
 VARIANTS = {
@@ -38,46 +38,31 @@ VARIANTS = {
 
 def run(name: str, batch: int, channels_last: bool = False, inductor: dict | None = None,
         mode: str = "default") -> None:
-    import torch._inductor.config as ic
+    import torch._inductor.config as inductor_config
     torch._dynamo.reset()
     spec = ours("mnist")
     model = spec.build().cuda().eval()
+    gflop = forward_flops(model, spec.shape, torch.device("cuda"))[0] / 1e9
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
-    saved = {k: getattr(ic, k) for k in (inductor or {})}
-    for k, v in (inductor or {}).items():
-        setattr(ic, k, v)
-    try:
+    sync = torch.cuda.synchronize
+    with inductor_config.patch(inductor or {}):  # compiled lazily: at the first call, inside this block
         net = torch.compile(model, dynamic=False, **({} if mode == "default" else {"mode": mode}))
         x = torch.randn(batch, *spec.shape, device="cuda").to(memory_format=fmt)
         t = torch.full((batch,), 500, device="cuda", dtype=torch.long)
         g = GraphedDenoiser(net)
-        t0 = time.perf_counter()
         with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, cache_enabled=False):
-            g(x, t)
-            torch.cuda.synchronize()
-            compile_s = time.perf_counter() - t0
-            times = []
-            for _ in range(3):
-                torch.cuda.synchronize()
-                t1 = time.perf_counter()
-                for _ in range(50):
-                    g(x, t)
-                torch.cuda.synchronize()
-                times.append((time.perf_counter() - t1) / 50)
-    finally:
-        for k, v in saved.items():
-            setattr(ic, k, v)
+            _, compile_s = H.timed_once(lambda: g(x, t), sync)
+            timing = H.time_windows(lambda: g(x, t), sync, iters=50, windows=3)
     if PROFILE:
         from torch.profiler import ProfilerActivity, profile
         with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, cache_enabled=False), \
                 profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(10):
                 g(x, t)
-            torch.cuda.synchronize()
+            sync()
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
-    ms = sorted(times)[1] * 1e3
-    gflop = 2.209
+    ms = timing.median_s * 1e3
     print(f"{name:28s} batch {batch:5d}  {ms:7.3f} ms/step  {batch / (50 * ms / 1e3):7.0f} img/s DDIM-50  "
           f"{batch * gflop / ms:6.1f} TFLOP/s  10k DDIM-50 ~ {10000 / batch * 50 * ms / 1e3:5.2f} s  "
           f"compile+capture {compile_s:5.1f} s", flush=True)
