@@ -98,11 +98,13 @@ def _noting_sigterm() -> Iterator[None]:
         _sigterms.append(signum)
         handler(signum, frame)
 
-    try:
-        if not callable(handler):
-            raise ValueError("no Python handler to pass SIGTERM on to")
-        signal.signal(signal.SIGTERM, note)
-    except ValueError:  # not the main thread (signals stay with the caller), or nothing to wrap
+    installed = callable(handler)  # else nothing in Python to pass it on to
+    if installed:
+        try:
+            signal.signal(signal.SIGTERM, note)
+        except ValueError:  # not the main thread: signals stay with the caller
+            installed = False
+    if not installed:
         yield
         return
     try:
@@ -255,12 +257,8 @@ class Tracker:
         with self._reaching():
             run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
         ref = RunRef(self.uri, run.info.run_id)
-        try:
-            with self._reaching():
-                ref.logger().params(self.settings.params())
-        except TrackingUnavailable as exc:  # the run exists: leave it for the next run to end
-            self._leave_unended(ref, RunStatus.to_string(RunStatus.FAILED), _describe(exc)[:MAX_TAG_CHARS])
-            raise
+        with self._reaching_about(ref):
+            ref.logger().params(self.settings.params())
         return ref
 
     def end_run(self, ref: RunRef, error: BaseException | None = None, signalled: bool = False) -> None:
@@ -268,12 +266,8 @@ class Tracker:
         became); else FAILED. The error becomes tag `error` and its traceback the artifact error.txt. A run
         that cannot be ended is left for the next run."""
         if error is None:
-            try:
-                with self._reaching():
-                    self.client.set_terminated(ref.run_id, RunStatus.to_string(RunStatus.FINISHED))
-            except TrackingUnavailable as exc:  # the work is done, its end not recorded: the next run ends it
-                self._leave_unended(ref, RunStatus.to_string(RunStatus.FAILED), _describe(exc)[:MAX_TAG_CHARS])
-                raise
+            with self._reaching_about(ref):
+                self.client.set_terminated(ref.run_id, RunStatus.to_string(RunStatus.FINISHED))
             return
         killed = signalled or _stopped_by_signal(error)
         status = RunStatus.to_string(RunStatus.KILLED if killed else RunStatus.FAILED)
@@ -337,6 +331,17 @@ class Tracker:
                 f"the MLflow tracking server at {self.uri} stopped answering ({reason}). What finished is on disk "
                 f"in {self.settings.out_dir}. Start the server again on the same backend store and rerun: finished "
                 f"stages are skipped and their records sent then.") from exc
+
+    @contextlib.contextmanager
+    def _reaching_about(self, ref: RunRef) -> Iterator[None]:
+        """_reaching for requests about the existing run `ref`: if the server stopped answering, the run is
+        left for the next run to end (FAILED)."""
+        try:
+            with self._reaching():
+                yield
+        except TrackingUnavailable as exc:
+            self._leave_unended(ref, RunStatus.to_string(RunStatus.FAILED), _describe(exc)[:MAX_TAG_CHARS])
+            raise
 
     @contextlib.contextmanager
     def run(self, name: str, parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> Iterator[RunRef]:

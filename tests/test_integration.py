@@ -245,7 +245,7 @@ def test_mlflow_server_received_the_run(deployment_run, mlflow_server, tmp_path)
 def listening_addresses(port: int) -> set[str]:
     """The local IPv4/IPv6 addresses with a socket in LISTEN state on `port` (Linux /proc/net/tcp*)."""
     found = set()
-    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         for line in Path(table).read_text().splitlines()[1:]:
             local, state = line.split()[1], line.split()[3]
             addr, hex_port = local.split(":")
