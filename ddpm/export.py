@@ -216,7 +216,7 @@ def _remove_model(path: Path) -> None:
     path.with_name(path.name + ".data").unlink(missing_ok=True)
 
 
-def _to_fp16(proto: onnx.ModelProto) -> onnx.ModelProto:
+def _to_fp16(proto: onnx.ModelProto, shape_inference: bool = True) -> onnx.ModelProto:
     """Float16 weights and arithmetic, float32 inputs and output; the timestep embedding stays float32.
 
     sin/cos of t * freq with t up to 999 would lose up to 0.25 rad in float16 (its spacing is 0.5
@@ -229,7 +229,7 @@ def _to_fp16(proto: onnx.ModelProto) -> onnx.ModelProto:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         half = convert_float_to_float16(onnx.ModelProto.FromString(proto.SerializeToString()), keep_io_types=True,
-                                        node_block_list=block)
+                                        node_block_list=block, disable_shape_infer=not shape_inference)
     # The converter gives an initializer shared by several blocked nodes one Cast per use, all with
     # the same output name (not SSA): keep the first of identical nodes.
     seen, nodes = set(), []
