@@ -11,7 +11,8 @@ channels-last memory. The forms of ddpm.unet.GroupNorm's forward compared (--kin
 On the default MNIST U-Net (random weights), bf16 autocast, torch.compile, in one process:
   --infer  the forward pass at batch 1024 in a CUDA graph (--layouts nchw,channels-last);
   --train  the whole training step (bench_train's compile-graph mode) at batch 512, NCHW.
-Each inference line also gives max |output - aten's output| (eager, float32 with TF32 convolutions).
+Each inference line also gives max |output - aten's output| (eager, float32 with TF32 convolutions;
+'ours' is aten's in eager mode, so 0 by construction: tests/test_unet_losses.py checks its compiled form).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from torch import nn
 
 from bench import harness as H
 from bench.bench_train import Trainee, run_case
+from bench.device.sampling_variants import mnist_inference
 from bench.models import forward_flops, ours
 import ddpm.unet
 from ddpm.graphed import GraphedDenoiser
@@ -64,14 +66,7 @@ def groupnorm(kind: str) -> Iterator[None]:
 
 
 def infer(kind: str, channels_last: bool, batch: int, coord: bool) -> None:
-    torch._dynamo.reset()
-    spec = ours("mnist")
-    model = spec.build().cuda().eval()
-    gflop = forward_flops(model, spec.shape, torch.device("cuda"))[0] / 1e9
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(memory_format=fmt)
-    x = torch.randn(batch, *spec.shape, device="cuda").to(memory_format=fmt)
-    t = torch.full((batch,), 500, device="cuda", dtype=torch.long)
+    model, gflop, x, t = mnist_inference(batch, channels_last)
     with torch.no_grad():
         with groupnorm("aten"):
             ref = model(x[:64], t[:64])

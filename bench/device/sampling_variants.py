@@ -36,20 +36,25 @@ VARIANTS = {
 }
 
 
-def run(name: str, batch: int, channels_last: bool = False, inductor: dict | None = None,
-        mode: str = "default") -> None:
-    import torch._inductor.config as inductor_config
+def mnist_inference(batch: int, channels_last: bool) -> tuple[torch.nn.Module, float, torch.Tensor, torch.Tensor]:
+    """(default MNIST U-Net with random weights in eval mode on CUDA, forward GFLOP per image, x, t = 500) at `batch`."""
     torch._dynamo.reset()
     spec = ours("mnist")
     model = spec.build().cuda().eval()
     gflop = forward_flops(model, spec.shape, torch.device("cuda"))[0] / 1e9
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(memory_format=fmt)
+    x = torch.randn(batch, *spec.shape, device="cuda").to(memory_format=fmt)
+    t = torch.full((batch,), 500, device="cuda", dtype=torch.long)
+    return model.to(memory_format=fmt), gflop, x, t
+
+
+def run(name: str, batch: int, channels_last: bool = False, inductor: dict | None = None,
+        mode: str = "default") -> None:
+    import torch._inductor.config as inductor_config
+    model, gflop, x, t = mnist_inference(batch, channels_last)
     sync = torch.cuda.synchronize
     with inductor_config.patch(inductor or {}):  # compiled lazily: at the first call, inside this block
         net = torch.compile(model, dynamic=False, **({} if mode == "default" else {"mode": mode}))
-        x = torch.randn(batch, *spec.shape, device="cuda").to(memory_format=fmt)
-        t = torch.full((batch,), 500, device="cuda", dtype=torch.long)
         g = GraphedDenoiser(net)
         with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, cache_enabled=False):
             _, compile_s = H.timed_once(lambda: g(x, t), sync)
