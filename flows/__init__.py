@@ -3,6 +3,7 @@
     flows.runtime   settings of one run (params.yaml + profile + overrides), paths, preflight checks
     flows.tracking  MLflow: one parent run per pipeline run, one nested run per stage
     flows.tasks     Prefect tasks: thin wrappers around ddpm functions that pass file paths
+    flows.export_tasks  the export stage's tasks: ONNX export, its check, onnxruntime samples, registry
     flows.stages    one flow per stage (data, features, train, evaluate, export); `python -m flows.stages`
     flows.pipeline  the `ddpm-pipeline` flow chaining the stage flows; `python -m flows.pipeline`
     flows.serve     serves the deployments `ddpm-pipeline/cpu` and `ddpm-pipeline/gpu`

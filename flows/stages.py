@@ -23,7 +23,7 @@ from typing import Any
 
 from prefect import flow
 
-from flows import tasks
+from flows import export_tasks, tasks
 from flows.runtime import Settings, ServiceUnavailable, check_prefect_api, check_tracking_uri, load_settings
 from flows.tracking import Tracker, sigterm_count, tracking_uri_for
 
@@ -107,12 +107,12 @@ def export_flow(params_path: str = "params.yaml", profile: str | None = None, ov
     s, tracker = _open(params_path, profile, overrides)
     with tracker.stage("export", parent_run_id) as run:
         info = _feature_net(s, force=False)
-        onnx_path = tasks.export_model(str(s.checkpoint), s.cfg, str(s.onnx_model), force)
-        tasks.check_model(onnx_path, str(s.checkpoint), s.cfg, info["path"], str(s.export_report), force)
-        samples = tasks.sample_onnx(onnx_path, s.cfg, str(s.onnx_samples))
-        registered = tasks.log_export(run, onnx_path, str(s.export_report), samples,
-                                      s.cfg.pipeline.registered_model, s.cfg.pipeline.model_alias,
-                                      _step(str(s.checkpoint)))
+        onnx_path = export_tasks.export_model(str(s.checkpoint), s.cfg, str(s.onnx_model), force)
+        export_tasks.check_model(onnx_path, str(s.checkpoint), s.cfg, info["path"], str(s.export_report), force)
+        samples = export_tasks.sample_onnx(onnx_path, s.cfg, str(s.onnx_samples))
+        registered = export_tasks.log_export(run, onnx_path, str(s.export_report), samples,
+                                             s.cfg.pipeline.registered_model, s.cfg.pipeline.model_alias,
+                                             _step(str(s.checkpoint)))
     return {"onnx_model": onnx_path, "onnx_samples": samples, "report": str(s.export_report), **registered,
             "run_id": run.run_id}
 

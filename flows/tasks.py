@@ -1,7 +1,7 @@
 """Prefect tasks: thin wrappers around ddpm functions. They take and return file paths and numbers.
 
-Work tasks (fetch, train, evaluate, export, ...) write files; `log_*` tasks send those files and
-numbers to an MLflow run. Keeping the two apart means a tracking failure shows up as a failed
+Work tasks (fetch, train, evaluate, ...) write files; `log_*` tasks send those files and numbers
+to an MLflow run. The export stage's tasks are in flows.export_tasks. Keeping the two apart means a tracking failure shows up as a failed
 `log-*` task after a completed work task, whose outputs are on disk for the rerun to reuse.
 Every ddpm import happens inside a task, so importing the flows does not import torch.
 
@@ -270,11 +270,11 @@ def log_training(run: RunRef, result: dict[str, Any], loss_csv: str, samples: st
 
 # --- evaluation -----------------------------------------------------------------------------------
 
-def _flat_numbers(d: dict[str, Any], prefix: str = "") -> dict[str, float]:
+def flat_numbers(d: dict[str, Any], prefix: str = "") -> dict[str, float]:
     out: dict[str, float] = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flat_numbers(v, f"{prefix}{k}."))
+            out.update(flat_numbers(v, f"{prefix}{k}."))
         elif isinstance(v, (int, float)) and not isinstance(v, bool):
             out[f"{prefix}{k}"] = float(v)
     return out
@@ -304,7 +304,7 @@ def evaluate_model(checkpoint: str, cfg: Any, out_dir: str, feature_net: str, fo
 @task(name="log-evaluate", cache_policy=NO_CACHE)
 def log_evaluation(run: RunRef, result: dict[str, Any], out_dir: str, step: int) -> dict[str, float]:
     logger = run.logger()
-    numbers = _flat_numbers(result["metrics"])
+    numbers = flat_numbers(result["metrics"])
     logger.metrics(numbers, step)
     logger.tags({"evaluate.skipped": str(result["skipped"]).lower()})
     for f in sorted(Path(out_dir).iterdir()):
@@ -313,150 +313,3 @@ def log_evaluation(run: RunRef, result: dict[str, Any], out_dir: str, step: int)
             if f.suffix == ".png":
                 logger.image(f, f"evaluate_{f.stem}", step)
     return numbers
-
-
-# --- export -----------------------------------------------------------------------------------------
-
-@task(name="export-onnx", cache_policy=NO_CACHE)
-def export_model(checkpoint: str, cfg: Any, onnx_path: str, force: bool = False) -> str:
-    """ddpm.export.export_onnx (with its parity check) unless the ONNX file is current for this checkpoint."""
-    out = Path(onnx_path)
-    stamp = Stamp(out.parent, "export", {"checkpoint": file_sha256(checkpoint), "export": cfg.to_dict()["export"]})
-    if not force and stamp.fresh([out]):
-        log.info("%s is current for this checkpoint; export skipped", out)
-        return str(out)
-    stamp.clear()
-    from ddpm.export import export_onnx
-
-    path = export_onnx(checkpoint, out, cfg.export)
-    stamp.write([Path(path)])
-    return str(path)
-
-
-@task(name="check-export", cache_policy=NO_CACHE)
-def check_model(onnx_path: str, checkpoint: str, cfg: Any, feature_net: str, report: str,
-                force: bool = False) -> dict[str, Any]:
-    """ddpm.export.check_export: onnxruntime samples against PyTorch's, and their FIDs. Writes export.json
-    either way; raises ExportRejected (with the measured differences) when the export is not accepted."""
-    from ddpm.errors import ExportRejected
-
-    ec = cfg.export
-    stamp = Stamp(Path(report).parent, "check-export", {
-        "onnx": file_sha256(onnx_path), "checkpoint": file_sha256(checkpoint), "feature_net": file_sha256(feature_net),
-        "export": cfg.to_dict()["export"], "seed": cfg.sample.seed})
-    if not force and stamp.fresh([Path(report)]):
-        result = json.loads(Path(report).read_text())
-        if result.get("accepted"):
-            log.info("%s: the export was already accepted; check skipped", report)
-            return result
-    stamp.clear()
-    from ddpm.evaluate import score_images
-    from ddpm.export import check_export
-
-    def fid(images: Any) -> float:
-        return float(score_images(images, cfg, feature_net)["fid"])
-
-    try:
-        result = check_export(onnx_path, checkpoint, n=ec.check_samples, steps=ec.check_steps, seed=cfg.sample.seed,
-                              score_fn=fid, fid_margin=ec.fid_margin, fid_abs_floor=ec.fid_abs_floor,
-                              atol=ec.check_atol, device=_torch_device(cfg), provider=_ort_provider(cfg))
-    except ExportRejected as exc:
-        write_json(Path(report), {"accepted": False, "error": str(exc)})
-        raise
-    write_json(Path(report), result)
-    stamp.write([Path(report)])
-    return result
-
-
-def _torch_device(cfg: Any) -> str:
-    return cfg.train.device if cfg.train.device != "auto" else "auto"
-
-
-def _ort_provider(cfg: Any) -> str:
-    """onnxruntime provider matching train.device: CUDA when asked for (or auto and present), else CPU."""
-    import onnxruntime as ort
-
-    from ddpm.train import resolve_device
-
-    # onnxruntime-gpu lists the CUDA provider even on a machine without a GPU: ask torch instead.
-    wants_cuda = resolve_device(cfg.train.device).type == "cuda"
-    return "cuda" if wants_cuda and "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
-
-
-@task(name="onnx-sample", cache_policy=NO_CACHE)
-def sample_onnx(onnx_path: str, cfg: Any, out_png: str) -> str:
-    """Sample with onnxruntime alone (ddpm.onnx_sampler, no PyTorch) and save the grid."""
-    from ddpm.onnx_sampler import grid_png, sample
-
-    sc = cfg.sample
-    images = sample(onnx_path, sc.num_images, sc.sampler, sc.steps, sc.eta, sc.seed, sc.batch_size, sc.label,
-                    sc.guidance_scale, provider=_ort_provider(cfg), variance=sc.variance,
-                    clip_denoised=sc.clip_denoised)
-    png = grid_png(images)
-    if png is None:
-        raise RuntimeError("Pillow is needed to write the sample grid")
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(png)
-    return str(out)
-
-
-def onnx_signature(proto: Any) -> Any:
-    """The MLflow signature of an ONNX graph: its inputs and outputs as tensors, -1 for dynamic dims."""
-    import onnx
-    from mlflow.models import ModelSignature
-    from mlflow.types.schema import Schema, TensorSpec
-
-    initializers = {i.name for i in proto.graph.initializer}
-
-    def spec(value: Any) -> TensorSpec:
-        tt = value.type.tensor_type
-        shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in tt.shape.dim)
-        return TensorSpec(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type), shape, value.name)
-
-    return ModelSignature(inputs=Schema([spec(v) for v in proto.graph.input if v.name not in initializers]),
-                          outputs=Schema([spec(v) for v in proto.graph.output]))
-
-
-@task(name="log-export", cache_policy=NO_CACHE)
-def log_export(run: RunRef, onnx_path: str, report: str, onnx_samples: str, registered_model: str, alias: str,
-               step: int) -> dict[str, Any]:
-    """Log the accepted ONNX model (mlflow.onnx.log_model, with its signature), register it and move the
-    alias to it. A model identical to the one the alias already names is logged but not registered again."""
-    import mlflow.onnx
-    import onnx
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    logger = run.logger()
-    check = json.loads(Path(report).read_text())
-    logger.metrics(_flat_numbers({k: v for k, v in check.items() if k not in ("n", "steps", "seed")}), step)
-    logger.artifact(report, "export")
-    logger.artifact(onnx_samples, "export")
-    logger.image(onnx_samples, "onnx_samples", step)
-
-    sha = file_sha256(onnx_path)
-    client = MlflowClient(run.uri)
-    try:
-        current = client.get_model_version_by_alias(registered_model, alias)
-    except MlflowException:
-        current = None
-    register = current is None or current.tags.get("onnx_sha256") != sha
-    proto = onnx.load(onnx_path)
-    info = mlflow.onnx.log_model(
-        proto, name="onnx-model", run_id=run.run_id, signature=onnx_signature(proto),
-        registered_model_name=registered_model if register else None, save_as_external_data=False,
-        pip_requirements=[f"onnx=={onnx.__version__}", "onnxruntime>=1.20", "numpy"],
-        metadata={"onnx_sha256": sha, "training_step": step}, await_registration_for=60)
-    if register:
-        version = str(info.registered_model_version)
-        client.set_model_version_tag(registered_model, version, "onnx_sha256", sha)
-        client.set_model_version_tag(registered_model, version, "training_step", str(step))
-        client.set_registered_model_alias(registered_model, alias, version)
-    else:
-        version = str(current.version)
-        log.info("model version %s (alias %r) already holds this ONNX file; not registered again", version, alias)
-    logger.tags({"registered_model": registered_model, "registered_model.version": version,
-                 "registered_model.alias": alias, "onnx_sha256": sha})
-    return {"model_uri": info.model_uri, "registered_model": registered_model, "version": version, "alias": alias,
-            "registered_now": register}
