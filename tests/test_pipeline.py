@@ -562,3 +562,31 @@ def test_sigterm_while_extensions_import_waits_for_the_import(monkeypatch, tmp_p
         sys.modules.pop("slow_extension", None)
     assert not ran  # and the run did not start
     assert signal.getsignal(signal.SIGTERM) is previous  # run_cli put the handler back
+
+
+def test_trajectory_grid_is_never_compiled_and_keeps_evenly_spaced_frames(monkeypatch, tmp_path):
+    """sample.compile costs minutes of compilation; the 8-image trajectory of every run must not pay it."""
+    import ddpm.generate
+    from ddpm.checkpoint import save_checkpoint
+    from ddpm.config import config_from_dict
+    from ddpm.unet import build_unet
+
+    cfg = config_from_dict({"sample": {"compile": True}, "train": {"device": "cpu"},
+                            "model": {"base_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1,
+                                      "attention_levels": [1], "num_heads": 2, "norm_groups": 4}})
+    ckpt = tmp_path / "checkpoint.pt"
+    save_checkpoint(ckpt, {"model": build_unet(cfg.model, (1, 28, 28)).state_dict(), "ema": None,
+                           "config": cfg.to_dict(), "step": 1})
+    calls = []
+
+    def fake_generate(model, schedule, cfg, n, **kwargs):
+        calls.append(kwargs)
+        frames = [torch.full((n, 1, 28, 28), i, dtype=torch.uint8) for i in range(21)]  # frame i is all i
+        return frames[-1], None, frames
+    monkeypatch.setattr(ddpm.generate, "generate", fake_generate)
+    seen = []
+    monkeypatch.setattr(ddpm.generate, "save_grid", lambda images, path, nrow: seen.append(images) or Path(path))
+    tasks.render_trajectory.fn(str(ckpt), cfg, str(tmp_path / "trajectory.png"), n=2, frames=11)
+    assert calls and calls[0]["compile"] is False and calls[0]["return_trajectory"] is True
+    rows = seen[0][::2, 0, 0, 0].tolist()  # the first image of each kept frame
+    assert rows == [0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20]
