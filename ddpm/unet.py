@@ -44,23 +44,26 @@ class GroupNorm(nn.GroupNorm):
     of the channel variances plus the variance of the channel means: the same result. On an H200,
     10,000 DDIM-50 MNIST images through `sample.compile` take 5.00 s instead of 5.53 (BENCHMARKS.md).
     In training it gained 2.6% img/s but cost ~20 s more compile, a net loss for runs of minutes, so
-    training, eager mode and ONNX export (one fused kernel; onnxruntime's GroupNorm patterns) keep
-    aten's group_norm. The result is float32, as aten's group_norm under autocast.
+    training, eager mode, torch.export and ONNX export (one fused kernel; onnxruntime's GroupNorm
+    patterns) keep aten's group_norm. Half-precision inputs give a float32 result, as aten's
+    group_norm does under CUDA autocast.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training or not torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export():
+        if (self.training or not self.affine or not torch.compiler.is_compiling()
+                or torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()):
             return super().forward(x)
         b, c, g = x.shape[0], x.shape[1], self.num_groups
-        x = x.float()
-        var_c, mean_c = torch.var_mean(x, dim=(2, 3), correction=0)  # [B, C] each
+        x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        var_c, mean_c = torch.var_mean(x, dim=tuple(range(2, x.ndim)), correction=0)  # [B, C] each
         mean_c, var_c = mean_c.view(b, g, c // g), var_c.view(b, g, c // g)
         mean = mean_c.mean(-1)  # [B, G]
         var = var_c.mean(-1) + (mean_c - mean[..., None]).square().mean(-1)
         rstd = torch.rsqrt(var + self.eps)
         scale = rstd[..., None].expand(b, g, c // g).reshape(b, c) * self.weight  # [B, C]
         shift = self.bias - mean[..., None].expand(b, g, c // g).reshape(b, c) * scale
-        return x * scale[:, :, None, None] + shift[:, :, None, None]
+        spatial = (1,) * (x.ndim - 2)
+        return x * scale.view(b, c, *spatial) + shift.view(b, c, *spatial)
 
 
 class ResBlock(nn.Module):

@@ -1,8 +1,9 @@
 """Prefect tasks: thin wrappers around ddpm functions. They take and return file paths and numbers.
 
 Work tasks (fetch, train, evaluate, ...) write files; `log_*` tasks send those files and numbers
-to an MLflow run. The export stage's tasks are in flows.export_tasks. Keeping the two apart means a tracking failure shows up as a failed
-`log-*` task after a completed work task, whose outputs are on disk for the rerun to reuse.
+to an MLflow run. Keeping work and logging in separate tasks means a tracking failure shows up as a
+failed `log-*` task after a completed work task, whose outputs are on disk for the rerun to reuse.
+The export stage's tasks are in flows.export_tasks.
 Every ddpm import happens inside a task, so importing the flows does not import torch.
 
 No Prefect result caching (NO_CACHE): whether a stage's outputs are current is decided from the

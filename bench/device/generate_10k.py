@@ -1,7 +1,7 @@
 """10,000 MNIST images by 50-step DDIM through ddpm.generate.generate, the path `ddpm sample` and the
 evaluation use: wall time per run, noise to uint8 images on the host.
 
-    python3 bench/device/generate_10k.py [--batch 1000] [--runs 3] [--no-compile] [--out results.json]
+    PYTHONPATH=. python3 bench/device/generate_10k.py [--batch 1000] [--runs 3] [--no-compile] [--out results.json]
 
 Default MNIST U-Net with random weights (zero-initialised layers re-initialised), bf16 autocast,
 sample.compile=true (channels-last + torch.compile with coordinate-descent tuning + CUDA graphs).

@@ -1,6 +1,6 @@
 """Which GroupNorm form compiles to the fastest kernels? (exploration, one device call)
 
-    python3 bench/device/groupnorm_variants.py [--infer] [--train] [--coord] [--kinds K,...] [--layouts L,...]
+    PYTHONPATH=. python3 bench/device/groupnorm_variants.py [--infer] [--train] [--coord] [--kinds K,...] [--layouts L,...]
 
 GroupNorm statistics are reductions over each group's (C/G) x H x W elements, which are strided in
 channels-last memory. The forms of ddpm.unet.GroupNorm's forward compared (--kinds):
@@ -80,7 +80,7 @@ def infer(kind: str, channels_last: bool, batch: int, coord: bool) -> None:
             timing = H.time_windows(lambda: g(x, t), sync, iters=50, windows=3)
     ms = timing.median_s * 1e3
     print(f"infer {kind:12s} {'channels-last' if channels_last else 'NCHW':13s} coord={coord!s:5s} batch {batch}: "
-          f"{ms:7.3f} ms/step  {batch * gflop / ms:6.1f} TFLOP/s  10k DDIM-50 ~ {10000 / batch * 50 * ms / 1e3:5.2f} s  "
+          f"{ms:7.3f} ms/step  {batch * gflop / ms:6.1f} TFLOP/s  10k DDIM-50 at this rate ~ {10000 / batch * 50 * ms / 1e3:5.2f} s  "
           f"fp32 max|diff| {diff:.2e}  compile+capture {compile_s:5.1f} s", flush=True)
 
 

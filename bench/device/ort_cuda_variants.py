@@ -1,6 +1,6 @@
 """How fast can onnxruntime's CUDA provider run the exported U-Net? (exploration, one device call)
 
-    python3 bench/device/ort_cuda_variants.py --out $OUT/ort_variants.json [--batches 256,1024] [--trt]
+    PYTHONPATH=. python3 bench/device/ort_cuda_variants.py --out $OUT/ort_variants.json [--batches 256,1024] [--trt]
 
 The default MNIST U-Net with random weights is exported by `ddpm.export.export_onnx` (float32 and its
 float16 twin). Then, network alone (x, t and the output bound on the GPU, no sampler arithmetic):

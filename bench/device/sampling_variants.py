@@ -1,6 +1,6 @@
 """Which compile settings make the MNIST U-Net's sampling step fastest? (exploration, one device call)
 
-    python3 bench/device/sampling_variants.py [VARIANT ...]
+    PYTHONPATH=. python3 bench/device/sampling_variants.py [VARIANT ...]
 
 Each variant compiles the default MNIST U-Net (random weights) for inference under bf16 autocast,
 captures one forward pass in a CUDA graph (ddpm.graphed.GraphedDenoiser) and times replays.
@@ -69,7 +69,7 @@ def run(name: str, batch: int, channels_last: bool = False, inductor: dict | Non
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
     ms = timing.median_s * 1e3
     print(f"{name:28s} batch {batch:5d}  {ms:7.3f} ms/step  {batch / (50 * ms / 1e3):7.0f} img/s DDIM-50  "
-          f"{batch * gflop / ms:6.1f} TFLOP/s  10k DDIM-50 ~ {10000 / batch * 50 * ms / 1e3:5.2f} s  "
+          f"{batch * gflop / ms:6.1f} TFLOP/s  10k DDIM-50 at this rate ~ {10000 / batch * 50 * ms / 1e3:5.2f} s  "
           f"compile+capture {compile_s:5.1f} s", flush=True)
 
 
