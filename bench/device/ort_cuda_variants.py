@@ -30,7 +30,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from bench.bench_onnx_sampling import random_checkpoint
+from bench import harness as H
+from bench.bench_onnx_sampling import filled_binding, random_checkpoint
 from ddpm.checkpoint import load_model
 from ddpm.config import ExportConfig
 from ddpm.export import _to_fp16, export_onnx, fp16_path
@@ -38,19 +39,11 @@ from ddpm.graphed import GraphedDenoiser
 from ddpm.onnx_model import OnnxDenoiser
 
 
-def timed(call: Callable[[], Any], sync: Callable[[], None], iters: int = 50, windows: int = 3) -> float:
-    """Median seconds per call over `windows` windows of `iters` calls, after 3 warm-up calls."""
+def timed(call: Callable[[], Any], sync: Callable[[], None]) -> float:
+    """Median seconds per call over 3 windows of 50 calls (bench.harness.time_windows), after 3 warm-up calls."""
     for _ in range(3):
         call()
-    sync()
-    out = []
-    for _ in range(windows):
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            call()
-        sync()
-        out.append((time.perf_counter() - t0) / iters)
-    return sorted(out)[len(out) // 2]
+    return H.time_windows(call, sync, iters=50, windows=3).median_s
 
 
 def fused_unet(fp32_path: Path, out_dir: Path) -> tuple[Path, dict[str, int]]:
@@ -108,9 +101,7 @@ def main() -> None:
                 diff = float(np.abs(OnnxDenoiser(path, "cuda", cuda_options={k: v for k, v in opts.items()
                                                                                if k != "enable_cuda_graph"})(
                     x64.numpy(), t64.numpy()) - ref).max())
-                binding, bufs = den.bind(b)
-                bufs["x"].update_inplace(np.random.default_rng(0).standard_normal((b, 1, 28, 28), dtype=np.float32))
-                bufs["t"].update_inplace(np.full(b, 500, np.int64))
+                binding = filled_binding(den, b)
                 ms = 1e3 * timed(lambda: den.session.run_with_iobinding(binding), binding.synchronize_outputs)
                 row(name, b, ms, diff)
             except Exception as exc:  # an option or fused kernel the provider rejects: record it, go on
