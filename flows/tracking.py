@@ -347,12 +347,12 @@ class Tracker:
     def run(self, name: str, parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> Iterator[RunRef]:
         """A run around a block: FINISHED, or ended by `end_run` with the block's error."""
         ref = self.start_run(name, parent_run_id, tags)
-        noted = len(_sigterms)
+        noted = sigterm_count()
         try:
             with self._reaching(), _noting_sigterm():
                 yield ref
         except BaseException as exc:
-            self.end_run(ref, exc, signalled=len(_sigterms) > noted)
+            self.end_run(ref, exc, signalled=sigterm_count() > noted)
             raise
         self.end_run(ref)
 
