@@ -12,7 +12,6 @@ import os
 import pickle
 import shutil
 import socket
-import struct
 import urllib.error
 from pathlib import Path
 
@@ -23,15 +22,10 @@ import torchvision.datasets.utils as tv_utils
 from torchvision.datasets import CIFAR10, MNIST
 
 from ddpm import data
+from testkit import idx_bytes
 
 IDX_NAMES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
              "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
-
-
-def idx_bytes(array: np.ndarray) -> bytes:
-    """IDX by hand: 0, 0, type 0x08 (uint8), ndim, then big-endian uint32 dims, then data."""
-    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
-    return header + array.astype(np.uint8).tobytes()
 
 
 def tiny_mnist(seed: int = 0) -> dict[str, bytes]:

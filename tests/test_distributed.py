@@ -1,7 +1,6 @@
 """DistributedDataParallel on the CPU with gloo and 2 processes."""
 
 import os
-import socket
 
 import torch
 import torch.distributed as dist
@@ -13,15 +12,10 @@ from ddpm.config import DiffusionConfig, ModelConfig, load_config
 from ddpm.losses import p_losses
 from ddpm.schedule import Schedule
 from ddpm.unet import UNet
+from testkit import free_port
 
 MODEL = ModelConfig(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,), num_heads=2,
                     dropout=0.0, norm_groups=4)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env(rank: int, world: int, port: int) -> None:
@@ -50,7 +44,7 @@ def _grads_worker(rank: int, world: int, port: int, out: str) -> None:
 
 def test_ddp_gradients_equal_a_single_process_on_the_whole_batch(tmp_path):
     out = str(tmp_path / "grads.pt")
-    mp.spawn(_grads_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    mp.spawn(_grads_worker, args=(2, free_port(), out), nprocs=2, join=True)
     torch.manual_seed(0)
     model = UNet(MODEL)
     x0, t, noise = _batch()
@@ -81,7 +75,7 @@ def _train_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 def test_two_rank_checkpoint_resumes_on_one(tmp_path, monkeypatch):
     out_dir = str(tmp_path / "run")
-    mp.spawn(_train_worker, args=(2, _free_port(), out_dir), nprocs=2, join=True)
+    mp.spawn(_train_worker, args=(2, free_port(), out_dir), nprocs=2, join=True)
     ckpt = load_checkpoint(f"{out_dir}/checkpoint.pt")
     assert ckpt["step"] == 4 and ckpt["rng"]["world_size"] == 2 and len(ckpt["rng"]["generator"]) == 2
     rows = open(f"{out_dir}/loss.csv").read().splitlines()

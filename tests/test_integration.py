@@ -21,7 +21,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +30,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from testkit import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow,
               pytest.mark.skipif(os.environ.get("DDPM_SKIP_INTEGRATION") == "1", reason="DDPM_SKIP_INTEGRATION=1")]
@@ -50,12 +51,6 @@ TINY = {
 }
 TINY_OVERRIDES = [f"{s}.{k}={json.dumps(v)}" for s, values in TINY.items() for k, v in values.items()]
 FEATURE_SUBSET = {"train": 2000, "test": 500}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +24,7 @@ from torchvision.transforms.functional import gaussian_blur
 from ddpm import metrics
 from ddpm.config import Config, DataConfig, DiffusionConfig, EvaluateConfig, config_from_dict
 from ddpm.errors import CheckpointError
+from testkit import idx_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 IDX_NAMES = {("train", "images"): "train-images-idx3-ubyte", ("train", "labels"): "train-labels-idx1-ubyte",
@@ -187,11 +187,6 @@ def test_nearest_neighbours_brute_force() -> None:
 
 
 # ---- a trained feature net ----
-
-def idx_bytes(array: np.ndarray) -> bytes:
-    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
-    return header + array.astype(np.uint8).tobytes()
-
 
 def write_idx_dataset(root: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
     """Write images uint8 [N, 28, 28] and labels [N] per split as MNIST's IDX files under root/mnist/."""

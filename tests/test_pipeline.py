@@ -14,14 +14,12 @@ import json
 import os
 import shutil
 import socket
-import struct
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -33,6 +31,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 import flows  # noqa: E402,F401  (sets the quiet environment defaults)
 from flows import runtime, stages, tasks, tracking  # noqa: E402
 from flows.pipeline import ddpm_pipeline  # noqa: E402
+from testkit import fake_mnist  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 FAKE_DVC_MD5 = "0123456789abcdef0123456789abcdef.dir"
@@ -48,26 +47,6 @@ TINY = [
 
 
 # --- a tiny MNIST look-alike -------------------------------------------------------------------------
-
-def idx_bytes(array: np.ndarray) -> bytes:
-    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
-    return header + array.astype(np.uint8).tobytes()
-
-
-def fake_mnist(root: Path, n_train: int = 384, n_test: int = 128) -> Path:
-    """Class k is a bright bar at a k-dependent place plus noise: learnable, so features are not degenerate."""
-    rng = np.random.default_rng(0)
-    target = root / "mnist"
-    target.mkdir(parents=True)
-    for prefix, n in (("train", n_train), ("t10k", n_test)):
-        labels = np.arange(n) % 10
-        images = rng.integers(0, 60, (n, 28, 28))
-        for i, k in enumerate(labels):
-            images[i, 4 + 2 * k: 7 + 2 * k, 4:24] = 255
-        (target / f"{prefix}-images-idx3-ubyte").write_bytes(idx_bytes(images))
-        (target / f"{prefix}-labels-idx1-ubyte").write_bytes(idx_bytes(labels))
-    return target
-
 
 def sha256(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()

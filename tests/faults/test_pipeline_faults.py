@@ -19,17 +19,16 @@ import shutil
 import signal
 import socket
 import sqlite3
-import struct
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from ddpm.checkpoint import load_checkpoint
+from testkit import fake_mnist, free_port
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
@@ -59,25 +58,12 @@ sys.exit(main(sys.argv[1:]))
 
 # --- the project, the processes ---------------------------------------------------------------------
 
-def _idx(array: np.ndarray) -> bytes:
-    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
-    return header + array.astype(np.uint8).tobytes()
-
-
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory) -> dict[str, Path]:
     """The look-alike dataset (class k: a bright bar at a k-dependent place), the feature net's path and
     the temporary Prefect API's home, shared by every run of the module."""
     root = tmp_path_factory.mktemp("shared")
-    rng = np.random.default_rng(0)
-    (root / "data" / "mnist").mkdir(parents=True)
-    for prefix, n in (("train", 384), ("t10k", 128)):
-        labels = np.arange(n) % 10
-        images = rng.integers(0, 60, (n, 28, 28))
-        for i, k in enumerate(labels):
-            images[i, 4 + 2 * k: 7 + 2 * k, 4:24] = 255
-        (root / "data" / "mnist" / f"{prefix}-images-idx3-ubyte").write_bytes(_idx(images))
-        (root / "data" / "mnist" / f"{prefix}-labels-idx1-ubyte").write_bytes(_idx(labels))
+    fake_mnist(root / "data", n_train=384, n_test=128)
     (root / "prefect").mkdir()
     return {"data": root / "data", "feature_net": root / "features" / "mnist.pt", "prefect_home": root / "prefect"}
 
@@ -260,12 +246,6 @@ def test_sigterm_outside_the_training_loop_ends_the_runs_killed_and_the_process_
 
 
 # --- the MLflow tracking server dies ------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def start_mlflow_server(store: Path, port: int) -> subprocess.Popen:
     log = store / f"server-{time.monotonic_ns()}.log"

@@ -7,25 +7,22 @@ checks what is on disk afterwards. Run alone with `pytest -m faults`.
 import os
 import random
 import signal
-import struct
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from ddpm.checkpoint import load_checkpoint
+from testkit import idx_bytes
 
 pytestmark = pytest.mark.faults
 
 STEPS = 12
 KILL_POINTS = 4
-
-
-def _write_idx(path: Path, data: bytes, dims: tuple[int, ...], type_code: int = 0x08) -> None:
-    path.write_bytes(struct.pack(">HBB", 0, type_code, len(dims)) + b"".join(struct.pack(">I", d) for d in dims) + data)
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +32,8 @@ def data_root(tmp_path_factory) -> Path:
     gen = torch.Generator().manual_seed(0)
     for split, n in (("train", 64), ("t10k", 16)):
         images = torch.randint(0, 256, (n, 28, 28), generator=gen, dtype=torch.uint8)
-        _write_idx(root / "mnist" / f"{split}-images-idx3-ubyte", images.numpy().tobytes(), (n, 28, 28))
-        _write_idx(root / "mnist" / f"{split}-labels-idx1-ubyte", bytes(i % 10 for i in range(n)), (n,))
+        (root / "mnist" / f"{split}-images-idx3-ubyte").write_bytes(idx_bytes(images.numpy()))
+        (root / "mnist" / f"{split}-labels-idx1-ubyte").write_bytes(idx_bytes(np.arange(n) % 10))
     return root
 
 
