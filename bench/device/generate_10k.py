@@ -1,11 +1,14 @@
 """10,000 MNIST images by 50-step DDIM through ddpm.generate.generate, the path `ddpm sample` and the
 evaluation use: wall time per run, noise to uint8 images on the host.
 
-    PYTHONPATH=. python3 bench/device/generate_10k.py [--batch 1000] [--runs 3] [--no-compile] [--out results.json]
+    PYTHONPATH=. python3 bench/device/generate_10k.py [--batch 1000] [--runs 3] [--no-compile] [--cudnn-benchmark]
+        [--phases] [--out results.json]
 
 Default MNIST U-Net with random weights (zero-initialised layers re-initialised), bf16 autocast,
 sample.compile=true (channels-last + torch.compile with coordinate-descent tuning + CUDA graphs).
-The first run includes the compile; later runs reuse it.
+The first run includes the compile; later runs reuse it. `--phases` then splits one call's time:
+making the sampling network and its first forward (dynamo, inductor's cache, CUDA-graph capture),
+the sampling loop alone with that network prepared, and the network's graph replay alone.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ import torch
 
 from bench.harness import environment, timed_once
 from bench.models import ours
-from ddpm.generate import generate
+from ddpm.generate import generate, sampling_network
+from ddpm.samplers import ddim_sample_loop
 from ddpm.schedule import Schedule
 
 
@@ -28,8 +32,11 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1000)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
+    p.add_argument("--phases", action="store_true", help="also time the phases of one call (see above)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     spec = ours("mnist")
     cfg = spec.cfg
     cfg = dataclasses.replace(cfg, sample=dataclasses.replace(cfg.sample, sampler="ddim", steps=50,
@@ -44,11 +51,35 @@ def main() -> None:
         assert images.shape == (args.images, 1, 28, 28) and images.dtype == torch.uint8
         print(f"run {r}: {args.images} images, DDIM-50, batch {args.batch}, compile={args.compile}: "
               f"{walls[-1]:.2f} s", flush=True)
-    doc = {"images": args.images, "batch": args.batch, "compile": args.compile, "wall_s_runs": walls,
+    doc = {"images": args.images, "batch": args.batch, "compile": args.compile,
+           "cudnn_benchmark": args.cudnn_benchmark, "wall_s_runs": walls,
            "wall_s_warm": min(walls[1:]) if len(walls) > 1 else None, "environment": environment(torch.device("cuda"))}
+    if args.phases:
+        doc["phases_s"] = phases(model, schedule, cfg, args.images)
+        print("phases (s):", json.dumps(doc["phases_s"]), flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(doc, f, indent=2, default=str)
+
+
+def phases(model: torch.nn.Module, schedule: Schedule, cfg, images: int) -> dict[str, float]:
+    """One generate() call's work in three parts, each timed between device synchronisations."""
+    sync = torch.cuda.synchronize
+    b = cfg.sample.batch_size
+    model.eval()
+    schedule = schedule.to("cuda")
+    x = torch.randn((b, 1, 28, 28), device="cuda")
+    t = torch.full((b,), 999, device="cuda", dtype=torch.long)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
+    with torch.no_grad(), autocast:
+        net, setup = timed_once(lambda: sampling_network(model, torch.device("cuda"), True, cfg.sample.compile), sync)
+        _, first = timed_once(lambda: net(x, t), sync)
+        batches = -(-images // b)
+        _, loop = timed_once(lambda: [ddim_sample_loop(net, schedule, x, steps=cfg.sample.steps)
+                                      for _ in range(batches)], sync)
+        _, replay = timed_once(lambda: [net(x, t) for _ in range(batches * cfg.sample.steps)], sync)
+    return {"make_network": setup, "first_forward": first, "sampling_loop": loop, "network_replays": replay,
+            "batches": batches, "steps": cfg.sample.steps}
 
 
 if __name__ == "__main__":
