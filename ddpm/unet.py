@@ -41,8 +41,8 @@ class GroupNorm(nn.GroupNorm):
     channels-last memory, and torch.compile turns aten's group_norm into reductions that read them
     poorly. Per-channel var_mean over H x W is one Welford pass along contiguous memory; the group's
     mean is the mean of its channel means and its variance, by the law of total variance, the mean
-    of the channel variances plus the variance of the channel means: the same result. On an H200,
-    10,000 DDIM-50 MNIST images through `sample.compile` take 5.00 s instead of 5.53 (BENCHMARKS.md).
+    of the channel variances plus the variance of the channel means: the same result. 10,000 DDIM-50
+    MNIST images through `sample.compile` take 5.58 s instead of 5.98 on one H100 (BENCHMARKS.md).
     In training it gained 2.6% img/s but cost ~20 s more compile, a net loss for runs of minutes, so
     training, eager mode, torch.export and ONNX export (one fused kernel; onnxruntime's GroupNorm
     patterns) keep aten's group_norm. Half-precision inputs give a float32 result, as aten's
@@ -50,8 +50,8 @@ class GroupNorm(nn.GroupNorm):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (self.training or not self.affine or not torch.compiler.is_compiling()
-                or torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()):
+        # Not torch.compiler.is_exporting(): torch 2.11's dynamo reports it True under torch.compile too.
+        if self.training or not self.affine or not torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export():
             return super().forward(x)
         b, c, g = x.shape[0], x.shape[1], self.num_groups
         x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x

@@ -1,0 +1,83 @@
+"""Where does the compiled sampling forward spend its GPU time? Kernel time by kind (one device call).
+
+    PYTHONPATH=. python3 bench/device/profile_inference.py [--batch 1000] [--coord] [--iters 20] [--out prof.json]
+
+The default MNIST U-Net (random weights, eval mode), channels-last, bf16 autocast, torch.compile as
+ddpm.generate.sampling_network does it (--coord adds its coordinate-descent tuning, about 2 extra
+minutes of compile). The compiled model runs without CUDA-graph replay under torch.profiler, so each
+kernel is recorded; kernels are the same as in the graph. Kinds: convolution (cuDNN), matmul (cuBLAS
+and CUTLASS), attention (SDPA's kernels), triton reductions (GroupNorm statistics, inductor's
+`red`/`per` kernels), triton pointwise, other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from bench.device.sampling_variants import mnist_inference
+from bench.harness import environment
+
+KINDS = (("triton reduction", ("triton_red", "triton_per")),  # first: inductor names kernels after their aten ops
+         ("triton pointwise", ("triton_poi", "triton_")),
+         ("attention", ("flash", "fmha", "attention", "sdpa")),
+         ("convolution", ("conv", "implicit", "xmma_fprop", "fprop", "wgrad", "dgrad")),
+         ("matmul", ("gemm", "cutlass", "nvjet", "cublas")))
+
+
+def kind_of(name: str) -> str:
+    low = name.lower()
+    for kind, keys in KINDS:
+        if any(low.startswith(k) if k.startswith("triton") else k in low for k in keys):
+            return kind
+    return "other"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=1000)
+    p.add_argument("--coord", action="store_true")
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    model, gflop, x, t = mnist_inference(args.batch, channels_last=True)
+    net = torch.compile(model, dynamic=False, options={"coordinate_descent_tuning": args.coord})
+    with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
+        for _ in range(3):
+            net(x, t)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(args.iters):
+                net(x, t)
+            torch.cuda.synchronize()
+    per_kernel: dict[str, float] = collections.defaultdict(float)
+    counts: dict[str, int] = collections.defaultdict(int)
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            per_kernel[e.name] += e.device_time / 1e3 / args.iters  # ms per forward
+            counts[e.name] += 1
+    by_kind: dict[str, float] = collections.defaultdict(float)
+    for name, ms in per_kernel.items():
+        by_kind[kind_of(name)] += ms
+    total = sum(per_kernel.values())
+    print(f"batch {args.batch}, {gflop:.3f} GFLOP/img forward, GPU kernel time {total:.3f} ms per forward "
+          f"({gflop * args.batch / total:.1f} TFLOP/s over kernel time)")
+    for kind, ms in sorted(by_kind.items(), key=lambda kv: -kv[1]):
+        print(f"  {kind:18s} {ms:7.3f} ms  {100 * ms / total:5.1f}%")
+    top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:30]
+    for name, ms in top:
+        print(f"  {ms:7.3f} ms x{counts[name] // args.iters:3d}  {kind_of(name):17s} {name[:110]}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"batch": args.batch, "coord": args.coord, "gflop_per_image": gflop, "kernel_ms": total,
+                       "by_kind_ms": by_kind, "kernels_ms": sorted(per_kernel.items(), key=lambda kv: -kv[1]),
+                       "calls_per_forward": {n: counts[n] // args.iters for n in per_kernel},
+                       "environment": environment(torch.device("cuda"))}, f, indent=2, default=str)
+
+
+if __name__ == "__main__":
+    main()
