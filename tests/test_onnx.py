@@ -31,7 +31,7 @@ from ddpm.onnx_sampler import ddim_sample_loop as ort_ddim
 from ddpm.onnx_sampler import p_sample_loop as ort_ddpm
 from ddpm.samplers import ddim_sample_loop, p_sample_loop
 from ddpm.schedule import Schedule
-from ddpm.unet import build_unet
+from ddpm.unet import GroupNorm, build_unet
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -100,6 +100,10 @@ def test_export_is_checked_and_carries_its_metadata(models):
         assert inputs["x"].elem_type == TensorProto.FLOAT and inputs["t"].elem_type == TensorProto.INT64
         assert inputs["x"].shape.dim[0].dim_param and inputs["t"].shape.dim[0].dim_param  # dynamic batch
         assert [o.name for o in proto.graph.output] == ["output"]
+        # every GroupNorm is exported as aten's group_norm, not as the per-channel form it takes when compiled
+        norms = sum(isinstance(m, GroupNorm) for m in _torch_model(ckpt)[0].modules())
+        op_types = [n.op_type for n in proto.graph.node]
+        assert op_types.count("InstanceNormalization") == norms > 0 and "ReduceMean" not in op_types
         expected_files = [path.name] + ([fp16_path(path).name] if name == "cond" else [])
         assert sorted(os.listdir(path.parent)) == sorted(expected_files)  # no temporary files left
 
