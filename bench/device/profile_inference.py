@@ -1,26 +1,30 @@
 """Where does the compiled sampling forward spend its GPU time? Kernel time by kind (one device call).
 
-    PYTHONPATH=. python3 bench/device/profile_inference.py [--batch 1000] [--coord] [--iters 20] [--out prof.json]
+    PYTHONPATH=. python3 bench/device/profile_inference.py [--batch 1000] [--coord] [--iters 20] [--sdpa]
+        [--out prof.json]
 
 The default MNIST U-Net (random weights, eval mode), channels-last, bf16 autocast, torch.compile as
 ddpm.generate.sampling_network does it (--coord adds its coordinate-descent tuning, about 2 extra
 minutes of compile). The compiled model runs without CUDA-graph replay under torch.profiler, so each
 kernel is recorded; kernels are the same as in the graph. Kinds: convolution (cuDNN), matmul (cuBLAS
 and CUTLASS), attention (SDPA's kernels), triton reductions (GroupNorm statistics, inductor's
-`red`/`per` kernels), triton pointwise, other.
+`red`/`per` kernels), triton pointwise, other. `--sdpa` also times scaled_dot_product_attention alone
+at the U-Net's attention shape (7x7 positions, its heads and head width, q/k/v strided as the model
+makes them) under each backend, eager.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from bench.device.sampling_variants import mnist_inference
-from bench.harness import environment
+from bench.harness import environment, time_windows
 
 KINDS = (("triton reduction", ("triton_red", "triton_per")),  # first: inductor names kernels after their aten ops
          ("triton pointwise", ("triton_poi", "triton_")),
@@ -42,9 +46,11 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1000)
     p.add_argument("--coord", action="store_true")
     p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--sdpa", action="store_true")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     model, gflop, x, t = mnist_inference(args.batch, channels_last=True)
+    sdpa = sdpa_backends(model, args.batch) if args.sdpa else None
     net = torch.compile(model, dynamic=False, options={"coordinate_descent_tuning": args.coord})
     with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
         for _ in range(3):
@@ -76,8 +82,29 @@ def main() -> None:
             json.dump({"batch": args.batch, "coord": args.coord, "gflop_per_image": gflop, "kernel_ms": total,
                        "by_kind_ms": by_kind, "kernels_ms": sorted(per_kernel.items(), key=lambda kv: -kv[1]),
                        "calls_per_forward": {n: counts[n] // args.iters for n in per_kernel},
-                       "environment": environment(torch.device("cuda"))}, f, indent=2, default=str)
+                       "sdpa_ms": sdpa, "environment": environment(torch.device("cuda"))}, f, indent=2, default=str)
 
 
-if __name__ == "__main__":
-    main()
+def sdpa_backends(model: torch.nn.Module, batch: int) -> dict[str, float | str]:
+    """ms per scaled_dot_product_attention call at the model's attention shape, for each SDPA backend,
+    with q/k/v strided as AttentionBlock makes them from an NCHW and from a channels-last qkv output."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from ddpm.unet import AttentionBlock
+    block = next(m for m in model.modules() if isinstance(m, AttentionBlock))
+    c, heads, hw = block.qkv.in_channels, block.num_heads, 7 * 7
+    out: dict[str, float | str] = {}
+    for layout in (torch.contiguous_format, torch.channels_last):
+        y = torch.randn(batch, 3 * c, 7, 7, device="cuda", dtype=torch.bfloat16).to(memory_format=layout)
+        q, k, v = y.reshape(batch, 3, heads, c // heads, hw).transpose(-1, -2).unbind(dim=1)
+        for backend in (None, SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
+                        SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH):
+            name = f"{'channels-last' if layout == torch.channels_last else 'nchw'} {backend.name if backend else 'default'}"
+            try:
+                with sdpa_kernel(backend) if backend else contextlib.nullcontext(), torch.no_grad():
+                    timing = time_windows(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v),
+                                          torch.cuda.synchronize, iters=50, windows=3)
+                out[name] = timing.median_s * 1e3
+            except RuntimeError as e:
+                out[name] = f"unavailable: {str(e).splitlines()[0][:120]}"
+            print(f"sdpa {name:34s} {out[name]}", flush=True)
+    return out
