@@ -108,3 +108,7 @@ def sdpa_backends(model: torch.nn.Module, batch: int) -> dict[str, float | str]:
                 out[name] = f"unavailable: {str(e).splitlines()[0][:120]}"
             print(f"sdpa {name:34s} {out[name]}", flush=True)
     return out
+
+
+if __name__ == "__main__":
+    main()
