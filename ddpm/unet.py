@@ -97,7 +97,10 @@ class AttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        qkv = self.qkv(self.norm(x)).reshape(b, 3, self.num_heads, c // self.num_heads, h * w)
+        # From a channels-last qkv each head's C/heads values are contiguous, as SDPA's fused kernels
+        # (flash, memory-efficient, cuDNN) need; from NCHW memory it falls back to its math path.
+        qkv = self.qkv(self.norm(x).contiguous(memory_format=torch.channels_last))
+        qkv = qkv.reshape(b, 3, self.num_heads, c // self.num_heads, h * w)
         q, k, v = qkv.transpose(-1, -2).unbind(dim=1)  # each [B, heads, HW, C/heads]
         out = F.scaled_dot_product_attention(q, k, v)
         return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))

@@ -84,22 +84,23 @@ def infer(kind: str, channels_last: bool, batch: int, coord: bool) -> None:
           f"fp32 max|diff| {diff:.2e}  compile+capture {compile_s:5.1f} s", flush=True)
 
 
-def train(kind: str, batch: int) -> None:
+def train(kind: str, batch: int, peak: float, patch=None, mode: str = "compile-graph") -> dict:
+    """bench_train's training step for the default MNIST U-Net, NCHW, under `patch(kind)` (default: groupnorm)."""
     torch._dynamo.reset()
     device = torch.device("cuda")
     args = argparse.Namespace(bf16=True, channels_last=False, warmup=3, smoke=False, window_s=0.25, windows=5)
     spec = ours("mnist")
-    with groupnorm(kind):
+    with (patch or groupnorm)(kind):
         tr = Trainee(spec, device, channels_last=False)
         args.mnist_units = tr.units
         flops = forward_flops(tr.model, spec.shape, device)[0]
-        row = run_case(tr, batch, "compile-graph", args, device, flops, PEAK, H.Budget(10_000, 60))
-    print(f"train {kind:12s} NCHW compile-graph batch {batch}: {row.get('ms_per_step', float('nan')):7.2f} ms/step  "
+        row = run_case(tr, batch, mode, args, device, flops, peak, H.Budget(10_000, 60))
+    print(f"train {kind:12s} NCHW {mode} batch {batch}: {row.get('ms_per_step', float('nan')):7.2f} ms/step  "
           f"{row.get('images_per_s', 0):8.0f} img/s  {row.get('pct_of_bf16_matmul', 0):5.1f}% of bf16 matmul  "
-          f"loss {row.get('loss')}  {row['status']} {row.get('error', '')}", flush=True)
+          f"compile {row.get('compile_s', '-')} s  loss {row.get('loss')}  {row['status']} {row.get('error', '')}",
+          flush=True)
+    return row
 
-
-PEAK = 0.0
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -110,11 +111,11 @@ if __name__ == "__main__":
     p.add_argument("--layouts", default="nchw,channels-last", help="inference memory layouts")
     a = p.parse_args()
     print(torch.__version__, torch.cuda.get_device_name(), flush=True)
-    PEAK = H.matmul_peak(torch.device("cuda"), 8192)["tflops"] if a.train else 0.0
-    print(f"bf16 matmul peak {PEAK:.1f} TFLOP/s", flush=True)
+    peak = H.matmul_peak(torch.device("cuda"), 8192)["tflops"] if a.train else 0.0
+    print(f"bf16 matmul peak {peak:.1f} TFLOP/s", flush=True)
     for kind in a.kinds.split(","):
         if a.infer:
             for cl in [layout == "channels-last" for layout in a.layouts.split(",")]:
                 infer(kind, cl, 1024, a.coord)
         if a.train:
-            train(kind, 512)
+            train(kind, 512, peak)
