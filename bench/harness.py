@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import ast
 import datetime as _dt
+import hashlib
 import json
 import math
 import platform
@@ -67,6 +68,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "device": str(device),
         "argv": sys.argv,
         "git_commit": _git_commit(),
+        "source_sha256": source_digest(),
     }
     try:
         import triton
@@ -86,6 +88,19 @@ def environment(device: torch.device) -> dict[str, Any]:
     else:
         env.update(gpu=None, cpu_threads=torch.get_num_threads())
     return env
+
+
+def source_digest() -> str:
+    """SHA-256 (first 16 hex digits) over the ddpm/ and bench/ Python sources, paths and bytes.
+
+    The GPU machine gets a copy of the working tree whose git metadata may lag behind it, so a
+    result is matched to its code by this digest: `python -c "from bench.harness import
+    source_digest; print(source_digest())"` at a checkout gives the same value for the same code.
+    """
+    h = hashlib.sha256()
+    for path in sorted([*REPO_ROOT.glob("ddpm/**/*.py"), *REPO_ROOT.glob("bench/**/*.py")]):
+        h.update(path.relative_to(REPO_ROOT).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
 
 
 def _git_commit() -> str | None:
