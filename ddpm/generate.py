@@ -20,6 +20,7 @@ from ddpm.data import from_model_range
 from ddpm.graphed import GraphedDenoiser
 from ddpm.samplers import get_sampler
 from ddpm.schedule import Schedule
+from ddpm.unet import use_per_channel_group_norm
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +39,8 @@ def sampling_network(model: torch.nn.Module, device: torch.device, cuda_graphs: 
     if device.type != "cuda":
         return model
     if compile:
-        model = torch.compile(copy.deepcopy(model).to(memory_format=torch.channels_last), dynamic=False,
-                              options={"coordinate_descent_tuning": True})
+        model = use_per_channel_group_norm(copy.deepcopy(model).to(memory_format=torch.channels_last))
+        model = torch.compile(model, dynamic=False, options={"coordinate_descent_tuning": True})
     return GraphedDenoiser(model) if cuda_graphs else model
 
 

@@ -35,7 +35,7 @@ def zero_module(module: nn.Module) -> nn.Module:
 
 
 class GroupNorm(nn.GroupNorm):
-    """nn.GroupNorm; compiled for inference, its statistics come from per-channel mean and variance.
+    """nn.GroupNorm; where asked, compiled for inference, its statistics come from per-channel mean and variance.
 
     A group's statistics are a reduction over its (C/G) x H x W elements, which are strided in
     channels-last memory, and torch.compile turns aten's group_norm into reductions that read them
@@ -43,15 +43,21 @@ class GroupNorm(nn.GroupNorm):
     mean is the mean of its channel means and its variance, by the law of total variance, the mean
     of the channel variances plus the variance of the channel means: the same result. 10,000 DDIM-50
     MNIST images through `sample.compile` take 5.58 s instead of 5.98 on one H100 (BENCHMARKS.md).
-    In training it gained 2.6% img/s but cost ~20 s more compile, a net loss for runs of minutes, so
-    training, eager mode, torch.export and ONNX export (one fused kernel; onnxruntime's GroupNorm
-    patterns) keep aten's group_norm. Half-precision inputs give a float32 result, as aten's
-    group_norm does under CUDA autocast.
+    The form is opt-in (`per_channel_stats`, set by `use_per_channel_group_norm`, which
+    ddpm.generate.sampling_network applies to its compiled copy) and taken only while compiling in
+    eval mode. Training (2.6% more img/s but ~20 s more compile: a net loss for runs of minutes),
+    eager mode, torch.export and ONNX export (one fused kernel; onnxruntime's GroupNorm patterns) keep
+    aten's group_norm. Half-precision inputs give a float32 result, as aten's group_norm does under
+    CUDA autocast.
     """
 
+    per_channel_stats = False  # an attribute, not state: checkpoints are unchanged
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Not torch.compiler.is_exporting(): torch 2.11's dynamo reports it True under torch.compile too.
-        if self.training or not self.affine or not torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export():
+        # An explicit flag rather than torch.compiler.is_exporting(), which torch 2.11's dynamo reports
+        # True under plain torch.compile too.
+        if (not self.per_channel_stats or self.training or not self.affine or x.ndim < 3
+                or not torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()):
             return super().forward(x)
         b, c, g = x.shape[0], x.shape[1], self.num_groups
         x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
@@ -64,6 +70,14 @@ class GroupNorm(nn.GroupNorm):
         shift = self.bias - mean[..., None].expand(b, g, c // g).reshape(b, c) * scale
         spatial = (1,) * (x.ndim - 2)
         return x * scale.view(b, c, *spatial) + shift.view(b, c, *spatial)
+
+
+def use_per_channel_group_norm(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Let `model`'s GroupNorms take their per-channel form when compiled for inference (see GroupNorm)."""
+    for m in model.modules():
+        if isinstance(m, GroupNorm):
+            m.per_channel_stats = enabled
+    return model
 
 
 class ResBlock(nn.Module):
@@ -97,11 +111,10 @@ class AttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        # From a channels-last qkv each head's C/heads values are contiguous, as SDPA's fused kernels
-        # (flash, memory-efficient, cuDNN) need; from NCHW memory it falls back to its math path.
-        qkv = self.qkv(self.norm(x).contiguous(memory_format=torch.channels_last))
-        qkv = qkv.reshape(b, 3, self.num_heads, c // self.num_heads, h * w)
-        q, k, v = qkv.transpose(-1, -2).unbind(dim=1)  # each [B, heads, HW, C/heads]
+        qkv = self.qkv(self.norm(x)).reshape(b, 3, self.num_heads, c // self.num_heads, h * w)
+        # Contiguous per head (a copy from NCHW memory, none from channels-last): SDPA's fused kernels
+        # (flash, memory-efficient, cuDNN) need it, and would otherwise fall back to the math path.
+        q, k, v = qkv.transpose(-1, -2).contiguous().unbind(dim=1)  # each [B, heads, HW, C/heads]
         out = F.scaled_dot_product_attention(q, k, v)
         return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
 

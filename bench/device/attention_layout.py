@@ -1,12 +1,12 @@
-"""Does a channels-last qkv, which lets SDPA use its fused kernels in NCHW models, pay off? (one device call)
+"""Do q/k/v contiguous per head, which let SDPA use its fused kernels in NCHW models, pay off? (one device call)
 
-    PYTHONPATH=. python3 bench/device/attention_layout.py [--kinds strided,channels-last] [--train-modes eager,compile-graph]
+    PYTHONPATH=. python3 bench/device/attention_layout.py [--kinds strided,contiguous] [--train-modes eager,compile-graph]
 
 AttentionBlock's forward in two forms, patched in turn:
   strided        the qkv projection's NCHW output reshaped: each head's values are strided by H x W,
                  so scaled_dot_product_attention falls back to its math path (the form before);
-  channels-last  the module's own: the projection reads a channels-last copy of the normalised input,
-                 each head's values are contiguous and SDPA picks a fused kernel.
+  contiguous     the module's own: q/k/v copied contiguous per head after the projection, so SDPA
+                 picks a fused kernel.
 On the default MNIST U-Net (random weights), NCHW, bf16 autocast, in one process:
   the eager forward at batch 1024 replayed as a CUDA graph (what uncompiled sampling runs),
   and bench_train's training step at batch 512 in each of --train-modes.
@@ -38,7 +38,7 @@ def strided_forward(self: ddpm.unet.AttentionBlock, x: torch.Tensor) -> torch.Te
     return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
 
 
-KINDS = {"strided": strided_forward, "channels-last": OURS_FORWARD}
+KINDS = {"strided": strided_forward, "contiguous": OURS_FORWARD}
 
 
 @contextlib.contextmanager
@@ -64,7 +64,7 @@ def infer(kind: str, batch: int) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--kinds", default="strided,channels-last")
+    p.add_argument("--kinds", default="strided,contiguous")
     p.add_argument("--train-modes", default="eager,compile-graph")
     a = p.parse_args()
     print(torch.__version__, torch.cuda.get_device_name(), flush=True)

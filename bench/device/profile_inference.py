@@ -9,8 +9,9 @@ minutes of compile). The compiled model runs without CUDA-graph replay under tor
 kernel is recorded; kernels are the same as in the graph. Kinds: convolution (cuDNN), matmul (cuBLAS
 and CUTLASS), attention (SDPA's kernels), triton reductions (GroupNorm statistics, inductor's
 `red`/`per` kernels), triton pointwise, other. `--sdpa` also times scaled_dot_product_attention alone
-at the U-Net's attention shape (7x7 positions, its heads and head width, q/k/v strided as the model
-makes them) under each backend, eager.
+at the U-Net's attention shape (7x7 positions, its heads and head width) under each backend, eager,
+with q/k/v reshaped from an NCHW and from a channels-last qkv projection (strided by H x W, or
+contiguous per head).
 """
 
 from __future__ import annotations
@@ -101,8 +102,10 @@ def sdpa_backends(model: torch.nn.Module, batch: int) -> dict[str, float | str]:
             name = f"{'channels-last' if layout == torch.channels_last else 'nchw'} {backend.name if backend else 'default'}"
             try:
                 with sdpa_kernel(backend) if backend else contextlib.nullcontext(), torch.no_grad():
-                    timing = time_windows(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v),
-                                          torch.cuda.synchronize, iters=50, windows=3)
+                    call = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)  # noqa: E731
+                    call()  # warm-up: the backend's first call may build its plan
+                    torch.cuda.synchronize()
+                    timing = time_windows(call, torch.cuda.synchronize, iters=50, windows=3)
                 out[name] = timing.median_s * 1e3
             except RuntimeError as e:
                 out[name] = f"unavailable: {str(e).splitlines()[0][:120]}"

@@ -16,6 +16,7 @@ import torch
 from bench import harness as H
 from bench.models import forward_flops, ours
 from ddpm.graphed import GraphedDenoiser
+from ddpm.unet import use_per_channel_group_norm
 
 VARIANTS = {
     "default-1024": dict(batch=1024),
@@ -37,10 +38,13 @@ VARIANTS = {
 
 
 def mnist_inference(batch: int, channels_last: bool) -> tuple[torch.nn.Module, float, torch.Tensor, torch.Tensor]:
-    """(default MNIST U-Net with random weights in eval mode on CUDA, forward GFLOP per image, x, t = 500) at `batch`."""
+    """(default MNIST U-Net with random weights in eval mode on CUDA, forward GFLOP per image, x, t = 500) at `batch`.
+
+    Its GroupNorms take their per-channel form when compiled, as in ddpm.generate.sampling_network.
+    """
     torch._dynamo.reset()
     spec = ours("mnist")
-    model = spec.build().cuda().eval()
+    model = use_per_channel_group_norm(spec.build().cuda().eval())
     gflop = forward_flops(model, spec.shape, torch.device("cuda"))[0] / 1e9
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(batch, *spec.shape, device="cuda").to(memory_format=fmt)
