@@ -111,10 +111,10 @@ class AttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        qkv = self.qkv(self.norm(x)).reshape(b, 3, self.num_heads, c // self.num_heads, h * w)
-        # Contiguous per head (a copy from NCHW memory, none from channels-last): SDPA's fused kernels
-        # (flash, memory-efficient, cuDNN) need it, and would otherwise fall back to the math path.
-        q, k, v = qkv.transpose(-1, -2).contiguous().unbind(dim=1)  # each [B, heads, HW, C/heads]
+        qkv = self.qkv(self.norm(x)).reshape(b, 3, self.num_heads, c // self.num_heads, h * w).transpose(-1, -2)
+        if qkv.stride(-1) != 1:  # from NCHW memory; SDPA's fused kernels (flash, memory-efficient, cuDNN)
+            qkv = qkv.contiguous()  # need each head's values contiguous, else it takes the math path
+        q, k, v = qkv.unbind(dim=1)  # each [B, heads, HW, C/heads]
         out = F.scaled_dot_product_attention(q, k, v)
         return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
 

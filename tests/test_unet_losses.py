@@ -4,7 +4,7 @@ import torch
 from ddpm.config import DiffusionConfig, ModelConfig
 from ddpm.losses import p_losses
 from ddpm.schedule import Schedule
-from ddpm.unet import UNet, timestep_embedding
+from ddpm.unet import AttentionBlock, UNet, timestep_embedding
 
 
 @pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32)])
@@ -111,3 +111,24 @@ def test_compiled_group_norm_for_inference_matches_the_definition(channels_last)
         if used_var_mean:  # (aten's CPU channels-last kernel itself is off by ~2e-3 at this offset)
             torch.testing.assert_close(out.double(), expected, atol=5e-5, rtol=0)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_attention_takes_a_fused_sdpa_kernel_and_equals_softmax_attention(channels_last):
+    """From NCHW and channels-last inputs alike, q/k/v reach SDPA contiguous per head (its flash kernel
+    refuses strided ones), and the block computes x + proj(softmax(q k^T / sqrt(d)) v) per head."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    torch.manual_seed(0)
+    block = AttentionBlock(16, num_heads=2, groups=4)
+    torch.nn.init.normal_(block.proj.weight)  # zero-initialised: the attention would not show
+    x = torch.randn(2, 16, 5, 3)
+    if channels_last:
+        x, block = x.to(memory_format=torch.channels_last), block.to(memory_format=torch.channels_last)
+    with torch.no_grad(), sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        out = block(x)
+        qkv = block.qkv(block.norm(x)).double().reshape(2, 3, 2, 8, 15)  # [B, q/k/v, heads, C/heads, HW]
+        q, k, v = qkv.unbind(dim=1)
+        weights = torch.softmax(q.transpose(-1, -2) @ k / 8 ** 0.5, dim=-1)  # [B, heads, HW (query), HW (key)]
+        attended = (v @ weights.transpose(-1, -2)).reshape(2, 16, 5, 3)  # [B, C, H, W]
+        expected = x.double() + torch.nn.functional.conv2d(attended, block.proj.weight.double(), block.proj.bias.double())
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
