@@ -111,6 +111,13 @@ def test_compiled_group_norm_for_inference_matches_the_definition(channels_last)
         if used_var_mean:  # (aten's CPU channels-last kernel itself is off by ~2e-3 at this offset)
             torch.testing.assert_close(out.double(), expected, atol=5e-5, rtol=0)
     torch._dynamo.reset()
+    with torch.no_grad():  # a bf16 model keeps bf16 activations, as with aten's group_norm
+        norm, x = norm.to(torch.bfloat16), x.to(torch.bfloat16)
+        out = torch.compile(norm, backend=backend)(x)
+    assert any("var_mean" in t for t in traced[-1]) and out.dtype == torch.bfloat16
+    expected = _group_norm_float64(x, 8, norm.weight, norm.bias, norm.eps)  # of the bf16 values
+    torch.testing.assert_close(out.double(), expected, atol=1e-2, rtol=1e-2)  # the bf16 rounding of the output
+    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
