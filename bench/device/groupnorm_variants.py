@@ -18,8 +18,8 @@ Each inference line also gives max |output - aten's output| (eager, float32 with
 from __future__ import annotations
 
 import argparse
-import contextlib
-from typing import Iterator
+from typing import ContextManager
+from unittest import mock
 
 import torch
 import torch._inductor.config as inductor_config
@@ -55,14 +55,9 @@ def channel_sums_forward(self: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
 KINDS = {"aten": ATEN_FORWARD, "channel-sums": channel_sums_forward, "ours": OURS_FORWARD}
 
 
-@contextlib.contextmanager
-def groupnorm(kind: str) -> Iterator[None]:
+def groupnorm(kind: str) -> ContextManager:
     """ddpm.unet.GroupNorm computed by aten's group_norm, E[x] and E[x^2] sums, or its own var_mean."""
-    ddpm.unet.GroupNorm.forward = KINDS[kind]
-    try:
-        yield
-    finally:
-        ddpm.unet.GroupNorm.forward = OURS_FORWARD
+    return mock.patch.object(ddpm.unet.GroupNorm, "forward", KINDS[kind])
 
 
 def infer(kind: str, channels_last: bool, batch: int, coord: bool) -> None:
