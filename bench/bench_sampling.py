@@ -13,7 +13,8 @@ Modes (--modes):
   graph          one step (U-Net forward + update) captured in a torch.cuda.CUDAGraph on static
                  buffers, replayed once per step. No compile cost.
   compile        torch.compile(net, dynamic=False); the update stays eager. DDPM and DDIM share
-                 the compiled U-Net, so each batch size compiles once.
+                 the compiled U-Net, so each batch size compiles once. Our U-Net's GroupNorms take
+                 their per-channel form, as under `sample.compile`.
   compile-graph  the compiled U-Net + update captured in a CUDA graph, as `graph` (no second compile).
   reduce-overhead  torch.compile(net, mode="reduce-overhead"), opt-in (its own compile).
 
@@ -48,6 +49,7 @@ from bench.models import MODEL_NAMES, Spec, forward_flops, num_params, specs
 from ddpm.data import from_model_range
 from ddpm.samplers import ddim_sample_loop, ddim_timesteps, p_sample_loop
 from ddpm.schedule import Schedule
+from ddpm.unet import use_per_channel_group_norm
 
 MODES = ("eager", "graph", "compile", "compile-graph", "reduce-overhead")
 TORCH_COMPILE_MODE = {"compile": "default", "compile-graph": "default", "reduce-overhead": "reduce-overhead"}
@@ -243,7 +245,9 @@ class Bench:
 
     # -- setup
     def add_model(self, s: Spec) -> None:
-        net = s.build().to(self.device).eval().requires_grad_(False)
+        # Our U-Net's GroupNorms take their per-channel form when compiled, as under `sample.compile`
+        # (ddpm.generate.sampling_network); the twin's nn.GroupNorms are not ours and stay as they are.
+        net = use_per_channel_group_norm(s.build().to(self.device).eval().requires_grad_(False))
         if self.args.channels_last:
             net = net.to(memory_format=torch.channels_last)
         self.nets[s.name] = net
