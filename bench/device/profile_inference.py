@@ -88,7 +88,8 @@ def main() -> None:
 
 def sdpa_backends(model: torch.nn.Module, batch: int) -> dict[str, float | str]:
     """ms per scaled_dot_product_attention call at the model's attention shape, for each SDPA backend,
-    with q/k/v strided as AttentionBlock makes them from an NCHW and from a channels-last qkv output."""
+    with q/k/v as the reshape of an NCHW and of a channels-last qkv output leaves them (strided by H x W,
+    or contiguous per head; AttentionBlock now copies the first kind contiguous)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from ddpm.unet import AttentionBlock
     block = next(m for m in model.modules() if isinstance(m, AttentionBlock))
