@@ -112,7 +112,7 @@ def _git_commit() -> str | None:
                                  capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
-    return (head + ("+dirty" if changed else "")) or None
+    return head + ("+dirty" if changed else "") if head else None
 
 
 def _nvidia_smi(query: str) -> str | None:

@@ -6,9 +6,10 @@ evaluation use: wall time per run, noise to uint8 images on the host.
 
 Default MNIST U-Net with random weights (zero-initialised layers re-initialised), bf16 autocast,
 sample.compile=true (channels-last + torch.compile with coordinate-descent tuning + CUDA graphs).
-The first run includes the compile; later runs reuse it. `--phases` then splits one call's time:
-making the sampling network and its first forward (dynamo, inductor's cache, CUDA-graph capture),
-the sampling loop alone with that network prepared, and the network's graph replay alone.
+The first run includes the compile; later runs reuse it. `--phases` then re-enacts one call in
+parts, without its copies to the host: making the sampling network and its first forward (dynamo,
+inductor's cache, CUDA-graph capture), the sampling loops alone with that network prepared, and the
+network's graph replays alone.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 
 from bench.harness import environment, timed_once
 from bench.models import ours
+from ddpm.config import image_shape
 from ddpm.generate import generate, sampling_network
 from ddpm.samplers import ddim_sample_loop
 from ddpm.schedule import Schedule
@@ -63,12 +65,12 @@ def main() -> None:
 
 
 def phases(model: torch.nn.Module, schedule: Schedule, cfg, images: int) -> dict[str, float]:
-    """One generate() call's work in three parts, each timed between device synchronisations."""
+    """One generate() call's work re-enacted in parts (no host copies), each timed between device synchronisations."""
     sync = torch.cuda.synchronize
     b = cfg.sample.batch_size
     model.eval()
     schedule = schedule.to("cuda")
-    x = torch.randn((b, 1, 28, 28), device="cuda")
+    x = torch.randn((b, *image_shape(cfg)), device="cuda")
     t = torch.full((b,), 999, device="cuda", dtype=torch.long)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
     with torch.no_grad(), autocast:

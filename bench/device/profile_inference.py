@@ -75,13 +75,13 @@ def main() -> None:
           f"({gflop * args.batch / total:.1f} TFLOP/s over kernel time)")
     for kind, ms in sorted(by_kind.items(), key=lambda kv: -kv[1]):
         print(f"  {kind:18s} {ms:7.3f} ms  {100 * ms / total:5.1f}%")
-    top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:30]
-    for name, ms in top:
+    ranked = sorted(per_kernel.items(), key=lambda kv: -kv[1])
+    for name, ms in ranked[:30]:
         print(f"  {ms:7.3f} ms x{counts[name] // args.iters:3d}  {kind_of(name):17s} {name[:110]}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"batch": args.batch, "coord": args.coord, "gflop_per_image": gflop, "kernel_ms": total,
-                       "by_kind_ms": by_kind, "kernels_ms": sorted(per_kernel.items(), key=lambda kv: -kv[1]),
+                       "by_kind_ms": by_kind, "kernels_ms": ranked,
                        "calls_per_forward": {n: counts[n] // args.iters for n in per_kernel},
                        "sdpa_ms": sdpa, "environment": environment(torch.device("cuda"))}, f, indent=2, default=str)
 
