@@ -81,6 +81,47 @@ def use_per_channel_group_norm(model: nn.Module, enabled: bool = True) -> nn.Mod
     return model
 
 
+class ChannelPaddedConv2d(nn.Conv2d):
+    """A copy of `conv` whose input and output channels are zero-padded to multiples of `multiple`.
+
+    [B, C_in, H, W] -> [B, C_out, H, W], as `conv`. For inference on CUDA in channels-last memory:
+    with 1 or 3 image channels cuDNN has no tensor-core kernel for the U-Net's first and last
+    convolutions, and for 1 channel it cannot tell channels-last from NCHW, so the first one's
+    output comes back NCHW and every kernel that later reads it beside channels-last tensors (the
+    first residual add, the last skip connection) reads memory out of order. The padded channels
+    carry zero weights and zero inputs, so they add exact zeros: the result is `conv`'s.
+    """
+
+    def __init__(self, conv: nn.Conv2d, multiple: int = 8):
+        if conv.groups != 1 or conv.padding_mode != "zeros":
+            raise ValueError("ChannelPaddedConv2d takes a plain convolution (groups=1, zero padding)")
+        pad_in, pad_out = -conv.in_channels % multiple, -conv.out_channels % multiple
+        super().__init__(conv.in_channels + pad_in, conv.out_channels + pad_out, conv.kernel_size, conv.stride,
+                         conv.padding, conv.dilation, bias=conv.bias is not None,
+                         device=conv.weight.device, dtype=conv.weight.dtype)
+        self.image_channels = conv.out_channels
+        with torch.no_grad():
+            self.weight.copy_(F.pad(conv.weight, (0, 0, 0, 0, 0, pad_in, 0, pad_out)))
+            if conv.bias is not None:
+                self.bias.copy_(F.pad(conv.bias, (0, pad_out)))
+        self.requires_grad_(conv.weight.requires_grad)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.pad(x, (0, 0, 0, 0, 0, self.in_channels - x.shape[1]))
+        return super().forward(x.contiguous(memory_format=torch.channels_last))[:, :self.image_channels]
+
+
+def pad_image_channels(model: nn.Module, multiple: int = 8) -> nn.Module:
+    """Replace a UNet's first and last convolutions (image channels in, image channels out) with ChannelPaddedConv2d.
+
+    For a channels-last copy compiled for sampling (ddpm.generate.sampling_network); the state
+    dict's shapes change, so it is not for a model that will be trained or saved.
+    """
+    model.input_conv = ChannelPaddedConv2d(model.input_conv, multiple)
+    model.out[-1] = ChannelPaddedConv2d(model.out[-1], multiple)
+    return model
+
+
 class ResBlock(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float, groups: int):
         super().__init__()

@@ -69,3 +69,23 @@ def test_compiled_generate_matches_graph_mode_and_pads_the_last_batch(monkeypatc
     assert next(model.parameters()).is_contiguous()  # the channels-last copy left the model alone
     images, _, trajectory = generate_mod.generate(model, s, compiled_cfg, 3, seed=1, return_trajectory=True)
     assert images.shape[0] == 3 and all(frame.shape[0] == 3 for frame in trajectory)  # padding removed
+
+
+def test_compiled_sampling_network_in_bf16_matches_the_model_under_autocast():
+    """sample.compile's copy (channels-last, padded image convolutions, per-channel GroupNorm, weights cast
+    to bf16 once) computes what the model computes under bf16 autocast, and leaves the model as it was."""
+    from ddpm.generate import sampling_network
+    torch.manual_seed(0)
+    model = UNet(ModelConfig(base_channels=32, norm_groups=8)).cuda().eval()
+    for p in model.parameters():  # zero-initialised layers would hide most of the network
+        torch.nn.init.normal_(p, std=0.05)
+    net = sampling_network(model, torch.device("cuda"), cuda_graphs=True, compile=True, autocast_dtype=torch.bfloat16)
+    x, t = torch.randn(8, 1, 28, 28, device="cuda"), torch.randint(0, 1000, (8,), device="cuda")
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+        out, expected = net(x, t), model(x, t)
+    with torch.no_grad():
+        reference = model(x, t)  # float32 (cuDNN's TF32 convolutions, torch's default)
+    assert out.shape == x.shape and out.dtype == expected.dtype == torch.bfloat16
+    bf16_error = (expected.float() - reference).abs().max().item()
+    assert (out.float() - reference).abs().max().item() <= 2 * bf16_error + 1e-3  # bf16's own rounding, no more
+    assert all(p.dtype == torch.float32 and p.is_contiguous() for p in model.parameters())

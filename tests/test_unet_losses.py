@@ -139,3 +139,24 @@ def test_attention_takes_a_fused_sdpa_kernel_and_equals_softmax_attention(channe
         attended = (v @ weights.transpose(-1, -2)).reshape(2, 16, 5, 3)  # [B, C, H, W]
         expected = x.double() + torch.nn.functional.conv2d(attended, block.proj.weight.double(), block.proj.bias.double())
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("in_channels", [1, 3])
+def test_channel_padded_image_convolutions_give_the_same_network(in_channels, tiny_model_cfg):
+    """The sampling copy's first and last convolutions, zero-padded to 8 channels, compute the same function."""
+    import copy
+    from ddpm.unet import ChannelPaddedConv2d, pad_image_channels
+    torch.manual_seed(0)
+    model = UNet(tiny_model_cfg, in_channels=in_channels).eval()
+    for p in model.parameters():  # the last convolution is zero-initialised: its padding would not show
+        torch.nn.init.normal_(p, std=0.2)
+    padded = pad_image_channels(copy.deepcopy(model)).to(memory_format=torch.channels_last)
+    assert isinstance(padded.input_conv, ChannelPaddedConv2d) and padded.input_conv.weight.shape[1] == 8
+    assert padded.out[-1].weight.shape[0] == 8 and not padded.out[-1].weight[in_channels:].any()
+    x, t = torch.randn(4, in_channels, 32, 32), torch.tensor([0, 10, 500, 999])
+    with torch.no_grad():
+        expected, out = model(x, t), padded(x, t)
+    assert out.shape == expected.shape == x.shape
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="groups=1"):
+        ChannelPaddedConv2d(torch.nn.Conv2d(4, 4, 3, groups=2))

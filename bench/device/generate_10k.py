@@ -74,7 +74,8 @@ def phases(model: torch.nn.Module, schedule: Schedule, cfg, images: int) -> dict
     t = torch.full((b,), 999, device="cuda", dtype=torch.long)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
     with torch.no_grad(), autocast:
-        net, setup = timed_once(lambda: sampling_network(model, torch.device("cuda"), True, cfg.sample.compile), sync)
+        net, setup = timed_once(lambda: sampling_network(model, torch.device("cuda"), True, cfg.sample.compile,
+                                                                 torch.bfloat16), sync)
         _, first = timed_once(lambda: net(x, t), sync)
         batches = -(-images // b)
         _, loop = timed_once(lambda: [ddim_sample_loop(net, schedule, x, steps=cfg.sample.steps)

@@ -16,7 +16,7 @@ import torch
 from bench import harness as H
 from bench.models import forward_flops, ours
 from ddpm.graphed import GraphedDenoiser
-from ddpm.unet import use_per_channel_group_norm
+from ddpm.unet import ChannelPaddedConv2d, pad_image_channels, use_per_channel_group_norm
 
 VARIANTS = {
     "default-1024": dict(batch=1024),
@@ -33,19 +33,29 @@ VARIANTS = {
     "coord-cl-freezing-512": dict(batch=512, channels_last=True,
                                   inductor={"coordinate_descent_tuning": True, "freezing": True}),
     "autotune-1024": dict(batch=1024, mode="max-autotune-no-cudagraphs"),
+    "cl-1000": dict(batch=1000, channels_last=True),
+    "cl-padded-1000": dict(batch=1000, channels_last=True, padded=True),
+    "cl-padded-in-1000": dict(batch=1000, channels_last=True, padded="in"),
+    "cl-padded-bf16w-1000": dict(batch=1000, channels_last=True, padded=True, bf16_weights=True),
     "autotune-freezing-2048": dict(batch=2048, mode="max-autotune-no-cudagraphs", inductor={"freezing": True}),
 }
 
 
-def mnist_inference(batch: int, channels_last: bool) -> tuple[torch.nn.Module, float, torch.Tensor, torch.Tensor]:
+def mnist_inference(batch: int, channels_last: bool, padded: bool | str = False
+                    ) -> tuple[torch.nn.Module, float, torch.Tensor, torch.Tensor]:
     """(default MNIST U-Net with random weights in eval mode on CUDA, forward GFLOP per image, x, t = 500) at `batch`.
 
-    Its GroupNorms take their per-channel form when compiled, as in ddpm.generate.sampling_network.
+    Its GroupNorms take their per-channel form when compiled, as in ddpm.generate.sampling_network;
+    `padded`: its image-channel convolutions are padded to 8 channels as there too ("in": the first only).
     """
     torch._dynamo.reset()
     spec = ours("mnist")
     model = use_per_channel_group_norm(spec.build().cuda().eval())
-    gflop = forward_flops(model, spec.shape, torch.device("cuda"))[0] / 1e9
+    gflop = forward_flops(model, spec.shape, torch.device("cuda"))[0] / 1e9  # of the unpadded network
+    if padded == "in":
+        model.input_conv = ChannelPaddedConv2d(model.input_conv)
+    elif padded:
+        pad_image_channels(model)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(batch, *spec.shape, device="cuda").to(memory_format=fmt)
     t = torch.full((batch,), 500, device="cuda", dtype=torch.long)
@@ -53,9 +63,13 @@ def mnist_inference(batch: int, channels_last: bool) -> tuple[torch.nn.Module, f
 
 
 def run(name: str, batch: int, channels_last: bool = False, inductor: dict | None = None,
-        mode: str = "default") -> None:
+        mode: str = "default", padded: bool | str = False, bf16_weights: bool = False) -> None:
     import torch._inductor.config as inductor_config
-    model, gflop, x, t = mnist_inference(batch, channels_last)
+    model, gflop, x, t = mnist_inference(batch, channels_last, padded)
+    if bf16_weights:  # what autocast casts at every call, cast once: convolutions and linear layers
+        for m in model.modules():
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+                m.to(torch.bfloat16)
     sync = torch.cuda.synchronize
     with inductor_config.patch(inductor or {}):  # compiled lazily: at the first call, inside this block
         net = torch.compile(model, dynamic=False, **({} if mode == "default" else {"mode": mode}))
