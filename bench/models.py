@@ -98,7 +98,9 @@ class DiffusersEps(nn.Module):
         super().__init__()
         self.net = net
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if labels is not None:
+            raise ValueError("the diffusers twin is unconditional: it takes no labels")
         return self.net(x, t, return_dict=False)[0]
 
 
