@@ -99,7 +99,7 @@ class ChannelPaddedConv2d(nn.Conv2d):
         super().__init__(conv.in_channels + pad_in, conv.out_channels + pad_out, conv.kernel_size, conv.stride,
                          conv.padding, conv.dilation, bias=conv.bias is not None,
                          device=conv.weight.device, dtype=conv.weight.dtype)
-        self.image_channels = conv.out_channels
+        self.unpadded_out_channels = conv.out_channels
         with torch.no_grad():
             self.weight.copy_(F.pad(conv.weight, (0, 0, 0, 0, 0, pad_in, 0, pad_out)))
             if conv.bias is not None:
@@ -108,10 +108,10 @@ class ChannelPaddedConv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.pad(x, (0, 0, 0, 0, 0, self.in_channels - x.shape[1]))
-        return super().forward(x.contiguous(memory_format=torch.channels_last))[:, :self.image_channels]
+        return super().forward(x.contiguous(memory_format=torch.channels_last))[:, :self.unpadded_out_channels]
 
 
-def pad_image_channels(model: nn.Module, multiple: int = 8) -> nn.Module:
+def pad_image_channels(model: UNet, multiple: int = 8) -> UNet:
     """Replace a UNet's first and last convolutions (image channels in, image channels out) with ChannelPaddedConv2d.
 
     For a channels-last copy compiled for sampling (ddpm.generate.sampling_network); the state

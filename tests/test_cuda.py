@@ -76,15 +76,19 @@ def test_compiled_sampling_network_in_bf16_matches_the_model_under_autocast():
     to bf16 once) computes what the model computes under bf16 autocast, and leaves the model as it was."""
     from ddpm.generate import sampling_network
     torch.manual_seed(0)
-    model = UNet(ModelConfig(base_channels=32, norm_groups=8)).cuda().eval()
+    model = UNet(ModelConfig(base_channels=32, norm_groups=8, class_conditional=True)).cuda().eval()
     for p in model.parameters():  # zero-initialised layers would hide most of the network
         torch.nn.init.normal_(p, std=0.05)
     net = sampling_network(model, torch.device("cuda"), cuda_graphs=True, compile=True, autocast_dtype=torch.bfloat16)
+    inner = net.model._orig_mod  # the copy torch.compile wraps
+    assert inner.input_conv.weight.dtype == inner.time_mlp[0].weight.dtype == torch.bfloat16
+    assert inner.label_emb.weight.dtype == inner.out[0].weight.dtype == torch.float32  # autocast leaves these alone
     x, t = torch.randn(8, 1, 28, 28, device="cuda"), torch.randint(0, 1000, (8,), device="cuda")
+    y = torch.randint(0, 11, (8,), device="cuda")
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
-        out, expected = net(x, t), model(x, t)
+        out, expected = net(x, t, y), model(x, t, y)
     with torch.no_grad():
-        reference = model(x, t)  # float32 (cuDNN's TF32 convolutions, torch's default)
+        reference = model(x, t, y)  # float32 (cuDNN's TF32 convolutions, torch's default)
     assert out.shape == x.shape and out.dtype == expected.dtype == torch.bfloat16
     bf16_error = (expected.float() - reference).abs().max().item()
     assert (out.float() - reference).abs().max().item() <= 2 * bf16_error + 1e-3  # bf16's own rounding, no more

@@ -2,7 +2,8 @@
 evaluation use: wall time per run, noise to uint8 images on the host.
 
     PYTHONPATH=. python3 bench/device/generate_10k.py [--batch 1000] [--runs 3] [--no-compile] [--cudnn-benchmark]
-        [--phases] [--without padding] [--without bf16-weights] [--out results.json]
+        [--phases] [--without padding] [--without bf16-weights]
+        [--out results.json]
 
 Default MNIST U-Net with random weights (zero-initialised layers re-initialised), bf16 autocast,
 sample.compile=true (channels-last + torch.compile with coordinate-descent tuning + CUDA graphs).
@@ -49,8 +50,8 @@ def main() -> None:
     if "bf16-weights" in args.without:
         shipped = generate_mod.sampling_network
         switches.enter_context(mock.patch.object(generate_mod, "sampling_network",
-                                                 lambda model, device, graphs, compiled, dtype=None:
-                                                 shipped(model, device, graphs, compiled)))
+                                                 lambda model, device, cuda_graphs=True, compile=False,
+                                                 autocast_dtype=None: shipped(model, device, cuda_graphs, compile)))
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     spec = ours("mnist")
     cfg = spec.cfg
