@@ -1,11 +1,13 @@
 """Where does the compiled sampling forward spend its GPU time? Kernel time by kind (one device call).
 
-    PYTHONPATH=. python3 bench/device/profile_inference.py [--batch 1000] [--coord] [--iters 20] [--sdpa]
-        [--out prof.json]
+    PYTHONPATH=. python3 bench/device/profile_inference.py [--batch 1000] [--coord | --shipped] [--iters 20]
+        [--sdpa] [--out prof.json]
 
-The default MNIST U-Net (random weights, eval mode), channels-last, bf16 autocast, torch.compile as
-ddpm.generate.sampling_network does it (--coord adds its coordinate-descent tuning, about 2 extra
-minutes of compile). The compiled model runs without CUDA-graph replay under torch.profiler, so each
+The default MNIST U-Net (random weights, eval mode), channels-last, per-channel GroupNorm, bf16
+autocast, torch.compile (--coord adds coordinate-descent tuning, about 2 extra minutes of compile);
+--shipped profiles instead the copy that ddpm.generate.sampling_network compiles for
+`sample.compile` (also padded image convolutions, weights cast to bf16 once, coordinate descent).
+The compiled model runs without CUDA-graph replay under torch.profiler, so each
 kernel is recorded; kernels are the same as in the graph. Kinds: convolution (cuDNN), matmul (cuBLAS
 and CUTLASS), attention (SDPA's kernels), triton reductions (GroupNorm statistics, inductor's
 `red`/`per` kernels), triton pointwise, other. `--sdpa` also times scaled_dot_product_attention alone
@@ -26,6 +28,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from bench.device.sampling_variants import mnist_inference
 from bench.harness import environment, time_windows
+from ddpm.generate import sampling_network
 
 KINDS = (("triton reduction", ("triton_red", "triton_per")),  # first: inductor names kernels after their aten ops
          ("triton pointwise", ("triton_poi", "triton_")),
@@ -46,13 +49,18 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=1000)
     p.add_argument("--coord", action="store_true")
+    p.add_argument("--shipped", action="store_true")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--sdpa", action="store_true")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     model, gflop, x, t = mnist_inference(args.batch, channels_last=True)
     sdpa = sdpa_backends(model, args.batch) if args.sdpa else None
-    net = torch.compile(model, dynamic=False, options={"coordinate_descent_tuning": args.coord})
+    if args.shipped:
+        net = sampling_network(model, torch.device("cuda"), cuda_graphs=False, compile=True,
+                               autocast_dtype=torch.bfloat16)
+    else:
+        net = torch.compile(model, dynamic=False, options={"coordinate_descent_tuning": args.coord})
     with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
         for _ in range(3):
             net(x, t)
@@ -80,7 +88,7 @@ def main() -> None:
         print(f"  {ms:7.3f} ms x{counts[name] // args.iters:3d}  {kind_of(name):17s} {name[:110]}")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"batch": args.batch, "coord": args.coord, "gflop_per_image": gflop, "kernel_ms": total,
+            json.dump({"batch": args.batch, "coord": args.coord, "shipped": args.shipped, "gflop_per_image": gflop, "kernel_ms": total,
                        "by_kind_ms": by_kind, "kernels_ms": ranked,
                        "calls_per_forward": {n: counts[n] // args.iters for n in per_kernel},
                        "sdpa_ms": sdpa, "environment": environment(torch.device("cuda"))}, f, indent=2, default=str)
