@@ -84,12 +84,13 @@ def use_per_channel_group_norm(model: nn.Module, enabled: bool = True) -> nn.Mod
 class ChannelPaddedConv2d(nn.Conv2d):
     """A copy of `conv` whose input and output channels are zero-padded to multiples of `multiple`.
 
-    [B, C_in, H, W] -> [B, C_out, H, W], as `conv`. For inference on CUDA in channels-last memory:
-    with 1 or 3 image channels cuDNN has no tensor-core kernel for the U-Net's first and last
-    convolutions, and for 1 channel it cannot tell channels-last from NCHW, so the first one's
-    output comes back NCHW and every kernel that later reads it beside channels-last tensors (the
-    first residual add, the last skip connection) reads memory out of order. The padded channels
-    carry zero weights and zero inputs, so they add exact zeros: the result is `conv`'s.
+    [B, C_in, H, W] -> [B, C_out, H, W], as `conv`. For inference on CUDA in channels-last memory.
+    With one image channel (MNIST, on an H100) cuDNN ran the U-Net's first convolution with a generic
+    kernel and, unable to tell channels-last from NCHW for one channel, returned its output NCHW, so
+    every kernel that later read it beside channels-last tensors (the first residual add, the last
+    skip connection) read memory out of order; the last convolution (64 -> 1) took a slow sm80
+    kernel. Three-channel images are padded the same way (not measured). The padded channels carry
+    zero weights and zero inputs, so they add exact zeros: the result is `conv`'s.
     """
 
     def __init__(self, conv: nn.Conv2d, multiple: int = 8):
