@@ -40,6 +40,7 @@ import numpy as np
 import onnxruntime as ort
 from torch import nn
 
+from bench.models import randomize_zero_layers
 from ddpm.checkpoint import load_model, save_checkpoint
 from ddpm.config import ExportConfig, config_from_dict, image_shape
 from ddpm.export import export_onnx, fp16_path
@@ -88,10 +89,7 @@ def random_checkpoint(path: Path, seed: int = 0) -> Path:
     cfg = config_from_dict({})
     torch.manual_seed(seed)
     from ddpm.unet import build_unet
-    net = build_unet(cfg.model, image_shape(cfg))
-    for mod in net.modules():
-        if isinstance(mod, (nn.Conv2d, nn.Linear)) and not mod.weight.any():
-            mod.reset_parameters()
+    net = randomize_zero_layers(build_unet(cfg.model, image_shape(cfg)))
     save_checkpoint(path, {"model": net.state_dict(), "ema": None, "config": cfg.to_dict(), "step": 0})
     return path
 

@@ -15,6 +15,7 @@ import torch
 
 from bench import harness as H
 from bench.models import forward_flops, ours
+from ddpm.generate import cast_weights_for_autocast
 from ddpm.graphed import GraphedDenoiser
 from ddpm.unet import ChannelPaddedConv2d, pad_image_channels, use_per_channel_group_norm
 
@@ -66,10 +67,8 @@ def run(name: str, batch: int, channels_last: bool = False, inductor: dict | Non
         mode: str = "default", padded: bool | str = False, bf16_weights: bool = False) -> None:
     import torch._inductor.config as inductor_config
     model, gflop, x, t = mnist_inference(batch, channels_last, padded)
-    if bf16_weights:  # what autocast casts at every call, cast once: convolutions and linear layers
-        for m in model.modules():
-            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
-                m.to(torch.bfloat16)
+    if bf16_weights:
+        cast_weights_for_autocast(model, torch.bfloat16)
     sync = torch.cuda.synchronize
     with inductor_config.patch(inductor or {}):  # compiled lazily: at the first call, inside this block
         net = torch.compile(model, dynamic=False, **({} if mode == "default" else {"mode": mode}))
