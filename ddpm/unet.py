@@ -123,60 +123,6 @@ def pad_image_channels(model: UNet, multiple: int = 8) -> UNet:
     return model
 
 
-class NearestUpsampleConv2d(nn.Module):
-    """conv(upsample(x)): nearest 2x upsampling, then a 3x3 convolution (stride 1, padding 1), computed
-    on the low-resolution input. [B, C_in, H, W] -> [B, C_out, 2H, 2W].
-
-    Output pixel (2i+a, 2j+b) sees only input rows i-1+a, i+a and columns j-1+b, j+b: each of the
-    four phases (a, b) is a 2x2 convolution whose taps are sums of the 3x3 kernel's rows and columns
-    (phase 0 takes rows {0}, {1, 2}; phase 1 takes {0, 1}, {2}). One 2x2 convolution with 4 * C_out
-    channels and padding 1 computes all four on the (H+1) x (W+1) grid, and phase (a, b) is its window
-    [a:a+H, b:b+W]. That is 16 (H+1)(W+1) instead of 36 H W multiply-adds per channel pair (51% at
-    14x14) and no upsampled tensor in memory. The sums of taps round differently from the separate
-    products, so the result equals `conv(upsample(x))` up to floating-point rounding.
-    """
-
-    # ROWS[a][d, k] = 1 when tap d of phase a's 2x2 kernel includes row k of the 3x3 kernel.
-    ROWS = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]], [[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]])
-
-    def __init__(self, conv: nn.Conv2d):
-        super().__init__()
-        if (conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups) != ((3, 3), (1, 1), (1, 1),
-                                                                                          (1, 1), 1):
-            raise ValueError("NearestUpsampleConv2d folds a 3x3 convolution with stride 1, padding 1, one group")
-        self.out_channels = conv.out_channels
-        rows = self.ROWS.to(conv.weight.device, torch.float64)
-        w = conv.weight.detach().double()
-        # phases[o, a, b, c, dy, dx] = sum over ky, kx of rows[a, dy, ky] * w[o, c, ky, kx] * rows[b, dx, kx]
-        phases = torch.einsum("ayk,ockl,bxl->oabcyx", rows, w, rows)
-        self.weight = nn.Parameter(phases.reshape(4 * conv.out_channels, conv.in_channels, 2, 2)
-                                   .to(conv.weight.dtype), requires_grad=conv.weight.requires_grad)
-        self.bias = None if conv.bias is None else nn.Parameter(
-            conv.bias.detach().repeat_interleave(4), requires_grad=conv.bias.requires_grad)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, _, h, w = x.shape
-        y = F.conv2d(x, self.weight, self.bias, padding=1)  # [B, 4 * C_out, H+1, W+1], channel o * 4 + a * 2 + b
-        y = y.view(b, self.out_channels, 2, 2, h + 1, w + 1)
-        phases = torch.stack([torch.stack([y[:, :, a, c, a:a + h, c:c + w] for c in (0, 1)], dim=-1)
-                              for a in (0, 1)], dim=-3)  # [B, C_out, H, 2 (a), W, 2 (b)]
-        return phases.reshape(b, self.out_channels, 2 * h, 2 * w)
-
-
-def fold_upsample_convs(model: UNet) -> UNet:
-    """Replace a UNet's up-path (nearest upsample, 3x3 conv) pairs with NearestUpsampleConv2d.
-
-    For a copy compiled for sampling (ddpm.generate.sampling_network); its state dict differs, so it
-    is not for a model that will be trained or saved.
-    """
-    for i, layer in enumerate(model.up):
-        if (isinstance(layer, nn.Sequential) and len(layer) == 2 and isinstance(layer[0], nn.Upsample)
-                and layer[0].mode == "nearest" and layer[0].scale_factor in (2, 2.0, (2, 2), (2.0, 2.0))
-                and isinstance(layer[1], nn.Conv2d)):
-            model.up[i] = NearestUpsampleConv2d(layer[1])
-    return model
-
-
 class ResBlock(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float, groups: int):
         super().__init__()

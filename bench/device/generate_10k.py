@@ -41,14 +41,12 @@ def main() -> None:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
     p.add_argument("--phases", action="store_true", help="also time the phases of one call (see above)")
-    p.add_argument("--without", action="append", choices=["padding", "bf16-weights", "fold"], default=[])
+    p.add_argument("--without", action="append", choices=["padding", "bf16-weights"], default=[])
     p.add_argument("--out", default=None)
     args = p.parse_args()
     switches = contextlib.ExitStack()  # held for the rest of the process
     if "padding" in args.without:
         switches.enter_context(mock.patch.object(generate_mod, "pad_image_channels", lambda model: model))
-    if "fold" in args.without:
-        switches.enter_context(mock.patch.object(generate_mod, "fold_upsample_convs", lambda model: model))
     if "bf16-weights" in args.without:
         shipped = generate_mod.sampling_network
         switches.enter_context(mock.patch.object(generate_mod, "sampling_network",

@@ -17,7 +17,7 @@ from bench import harness as H
 from bench.models import forward_flops, ours
 from ddpm.generate import cast_weights_for_autocast
 from ddpm.graphed import GraphedDenoiser
-from ddpm.unet import ChannelPaddedConv2d, fold_upsample_convs, pad_image_channels, use_per_channel_group_norm
+from ddpm.unet import ChannelPaddedConv2d, pad_image_channels, use_per_channel_group_norm
 
 VARIANTS = {
     "default-1024": dict(batch=1024),
@@ -38,7 +38,6 @@ VARIANTS = {
     "cl-padded-1000": dict(batch=1000, channels_last=True, padded=True),
     "cl-padded-in-1000": dict(batch=1000, channels_last=True, padded="in"),
     "cl-padded-bf16w-1000": dict(batch=1000, channels_last=True, padded=True, bf16_weights=True),
-    "cl-padded-bf16w-fold-1000": dict(batch=1000, channels_last=True, padded=True, bf16_weights=True, fold=True),
     "autotune-freezing-2048": dict(batch=2048, mode="max-autotune-no-cudagraphs", inductor={"freezing": True}),
 }
 
@@ -65,11 +64,9 @@ def mnist_inference(batch: int, channels_last: bool, padded: bool | str = False
 
 
 def run(name: str, batch: int, channels_last: bool = False, inductor: dict | None = None,
-        mode: str = "default", padded: bool | str = False, bf16_weights: bool = False, fold: bool = False) -> None:
+        mode: str = "default", padded: bool | str = False, bf16_weights: bool = False) -> None:
     import torch._inductor.config as inductor_config
     model, gflop, x, t = mnist_inference(batch, channels_last, padded)
-    if fold:  # before the weights are cast, so that the folded taps are summed in float32
-        model = fold_upsample_convs(model).to(memory_format=torch.channels_last)
     if bf16_weights:
         cast_weights_for_autocast(model, torch.bfloat16)
     sync = torch.cuda.synchronize
