@@ -1,7 +1,7 @@
 """Export the EMA U-Net to ONNX, prove it computes what PyTorch computes, and gate it on samples.
 
-`export_onnx` writes a float32 model (and, with `export.fp16`, a float16 twin `<name>.fp16.onnx`)
-whose metadata (key "ddpm", JSON) holds everything `ddpm.onnx_sampler` needs. Nothing reaches
+`export_onnx` writes a float32 model (and, with `export.fp16`, a float16 twin `<name>.fp16.onnx`;
+with `export.int8`, an int8 twin `<name>.int8.onnx` for the CPU, see ddpm.quantize) whose metadata (key "ddpm", JSON) holds everything `ddpm.onnx_sampler` needs. Nothing reaches
 `out_path` before onnx.checker and the parity check against PyTorch pass, and every file is written
 and fsynced in a temporary folder beside it before the first rename, so a full disk leaves the
 previous export as it was. `check_export` then samples from the same x_T with ddpm.samplers and
@@ -34,6 +34,7 @@ from ddpm.config import Config, ExportConfig, image_shape
 from ddpm.errors import ExportRejected, OnnxModelError
 from ddpm.onnx_model import METADATA_KEY, METADATA_VERSION, OnnxDenoiser, no_spin_options
 from ddpm.onnx_sampler import class_labels, ddim_sample_loop, to_uint8
+from ddpm.quantize import calibration_feeds, int8_path, quantize_int8
 from ddpm.samplers import ddim_sample_loop as torch_ddim_sample_loop
 from ddpm.schedule import Schedule
 
@@ -83,10 +84,13 @@ def export_metadata(cfg: Config, ckpt: dict[str, Any], checkpoint: Path, num_cla
 
 
 def export_onnx(checkpoint: str | Path, out_path: str | Path, cfg: ExportConfig) -> Path:
-    """Export the checkpoint's EMA U-Net to `out_path` (and `<name>.fp16.onnx` with cfg.fp16); returns out_path.
+    """Export the checkpoint's EMA U-Net to `out_path` (and `<name>.fp16.onnx` with cfg.fp16, `<name>.int8.onnx`
+    with cfg.int8); returns out_path.
 
     Raises ExportRejected, with the measured difference, when onnxruntime and PyTorch disagree by
-    more than cfg.parity_atol (float32) or cfg.fp16_atol (float16); then no model is left at out_path.
+    more than cfg.parity_atol (float32) or cfg.fp16_atol (float16), or when the int8 model's DDIM
+    samples differ from the float32 model's by more than cfg.int8_mean_atol on average (int8_check);
+    then no model is left at out_path.
     Raises OSError (its errno kept, out_path named) when a file cannot be written, e.g. the disk is
     full; then the files at out_path are those of before. Every file is written and fsynced before the
     first rename; a crash between the renames themselves (power loss, SIGKILL) can leave a new float16
@@ -112,6 +116,8 @@ def export_onnx(checkpoint: str | Path, out_path: str | Path, cfg: ExportConfig)
                 log.info("float16 parity with PyTorch float32: max |diff| %.3g (atol %.3g)", worst16, cfg.fp16_atol)
                 written[-1] = _save(half, tmp / fp16_path(out).name, {**meta16, "parity_max_abs_diff": worst16},
                                     cfg.model_name)
+            if cfg.int8:
+                written.append(_int8_twin(tmp / out.name, tmp / int8_path(out).name, meta, cfg))
             written[0] = _save(proto, tmp / out.name, meta, cfg.model_name)  # with the measured figure
             for f in (f for files in written for f in files):
                 _fsync(f)  # a full disk shows here at the latest, before anything at out_path is replaced
@@ -123,10 +129,50 @@ def export_onnx(checkpoint: str | Path, out_path: str | Path, cfg: ExportConfig)
                                      f"no file in {out.parent} was replaced") from exc
         for files in reversed(written):  # the float32 model, which the pipeline tracks, last
             _commit(files, out.parent)
-    if not cfg.fp16:
-        _remove_model(fp16_path(out))  # a float16 twin left by an earlier export is not this checkpoint's
+    for wanted, twin in ((cfg.fp16, fp16_path(out)), (cfg.int8, int8_path(out))):
+        if not wanted:
+            _remove_model(twin)  # a twin left by an earlier export is not this checkpoint's
     _fsync_dir(out.parent)  # make the renames durable
     return out
+
+
+def _int8_twin(fp32: Path, dest: Path, meta: dict[str, Any], cfg: ExportConfig) -> list[Path]:
+    """Quantize the float32 model at `fp32` to `dest` (ddpm.quantize), check it (int8_check), save it with its
+    metadata; returns its files."""
+    den32 = OnnxDenoiser(fp32, "cpu", session_options=no_spin_options())
+    feeds = calibration_feeds(den32, cfg.int8_calibration_images, cfg.int8_calibration_steps)
+    with _quiet("root"):  # onnxruntime.quantization logs through the root logger
+        quantize_int8(fp32, dest, feeds)
+    check = int8_check(den32, OnnxDenoiser(dest, "cpu", session_options=no_spin_options()), n=cfg.check_samples,
+                       steps=cfg.check_steps, mean_atol=cfg.int8_mean_atol)
+    log.info("int8 DDIM-%d samples vs float32: mean |diff| %.3g (allowed %.3g), max %.3g", cfg.check_steps,
+             check["mean_abs_diff"], cfg.int8_mean_atol, check["max_abs_diff"])
+    calibration = {"images": cfg.int8_calibration_images, "ddim_steps": cfg.int8_calibration_steps,
+                   "calls": len(feeds)}
+    meta8 = {**meta, "precision": "int8", "parity_max_abs_diff": None, "int8_calibration": calibration,
+             "int8_check": check}
+    return _save(onnx.load(str(dest)), dest, meta8, cfg.model_name)
+
+
+def int8_check(den32: OnnxDenoiser, den8: OnnxDenoiser, n: int, steps: int, mean_atol: float,
+               seed: int = 0) -> dict[str, float]:
+    """DDIM (`steps`, eta 0) from the same n noise images with the float32 and the int8 model.
+
+    Returns the mean and max |x_int8 - x_fp32| in [-1, 1]; raises ExportRejected when the mean
+    exceeds `mean_atol`. The max is reported, not gated: a few images may settle on another mode
+    (another digit) from the same noise, while the mean measures how far the int8 model drifts.
+    """
+    x_T = np.random.default_rng(seed).standard_normal((n, *den32.image_shape), dtype=np.float32)
+    labels = class_labels(n, None, den32.num_classes) if den32.class_conditional else None
+    a, b = (np.clip(ddim_sample_loop(d, d.schedule, x_T, labels=labels, prediction=d.prediction, steps=steps), -1, 1)
+            for d in (den8, den32))
+    diff = np.abs(a - b)
+    check = {"n": n, "steps": steps, "mean_abs_diff": float(diff.mean()), "max_abs_diff": float(diff.max())}
+    if not check["mean_abs_diff"] <= mean_atol:
+        raise ExportRejected(f"{den8.path.name}: its DDIM samples differ from the float32 model's by "
+                             f"{check['mean_abs_diff']:.3g} on average (max {check['max_abs_diff']:.3g}), more than "
+                             f"export.int8_mean_atol = {mean_atol:.3g}; no model was written")
+    return check
 
 
 def _to_onnx(model: nn.Module, cfg: Config, ecfg: ExportConfig) -> onnx.ModelProto:
@@ -206,8 +252,8 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def remove_export(out_path: str | Path) -> None:
-    """Delete an export's files: the model, its float16 twin and their external data."""
-    for p in (Path(out_path), fp16_path(out_path)):
+    """Delete an export's files: the model, its float16 and int8 twins and their external data."""
+    for p in (Path(out_path), fp16_path(out_path), int8_path(out_path)):
         _remove_model(p)
 
 

@@ -26,9 +26,11 @@ from ddpm.config import ExportConfig, ModelConfig, config_from_dict, image_shape
 from ddpm.errors import ExportRejected, OnnxModelError
 from ddpm.export import check_export, export_onnx, fp16_path
 from ddpm.onnx_model import METADATA_KEY, NumpySchedule, OnnxDenoiser
+from ddpm.onnx_sampler import ddim_timesteps as ddim_steps
 from ddpm.onnx_sampler import sample
 from ddpm.onnx_sampler import ddim_sample_loop as ort_ddim
 from ddpm.onnx_sampler import p_sample_loop as ort_ddpm
+from ddpm.quantize import calibration_feeds, int8_path
 from ddpm.samplers import ddim_sample_loop, p_sample_loop
 from ddpm.schedule import Schedule
 from ddpm.unet import GroupNorm, build_unet
@@ -38,6 +40,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 ROOT = Path(__file__).resolve().parents[1]
 PARITY_ATOL = 1e-4  # the network, float32 (measured: about 2e-6)
 LOOP_ATOL = 1e-4  # whole sampling loops from the same random numbers (measured: about 1e-6)
+INT8_CHECK = {"int8_calibration_images": 8, "int8_calibration_steps": 10, "check_samples": 16, "check_steps": 10}
 
 
 def _tiny(conditional: bool) -> dict:
@@ -67,12 +70,12 @@ def _write_checkpoint(path: Path, conditional: bool, seed: int) -> Path:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    """{'uncond': (checkpoint, onnx), 'cond': (checkpoint, onnx with an fp16 twin)}."""
+    """{'uncond': (checkpoint, onnx with an int8 twin), 'cond': (checkpoint, onnx with an fp16 twin)}."""
     d = tmp_path_factory.mktemp("onnx")
     out = {}
     for name, cond, fp16 in (("uncond", False, False), ("cond", True, True)):
         ckpt = _write_checkpoint(d / f"{name}.pt", cond, seed=int(cond))
-        path = export_onnx(ckpt, d / name / "model.onnx", ExportConfig(fp16=fp16))
+        path = export_onnx(ckpt, d / name / "model.onnx", ExportConfig(fp16=fp16, int8=not cond, **INT8_CHECK))
         out[name] = (ckpt, path)
     return out
 
@@ -104,7 +107,7 @@ def test_export_is_checked_and_carries_its_metadata(models):
         norms = sum(isinstance(m, GroupNorm) for m in _torch_model(ckpt)[0].modules())
         op_types = [n.op_type for n in proto.graph.node]
         assert op_types.count("InstanceNormalization") == norms > 0 and "ReduceMean" not in op_types
-        expected_files = [path.name] + ([fp16_path(path).name] if name == "cond" else [])
+        expected_files = [path.name] + ([fp16_path(path).name] if name == "cond" else [int8_path(path).name])
         assert sorted(os.listdir(path.parent)) == sorted(expected_files)  # no temporary files left
 
 
@@ -138,6 +141,50 @@ def test_fp16_twin_runs_with_float32_io(models):
     out = half(x, t, y)
     assert out.dtype == np.float32
     assert np.abs(out - ref).max() < ExportConfig().fp16_atol
+
+
+def test_int8_twin_quantizes_all_but_the_image_convolutions_and_samples_like_pytorch(models):
+    ckpt, path = models["uncond"]
+    q = OnnxDenoiser(int8_path(path))
+    meta = q.metadata
+    assert meta["precision"] == "int8" and meta["step"] == OnnxDenoiser(path).metadata["step"]
+    assert meta["int8_calibration"] == {"images": 8, "ddim_steps": 10, "calls": 10}
+    assert meta["int8_check"]["mean_abs_diff"] <= ExportConfig().int8_mean_atol
+    graph = onnx.load(str(int8_path(path))).graph
+    int8_weights = {i.name for i in graph.initializer if i.data_type == TensorProto.INT8}
+    weight_dq = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in int8_weights}
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    quantized = [n.input[1] in weight_dq for n in convs]
+    n_convs = sum(isinstance(m, torch.nn.Conv2d) for m in _torch_model(ckpt)[0].modules())
+    assert len(convs) == n_convs and quantized == [False] + [True] * (n_convs - 2) + [False]
+    # Against PyTorch float32 (not the float32 export the gate compared with): DDIM from the same noise.
+    model, cfg = _torch_model(ckpt)
+    x_T = np.random.default_rng(6).standard_normal((16, 1, 28, 28), dtype=np.float32)
+    got = np.clip(ort_ddim(q, q.schedule, x_T, steps=10, prediction=q.prediction), -1, 1)
+    ref = ddim_sample_loop(model, Schedule.from_config(cfg.diffusion), torch.from_numpy(x_T), steps=10).clamp(-1, 1)
+    diff = np.abs(got - ref.numpy())
+    assert diff.mean() <= ExportConfig().int8_mean_atol
+    assert diff.mean() > 10 * LOOP_ATOL  # it is a quantized network, not the float32 one
+
+
+def test_calibration_covers_the_null_class_and_every_ddim_step(models):
+    _, path = models["cond"]
+    den = OnnxDenoiser(path)
+    feeds = calibration_feeds(den, images=12, steps=5)
+    assert len(feeds) == 5 and sorted(set(int(f["t"][0]) for f in feeds)) == sorted(ddim_steps(50, 5))
+    assert set(feeds[0]["labels"].tolist()) == set(range(11))  # classes 0-9 and the null class 10
+
+
+def test_an_int8_twin_that_drifts_is_rejected_and_nothing_is_left(models, tmp_path):
+    ckpt, _ = models["uncond"]
+    out = tmp_path / "model.onnx"
+    with pytest.raises(ExportRejected, match=r"model.int8.onnx: its DDIM samples differ .* export.int8_mean_atol = 1e-07"):
+        export_onnx(ckpt, out, ExportConfig(int8=True, **{**INT8_CHECK, "int8_mean_atol": 1e-7}))
+    assert os.listdir(tmp_path) == []
+    export_onnx(ckpt, out, ExportConfig())  # a float32-only export over an int8 one removes the stale twin
+    int8_path(out).write_bytes(b"a stale int8 export")
+    export_onnx(ckpt, out, ExportConfig())
+    assert os.listdir(tmp_path) == ["model.onnx"]
 
 
 def test_a_wrong_export_is_rejected_and_nothing_is_left(models, tmp_path, monkeypatch):
