@@ -5,7 +5,9 @@ after a warm-up, and stops it there; images/s is then batch / (seconds per step 
 the sampler), i.e. extrapolated from k timed steps (the per-step cost does not depend on t). The
 table says how many steps were timed. DDPM takes T steps (1000 by default), DDIM 50.
 
-  CPU (default): torch eager float32 vs onnxruntime CPUExecutionProvider float32.
+  CPU (default): torch eager float32 vs onnxruntime CPUExecutionProvider float32 (and, with
+          --int8, the int8 model of ddpm.quantize, calibrated as `ddpm export` does with
+          export.int8; only its speed is measured here, the export's sample gate is not applied).
   --cuda: torch eager on the GPU (float32 with PyTorch's default TF32 convolutions, and bf16
           autocast, ddpm.generate's precision, without its CUDA graphs); onnxruntime's
           CUDAExecutionProvider with IO binding in float32 and float16 (the sampler's arithmetic
@@ -47,6 +49,7 @@ from ddpm.export import export_onnx, fp16_path
 from ddpm.onnx_model import OnnxDenoiser
 from ddpm.onnx_sampler import ddim_sample_loop as ort_ddim
 from ddpm.onnx_sampler import p_sample_loop as ort_ddpm
+from ddpm.quantize import calibration_feeds, int8_path, quantize_int8
 from ddpm.samplers import ddim_sample_loop, p_sample_loop
 from ddpm.schedule import Schedule
 
@@ -183,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpu-batch", type=lambda v: [int(b) for b in v.split(",")], default=[256],
                    help="comma-separated batch sizes (default: 256)")
     p.add_argument("--gpu-steps", type=int, default=50, help="steps timed per GPU case (default: %(default)s)")
+    p.add_argument("--int8", action="store_true", help="also time the int8 model on the CPU (ddpm.quantize)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch and onnxruntime alike (default: each library's own default)")
     args = p.parse_args(argv)
@@ -216,6 +220,14 @@ def main(argv: list[str] | None = None) -> int:
                                                                     x_T, k, lambda: None), T)
         den = OnnxDenoiser(onnx_path, "cpu", session_options=cpu_options)
         rows += rows_for("onnxruntime, CPU", "fp32", b, ort_cases(den, x_T.numpy(), k), T)
+        if args.int8:
+            ec = ExportConfig()
+            t0 = time.perf_counter()
+            feeds = calibration_feeds(den, ec.int8_calibration_images, ec.int8_calibration_steps)
+            quantize_int8(onnx_path, int8_path(onnx_path), feeds)
+            result["int8_quantize_s"] = time.perf_counter() - t0
+            den8 = OnnxDenoiser(int8_path(onnx_path), "cpu", session_options=cpu_options)
+            rows += rows_for("onnxruntime, CPU", "int8 (QDQ convolutions)", b, ort_cases(den8, x_T.numpy(), k), T)
 
     if args.cuda:
         if not torch.cuda.is_available():

@@ -94,6 +94,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     cfg = _config(args)
     path = export_onnx(args.checkpoint, args.out, cfg.export)
     print(f"exported {path}")
+    if cfg.export.int8:
+        from ddpm.quantize import int8_path
+        print(f"exported {int8_path(path)} (int8 convolutions, for onnxruntime on the CPU)")
     return 0
 
 

@@ -66,12 +66,16 @@ class _Reader:
         return next(self._it, None)
 
 
-def quantize_int8(fp32_path: str | Path, out_path: str | Path, feeds: list[Feeds]) -> Path:
+def quantize_int8(fp32_path: str | Path, out_path: str | Path, feeds: list[Feeds],
+                  op_types: tuple[str, ...] | None = ("Conv",), keep_image_convs: bool = True) -> Path:
     """Write the int8 twin of the float32 model at `fp32_path` to `out_path`; returns out_path.
 
-    `feeds`: calibration inputs (calibration_feeds). Intermediate files go to a temporary folder
-    beside `out_path`, which is removed whatever happens. The model's metadata is copied as it is;
-    the caller sets its precision.
+    `feeds`: calibration inputs (calibration_feeds). `op_types`: the operators to quantize (None:
+    every operator onnxruntime can quantize);
+    `keep_image_convs`: leave the first and the last convolution in float32 (the defaults are what
+    `ddpm export` uses; the others exist to measure why, bench/int8_quality.py). Intermediate files
+    go to a temporary folder beside `out_path`, which is removed whatever happens. The model's
+    metadata is copied as it is; the caller sets its precision.
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -84,12 +88,14 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, feeds: list[Feeds
         # Shape inference and onnxruntime's graph optimisations first, as onnxruntime's documentation advises.
         quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
         convs = [n.name for n in onnx.load(str(pre), load_external_data=False).graph.node if n.op_type == "Conv"]
-        if len(convs) < 3:
+        if keep_image_convs and len(convs) < 3:
             raise ExportRejected(f"{fp32_path}: {len(convs)} convolutions; int8 quantization keeps the first and "
                                  f"the last in float32 and needs at least one more")
+        kept = [convs[0], convs[-1]] if keep_image_convs else []
         quantize_static(str(pre), str(out), _Reader(feeds), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        op_types_to_quantize=["Conv"], nodes_to_exclude=[convs[0], convs[-1]],
+                        op_types_to_quantize=None if op_types is None else list(op_types), nodes_to_exclude=kept,
                         calibrate_method=CalibrationMethod.MinMax)
-    log.info("int8: %d of %d convolutions quantized, calibrated on %d calls", len(convs) - 2, len(convs), len(feeds))
+    log.info("int8: %s quantized except %d convolutions, calibrated on %d calls",
+             "every operator" if op_types is None else "/".join(op_types), len(kept), len(feeds))
     return out

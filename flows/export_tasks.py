@@ -23,29 +23,37 @@ log = logging.getLogger(__name__)
 
 @task(name="export-onnx", cache_policy=NO_CACHE)
 def export_model(checkpoint: str, cfg: Any, onnx_path: str, force: bool = False) -> str:
-    """ddpm.export.export_onnx (with its parity check) unless the ONNX file is current for this checkpoint."""
+    """ddpm.export.export_onnx (with its parity check, and the int8 twin with export.int8) unless the ONNX
+    files are current for this checkpoint."""
+    from ddpm.quantize import int8_path
+
     out = Path(onnx_path)
+    files = [out, int8_path(out)] if cfg.export.int8 else [out]
     stamp = Stamp(out.parent, "export", {"checkpoint": file_sha256(checkpoint), "export": cfg.to_dict()["export"]})
-    if not force and stamp.fresh([out]):
+    if not force and stamp.fresh(files):
         log.info("%s is current for this checkpoint; export skipped", out)
         return str(out)
     stamp.clear()
     from ddpm.export import export_onnx
 
-    path = export_onnx(checkpoint, out, cfg.export)
-    stamp.write([Path(path)])
-    return str(path)
+    export_onnx(checkpoint, out, cfg.export)
+    stamp.write(files)
+    return str(out)
 
 
 @task(name="check-export", cache_policy=NO_CACHE)
 def check_model(onnx_path: str, checkpoint: str, cfg: Any, feature_net: str, report: str,
-                force: bool = False) -> dict[str, Any]:
-    """ddpm.export.check_export: onnxruntime samples against PyTorch's, and their FIDs. Writes export.json
-    either way; raises ExportRejected (with the measured differences) when the export is not accepted."""
+                force: bool = False, int8: bool = False) -> dict[str, Any]:
+    """ddpm.export.check_export: onnxruntime samples against PyTorch's, and their FIDs. Writes `report`
+    either way; raises ExportRejected (with the measured differences) when the export is not accepted.
+
+    `int8`: the int8 twin (ddpm.quantize), a different network: gated by the mean pixel difference
+    (export.int8_mean_atol) and the FID margin export.int8_fid_margin instead of the float32 bounds.
+    """
     from ddpm.errors import ExportRejected
 
     ec = cfg.export
-    stamp = Stamp(Path(report).parent, "check-export", {
+    stamp = Stamp(Path(report).parent, "check-export-int8" if int8 else "check-export", {
         "onnx": file_sha256(onnx_path), "checkpoint": file_sha256(checkpoint), "feature_net": file_sha256(feature_net),
         "export": cfg.to_dict()["export"], "seed": cfg.sample.seed})
     if not force and stamp.fresh([Path(report)]):
@@ -61,9 +69,11 @@ def check_model(onnx_path: str, checkpoint: str, cfg: Any, feature_net: str, rep
         return float(score_images(images, cfg, feature_net)["fid"])
 
     try:
+        bounds = (dict(atol=None, mean_atol=ec.int8_mean_atol, fid_margin=ec.int8_fid_margin) if int8 else
+                  dict(atol=ec.check_atol, fid_margin=ec.fid_margin))
         result = check_export(onnx_path, checkpoint, n=ec.check_samples, steps=ec.check_steps, seed=cfg.sample.seed,
-                              score_fn=fid, fid_margin=ec.fid_margin, fid_abs_floor=ec.fid_abs_floor,
-                              atol=ec.check_atol, device=_torch_device(cfg), provider=_ort_provider(cfg))
+                              score_fn=fid, fid_abs_floor=ec.fid_abs_floor, device=_torch_device(cfg),
+                              provider="cpu" if int8 else _ort_provider(cfg), **bounds)
     except ExportRejected as exc:
         write_json(Path(report), {"accepted": False, "error": str(exc)})
         raise
@@ -124,9 +134,11 @@ def onnx_signature(proto: Any) -> Any:
 
 @task(name="log-export", cache_policy=NO_CACHE)
 def log_export(run: RunRef, onnx_path: str, report: str, onnx_samples: str, registered_model: str, alias: str,
-               step: int) -> dict[str, Any]:
+               step: int, int8: tuple[str, str] | None = None) -> dict[str, Any]:
     """Log the accepted ONNX model (mlflow.onnx.log_model, with its signature), register it and move the
-    alias to it. A model identical to the one the alias already names is logged but not registered again."""
+    alias to it. A model identical to the one the alias already names is logged but not registered again.
+    `int8`: (the int8 twin, its check report), logged as artifacts under export/ with the report's
+    numbers as int8_* metrics; the registry holds the float32 model alone."""
     import mlflow.onnx
     import onnx
     from mlflow.exceptions import MlflowException
@@ -138,6 +150,12 @@ def log_export(run: RunRef, onnx_path: str, report: str, onnx_samples: str, regi
     logger.artifact(report, "export")
     logger.artifact(onnx_samples, "export")
     logger.image(onnx_samples, "onnx_samples", step)
+    if int8 is not None:
+        int8_check = json.loads(Path(int8[1]).read_text())
+        logger.metrics(flat_numbers({f"int8_{k}": v for k, v in int8_check.items() if k not in ("n", "steps", "seed")}),
+                       step)
+        logger.artifact(int8[0], "export")
+        logger.artifact(int8[1], "export")
 
     sha = file_sha256(onnx_path)
     client = MlflowClient(run.uri)

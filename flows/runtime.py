@@ -111,6 +111,10 @@ class Settings:
         return self.out_dir / "export.json"
 
     @property
+    def export_int8_report(self) -> Path:
+        return self.out_dir / "export_int8.json"
+
+    @property
     def onnx_samples(self) -> Path:
         return self.out_dir / "samples_onnx" / "samples.png"
 

@@ -109,10 +109,15 @@ def export_flow(params_path: str = "params.yaml", profile: str | None = None, ov
         info = _feature_net(s, force=False)
         onnx_path = export_tasks.export_model(str(s.checkpoint), s.cfg, str(s.onnx_model), force)
         export_tasks.check_model(onnx_path, str(s.checkpoint), s.cfg, info["path"], str(s.export_report), force)
+        int8 = None
+        if s.cfg.export.int8:
+            from ddpm.quantize import int8_path
+            int8 = (str(int8_path(onnx_path)), str(s.export_int8_report))
+            export_tasks.check_model(int8[0], str(s.checkpoint), s.cfg, info["path"], int8[1], force, int8=True)
         samples = export_tasks.sample_onnx(onnx_path, s.cfg, str(s.onnx_samples))
         registered = export_tasks.log_export(run, onnx_path, str(s.export_report), samples,
                                              s.cfg.pipeline.registered_model, s.cfg.pipeline.model_alias,
-                                             _step(str(s.checkpoint)))
+                                             _step(str(s.checkpoint)), int8)
     return {"onnx_model": onnx_path, "onnx_samples": samples, "report": str(s.export_report), **registered,
             "run_id": run.run_id}
 

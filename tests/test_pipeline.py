@@ -42,6 +42,7 @@ TINY = [
     "train.sample_every=8", "train.device=cpu", "sample.steps=5", "sample.num_images=16", "sample.batch_size=16",
     "evaluate.num_samples=48", "evaluate.steps=5", "evaluate.batch_size=48", "evaluate.device=cpu",
     "evaluate.feature_epochs=1", "evaluate.feature_batch_size=64", "export.check_samples=8", "export.check_steps=5",
+    "export.int8=true", "export.int8_calibration_images=4", "export.int8_calibration_steps=5",
     "pipeline.experiment=ddpm-test", "pipeline.registered_model=ddpm-unet-test",
 ]
 
@@ -212,7 +213,15 @@ def test_artifacts_hold_the_files(project, first, tmp_path):
     eval_files = {a.path for a in c.list_artifacts(runs["evaluate"].info.run_id, "evaluate")}
     assert {"evaluate/metrics.json", "evaluate/samples.png", "evaluate/nearest.png"} <= eval_files
     export_files = {a.path for a in c.list_artifacts(runs["export"].info.run_id, "export")}
-    assert export_files == {"export/export.json", "export/samples.png"}
+    assert export_files == {"export/export.json", "export/samples.png", "export/model.int8.onnx",
+                            "export/export_int8.json"}
+    got = Path(c.download_artifacts(runs["export"].info.run_id, "export/model.int8.onnx", str(tmp_path)))
+    assert sha256(got) == sha256(run_dir / "model.int8.onnx")
+    int8_check = json.loads((run_dir / "export_int8.json").read_text())
+    assert int8_check["accepted"] is True and int8_check["provider"] == "CPUExecutionProvider"
+    metrics = c.get_run(runs["export"].info.run_id).data.metrics
+    assert metrics["int8_mean_abs_diff"] == pytest.approx(int8_check["mean_abs_diff"])
+    assert metrics["int8_score_onnx"] == pytest.approx(int8_check["score_onnx"])
 
 
 def test_registered_onnx_model_is_the_export(project, first):

@@ -8,8 +8,10 @@ float16 twin). Then, network alone (x, t and the output bound on the GPU, no sam
   - the twin after onnxruntime's U-Net fusions (`onnxruntime.transformers.optimizer`, model_type
     "unet": GroupNorm + SiLU and skip-add GroupNorm kernels, NHWC convolutions), the same options;
   - with --trt, the TensorRT provider in float16 on the float32 export (needs libnvinfer);
-  - beside them in the same process, PyTorch under bf16 autocast: eager, one CUDA graph per call, and
-    torch.compile + CUDA graph (the `compile-graph` mode of bench_sampling.py).
+  - beside them in the same process, PyTorch under bf16 autocast: eager, one CUDA graph per call,
+    torch.compile + CUDA graph (the `compile-graph` mode of bench_sampling.py) and, with --shipped,
+    the network `sample.compile=true` samples with (ddpm.generate.sampling_network: channels-last,
+    padded image convolutions, bf16 weights, coordinate descent; about 3 minutes of compile per batch).
 Each row gives ms per call and max |out - PyTorch float32| on a fixed batch of 64 (t = 500).
 """
 
@@ -35,6 +37,7 @@ from bench.bench_onnx_sampling import filled_binding, random_checkpoint
 from ddpm.checkpoint import load_model
 from ddpm.config import ExportConfig
 from ddpm.export import _to_fp16, export_onnx, fp16_path
+from ddpm.generate import sampling_network
 from ddpm.graphed import GraphedDenoiser
 from ddpm.onnx_model import OnnxDenoiser
 
@@ -62,6 +65,7 @@ def main() -> None:
     p.add_argument("--batches", default="256,1024")
     p.add_argument("--trt", action="store_true")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile (about 25 s per batch size)")
+    p.add_argument("--shipped", action="store_true", help="also time sampling_network's compiled copy")
     args = p.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     work = Path(tempfile.mkdtemp())
@@ -147,6 +151,10 @@ def main() -> None:
                                                                    ("torch bf16 cuda graph", GraphedDenoiser(model))]
         if not args.no_compile:
             variants.append(("torch bf16 compile + cuda graph", GraphedDenoiser(torch.compile(model, dynamic=False))))
+        if args.shipped:
+            variants.append(("torch bf16 sample.compile (sampling_network)",
+                             sampling_network(model, torch.device("cuda"), cuda_graphs=True, compile=True,
+                                              autocast_dtype=torch.bfloat16)))
         for name, net in variants:
             with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
                 ms = 1e3 * timed(lambda: net(x, t), torch.cuda.synchronize)
