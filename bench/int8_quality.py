@@ -76,7 +76,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     cfg = load_config("params.yaml", None, ["evaluate.device=cpu"])
-    ec = ExportConfig()
+    ec = cfg.export
     work = Path(tempfile.mkdtemp(prefix="int8-quality-"))
     fp32 = export_onnx(args.checkpoint, work / "model.onnx", ExportConfig())
     den32 = OnnxDenoiser(fp32, "cpu", session_options=options(args.threads))

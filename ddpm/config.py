@@ -285,10 +285,12 @@ def _validate(cfg: Config) -> None:
                               f"(base_channels * {mult}); choose a divisor of every level's width")
         if ch % m.num_heads:
             raise ConfigError(f"model.num_heads: {m.num_heads} does not divide {ch} channels")
-    for sec in (cfg.sample, cfg.evaluate):
-        if sec.steps > d.timesteps:
-            name = "sample" if sec is cfg.sample else "evaluate"
-            raise ConfigError(f"{name}.steps: {sec.steps} exceeds diffusion.timesteps ({d.timesteps})")
+    steps_settings = [("sample.steps", cfg.sample.steps), ("evaluate.steps", cfg.evaluate.steps)]
+    if cfg.export.int8:
+        steps_settings.append(("export.int8_calibration_steps", cfg.export.int8_calibration_steps))
+    for name, steps in steps_settings:
+        if steps > d.timesteps:
+            raise ConfigError(f"{name}: {steps} exceeds diffusion.timesteps ({d.timesteps})")
     if cfg.sample.label is not None:
         if not m.class_conditional:
             raise ConfigError("sample.label: the model is not class-conditional; set model.class_conditional: true "

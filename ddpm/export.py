@@ -1,7 +1,8 @@
 """Export the EMA U-Net to ONNX, prove it computes what PyTorch computes, and gate it on samples.
 
-`export_onnx` writes a float32 model (and, with `export.fp16`, a float16 twin `<name>.fp16.onnx`;
-with `export.int8`, an int8 twin `<name>.int8.onnx` for the CPU, see ddpm.quantize) whose metadata (key "ddpm", JSON) holds everything `ddpm.onnx_sampler` needs. Nothing reaches
+`export_onnx` writes a float32 model (with `export.fp16`, also a float16 twin `<name>.fp16.onnx`;
+with `export.int8`, an int8 twin `<name>.int8.onnx` for the CPU, see ddpm.quantize) whose metadata
+(key "ddpm", JSON) holds everything `ddpm.onnx_sampler` needs. Nothing reaches
 `out_path` before onnx.checker and the parity check against PyTorch pass, and every file is written
 and fsynced in a temporary folder beside it before the first rename, so a full disk leaves the
 previous export as it was. `check_export` then samples from the same x_T with ddpm.samplers and
@@ -34,7 +35,7 @@ from ddpm.config import Config, ExportConfig, image_shape
 from ddpm.errors import ExportRejected, OnnxModelError
 from ddpm.onnx_model import METADATA_KEY, METADATA_VERSION, OnnxDenoiser, no_spin_options
 from ddpm.onnx_sampler import class_labels, ddim_sample_loop, to_uint8
-from ddpm.quantize import calibration_feeds, int8_path, quantize_int8
+from ddpm.quantize import calibration_feeds, cpu_int8_dot_product, int8_path, quantize_int8
 from ddpm.samplers import ddim_sample_loop as torch_ddim_sample_loop
 from ddpm.schedule import Schedule
 
@@ -90,11 +91,11 @@ def export_onnx(checkpoint: str | Path, out_path: str | Path, cfg: ExportConfig)
     Raises ExportRejected, with the measured difference, when onnxruntime and PyTorch disagree by
     more than cfg.parity_atol (float32) or cfg.fp16_atol (float16), or when the int8 model's DDIM
     samples differ from the float32 model's by more than cfg.int8_mean_atol on average (int8_check);
-    then no model is left at out_path.
+    then no model is left at out_path: a twin that was asked for and failed fails the whole export.
     Raises OSError (its errno kept, out_path named) when a file cannot be written, e.g. the disk is
     full; then the files at out_path are those of before. Every file is written and fsynced before the
     first rename; a crash between the renames themselves (power loss, SIGKILL) can leave a new float16
-    twin, or a new external-weights file of a model over 1 GiB, beside the old model: export again.
+    or int8 twin, or a new external-weights file of a model over 1 GiB, beside the old model: export again.
     """
     checkpoint, out = Path(checkpoint), Path(out_path)
     model, full_cfg, ckpt = load_model(checkpoint, "cpu", use_ema=True)
@@ -141,8 +142,10 @@ def _int8_twin(fp32: Path, dest: Path, meta: dict[str, Any], cfg: ExportConfig) 
     metadata; returns its files."""
     den32 = OnnxDenoiser(fp32, "cpu", session_options=no_spin_options())
     feeds = calibration_feeds(den32, cfg.int8_calibration_images, cfg.int8_calibration_steps)
-    with _quiet("root"):  # onnxruntime.quantization logs through the root logger
+    with _quiet("root"):  # onnxruntime.quantization warns through the root logger (per-channel axes, ...)
         quantize_int8(fp32, dest, feeds)
+    log.info("int8: convolutions quantized, calibrated on %d calls (%d images, DDIM-%d)", len(feeds),
+             cfg.int8_calibration_images, cfg.int8_calibration_steps)
     check = int8_check(den32, OnnxDenoiser(dest, "cpu", session_options=no_spin_options()), n=cfg.check_samples,
                        steps=cfg.check_steps, mean_atol=cfg.int8_mean_atol)
     log.info("int8 DDIM-%d samples vs float32: mean |diff| %.3g (allowed %.3g), max %.3g", cfg.check_steps,
@@ -155,7 +158,7 @@ def _int8_twin(fp32: Path, dest: Path, meta: dict[str, Any], cfg: ExportConfig) 
 
 
 def int8_check(den32: OnnxDenoiser, den8: OnnxDenoiser, n: int, steps: int, mean_atol: float,
-               seed: int = 0) -> dict[str, float]:
+               seed: int = 0) -> dict[str, Any]:
     """DDIM (`steps`, eta 0) from the same n noise images with the float32 and the int8 model.
 
     Returns the mean and max |x_int8 - x_fp32| in [-1, 1]; raises ExportRejected when the mean
@@ -167,7 +170,8 @@ def int8_check(den32: OnnxDenoiser, den8: OnnxDenoiser, n: int, steps: int, mean
     a, b = (np.clip(ddim_sample_loop(d, d.schedule, x_T, labels=labels, prediction=d.prediction, steps=steps), -1, 1)
             for d in (den8, den32))
     diff = np.abs(a - b)
-    check = {"n": n, "steps": steps, "mean_abs_diff": float(diff.mean()), "max_abs_diff": float(diff.max())}
+    check = {"n": n, "steps": steps, "mean_abs_diff": float(diff.mean()), "max_abs_diff": float(diff.max()),
+             "cpu_int8_dot_product": cpu_int8_dot_product()}
     if not check["mean_abs_diff"] <= mean_atol:
         raise ExportRejected(f"{den8.path.name}: its DDIM samples differ from the float32 model's by "
                              f"{check['mean_abs_diff']:.3g} on average (max {check['max_abs_diff']:.3g}), more than "

@@ -9,15 +9,19 @@ along DDIM trajectories from noise (`calibration_feeds`): a diffusion U-Net's ac
 t, so the calibration covers every timestep that a sampler visits.
 
 The first convolution (the noisy image in) and the last (the prediction out) stay float32. On the
-default MNIST U-Net trained for 6,000 steps, 500 DDIM-50 images from the same noise scored FID 36.4
-in float32, 42.2 with every convolution quantized and 37.4 with these two kept (BENCHMARKS.md).
-Samples change: the int8 model is a different, slightly worse network, so `ddpm.export` gates it
-on samples, not on the float32 parity bound.
+default MNIST U-Net trained for 6,000 steps, 500 DDIM-50 images from the same noise scored FID
+36.4 in float32, 39.8 with every convolution quantized and 38.0 with these two kept
+(bench/int8_quality.py, BENCHMARKS.md). Samples change: the int8 model is a different, slightly
+worse network, so `ddpm.export` gates it on samples, not on the float32 parity bound.
+
+Measured on a CPU with AVX-512 VNNI. Without VNNI (AVX2, AVX-512 without VNNI) onnxruntime's
+u8 x s8 kernels can saturate their int16 intermediate sums, and its documentation advises
+`reduce_range`; that case was not measured, so the export records whether the CPU that checked the
+model had an int8 dot-product instruction (`cpu_int8_dot_product` in its metadata's int8_check).
 """
 
 from __future__ import annotations
 
-import logging
 import tempfile
 from pathlib import Path
 
@@ -28,8 +32,16 @@ from ddpm.errors import ExportRejected
 from ddpm.onnx_model import OnnxDenoiser
 from ddpm.onnx_sampler import class_labels, ddim_sample_loop
 
-log = logging.getLogger(__name__)
 Feeds = dict[str, np.ndarray]
+
+
+def cpu_int8_dot_product() -> bool | None:
+    """Whether this CPU has an int8 dot-product instruction (x86 AVX-512 VNNI or AVX-VNNI); None if unknown."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return None
+    return bool({"avx512_vnni", "avx_vnni"} & set(flags.split()))
 
 
 def int8_path(out_path: str | Path) -> Path:
@@ -73,9 +85,10 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, feeds: list[Feeds
     `feeds`: calibration inputs (calibration_feeds). `op_types`: the operators to quantize (None:
     every operator onnxruntime can quantize);
     `keep_image_convs`: leave the first and the last convolution in float32 (the defaults are what
-    `ddpm export` uses; the others exist to measure why, bench/int8_quality.py). Intermediate files
-    go to a temporary folder beside `out_path`, which is removed whatever happens. The model's
-    metadata is copied as it is; the caller sets its precision.
+    `ddpm export` uses; the others exist to measure why, bench/int8_quality.py). The preprocessed
+    model goes to a temporary folder beside `out_path`, removed whatever happens; onnxruntime puts
+    its own intermediate models (about the model's size) in the system's temporary folder. The
+    model's metadata is copied as it is; the caller sets its precision.
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -96,6 +109,4 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, feeds: list[Feeds
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         op_types_to_quantize=None if op_types is None else list(op_types), nodes_to_exclude=kept,
                         calibrate_method=CalibrationMethod.MinMax)
-    log.info("int8: %s quantized except %d convolutions, calibrated on %d calls",
-             "every operator" if op_types is None else "/".join(op_types), len(kept), len(feeds))
     return out

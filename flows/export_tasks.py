@@ -25,10 +25,12 @@ log = logging.getLogger(__name__)
 def export_model(checkpoint: str, cfg: Any, onnx_path: str, force: bool = False) -> str:
     """ddpm.export.export_onnx (with its parity check, and the int8 twin with export.int8) unless the ONNX
     files are current for this checkpoint."""
+    from ddpm.export import fp16_path
     from ddpm.quantize import int8_path
 
     out = Path(onnx_path)
-    files = [out, int8_path(out)] if cfg.export.int8 else [out]
+    files = [out] + [twin(out) for wanted, twin in ((cfg.export.fp16, fp16_path), (cfg.export.int8, int8_path))
+                     if wanted]
     stamp = Stamp(out.parent, "export", {"checkpoint": file_sha256(checkpoint), "export": cfg.to_dict()["export"]})
     if not force and stamp.fresh(files):
         log.info("%s is current for this checkpoint; export skipped", out)
@@ -48,7 +50,9 @@ def check_model(onnx_path: str, checkpoint: str, cfg: Any, feature_net: str, rep
     either way; raises ExportRejected (with the measured differences) when the export is not accepted.
 
     `int8`: the int8 twin (ddpm.quantize), a different network: gated by the mean pixel difference
-    (export.int8_mean_atol) and the FID margin export.int8_fid_margin instead of the float32 bounds.
+    (export.int8_mean_atol) and the FID margin export.int8_fid_margin instead of the float32 bounds,
+    always on the CPU provider; a rejected twin is deleted (the export stage then fails, and a rerun
+    exports it again, since the export's record lists it).
     """
     from ddpm.errors import ExportRejected
 
@@ -76,6 +80,8 @@ def check_model(onnx_path: str, checkpoint: str, cfg: Any, feature_net: str, rep
                               provider="cpu" if int8 else _ort_provider(cfg), **bounds)
     except ExportRejected as exc:
         write_json(Path(report), {"accepted": False, "error": str(exc)})
+        if int8:  # an optional twin that failed its check must not be picked up; a rerun exports it again
+            Path(onnx_path).unlink(missing_ok=True)
         raise
     write_json(Path(report), result)
     stamp.write([Path(report)])

@@ -29,11 +29,19 @@ def test_overrides_apply_last():
     ("sample.steps=5000", "sample.steps"),
     ("sample.label=3", "sample.label"),
     ("trian.steps=1", "trian"),
+    ("export.int8_mean_atol=0", "export.int8_mean_atol"),
+    ("export.int8_calibration_images=0", "export.int8_calibration_images"),
 ])
 def test_bad_settings_name_the_key(override, key):
     with pytest.raises(ConfigError) as info:
         load_config("params.yaml", "cpu", [override])
     assert str(info.value).startswith(key)
+
+
+def test_int8_calibration_steps_are_checked_against_the_timesteps_when_int8_is_on():
+    load_config("params.yaml", "cpu", ["export.int8_calibration_steps=2000"])  # int8 off: not used
+    with pytest.raises(ConfigError, match=r"^export.int8_calibration_steps: 2000 exceeds diffusion.timesteps \(1000\)"):
+        load_config("params.yaml", "cpu", ["export.int8_calibration_steps=2000", "export.int8=true"])
 
 
 def test_unknown_profile_and_bad_override_syntax():

@@ -41,6 +41,10 @@ ROOT = Path(__file__).resolve().parents[1]
 PARITY_ATOL = 1e-4  # the network, float32 (measured: about 2e-6)
 LOOP_ATOL = 1e-4  # whole sampling loops from the same random numbers (measured: about 1e-6)
 INT8_CHECK = {"int8_calibration_images": 8, "int8_calibration_steps": 10, "check_samples": 16, "check_steps": 10}
+# The tiny conditional model (8 channels, random weights, v-prediction) quantizes worse than a trained
+# U-Net: its int8 DDIM samples differ from float32 by about 0.03 on average (the unconditional one's
+# by about 0.01; the trained default U-Net's by 0.006-0.007), so its gate is wider than the default 0.02.
+INT8_COND_MEAN_ATOL = 0.06
 
 
 def _tiny(conditional: bool) -> dict:
@@ -70,12 +74,13 @@ def _write_checkpoint(path: Path, conditional: bool, seed: int) -> Path:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    """{'uncond': (checkpoint, onnx with an int8 twin), 'cond': (checkpoint, onnx with an fp16 twin)}."""
+    """{'uncond': (checkpoint, onnx with an int8 twin), 'cond': (checkpoint, onnx with fp16 and int8 twins)}."""
     d = tmp_path_factory.mktemp("onnx")
     out = {}
     for name, cond, fp16 in (("uncond", False, False), ("cond", True, True)):
         ckpt = _write_checkpoint(d / f"{name}.pt", cond, seed=int(cond))
-        path = export_onnx(ckpt, d / name / "model.onnx", ExportConfig(fp16=fp16, int8=not cond, **INT8_CHECK))
+        int8 = {**INT8_CHECK, "int8_mean_atol": INT8_COND_MEAN_ATOL if cond else ExportConfig().int8_mean_atol}
+        path = export_onnx(ckpt, d / name / "model.onnx", ExportConfig(fp16=fp16, int8=True, **int8))
         out[name] = (ckpt, path)
     return out
 
@@ -107,7 +112,7 @@ def test_export_is_checked_and_carries_its_metadata(models):
         norms = sum(isinstance(m, GroupNorm) for m in _torch_model(ckpt)[0].modules())
         op_types = [n.op_type for n in proto.graph.node]
         assert op_types.count("InstanceNormalization") == norms > 0 and "ReduceMean" not in op_types
-        expected_files = [path.name] + ([fp16_path(path).name] if name == "cond" else [int8_path(path).name])
+        expected_files = [path.name, int8_path(path).name] + ([fp16_path(path).name] if name == "cond" else [])
         assert sorted(os.listdir(path.parent)) == sorted(expected_files)  # no temporary files left
 
 
@@ -149,7 +154,7 @@ def test_int8_twin_quantizes_all_but_the_image_convolutions_and_samples_like_pyt
     meta = q.metadata
     assert meta["precision"] == "int8" and meta["step"] == OnnxDenoiser(path).metadata["step"]
     assert meta["int8_calibration"] == {"images": 8, "ddim_steps": 10, "calls": 10}
-    assert meta["int8_check"]["mean_abs_diff"] <= ExportConfig().int8_mean_atol
+    assert meta["int8_check"]["n"] == 16 and meta["int8_check"]["steps"] == 10
     graph = onnx.load(str(int8_path(path))).graph
     int8_weights = {i.name for i in graph.initializer if i.data_type == TensorProto.INT8}
     weight_dq = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in int8_weights}
@@ -167,6 +172,22 @@ def test_int8_twin_quantizes_all_but_the_image_convolutions_and_samples_like_pyt
     assert diff.mean() > 10 * LOOP_ATOL  # it is a quantized network, not the float32 one
 
 
+def test_class_conditional_int8_twin_samples_with_guidance_like_pytorch(models):
+    ckpt, path = models["cond"]
+    q = OnnxDenoiser(int8_path(path))
+    assert q.metadata["precision"] == "int8" and q.class_conditional
+    model, cfg = _torch_model(ckpt)
+    x_T = np.random.default_rng(7).standard_normal((12, 1, 28, 28), dtype=np.float32)
+    labels = np.arange(12) % 10
+    kw = dict(steps=10, guidance_scale=2.0, prediction="v")
+    got = np.clip(ort_ddim(q, q.schedule, x_T, labels=labels, **kw), -1, 1)
+    ref = ddim_sample_loop(model, Schedule.from_config(cfg.diffusion), torch.from_numpy(x_T),
+                           labels=torch.from_numpy(labels), **kw).clamp(-1, 1)
+    # Guidance at scale 2 extrapolates the two predictions and roughly doubles the drift (measured 0.062);
+    # a model quantized wrongly (e.g. every operator: 0.21 on the trained U-Net) is far outside.
+    assert np.abs(got - ref.numpy()).mean() <= 2 * INT8_COND_MEAN_ATOL
+
+
 def test_calibration_covers_the_null_class_and_every_ddim_step(models):
     _, path = models["cond"]
     den = OnnxDenoiser(path)
@@ -181,9 +202,9 @@ def test_an_int8_twin_that_drifts_is_rejected_and_nothing_is_left(models, tmp_pa
     with pytest.raises(ExportRejected, match=r"model.int8.onnx: its DDIM samples differ .* export.int8_mean_atol = 1e-07"):
         export_onnx(ckpt, out, ExportConfig(int8=True, **{**INT8_CHECK, "int8_mean_atol": 1e-7}))
     assert os.listdir(tmp_path) == []
-    export_onnx(ckpt, out, ExportConfig())  # a float32-only export over an int8 one removes the stale twin
-    int8_path(out).write_bytes(b"a stale int8 export")
     export_onnx(ckpt, out, ExportConfig())
+    int8_path(out).write_bytes(b"a stale int8 export")  # left by an earlier export
+    export_onnx(ckpt, out, ExportConfig())  # float32 only: the stale twin is not this checkpoint's
     assert os.listdir(tmp_path) == ["model.onnx"]
 
 

@@ -219,6 +219,7 @@ def test_artifacts_hold_the_files(project, first, tmp_path):
     assert sha256(got) == sha256(run_dir / "model.int8.onnx")
     int8_check = json.loads((run_dir / "export_int8.json").read_text())
     assert int8_check["accepted"] is True and int8_check["provider"] == "CPUExecutionProvider"
+    assert int8_check["atol"] is None and int8_check["mean_atol"] == 0.02  # the int8 bounds, not float32's
     metrics = c.get_run(runs["export"].info.run_id).data.metrics
     assert metrics["int8_mean_abs_diff"] == pytest.approx(int8_check["mean_abs_diff"])
     assert metrics["int8_score_onnx"] == pytest.approx(int8_check["score_onnx"])
