@@ -35,10 +35,11 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from bench import harness as H
 from ddpm.config import ExportConfig, load_config
 from ddpm.evaluate import score_images
 from ddpm.export import export_onnx
-from ddpm.onnx_model import OnnxDenoiser
+from ddpm.onnx_model import OnnxDenoiser, no_spin_options
 from ddpm.onnx_sampler import sample_model_range, to_uint8
 from ddpm.quantize import calibration_feeds, quantize_int8
 
@@ -47,22 +48,17 @@ VARIANTS = {"shipped": dict(), "all-convs": dict(keep_image_convs=False),
 
 
 def options(threads: int) -> ort.SessionOptions:
-    o = ort.SessionOptions()
+    o = no_spin_options()
     o.intra_op_num_threads = threads
-    o.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return o
 
 
 def network_ms(den: OnnxDenoiser, batch: int = 16) -> float:
+    """Best of 5 single calls at `batch`, after one warm-up call."""
     rng = np.random.default_rng(1)
     x, t = rng.standard_normal((batch, *den.image_shape), dtype=np.float32), np.full(batch, 500, np.int64)
     den(x, t)
-    times = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        den(x, t)
-        times.append(time.perf_counter() - t0)
-    return 1e3 * min(times)
+    return 1e3 * H.time_windows(lambda: den(x, t), lambda: None, iters=1, windows=5).min_s
 
 
 def main() -> None:

@@ -151,17 +151,18 @@ def log_export(run: RunRef, onnx_path: str, report: str, onnx_samples: str, regi
     from mlflow.tracking import MlflowClient
 
     logger = run.logger()
-    check = json.loads(Path(report).read_text())
-    logger.metrics(flat_numbers({k: v for k, v in check.items() if k not in ("n", "steps", "seed")}), step)
-    logger.artifact(report, "export")
+
+    def log_report(path: str, prefix: str = "") -> None:  # a check report's numbers as metrics, the file as artifact
+        check = json.loads(Path(path).read_text())
+        logger.metrics(flat_numbers({prefix + k: v for k, v in check.items() if k not in ("n", "steps", "seed")}), step)
+        logger.artifact(path, "export")
+
+    log_report(report)
     logger.artifact(onnx_samples, "export")
     logger.image(onnx_samples, "onnx_samples", step)
     if int8 is not None:
-        int8_check = json.loads(Path(int8[1]).read_text())
-        logger.metrics(flat_numbers({f"int8_{k}": v for k, v in int8_check.items() if k not in ("n", "steps", "seed")}),
-                       step)
         logger.artifact(int8[0], "export")
-        logger.artifact(int8[1], "export")
+        log_report(int8[1], "int8_")
 
     sha = file_sha256(onnx_path)
     client = MlflowClient(run.uri)

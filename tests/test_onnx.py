@@ -160,10 +160,10 @@ def test_int8_twin_quantizes_all_but_the_image_convolutions_and_samples_like_pyt
     weight_dq = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in int8_weights}
     convs = [n for n in graph.node if n.op_type == "Conv"]
     quantized = [n.input[1] in weight_dq for n in convs]
-    n_convs = sum(isinstance(m, torch.nn.Conv2d) for m in _torch_model(ckpt)[0].modules())
+    model, cfg = _torch_model(ckpt)
+    n_convs = sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
     assert len(convs) == n_convs and quantized == [False] + [True] * (n_convs - 2) + [False]
     # Against PyTorch float32 (not the float32 export the gate compared with): DDIM from the same noise.
-    model, cfg = _torch_model(ckpt)
     x_T = np.random.default_rng(6).standard_normal((16, 1, 28, 28), dtype=np.float32)
     got = np.clip(ort_ddim(q, q.schedule, x_T, steps=10, prediction=q.prediction), -1, 1)
     ref = ddim_sample_loop(model, Schedule.from_config(cfg.diffusion), torch.from_numpy(x_T), steps=10).clamp(-1, 1)
