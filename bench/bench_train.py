@@ -47,6 +47,7 @@ from ddpm.data import to_model_range
 from ddpm.losses import p_losses
 from ddpm.schedule import Schedule
 from ddpm.train import ema_update
+from ddpm.unet import use_per_channel_group_norm
 
 MODES = ("eager", "graph", "compile", "compile-graph", "reduce-overhead", "max-autotune-no-cudagraphs")
 # torch.compile mode behind each compile-based mode; modes sharing one share its compiled model.
@@ -75,7 +76,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="batches at which compile-based modes run ('all': every --batches value)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
                    help="bf16 autocast (CUDA only, as ddpm.train)")
-    p.add_argument("--channels-last", action="store_true", help="model and inputs in channels_last")
+    p.add_argument("--channels-last", action="store_true",
+                   help="model and inputs in channels_last (as train.channels_last, set in the gpu profiles)")
+    p.add_argument("--per-channel-gn", action=argparse.BooleanOptionalAction, default=True,
+                   help="our U-Net's GroupNorm statistics from per-channel var_mean when compiled, as ddpm.train "
+                        "does with train.compile (ddpm.unet.GroupNorm)")
     p.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
     p.add_argument("--inductor", action="append", type=H.parse_inductor_option, default=[], metavar="KEY=VALUE",
                    help="a torch._inductor.config setting for compile-based modes (repeatable), "
@@ -125,9 +130,11 @@ def plan(all_specs: list[Spec], args: argparse.Namespace) -> list[tuple[Spec, in
 class Trainee:
     """One network's persistent training state: model, EMA copy, compiled wrappers, random data pool."""
 
-    def __init__(self, spec: Spec, device: torch.device, channels_last: bool):
+    def __init__(self, spec: Spec, device: torch.device, channels_last: bool, per_channel_gn: bool = True):
         self.spec = spec
         self.model = spec.build().to(device)
+        if per_channel_gn and not spec.is_reference:  # as ddpm.train sets it; it acts in compiled modes only
+            use_per_channel_group_norm(self.model)
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.model.train()
@@ -197,6 +204,7 @@ def run_case(tr: Trainee, batch: int, mode: str, args: argparse.Namespace, devic
     net = tr.net(mode)
     step = make_step(tr, net, opt, batch, device, bf16, args.channels_last, loss_buf)
     row: dict[str, Any] = {"model": tr.spec.name, "batch": batch, "mode": mode, "channels_last": args.channels_last,
+                           "per_channel_gn": args.per_channel_gn and not tr.spec.is_reference,
                            "bf16": bf16}
     try:
         first_s = None
@@ -309,7 +317,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     doc["models"], doc["results"] = {}, []
     for s in list(all_specs):
         try:
-            tr = Trainee(s, device, args.channels_last)
+            tr = Trainee(s, device, args.channels_last, args.per_channel_gn)
         except Exception as exc:  # a twin that diffusers cannot build must not stop our own model's run
             if not s.is_reference:
                 raise

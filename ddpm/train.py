@@ -38,7 +38,7 @@ from ddpm.data import load_images, to_model_range
 from ddpm.generate import generate, save_grid
 from ddpm.losses import p_losses
 from ddpm.schedule import Schedule
-from ddpm.unet import build_unet
+from ddpm.unet import build_unet, use_per_channel_group_norm
 
 log = logging.getLogger(__name__)
 
@@ -231,6 +231,8 @@ def train(cfg: Config, resume: bool = False, on_log: Callable[[int, dict[str, fl
 
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if rank.world_size > 1 else model
+    if tc.compile:  # compiled, GroupNorm statistics come from per-channel var_mean (ddpm.unet.GroupNorm)
+        use_per_channel_group_norm(model)
     net = torch.compile(ddp) if tc.compile else ddp
     n, null_label = len(images), model.num_classes
 

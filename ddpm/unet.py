@@ -35,20 +35,20 @@ def zero_module(module: nn.Module) -> nn.Module:
 
 
 class GroupNorm(nn.GroupNorm):
-    """nn.GroupNorm; where asked, compiled for inference, its statistics come from per-channel mean and variance.
+    """nn.GroupNorm; where asked, when compiled, its statistics come from per-channel mean and variance.
 
     A group's statistics are a reduction over its (C/G) x H x W elements, which are strided in
     channels-last memory, and torch.compile turns aten's group_norm into reductions that read them
     poorly. Per-channel var_mean over H x W is one Welford pass along contiguous memory; the group's
     mean is the mean of its channel means and its variance, by the law of total variance, the mean
     of the channel variances plus the variance of the channel means: the same result. 10,000 DDIM-50
-    MNIST images through `sample.compile` take 5.58 s instead of 5.98 on one H100 (BENCHMARKS.md).
-    The form is opt-in (`per_channel_stats`, set by `use_per_channel_group_norm`, which
-    ddpm.generate.sampling_network applies to its compiled copy) and taken only while compiling in
-    eval mode. Training (2.6% more img/s but ~20 s more compile: a net loss for runs of minutes),
-    eager mode, torch.export and ONNX export (one fused kernel; onnxruntime's GroupNorm patterns) keep
-    aten's group_norm. As aten's group_norm, it gives float32 under autocast and the input's dtype
-    otherwise.
+    MNIST images through `sample.compile` take 5.58 s instead of 5.98 on one H100, and with
+    channels-last memory a compiled training step of the MNIST U-Net takes about a quarter less GPU
+    time (BENCHMARKS.md). The form is opt-in (`per_channel_stats`, set by `use_per_channel_group_norm`,
+    which ddpm.generate.sampling_network applies to its compiled copy and ddpm.train to a model it
+    compiles) and taken only while compiling. Eager mode, torch.export and ONNX export (one fused
+    kernel; onnxruntime's GroupNorm patterns) keep aten's group_norm. As aten's group_norm, it gives
+    float32 under autocast and the input's dtype otherwise.
     """
 
     per_channel_stats = False  # an attribute, not state: checkpoints are unchanged
@@ -56,25 +56,31 @@ class GroupNorm(nn.GroupNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # An explicit flag rather than torch.compiler.is_exporting(), which torch 2.11's dynamo reports
         # True under plain torch.compile too.
-        if (not self.per_channel_stats or self.training or not self.affine or x.ndim < 3
+        if (not self.per_channel_stats or not self.affine or x.ndim < 3
                 or not torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()):
             return super().forward(x)
-        b, c, g, dtype = x.shape[0], x.shape[1], self.num_groups, x.dtype
-        x = x.float() if dtype in (torch.float16, torch.bfloat16) else x
-        var_c, mean_c = torch.var_mean(x, dim=tuple(range(2, x.ndim)), correction=0)  # [B, C] each
-        mean_c, var_c = mean_c.view(b, g, c // g), var_c.view(b, g, c // g)
-        mean = mean_c.mean(-1)  # [B, G]
-        var = var_c.mean(-1) + (mean_c - mean[..., None]).square().mean(-1)
-        rstd = torch.rsqrt(var + self.eps)
-        scale = rstd[..., None].expand(b, g, c // g).reshape(b, c) * self.weight  # [B, C]
-        shift = self.bias - mean[..., None].expand(b, g, c // g).reshape(b, c) * scale
-        spatial = (1,) * (x.ndim - 2)
-        out = x * scale.view(b, c, *spatial) + shift.view(b, c, *spatial)
-        return out if torch.is_autocast_enabled(x.device.type) else out.to(dtype)
+        return per_channel_group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+
+def per_channel_group_norm(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.Tensor,
+                           eps: float) -> torch.Tensor:
+    """F.group_norm(x, groups, weight, bias, eps) from per-channel var_mean (see GroupNorm); float32 under autocast."""
+    b, c, g, dtype = x.shape[0], x.shape[1], groups, x.dtype
+    x = x.float() if dtype in (torch.float16, torch.bfloat16) else x
+    var_c, mean_c = torch.var_mean(x, dim=tuple(range(2, x.ndim)), correction=0)  # [B, C] each
+    mean_c, var_c = mean_c.view(b, g, c // g), var_c.view(b, g, c // g)
+    mean = mean_c.mean(-1)  # [B, G]
+    var = var_c.mean(-1) + (mean_c - mean[..., None]).square().mean(-1)
+    rstd = torch.rsqrt(var + eps)
+    scale = rstd[..., None].expand(b, g, c // g).reshape(b, c) * weight  # [B, C]
+    shift = bias - mean[..., None].expand(b, g, c // g).reshape(b, c) * scale
+    spatial = (1,) * (x.ndim - 2)
+    out = x * scale.view(b, c, *spatial) + shift.view(b, c, *spatial)
+    return out if torch.is_autocast_enabled(x.device.type) else out.to(dtype)
 
 
 def use_per_channel_group_norm(model: nn.Module, enabled: bool = True) -> nn.Module:
-    """Let `model`'s GroupNorms take their per-channel form when compiled for inference (see GroupNorm)."""
+    """Let `model`'s GroupNorms take their per-channel form when compiled (see GroupNorm)."""
     for m in model.modules():
         if isinstance(m, GroupNorm):
             m.per_channel_stats = enabled
@@ -121,6 +127,27 @@ def pad_image_channels(model: UNet, multiple: int = 8) -> UNet:
     model.input_conv = ChannelPaddedConv2d(model.input_conv, multiple)
     model.out[-1] = ChannelPaddedConv2d(model.out[-1], multiple)
     return model
+
+
+class NearestUpsample2x(nn.Module):
+    """nn.Upsample(scale_factor=2, mode="nearest"); compiled, a broadcast instead of aten's upsample.
+
+    Each output pixel copies one input pixel, so the gradient of an input pixel is the sum of its four
+    copies' gradients. aten's upsample_nearest2d backward, compiled, scatters them with atomic adds
+    (0.6 ms of a 24 ms MNIST training step at batch 512 on an H100); the broadcast's backward is a
+    plain sum. Eager mode and ONNX export keep aten's kernel (one Resize node for onnxruntime).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export():
+            return F.interpolate(x, scale_factor=2, mode="nearest")
+        b, c, h, w = x.shape
+        y = x[:, :, :, None, :, None].expand(b, c, h, 2, w, 2).reshape(b, c, 2 * h, 2 * w)
+        return y.contiguous(memory_format=torch.channels_last) if _is_channels_last(x) else y
+
+
+def _is_channels_last(x: torch.Tensor) -> bool:
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
 class ResBlock(nn.Module):
@@ -200,7 +227,7 @@ class UNet(nn.Module):
                 self.up.append(self._block(ch + skips.pop(), width, level, emb_dim))
                 ch = width
             if level > 0:
-                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(ch, ch, 3, padding=1)))
+                self.up.append(nn.Sequential(NearestUpsample2x(), nn.Conv2d(ch, ch, 3, padding=1)))
 
         self.out = nn.Sequential(GroupNorm(groups, ch), nn.SiLU(), zero_module(nn.Conv2d(ch, in_channels, 3, padding=1)))
 

@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ddpm.config import DiffusionConfig, ModelConfig
 from ddpm.losses import p_losses
@@ -81,7 +82,7 @@ def _group_norm_float64(x, groups, weight, bias, eps):
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_compiled_group_norm_for_inference_matches_the_definition(channels_last):
+def test_compiled_group_norm_matches_the_definition(channels_last):
     from ddpm.unet import GroupNorm, use_per_channel_group_norm
     torch.manual_seed(0)
     norm = GroupNorm(8, 32)
@@ -106,8 +107,8 @@ def test_compiled_group_norm_for_inference_matches_the_definition(channels_last)
         with torch.no_grad():
             out = torch.compile(norm, backend=backend)(x)
         used_var_mean = any("var_mean" in t for t in traced[0])
-        # only asked for and in eval mode: otherwise (training, export, other compiles) aten's group_norm
-        assert used_var_mean is (asked and not training)
+        # only asked for: otherwise (export, other compiles) aten's group_norm
+        assert used_var_mean is asked
         if used_var_mean:  # (aten's CPU channels-last kernel itself is off by ~2e-3 at this offset)
             torch.testing.assert_close(out.double(), expected, atol=5e-5, rtol=0)
     torch._dynamo.reset()
@@ -117,6 +118,63 @@ def test_compiled_group_norm_for_inference_matches_the_definition(channels_last)
     assert any("var_mean" in t for t in traced[-1]) and out.dtype == torch.bfloat16
     expected = _group_norm_float64(x, 8, norm.weight, norm.bias, norm.eps)  # of the bf16 values
     torch.testing.assert_close(out.double(), expected, atol=1e-2, rtol=1e-2)  # the bf16 rounding of the output
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_compiled_per_channel_group_norm_trains_as_aten_group_norm(channels_last):
+    """ddpm.train compiles the model with per-channel GroupNorm statistics: its gradients must be group_norm's."""
+    from ddpm.unet import GroupNorm, use_per_channel_group_norm
+    torch.manual_seed(1)
+    norm = GroupNorm(4, 16).double()
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = (3 + torch.randn(2, 16, 6, 5, dtype=torch.float64) * torch.linspace(0.5, 2, 16, dtype=torch.float64)[:, None, None])
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    upstream = torch.randn(2, 16, 6, 5, dtype=torch.float64)
+    grads = []
+    for per_channel in (False, True):
+        torch._dynamo.reset()
+        use_per_channel_group_norm(norm, per_channel).train()
+        norm.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_(True)
+        net = torch.compile(norm, backend="aot_eager") if per_channel else norm
+        (net(xi) * upstream).sum().backward()
+        grads.append((xi.grad, norm.weight.grad, norm.bias.grad))
+    for got, want in zip(grads[1], grads[0]):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-9)
+    use_per_channel_group_norm(norm, False)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_compiled_nearest_upsample_is_aten_upsample(channels_last):
+    """Compiled, NearestUpsample2x broadcasts instead of calling aten's upsample: same values, same gradients, same memory format."""
+    from ddpm.unet import NearestUpsample2x
+    torch.manual_seed(2)
+    x = torch.randn(2, 8, 7, 5)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    want = F.interpolate(x, scale_factor=2, mode="nearest")
+    upstream = torch.randn_like(want)
+    (want_grad,) = torch.autograd.grad((want * upstream).sum(), x)
+    traced = []
+
+    def backend(gm, example_inputs):
+        traced.append({str(n.target) for n in gm.graph.nodes if n.op == "call_function"})
+        return gm.forward
+
+    torch._dynamo.reset()
+    got = torch.compile(NearestUpsample2x(), backend=backend)(x)
+    (got_grad,) = torch.autograd.grad((got * upstream).sum(), x)
+    assert not any("interpolate" in t or "upsample" in t for t in traced[0])
+    assert torch.equal(got, want)
+    torch.testing.assert_close(got_grad, want_grad, atol=1e-6, rtol=1e-6)  # four copies summed in another order
+    assert got.is_contiguous(memory_format=torch.channels_last) is channels_last
+    assert torch.equal(NearestUpsample2x()(x), want)  # eager: aten's kernel
     torch._dynamo.reset()
 
 

@@ -86,7 +86,7 @@ def train(kind: str, batch: int, peak: float, patch=None, mode: str = "compile-g
     args = argparse.Namespace(bf16=True, channels_last=False, warmup=3, smoke=False, window_s=0.25, windows=5)
     spec = ours("mnist")
     with (patch or groupnorm)(kind):
-        tr = Trainee(spec, device, channels_last=False)
+        tr = Trainee(spec, device, channels_last=False, per_channel_gn=False)  # the patch picks the form
         args.mnist_units = tr.units
         flops = forward_flops(tr.model, spec.shape, device)[0]
         row = run_case(tr, batch, mode, args, device, flops, peak, H.Budget(10_000, 60))
