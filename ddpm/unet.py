@@ -65,6 +65,7 @@ class GroupNorm(nn.GroupNorm):
 def per_channel_group_norm(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.Tensor,
                            eps: float) -> torch.Tensor:
     """F.group_norm(x, groups, weight, bias, eps) from per-channel var_mean (see GroupNorm); float32 under autocast."""
+    x = channels_last_grad(x)
     b, c, g, dtype = x.shape[0], x.shape[1], groups, x.dtype
     x = x.float() if dtype in (torch.float16, torch.bfloat16) else x
     var_c, mean_c = torch.var_mean(x, dim=tuple(range(2, x.ndim)), correction=0)  # [B, C] each
@@ -150,6 +151,30 @@ def _is_channels_last(x: torch.Tensor) -> bool:
     return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
+class _ChannelsLastGrad(torch.autograd.Function):
+    """Identity whose backward gives its gradient in channels-last memory."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return grad.contiguous(memory_format=torch.channels_last)
+
+
+def channels_last_grad(x: torch.Tensor) -> torch.Tensor:
+    """x; compiled for training in channels-last memory, its gradient is made channels-last where it is computed.
+
+    Left to itself, inductor may write the gradient of a convolution's output in NCHW order, and cuDNN's
+    backward then copies it to channels-last (about 8% of a compiled MNIST training step on an H100).
+    Asked for here, the layout is written by the fused kernel that computes the gradient.
+    """
+    if torch.compiler.is_compiling() and x.requires_grad and _is_channels_last(x):
+        return _ChannelsLastGrad.apply(x)
+    return x
+
+
 class ResBlock(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float, groups: int):
         super().__init__()
@@ -166,7 +191,7 @@ class ResBlock(nn.Module):
         scale, shift = self.emb(F.silu(emb))[:, :, None, None].chunk(2, dim=1)
         h = self.norm2(h) * (1 + scale) + shift
         h = self.conv2(self.dropout(F.silu(h)))
-        return self.skip(x) + h
+        return channels_last_grad(self.skip(x) + h)
 
 
 class AttentionBlock(nn.Module):
@@ -181,12 +206,12 @@ class AttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        qkv = self.qkv(self.norm(x)).reshape(b, 3, self.num_heads, c // self.num_heads, h * w).transpose(-1, -2)
+        qkv = channels_last_grad(self.qkv(self.norm(x))).reshape(b, 3, self.num_heads, c // self.num_heads, h * w).transpose(-1, -2)
         if qkv.stride(-1) != 1:  # from NCHW memory; SDPA's fused kernels (flash, memory-efficient, cuDNN)
             qkv = qkv.contiguous()  # need each head's values contiguous, else it takes the math path
         q, k, v = qkv.unbind(dim=1)  # each [B, heads, HW, C/heads]
         out = F.scaled_dot_product_attention(q, k, v)
-        return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
+        return channels_last_grad(x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w)))
 
 
 class UNet(nn.Module):
@@ -263,7 +288,7 @@ class UNet(nn.Module):
         h = self.mid[2](h, emb)
         for layer in self.up:
             if isinstance(layer, nn.ModuleList):
-                h = torch.cat([h, hs.pop()], dim=1)
+                h = torch.cat([channels_last_grad(h), hs.pop()], dim=1)
             h = self._run(layer, h, emb)
         return self.out(h)
 

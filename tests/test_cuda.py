@@ -93,3 +93,39 @@ def test_compiled_sampling_network_in_bf16_matches_the_model_under_autocast():
     bf16_error = (expected.float() - reference).abs().max().item()
     assert (out.float() - reference).abs().max().item() <= 2 * bf16_error + 1e-3  # bf16's own rounding, no more
     assert all(p.dtype == torch.float32 and p.is_contiguous() for p in model.parameters())
+
+
+def test_compiled_channels_last_training_step_matches_eager():
+    """What ddpm.train compiles with train.compile and train.channels_last (channels-last memory, per-channel
+    GroupNorm statistics, broadcast upsampling) gives the loss and gradients of the eager NCHW model."""
+    import copy
+
+    from ddpm.losses import p_losses
+    from ddpm.unet import use_per_channel_group_norm
+    torch.manual_seed(0)
+    model = UNet(ModelConfig(base_channels=16, channel_mult=(1, 2), attention_levels=(1,), norm_groups=8,
+                             num_heads=2, dropout=0.0)).cuda().train()
+    for p in model.parameters():  # zero-initialised layers would give most parameters no gradient
+        torch.nn.init.normal_(p, std=0.05)
+    fast = use_per_channel_group_norm(copy.deepcopy(model).to(memory_format=torch.channels_last))
+    s = Schedule.from_config(DiffusionConfig()).to("cuda")
+    x0 = torch.rand(8, 1, 28, 28, device="cuda") * 2 - 1
+    t, noise = torch.randint(0, 1000, (8,), device="cuda"), torch.randn_like(x0)
+
+    def loss_and_grads(net, owner, x):
+        loss = p_losses(net, s, x, t, noise)
+        loss.backward()
+        return loss.item(), [p.grad for p in owner.parameters()]
+
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        want_loss, want = loss_and_grads(model, model, x0)
+        got_loss, got = loss_and_grads(torch.compile(fast, dynamic=False), fast,
+                                       x0.contiguous(memory_format=torch.channels_last))
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+    assert got_loss == pytest.approx(want_loss, rel=1e-4)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-3, atol=1e-3 * w.abs().max().item() + 1e-7)
+    assert fast.down[0][0].conv1.weight.is_contiguous(memory_format=torch.channels_last)

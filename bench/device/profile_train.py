@@ -101,17 +101,20 @@ def main() -> None:
 
 
 def launchers(prof: profile, iters: int) -> list[tuple[tuple[str, str], float]]:
-    """[((operator chain, input shapes), ms per step)] of the kernels of kind "other", largest first."""
+    """[((operator chain, input shapes), ms per step)] of the kernels of kind "other", largest first; the
+    shapes are the launching operator's, then those of the nearest convolution operator above it, if any."""
     out: dict[tuple[str, str], float] = collections.defaultdict(float)
     for e in prof.events():
         for k in getattr(e, "kernels", None) or []:
             if kind_of(k.name) != "other":
                 continue
-            chain, parent = [e.name], e.cpu_parent
+            chain, shapes, parent = [e.name], [e.input_shapes], e.cpu_parent
             while parent is not None and len(chain) < 5:
                 chain.append(parent.name)
+                if "convolution" in parent.name and len(shapes) == 1:
+                    shapes.append(parent.input_shapes[:3])
                 parent = parent.cpu_parent
-            out[(" < ".join(chain), str(e.input_shapes))] += k.duration / 1e3 / iters
+            out[(" < ".join(chain), " / ".join(map(str, shapes)))] += k.duration / 1e3 / iters
     return sorted(out.items(), key=lambda kv: -kv[1])
 
 
