@@ -155,11 +155,11 @@ class _ChannelsLastGrad(torch.autograd.Function):
     """Identity whose backward gives its gradient in channels-last memory."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         return x.view_as(x)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: D102
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         return grad.contiguous(memory_format=torch.channels_last)
 
 

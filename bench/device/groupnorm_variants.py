@@ -7,7 +7,8 @@ channels-last memory. The forms of ddpm.unet.GroupNorm's forward compared (--kin
   aten          nn.GroupNorm's, aten's group_norm (what inductor got before);
   channel-sums  per-channel E[x] and E[x^2] over H x W, combined per group (cancellation-prone, a probe);
   ours          the module's own: per-channel var_mean combined by the law of total variance when
-                compiled in eval mode, aten's otherwise (so in --train it is aten's).
+                compiled with `per_channel_stats` set, aten's otherwise (--infer's model has it set;
+                --train's does not, so there it is aten's: bench_train.py --per-channel-gn times it).
 On the default MNIST U-Net (random weights), bf16 autocast, torch.compile, in one process:
   --infer  the forward pass at batch 1024 in a CUDA graph (--layouts nchw,channels-last);
   --train  the whole training step (bench_train's compile-graph mode) at batch 512, NCHW.

@@ -45,6 +45,20 @@ def kind_of(name: str) -> str:
     return "other"
 
 
+def kernel_times(prof: profile, iters: int) -> tuple[dict[str, float], dict[str, int], dict[str, float]]:
+    """({kernel: ms per iteration}, {kernel: launches}, {kind: ms per iteration}) of a profile of `iters` iterations."""
+    per_kernel: dict[str, float] = collections.defaultdict(float)
+    counts: dict[str, int] = collections.defaultdict(int)
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA and not e.name.startswith("## "):  # not annotations
+            per_kernel[e.name] += e.device_time / 1e3 / iters
+            counts[e.name] += 1
+    by_kind: dict[str, float] = collections.defaultdict(float)
+    for name, ms in per_kernel.items():
+        by_kind[kind_of(name)] += ms
+    return per_kernel, counts, by_kind
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=1000)
@@ -69,15 +83,7 @@ def main() -> None:
             for _ in range(args.iters):
                 net(x, t)
             torch.cuda.synchronize()
-    per_kernel: dict[str, float] = collections.defaultdict(float)
-    counts: dict[str, int] = collections.defaultdict(int)
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            per_kernel[e.name] += e.device_time / 1e3 / args.iters  # ms per forward
-            counts[e.name] += 1
-    by_kind: dict[str, float] = collections.defaultdict(float)
-    for name, ms in per_kernel.items():
-        by_kind[kind_of(name)] += ms
+    per_kernel, counts, by_kind = kernel_times(prof, args.iters)  # ms per forward
     total = sum(per_kernel.values())
     print(f"batch {args.batch}, {gflop:.3f} GFLOP/img forward, GPU kernel time {total:.3f} ms per forward "
           f"({gflop * args.batch / total:.1f} TFLOP/s over kernel time)")

@@ -25,7 +25,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from bench import harness as H
 from bench.bench_train import Trainee, make_step
-from bench.device.profile_inference import kind_of
+from bench.device.profile_inference import kernel_times, kind_of
 from bench.models import forward_flops, ours
 
 GEMM_KINDS = ("convolution", "matmul", "attention")
@@ -62,15 +62,7 @@ def main() -> None:
         for _ in range(args.iters):
             step(True)
         torch.cuda.synchronize()
-    per_kernel: dict[str, float] = collections.defaultdict(float)
-    counts: dict[str, int] = collections.defaultdict(int)
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA and not e.name.startswith("## "):  # not annotations
-            per_kernel[e.name] += e.device_time / 1e3 / args.iters  # ms per step
-            counts[e.name] += 1
-    by_kind: dict[str, float] = collections.defaultdict(float)
-    for name, ms in per_kernel.items():
-        by_kind[kind_of(name)] += ms
+    per_kernel, counts, by_kind = kernel_times(prof, args.iters)  # ms per step
     total = sum(per_kernel.values())
     gemm = sum(by_kind[k] for k in GEMM_KINDS)
     step_tflop = 3 * gflop * args.batch / 1e3
