@@ -46,9 +46,10 @@ class GroupNorm(nn.GroupNorm):
     channels-last memory a compiled training step of the MNIST U-Net takes about a quarter less GPU
     time (BENCHMARKS.md). The form is opt-in (`per_channel_stats`, set by `use_per_channel_group_norm`,
     which ddpm.generate.sampling_network applies to its compiled copy and ddpm.train to a model it
-    compiles) and taken only while compiling. Eager mode, torch.export and ONNX export (one fused
-    kernel; onnxruntime's GroupNorm patterns) keep aten's group_norm. As aten's group_norm, it gives
-    float32 under autocast and the input's dtype otherwise.
+    compiles) and taken only while compiling. Eager mode and ONNX export (one fused kernel;
+    onnxruntime's GroupNorm patterns) keep aten's group_norm; torch.export, which counts as compiling,
+    takes this form only if the flag is set. As aten's group_norm, it gives float32 under autocast and
+    the input's dtype otherwise.
     """
 
     per_channel_stats = False  # an attribute, not state: checkpoints are unchanged
@@ -168,7 +169,8 @@ def channels_last_grad(x: torch.Tensor) -> torch.Tensor:
 
     Left to itself, inductor may write the gradient of a convolution's output in NCHW order, and cuDNN's
     backward then copies it to channels-last (about 8% of a compiled MNIST training step on an H100).
-    Asked for here, the layout is written by the fused kernel that computes the gradient.
+    Asked for here, the layout is written by the fused kernel that computes the gradient. (Under
+    torch.export, which counts as compiling, it is the same identity.)
     """
     if torch.compiler.is_compiling() and x.requires_grad and _is_channels_last(x):
         return _ChannelsLastGrad.apply(x)

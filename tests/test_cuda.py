@@ -96,8 +96,10 @@ def test_compiled_sampling_network_in_bf16_matches_the_model_under_autocast():
 
 
 def test_compiled_channels_last_training_step_matches_eager():
-    """What ddpm.train compiles with train.compile and train.channels_last (channels-last memory, per-channel
-    GroupNorm statistics, broadcast upsampling) gives the loss and gradients of the eager NCHW model."""
+    """The model ddpm.train compiles with train.compile and train.channels_last (channels-last memory, per-channel
+    GroupNorm statistics, broadcast upsampling, channels-last gradients), through inductor, gives the loss and
+    gradients of the eager NCHW model; in float32 without TF32, so that the comparison is tight (training
+    itself runs under bf16 autocast in a CUDA graph)."""
     import copy
 
     from ddpm.losses import p_losses
@@ -128,4 +130,3 @@ def test_compiled_channels_last_training_step_matches_eager():
     assert got_loss == pytest.approx(want_loss, rel=1e-4)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-3, atol=1e-3 * w.abs().max().item() + 1e-7)
-    assert fast.down[0][0].conv1.weight.is_contiguous(memory_format=torch.channels_last)

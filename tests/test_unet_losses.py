@@ -134,15 +134,22 @@ def test_compiled_per_channel_group_norm_trains_as_aten_group_norm(channels_last
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
     upstream = torch.randn(2, 16, 6, 5, dtype=torch.float64)
+    traced = []
+
+    def backend(gm, example_inputs):
+        traced.append({str(n.target) for n in gm.graph.nodes if n.op == "call_function"})
+        return torch._dynamo.backends.debugging.aot_eager(gm, example_inputs)
+
     grads = []
     for per_channel in (False, True):
         torch._dynamo.reset()
         use_per_channel_group_norm(norm, per_channel).train()
         norm.zero_grad(set_to_none=True)
         xi = x.clone().requires_grad_(True)
-        net = torch.compile(norm, backend="aot_eager") if per_channel else norm
+        net = torch.compile(norm, backend=backend) if per_channel else norm
         (net(xi) * upstream).sum().backward()
         grads.append((xi.grad, norm.weight.grad, norm.bias.grad))
+    assert any("var_mean" in c for c in traced[0]) and not any("group_norm" in c for c in traced[0])
     for got, want in zip(grads[1], grads[0]):
         torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-9)
     use_per_channel_group_norm(norm, False)
@@ -208,9 +215,10 @@ def test_compiled_channels_last_unet_trains_as_the_eager_model():
     calls = set().union(*traced)
     assert any("_ChannelsLastGrad" in c or "autograd_function_apply" in c for c in calls), calls
     assert any("var_mean" in c for c in calls) and not any("interpolate" in c for c in calls)
-    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    # float32 both ways, convolutions in another memory order and GroupNorm reduced in another order
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
     for a, b in zip(fast.parameters(), model.parameters()):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5 * b.grad.abs().max().item() + 1e-8)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])

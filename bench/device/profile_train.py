@@ -84,6 +84,7 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"model": args.model, "batch": args.batch, "channels_last": args.channels_last,
+                       "per_channel_gn": args.per_channel_gn, "inductor": dict(args.inductor),
                        "train_gflop_per_image": 3 * gflop,
                        "matmul_peak_tflops": peak, "wall_ms": timing.median_s * 1e3, "kernel_ms": total,
                        "by_kind_ms": by_kind, "share_bounds_pct": bounds, "kernels_ms": ranked,
