@@ -133,7 +133,8 @@ class Trainee:
     def __init__(self, spec: Spec, device: torch.device, channels_last: bool, per_channel_gn: bool = True):
         self.spec = spec
         self.model = spec.build().to(device)
-        if per_channel_gn and not spec.is_reference:  # as ddpm.train sets it; it acts in compiled modes only
+        self.per_channel_gn = per_channel_gn and not spec.is_reference
+        if self.per_channel_gn:  # as ddpm.train sets it; it acts in compiled modes only
             use_per_channel_group_norm(self.model)
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -204,7 +205,7 @@ def run_case(tr: Trainee, batch: int, mode: str, args: argparse.Namespace, devic
     net = tr.net(mode)
     step = make_step(tr, net, opt, batch, device, bf16, args.channels_last, loss_buf)
     row: dict[str, Any] = {"model": tr.spec.name, "batch": batch, "mode": mode, "channels_last": args.channels_last,
-                           "per_channel_gn": args.per_channel_gn and not tr.spec.is_reference,
+                           "per_channel_gn": tr.per_channel_gn,
                            "bf16": bf16}
     try:
         first_s = None
