@@ -285,7 +285,8 @@ def _validate(cfg: Config) -> None:
                               f"(base_channels * {mult}); choose a divisor of every level's width")
         if ch % m.num_heads:
             raise ConfigError(f"model.num_heads: {m.num_heads} does not divide {ch} channels")
-    steps_settings = [("sample.steps", cfg.sample.steps), ("evaluate.steps", cfg.evaluate.steps)]
+    steps_settings = [("sample.steps", cfg.sample.steps), ("evaluate.steps", cfg.evaluate.steps),
+                      ("export.check_steps", cfg.export.check_steps)]
     if cfg.export.int8:
         steps_settings.append(("export.int8_calibration_steps", cfg.export.int8_calibration_steps))
     for name, steps in steps_settings:

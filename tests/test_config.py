@@ -27,6 +27,7 @@ def test_overrides_apply_last():
     ("model.channel_mult=[1,2,2,2,2]", "model.channel_mult"),
     ("model.attention_levels=[5]", "model.attention_levels"),
     ("sample.steps=5000", "sample.steps"),
+    ("export.check_steps=5000", "export.check_steps"),
     ("sample.label=3", "sample.label"),
     ("trian.steps=1", "trian"),
     ("export.int8_mean_atol=0", "export.int8_mean_atol"),
