@@ -79,7 +79,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--channels-last", action="store_true",
                    help="model and inputs in channels_last (as train.channels_last, set in the gpu profiles)")
     p.add_argument("--per-channel-gn", action=argparse.BooleanOptionalAction, default=True,
-                   help="our U-Net's GroupNorm statistics from per-channel var_mean when compiled, as ddpm.train "
+                   help="our U-Net's GroupNorm statistics from per-channel sums when compiled, as ddpm.train "
                         "does with train.compile (ddpm.unet.GroupNorm)")
     p.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
     p.add_argument("--inductor", action="append", type=H.parse_inductor_option, default=[], metavar="KEY=VALUE",

@@ -7,8 +7,9 @@ Compiled, ddpm.unet.GroupNorm takes a group's statistics from sums of values and
 float32 (E[x^2] - E[x]^2), which loses digits where a group's mean is large against its spread. This
 records every GroupNorm input of the model's forward passes on MNIST test images noised to the given
 timesteps, and for each GroupNorm: the largest |mean| / std over the batch's groups, and the largest
-difference between the per-channel form (ddpm.unet.per_channel_group_norm, float32) and group norm
-computed from its definition in float64, next to aten's float32 group_norm's own difference.
+difference between the per-channel form (ddpm.unet.per_channel_group_norm, float32, run eagerly on
+the CPU) and group norm computed from its definition in float64, next to aten's float32 group_norm's
+own difference. Then the same difference on synthetic groups whose means lie 0.5-1000x their spreads.
 """
 
 from __future__ import annotations
@@ -64,6 +65,14 @@ def main() -> None:
         for t in timesteps:
             tt = torch.full((len(x0),), t, dtype=torch.long)
             model(q_sample(schedule, x0, tt, torch.randn(x0.shape, generator=gen)), tt)
+    synthetic = {}  # groups whose means lie far from their spreads: mean 1, 20, 200; spreads 0.2-2
+    spread, weight, bias = torch.linspace(0.2, 2, 32)[:, None, None], torch.randn(32, generator=gen), torch.randn(32, generator=gen)
+    for offset in (1.0, 20.0, 200.0):
+        x = (offset + torch.randn(3, 32, 7, 5, generator=gen) * spread).to(memory_format=torch.channels_last)
+        want = F.group_norm(x.double(), 8, weight.double(), bias.double(), 1e-5)
+        err = (per_channel_group_norm(x, 8, weight, bias, 1e-5).double() - want).abs().max().item()
+        synthetic[f"mean {offset:g}, |mean|/std {offset / 2:g}-{offset / 0.2:g}"] = err
+        print(f"synthetic groups, mean {offset:g} (|mean|/std {offset / 2:g}-{offset / 0.2:g}): max err, sums form {err:.2e}")
     width = max(len(n) for n in rows)
     print(f"{'GroupNorm':{width}}  max |mean|/std  max err, sums form  max err, aten float32")
     for name, r in rows.items():
@@ -73,7 +82,7 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"checkpoint": args.checkpoint, "step": ckpt.get("step"), "images": len(x0),
-                       "timesteps": timesteps, "per_groupnorm": rows, "worst": worst,
+                       "timesteps": timesteps, "per_groupnorm": rows, "worst": worst, "synthetic": synthetic,
                        "environment": environment(torch.device("cpu"))}, f, indent=1)
 
 

@@ -12,6 +12,7 @@ import datetime as _dt
 import hashlib
 import json
 import math
+import os
 import platform
 import statistics
 import subprocess
@@ -56,6 +57,9 @@ def set_compile_limits() -> None:
             setattr(dcfg, name, max(getattr(dcfg, name), 256))
 
 
+WRAPPER_ARGV = "BENCH_WRAPPER_ARGV"
+
+
 def environment(device: torch.device) -> dict[str, Any]:
     """Versions, GPU and date, for the report."""
     env: dict[str, Any] = {
@@ -67,6 +71,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "device": str(device),
         "argv": sys.argv,
+        "wrapper_argv": os.environ.get(WRAPPER_ARGV),  # set by a runner such as device/groupnorm_stats.py
         "git_commit": _git_commit(),
         "source_sha256": source_digest(),
     }

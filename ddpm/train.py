@@ -231,7 +231,7 @@ def train(cfg: Config, resume: bool = False, on_log: Callable[[int, dict[str, fl
 
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if rank.world_size > 1 else model
-    if tc.compile:  # compiled, GroupNorm statistics come from per-channel var_mean (ddpm.unet.GroupNorm)
+    if tc.compile:  # compiled, GroupNorm statistics come from per-channel sums (ddpm.unet.GroupNorm)
         use_per_channel_group_norm(model)
     net = torch.compile(ddp) if tc.compile else ddp
     n, null_label = len(images), model.num_classes

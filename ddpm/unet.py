@@ -40,7 +40,8 @@ class GroupNorm(nn.GroupNorm):
     A group's statistics are a reduction over its (C/G) x H x W elements, which are strided in
     channels-last memory, and torch.compile turns aten's group_norm into reductions that read them
     poorly. Per-channel sums over H x W are one pass along contiguous memory; the group's mean and
-    variance follow from its channels' sums of values and of squares (E[x^2] - E[x]^2 in float32).
+    variance follow from its channels' sums of values and of squares (E[x^2] - E[x]^2, in float32 for
+    bf16 and fp16 inputs).
     On one H100, 10,000 DDIM-50 MNIST images through `sample.compile` took 5.58 s with per-channel
     var_mean instead of aten's 5.98 s, and these sums cut that reduction's time about in half
     (Welford's updates cost more than the memory they read); with channels-last memory a compiled

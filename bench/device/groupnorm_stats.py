@@ -11,18 +11,22 @@ FORM replaces ddpm.unet.per_channel_group_norm (what ddpm.unet.GroupNorm compute
   two-pass      per-channel mean, then the mean square about it, and the law of total variance;
   float64-sums  the sums accumulated in float64;
   bf16-output   the sums, with the output cast to bfloat16 under autocast (aten's gives float32).
-Each form is group norm; tests/test_unet_losses.py checks the module's own.
+Each form is group norm; tests/test_unet_losses.py checks the module's own. `--cudnn-benchmark` acts only
+where SCRIPT does not set torch.backends.cudnn.benchmark itself (profile_train.py). The result's
+`environment.wrapper_argv` records this command.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import runpy
 import sys
 
 import torch
 
 import ddpm.unet as U
+from bench.harness import WRAPPER_ARGV
 
 
 def _finish(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
@@ -95,15 +99,20 @@ FORMS = {"sums": SUMS, "var-mean": var_mean, "shifted": shifted, "two-pass": two
 
 def main() -> None:
     args = sys.argv[1:]
-    if len(args) < 2 or args[0] not in FORMS:
-        raise SystemExit(f"usage: groupnorm_stats.py FORM [--cudnn-benchmark] SCRIPT [ARGS...]; FORM one of {sorted(FORMS)}")
-    U.per_channel_group_norm = FORMS[args.pop(0)]
-    if args[0] == "--cudnn-benchmark":
-        torch.backends.cudnn.benchmark = True
+    form = args.pop(0) if args else None
+    cudnn_benchmark = bool(args) and args[0] == "--cudnn-benchmark"
+    if cudnn_benchmark:
         args.pop(0)
+    if form not in FORMS or not args:
+        raise SystemExit(f"usage: groupnorm_stats.py FORM [--cudnn-benchmark] SCRIPT [ARGS...]; FORM one of {sorted(FORMS)}")
+    U.per_channel_group_norm = FORMS[form]
+    # Scripts that set cudnn.benchmark themselves (bench_train.py, generate_10k.py) override this;
+    # profile_train.py does not.
+    torch.backends.cudnn.benchmark = cudnn_benchmark
+    os.environ[WRAPPER_ARGV] = " ".join(sys.argv)  # recorded in the result's environment
+    print(f"GroupNorm statistics: {form}", flush=True)
     sys.argv = args
     runpy.run_path(args[0], run_name="__main__")
-
 
 if __name__ == "__main__":
     main()

@@ -5,8 +5,9 @@
 GroupNorm statistics are reductions over each group's (C/G) x H x W elements, which are strided in
 channels-last memory. The forms of ddpm.unet.GroupNorm's forward compared (--kinds):
   aten          nn.GroupNorm's, aten's group_norm (what inductor got before);
-  channel-sums  per-channel E[x] and E[x^2] over H x W, combined per group (cancellation-prone, a probe);
-  ours          the module's own: per-channel var_mean combined by the law of total variance when
+  channel-sums  per-channel E[x] and E[x^2] over H x W, combined per group (written for this script);
+  ours          the module's own: per-channel sums combined per group (once var_mean and the law of
+                total variance; bench/device/groupnorm_stats.py compares those forms) when
                 compiled with `per_channel_stats` set, aten's otherwise (--infer's model has it set;
                 --train's does not, so there it is aten's: bench_train.py --per-channel-gn times it).
 On the default MNIST U-Net (random weights), bf16 autocast, torch.compile, in one process:
@@ -57,7 +58,7 @@ KINDS = {"aten": ATEN_FORWARD, "channel-sums": channel_sums_forward, "ours": OUR
 
 
 def groupnorm(kind: str) -> ContextManager:
-    """ddpm.unet.GroupNorm computed by aten's group_norm, E[x] and E[x^2] sums, or its own var_mean."""
+    """ddpm.unet.GroupNorm computed by aten's group_norm, this script's E[x] and E[x^2] sums, or its own form."""
     return mock.patch.object(ddpm.unet.GroupNorm, "forward", KINDS[kind])
 
 

@@ -10,7 +10,7 @@ kernels). Kernel kinds as in profile_inference.py, with convolution backward (dg
 as convolution. Besides the split it prints two bounds on the share of the bf16 matmul rate that
 model FLOPs (3x forward) can reach: at the kernel time measured, and with every kernel but the
 convolutions, matmuls and attention taking no time at all. `--no-per-channel-gn`: aten's GroupNorm
-instead of statistics from per-channel var_mean (ddpm.unet.GroupNorm, as ddpm.train when compiling).
+instead of statistics from per-channel sums (ddpm.unet.GroupNorm, as ddpm.train when compiling).
 `--who`: which aten operators launch the kernels of kind "other" (layout copies and the like), with their input shapes.
 """
 
