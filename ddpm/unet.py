@@ -75,12 +75,21 @@ def per_channel_group_norm(x: torch.Tensor, groups: int, weight: torch.Tensor, b
     x = channels_last_grad(x)
     b, c, g, dtype = x.shape[0], x.shape[1], groups, x.dtype
     x = x.float() if dtype in (torch.float16, torch.bfloat16) else x
-    dims, n, spatial = tuple(range(2, x.ndim)), math.prod(x.shape[2:]) * (c // g), (1,) * (x.ndim - 2)
+    dims, n = tuple(range(2, x.ndim)), math.prod(x.shape[2:]) * (c // g)
     mean = x.sum(dims).view(b, g, c // g).sum(-1) / n  # [B, G]
     var = (x.square().sum(dims).view(b, g, c // g).sum(-1) / n - mean.square()).clamp_min(0)
+    return group_norm_from_stats(x, mean, var, weight, bias, eps, dtype)
+
+
+def group_norm_from_stats(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor,
+                          bias: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
+    """x [B, C, ...] normalised by its groups' mean and var [B, G], then weight and bias [C]; float32 under
+    autocast, `dtype` otherwise."""
+    b, c, g = x.shape[0], x.shape[1], mean.shape[1]
     rstd = torch.rsqrt(var + eps)
     scale = rstd[..., None].expand(b, g, c // g).reshape(b, c) * weight  # [B, C]
     shift = bias - mean[..., None].expand(b, g, c // g).reshape(b, c) * scale
+    spatial = (1,) * (x.ndim - 2)
     out = x * scale.view(b, c, *spatial) + shift.view(b, c, *spatial)
     return out if torch.is_autocast_enabled(x.device.type) else out.to(dtype)
 

@@ -29,17 +29,6 @@ import ddpm.unet as U
 from bench.harness import WRAPPER_ARGV
 
 
-def _finish(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-            eps: float, dtype: torch.dtype) -> torch.Tensor:
-    b, c, g = x.shape[0], x.shape[1], mean.shape[1]
-    rstd = torch.rsqrt(var + eps)
-    scale = rstd[..., None].expand(b, g, c // g).reshape(b, c) * weight
-    shift = bias - mean[..., None].expand(b, g, c // g).reshape(b, c) * scale
-    spatial = (1,) * (x.ndim - 2)
-    out = x * scale.view(b, c, *spatial) + shift.view(b, c, *spatial)
-    return out if torch.is_autocast_enabled(x.device.type) else out.to(dtype)
-
-
 def _prepare(x: torch.Tensor) -> tuple[torch.Tensor, torch.dtype, tuple[int, ...]]:
     dtype = x.dtype
     x = U.channels_last_grad(x)
@@ -56,7 +45,7 @@ def _total_variance(mean_c: torch.Tensor, var_c: torch.Tensor, g: int) -> tuple[
 def var_mean(x, groups, weight, bias, eps):
     x, dtype, dims = _prepare(x)
     var_c, mean_c = torch.var_mean(x, dim=dims, correction=0)
-    return _finish(x, *_total_variance(mean_c, var_c, groups), weight, bias, eps, dtype)
+    return U.group_norm_from_stats(x, *_total_variance(mean_c, var_c, groups), weight, bias, eps, dtype)
 
 
 def shifted(x, groups, weight, bias, eps):
@@ -66,14 +55,14 @@ def shifted(x, groups, weight, bias, eps):
     xs, n = x - first, math.prod(x.shape[2:])
     dev_c = xs.sum(dims) / n
     var_c = (xs.square().sum(dims) / n - dev_c.square()).clamp_min(0)
-    return _finish(x, *_total_variance(first.reshape(b, c) + dev_c, var_c, groups), weight, bias, eps, dtype)
+    return U.group_norm_from_stats(x, *_total_variance(first.reshape(b, c) + dev_c, var_c, groups), weight, bias, eps, dtype)
 
 
 def two_pass(x, groups, weight, bias, eps):
     x, dtype, dims = _prepare(x)
     mean_c = x.mean(dims)
     var_c = (x - mean_c.detach().view(*mean_c.shape, *(1,) * (x.ndim - 2))).square().mean(dims)
-    return _finish(x, *_total_variance(mean_c, var_c, groups), weight, bias, eps, dtype)
+    return U.group_norm_from_stats(x, *_total_variance(mean_c, var_c, groups), weight, bias, eps, dtype)
 
 
 def float64_sums(x, groups, weight, bias, eps):
@@ -82,7 +71,7 @@ def float64_sums(x, groups, weight, bias, eps):
     n, xd = math.prod(x.shape[2:]) * (c // g), x.double()
     mean = xd.sum(dims).view(b, g, c // g).sum(-1) / n
     var = (xd.square().sum(dims).view(b, g, c // g).sum(-1) / n - mean.square()).clamp_min(0)
-    return _finish(x, mean.float(), var.float(), weight, bias, eps, dtype)
+    return U.group_norm_from_stats(x, mean.float(), var.float(), weight, bias, eps, dtype)
 
 
 SUMS = U.per_channel_group_norm

@@ -92,7 +92,6 @@ def main() -> None:
                        "other_kernels_by_launcher": who, "environment": H.environment(device)}, f, indent=2, default=str)
 
 
-
 def launchers(prof: profile, iters: int) -> list[tuple[tuple[str, str], float]]:
     """[((operator chain, input shapes), ms per step)] of the kernels of kind "other", largest first; the
     shapes are the launching operator's, then those of the nearest convolution operator above it, if any."""
