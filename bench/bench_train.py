@@ -9,9 +9,12 @@ Modes (--modes):
   eager          plain PyTorch, as ddpm.train runs with train.compile=false.
   graph          eager kernels, the whole step captured once in a CUDA graph and replayed
                  (fused AdamW with capturable=True). No compile cost; removes launch overhead.
-  compile        torch.compile(model, dynamic=False), default mode, as ddpm.train with compile=true.
-  compile-graph  the same compiled model, the whole step captured in a CUDA graph. Reuses the
-                 compile of `compile` at that batch, so it costs no second compile.
+  compile        torch.compile(model, dynamic=False), default mode, as ddpm.train with compile=true:
+                 our U-Net with ddpm.train.compile_options(cuda_graphs=False), the twins with
+                 inductor's defaults (--compile-options).
+  compile-graph  the same, with compile_options(cuda_graphs=True) for our U-Net (its own compile;
+                 for a twin without options it reuses the compile of `compile`), the whole step
+                 captured in a CUDA graph.
   reduce-overhead, max-autotune-no-cudagraphs
                  torch.compile modes, opt-in. reduce-overhead graphs forward and backward only
                  (the optimizer and EMA stay eager) and compiles again; max-autotune autotunes
@@ -46,7 +49,7 @@ from bench.models import MODEL_NAMES, Spec, forward_flops, num_params, specs
 from ddpm.data import to_model_range
 from ddpm.losses import p_losses
 from ddpm.schedule import Schedule
-from ddpm.train import ema_update
+from ddpm.train import compile_options, ema_update
 from ddpm.unet import use_per_channel_group_norm
 
 MODES = ("eager", "graph", "compile", "compile-graph", "reduce-overhead", "max-autotune-no-cudagraphs")
@@ -66,6 +69,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--models", default="mnist,cifar10", help=f"comma-separated, from {', '.join(MODEL_NAMES)}")
     p.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True,
                    help="also run the diffusers UNet2DModel twin of each model")
+    p.add_argument("--reference-only", action="store_true",
+                   help="run the twins alone (e.g. in their usual NCHW layout, our U-Net in another process)")
     p.add_argument("--reference-compile", action="store_true",
                    help="run compile-based modes on the twins too (each costs its own compile)")
     p.add_argument("--modes", default=None,
@@ -81,6 +86,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--per-channel-gn", action=argparse.BooleanOptionalAction, default=True,
                    help="our U-Net's GroupNorm statistics from per-channel sums when compiled, as ddpm.train "
                         "does with train.compile (ddpm.unet.GroupNorm)")
+    p.add_argument("--compile-options", default="ours", choices=["ours", "all", "none"],
+                   help="which networks the default-mode compile gives ddpm.train.compile_options "
+                        "(ours: as ddpm train; the twins keep inductor's defaults)")
     p.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
     p.add_argument("--inductor", action="append", type=H.parse_inductor_option, default=[], metavar="KEY=VALUE",
                    help="a torch._inductor.config setting for compile-based modes (repeatable), "
@@ -130,8 +138,12 @@ def plan(all_specs: list[Spec], args: argparse.Namespace) -> list[tuple[Spec, in
 class Trainee:
     """One network's persistent training state: model, EMA copy, compiled wrappers, random data pool."""
 
-    def __init__(self, spec: Spec, device: torch.device, channels_last: bool, per_channel_gn: bool = True):
+    def __init__(self, spec: Spec, device: torch.device, channels_last: bool, per_channel_gn: bool = True,
+                 compile_options: str = "ours"):
         self.spec = spec
+        # ddpm.train's inductor settings for the default-mode compile (torch.compile takes no options
+        # with another mode)
+        self.with_options = compile_options == "all" or (compile_options == "ours" and not spec.is_reference)
         self.model = spec.build().to(device)
         self.per_channel_gn = per_channel_gn and not spec.is_reference
         if self.per_channel_gn:  # as ddpm.train sets it; it acts in compiled modes only
@@ -149,14 +161,24 @@ class Trainee:
         self.state_bytes = sum(t.numel() * t.element_size() for t in
                                [*self.model.parameters(), *self.ema.parameters(), self.pool])
 
+    def options(self, mode: str) -> dict[str, Any] | None:
+        """The inductor options `mode` compiles with (None: a torch.compile mode, which takes none)."""
+        if mode not in TORCH_COMPILE_MODE or TORCH_COMPILE_MODE[mode] != "default":
+            return None
+        return compile_options(mode in GRAPH_MODES) if self.with_options else {}
+
+    def compile_key(self, mode: str) -> str:
+        """Modes with one key share one compiled model."""
+        return TORCH_COMPILE_MODE[mode] + repr(sorted((self.options(mode) or {}).items()))
+
     def net(self, mode: str) -> Callable[..., torch.Tensor]:
         if mode not in TORCH_COMPILE_MODE:
             return self.model
-        tmode = TORCH_COMPILE_MODE[mode]
-        if tmode not in self.compiled:
-            kw = {} if tmode == "default" else {"mode": tmode}
-            self.compiled[tmode] = torch.compile(self.model, dynamic=False, **kw)
-        return self.compiled[tmode]
+        key, options = self.compile_key(mode), self.options(mode)
+        if key not in self.compiled:
+            kw = {"mode": TORCH_COMPILE_MODE[mode]} if options is None else {"options": options}
+            self.compiled[key] = torch.compile(self.model, dynamic=False, **kw)
+        return self.compiled[key]
 
 
 def make_step(tr: Trainee, net: Callable[..., torch.Tensor], opt: torch.optim.Optimizer, batch: int,
@@ -205,15 +227,15 @@ def run_case(tr: Trainee, batch: int, mode: str, args: argparse.Namespace, devic
     net = tr.net(mode)
     step = make_step(tr, net, opt, batch, device, bf16, args.channels_last, loss_buf)
     row: dict[str, Any] = {"model": tr.spec.name, "batch": batch, "mode": mode, "channels_last": args.channels_last,
-                           "per_channel_gn": tr.per_channel_gn,
-                           "bf16": bf16}
+                           "per_channel_gn": tr.per_channel_gn, "bf16": bf16,
+                           "compile_options": tr.options(mode)}
     try:
         first_s = None
         if mode in TORCH_COMPILE_MODE:
             mark = (torch.compiler.cudagraph_mark_step_begin if mode == "reduce-overhead" else (lambda: None))
-            compiled_before = (TORCH_COMPILE_MODE[mode], batch) in tr.compiled_batches
+            compiled_before = (tr.compile_key(mode), batch) in tr.compiled_batches
             _, first_s = H.timed_once(lambda: (mark(), step(True)), sync)
-            tr.compiled_batches.add((TORCH_COMPILE_MODE[mode], batch))
+            tr.compiled_batches.add((tr.compile_key(mode), batch))
         else:
             mark = lambda: None  # noqa: E731
             compiled_before = True
@@ -313,12 +335,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     doc = report.doc
     peak = doc["matmul_peak"]["tflops"]
 
-    all_specs, doc["left_out"] = specs(args.models, args.reference, args.overrides)
+    all_specs, doc["left_out"] = specs(args.models, args.reference or args.reference_only, args.overrides)
+    if args.reference_only:
+        all_specs = [s for s in all_specs if s.is_reference]
     trainees: dict[str, Trainee] = {}
     doc["models"], doc["results"] = {}, []
     for s in list(all_specs):
         try:
-            tr = Trainee(s, device, args.channels_last, args.per_channel_gn)
+            tr = Trainee(s, device, args.channels_last, args.per_channel_gn, args.compile_options)
         except Exception as exc:  # a twin that diffusers cannot build must not stop our own model's run
             if not s.is_reference:
                 raise

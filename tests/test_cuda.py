@@ -97,12 +97,14 @@ def test_compiled_sampling_network_in_bf16_matches_the_model_under_autocast():
 
 def test_compiled_channels_last_training_step_matches_eager():
     """The model ddpm.train compiles with train.compile and train.channels_last (channels-last memory, per-channel
-    GroupNorm statistics, broadcast upsampling, channels-last gradients), through inductor, gives the loss and
+    GroupNorm statistics, broadcast upsampling, channels-last gradients), through inductor with ddpm.train's
+    options for a CUDA-graph step (recomputation, multi-kernel reductions), gives the loss and
     gradients of the eager NCHW model; in float32 without TF32, so that the comparison is tight (training
     itself runs under bf16 autocast in a CUDA graph)."""
     import copy
 
     from ddpm.losses import p_losses
+    from ddpm.train import compile_options
     from ddpm.unet import use_per_channel_group_norm
     torch.manual_seed(0)
     model = UNet(ModelConfig(base_channels=16, channel_mult=(1, 2), attention_levels=(1,), norm_groups=8,
@@ -123,10 +125,11 @@ def test_compiled_channels_last_training_step_matches_eager():
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:
         want_loss, want = loss_and_grads(model, model, x0)
-        got_loss, got = loss_and_grads(torch.compile(fast, dynamic=False), fast,
+        got_loss, got = loss_and_grads(torch.compile(fast, dynamic=False, options=compile_options(True)), fast,
                                        x0.contiguous(memory_format=torch.channels_last))
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
     assert got_loss == pytest.approx(want_loss, rel=1e-4)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-3, atol=1e-3 * w.abs().max().item() + 1e-7)
+

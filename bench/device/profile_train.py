@@ -1,12 +1,14 @@
 """Where does the compiled training step spend its GPU time? Kernel time by kind, and what that bounds.
 
     PYTHONPATH=. python3 bench/device/profile_train.py [--model mnist] [--batch 512] [--iters 10]
-        [--channels-last] [--no-per-channel-gn] [--who] [--inductor KEY=VALUE] [--out prof.json]
+        [--channels-last] [--no-per-channel-gn] [--no-compile-options] [--who] [--inductor KEY=VALUE]
+        [--out prof.json]
 
 The step of bench/bench_train.py (draw, q_sample, forward, loss, backward, clipping, fused AdamW,
-EMA) around torch.compile(model) under bf16 autocast, as `ddpm train` with train.compile, run without
-CUDA-graph replay under torch.profiler so that each kernel is recorded (the graph replays the same
-kernels). Kernel kinds as in profile_inference.py, with convolution backward (dgrad, wgrad) counted
+EMA) around torch.compile(model, options=ddpm.train.compile_options(False)) under bf16 autocast, as
+`ddpm train` with train.compile, run without CUDA-graph replay under torch.profiler so that each kernel
+is recorded (the graph replays the same kernels, but with compile_options(True) its reductions may be
+other variants). Kernel kinds as in profile_inference.py, with convolution backward (dgrad, wgrad) counted
 as convolution. Besides the split it prints two bounds on the share of the bf16 matmul rate that
 model FLOPs (3x forward) can reach: at the kernel time measured, and with every kernel but the
 convolutions, matmuls and attention taking no time at all. `--no-per-channel-gn`: aten's GroupNorm
@@ -38,6 +40,9 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--per-channel-gn", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--compile-options", action=argparse.BooleanOptionalAction, default=True,
+                   help="compile with ddpm.train.compile_options(cuda_graphs=False), as ddpm train without "
+                        "train.cuda_graphs (the profile runs without a CUDA graph)")
     p.add_argument("--who", action="store_true")
     p.add_argument("--inductor", action="append", type=H.parse_inductor_option, default=[], metavar="KEY=VALUE",
                    help="torch._inductor.config option, repeatable")
@@ -46,13 +51,14 @@ def main() -> None:
     device = torch.device("cuda")
     H.set_inductor_options(args.inductor)
     peak = H.matmul_peak(device, 8192)["tflops"]
-    tr = Trainee(ours(args.model), device, args.channels_last, args.per_channel_gn)
+    tr = Trainee(ours(args.model), device, args.channels_last, args.per_channel_gn,
+                 "ours" if args.compile_options else "none")
     gflop = forward_flops(tr.model, tr.spec.shape, device)[0] / 1e9
     tr.model.train()
     opt = torch.optim.AdamW(tr.model.parameters(), lr=1e-4, fused=True)
     loss_buf = torch.zeros((), device=device)
-    step = make_step(tr, torch.compile(tr.model, dynamic=False), opt, args.batch, device, True,
-                     args.channels_last, loss_buf)
+    net = torch.compile(tr.model, dynamic=False, options=tr.options("compile"))
+    step = make_step(tr, net, opt, args.batch, device, True, args.channels_last, loss_buf)
     for _ in range(4):
         step(True)
     torch.cuda.synchronize()
@@ -85,6 +91,7 @@ def main() -> None:
         with open(args.out, "w") as f:
             json.dump({"model": args.model, "batch": args.batch, "channels_last": args.channels_last,
                        "per_channel_gn": args.per_channel_gn, "inductor": dict(args.inductor),
+                       "compile_options": tr.options("compile"),
                        "train_gflop_per_image": 3 * gflop,
                        "matmul_peak_tflops": peak, "wall_ms": timing.median_s * 1e3, "kernel_ms": total,
                        "by_kind_ms": by_kind, "share_bounds_pct": bounds, "kernels_ms": ranked,
