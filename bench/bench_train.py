@@ -20,7 +20,9 @@ Modes (--modes):
                  (the optimizer and EMA stay eager) and compiles again; max-autotune autotunes
                  matmul/conv templates and takes minutes per shape. compile-graph is the sensible
                  CUDA-graph mode for this budget; see bench/README.md.
-Compile-based modes run only at --compile-batches (each new batch size compiles again, 45-65 s).
+Compile-based modes run only at --compile-batches (each new batch size compiles again: 45-65 s on
+the H200, 80-115 s for our U-Net with its options on the H100). Our U-Net compiles once for
+`compile` and once for `compile-graph`; compile-graph runs first.
 
 FLOPs: forward FLOPs per image counted by torch.utils.flop_counter.FlopCounterMode; a training
 step counts 3x forward. The share is of a dense bf16 8192^3 matmul timed in the same process.
@@ -37,7 +39,7 @@ import math
 import sys
 import traceback
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -53,7 +55,7 @@ from ddpm.train import compile_options, ema_update
 from ddpm.unet import use_per_channel_group_norm
 
 MODES = ("eager", "graph", "compile", "compile-graph", "reduce-overhead", "max-autotune-no-cudagraphs")
-# torch.compile mode behind each compile-based mode; modes sharing one share its compiled model.
+# torch.compile mode behind each compile-based mode; modes with one Trainee.compile_key share a compiled model.
 TORCH_COMPILE_MODE = {"compile": "default", "compile-graph": "default", "reduce-overhead": "reduce-overhead",
                       "max-autotune-no-cudagraphs": "max-autotune-no-cudagraphs"}
 GRAPH_MODES = {"graph", "compile-graph"}
@@ -70,7 +72,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True,
                    help="also run the diffusers UNet2DModel twin of each model")
     p.add_argument("--reference-only", action="store_true",
-                   help="run the twins alone (e.g. in their usual NCHW layout, our U-Net in another process)")
+                   help="run the twins alone (e.g. in their usual NCHW layout, our U-Net in another process); "
+                        "not with --no-reference")
     p.add_argument("--reference-compile", action="store_true",
                    help="run compile-based modes on the twins too (each costs its own compile)")
     p.add_argument("--modes", default=None,
@@ -104,6 +107,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="JSON results path")
     p.add_argument("--out-md", default=None, help="markdown results path")
     args = p.parse_args(argv)
+    if args.reference_only and not args.reference:
+        p.error("--reference-only runs the twins alone; --no-reference leaves nothing to run")
     args.models = H.parse_choices(args.models, MODEL_NAMES, "--models")
     args.modes = H.parse_choices(args.modes or ("eager,graph" if args.smoke else "eager,graph,compile,compile-graph"),
                                  MODES, "--modes")
@@ -121,9 +126,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 # ------------------------------------------------------------------------------------------------ plan
 
 def plan(all_specs: list[Spec], args: argparse.Namespace) -> list[tuple[Spec, int, str]]:
-    """Cases in priority order: every cheap (no-compile) case first, then the compiled ones."""
+    """Cases in priority order: every cheap (no-compile) case first, then the compiled ones, compile-graph
+    (what the gpu profiles train with) before the others, so that a tight --budget-s is spent on it."""
     cheap = [m for m in args.modes if m not in TORCH_COMPILE_MODE]
-    costly = [m for m in args.modes if m in TORCH_COMPILE_MODE]
+    costly = sorted((m for m in args.modes if m in TORCH_COMPILE_MODE), key=lambda m: m != "compile-graph")
     cases = [(s, b, m) for s in all_specs for b in args.batches for m in cheap]
     for s in all_specs:
         if s.is_reference and not args.reference_compile:
@@ -139,11 +145,13 @@ class Trainee:
     """One network's persistent training state: model, EMA copy, compiled wrappers, random data pool."""
 
     def __init__(self, spec: Spec, device: torch.device, channels_last: bool, per_channel_gn: bool = True,
-                 compile_options: str = "ours"):
+                 options_for: Literal["ours", "all", "none"] = "ours"):
         self.spec = spec
         # ddpm.train's inductor settings for the default-mode compile (torch.compile takes no options
         # with another mode)
-        self.with_options = compile_options == "all" or (compile_options == "ours" and not spec.is_reference)
+        if options_for not in ("ours", "all", "none"):
+            raise ValueError(f"options_for={options_for!r}: expected 'ours', 'all' or 'none'")
+        self.with_options = options_for == "all" or (options_for == "ours" and not spec.is_reference)
         self.model = spec.build().to(device)
         self.per_channel_gn = per_channel_gn and not spec.is_reference
         if self.per_channel_gn:  # as ddpm.train sets it; it acts in compiled modes only
@@ -288,7 +296,7 @@ def case_peak_gib(device: torch.device, resident: int, own_bytes: int) -> float 
 
 def estimate_s(tr: Trainee, batch: int, mode: str, budget: H.Budget, args: argparse.Namespace) -> float:
     run = 12.0 if tr.spec.shape[1] > 28 else 8.0
-    if mode in TORCH_COMPILE_MODE and (TORCH_COMPILE_MODE[mode], batch) not in tr.compiled_batches:
+    if mode in TORCH_COMPILE_MODE and (tr.compile_key(mode), batch) not in tr.compiled_batches:
         return run + budget.compile_estimate(tr.units / args.mnist_units)
     return run
 
@@ -335,7 +343,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     doc = report.doc
     peak = doc["matmul_peak"]["tflops"]
 
-    all_specs, doc["left_out"] = specs(args.models, args.reference or args.reference_only, args.overrides)
+    all_specs, doc["left_out"] = specs(args.models, args.reference, args.overrides)
     if args.reference_only:
         all_specs = [s for s in all_specs if s.is_reference]
     trainees: dict[str, Trainee] = {}
@@ -355,6 +363,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         doc["models"][s.name] = {"class": s.arch["class"], "params": num_params(tr.model),
                                  "fwd_flops_per_image": flops, "fwd_flops_by_op": by_op, "arch": s.arch}
         H.log(f"[train] {s.name}: {num_params(tr.model) / 1e6:.3f} M params, {flops / 1e9:.3f} GFLOP/img forward")
+    if not trainees:
+        raise SystemExit(f"bench_train: no network could be built ({doc['left_out']}); with --reference-only "
+                         "carry .whl so that diffusers installs (bench/README.md)")
     # compile cost scales roughly with the number of modules; the default MNIST U-Net is one unit
     args.mnist_units = trainees["mnist"].units if "mnist" in trainees else next(iter(trainees.values())).units
     report.save()

@@ -132,4 +132,3 @@ def test_compiled_channels_last_training_step_matches_eager():
     assert got_loss == pytest.approx(want_loss, rel=1e-4)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-3, atol=1e-3 * w.abs().max().item() + 1e-7)
-

@@ -3,14 +3,15 @@
     TORCHINDUCTOR_CACHE_DIR=/tmp/ic PYTHONPATH=. python3 bench/device/profile_train.py --batch 512 \\
         --channels-last --out prof.json
     mkdir code && find /tmp/ic -name '*.py' -size +20k -exec cp {} code/ \\;   # the graphs' output code
-    python3 bench/device/kernel_bytes.py --code code --profile prof.json [--top 40] [--verbose]
+    python3 bench/device/kernel_bytes.py --code code --profile prof.json [--top 40]
 
 For every launch of a Triton kernel in the graphs' `call` functions, the bytes are each pointer
 argument's buffer size (from the buffer's allocation, a reinterpret_tensor's shape or an input's
 assert_size_stride) times the dtype in the kernel's signature, capped at the launch's element count
 (so a broadcast weight counts once), in-out buffers twice. That is an estimate: a kernel may read a
-buffer in part or more than once. Kernel names come from the profile (profile_train.py's
-`kernels_ms`), which sums launches by name across the forward and backward graphs.
+buffer in part or more than once, and L2 may serve part of it. Kernel names come from the profile
+(profile_train.py's `kernels_ms`), which sums launches by name across the forward and backward graphs;
+a multi-kernel's launches (triton.multi_kernel) are not counted.
 """
 
 from __future__ import annotations
@@ -29,13 +30,28 @@ def _ints(text: str) -> list[int]:
     return [int(v) for v in text.replace(" ", "").split(",") if v]
 
 
+def split_arguments(text: str) -> list[str]:
+    """The top-level comma-separated arguments of a call, nested parentheses kept whole."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += (ch == "(") - (ch == ")")
+        if ch == "," and depth == 0:
+            parts.append(text[start:i].strip())
+            start = i + 1
+    parts.append(text[start:].strip())
+    return [a for a in parts if a]
+
+
 def launches(source: str) -> list[tuple[str, int]]:
-    """(kernel name, bytes) for every Triton launch in one output-code module."""
+    """(kernel name, bytes) for every Triton launch in one output-code module (none without a `call`)."""
     signatures = {}
     for m in re.finditer(r"(triton_\w+) = async_compile\.triton\('\w+', '''(.*?)'''", source, re.S):
         sig = re.search(r"'signature': \{(.*?)\}", m.group(2))
         signatures[m.group(1)] = re.findall(r"'(\w+)': '([^']+)'", sig.group(1)) if sig else []
-    call = source[source.index("def call(self, args)"):]
+    start = re.search(r"def call\((self, )?args\)", source)
+    if start is None:
+        return []
+    call = source[start.start():]
     shapes = {m.group(1): _ints(m.group(2)) for m in re.finditer(r"assert_size_stride\((\w+), \(([^)]*)\)", call)}
     shapes.update({m.group(1): _ints(m.group(2)) for m in re.finditer(r"(\w+) = empty_strided_cuda\(\(([^)]*)\)", call)})
     for m in re.finditer(r"(\w+) = (\w+); del \w+  # reuse", call):
@@ -43,7 +59,7 @@ def launches(source: str) -> list[tuple[str, int]]:
             shapes[m.group(1)] = shapes[m.group(2)]
     out = []
     for m in re.finditer(r"(triton_\w+)\.run\((.*)\)", call):
-        args = [a.strip() for a in re.split(r",\s*(?![^()]*\))", m.group(2)) if not a.strip().startswith("stream=")]
+        args = [a for a in split_arguments(m.group(2)) if not a.startswith("stream=")]
         numels = [int(a) for a in args if re.fullmatch(r"\d+", a)]
         elements = math.prod(numels) if numels else None
         total = 0
@@ -72,6 +88,8 @@ def main() -> None:
         for name, nbytes in launches(f.read_text()):
             moved[name] += nbytes
     rows = sorted(((ms.get(n, 0.0), n, b) for n, b in moved.items()), reverse=True)
+    if not rows or not any(r[0] for r in rows):
+        raise SystemExit(f"kernel_bytes: no Triton launch in {args.code} matches a kernel of {args.profile}")
     print(f"{'ms/step':>8} {'MB/step':>9} {'TB/s':>5}  kernel")
     for t, name, b in rows[:args.top]:
         print(f"{t:8.3f} {b / 1e6:9.1f} {b / t / 1e9 if t else 0:5.2f}  {name[:110]}")

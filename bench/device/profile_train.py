@@ -57,8 +57,7 @@ def main() -> None:
     tr.model.train()
     opt = torch.optim.AdamW(tr.model.parameters(), lr=1e-4, fused=True)
     loss_buf = torch.zeros((), device=device)
-    net = torch.compile(tr.model, dynamic=False, options=tr.options("compile"))
-    step = make_step(tr, net, opt, args.batch, device, True, args.channels_last, loss_buf)
+    step = make_step(tr, tr.net("compile"), opt, args.batch, device, True, args.channels_last, loss_buf)
     for _ in range(4):
         step(True)
     torch.cuda.synchronize()
