@@ -52,7 +52,7 @@ from ddpm.data import to_model_range
 from ddpm.losses import p_losses
 from ddpm.schedule import Schedule
 from ddpm.train import compile_options, ema_update
-from ddpm.unet import use_per_channel_group_norm
+from ddpm.unet import use_hashed_dropout, use_per_channel_group_norm
 
 MODES = ("eager", "graph", "compile", "compile-graph", "reduce-overhead", "max-autotune-no-cudagraphs")
 # torch.compile mode behind each compile-based mode; modes with one Trainee.compile_key share a compiled model.
@@ -92,6 +92,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--compile-options", default="ours", choices=["ours", "all", "none"],
                    help="which networks the default-mode compile gives ddpm.train.compile_options "
                         "(ours: as ddpm train; the twins keep inductor's defaults)")
+    p.add_argument("--hashed-dropout", action=argparse.BooleanOptionalAction, default=True,
+                   help="our U-Net's dropout masks from a hash of each element's offset when compiled, as "
+                        "ddpm.train does with train.compile (ddpm.unet.Dropout)")
     p.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
     p.add_argument("--inductor", action="append", type=H.parse_inductor_option, default=[], metavar="KEY=VALUE",
                    help="a torch._inductor.config setting for compile-based modes (repeatable), "
@@ -145,7 +148,7 @@ class Trainee:
     """One network's persistent training state: model, EMA copy, compiled wrappers, random data pool."""
 
     def __init__(self, spec: Spec, device: torch.device, channels_last: bool, per_channel_gn: bool = True,
-                 options_for: Literal["ours", "all", "none"] = "ours"):
+                 options_for: Literal["ours", "all", "none"] = "ours", hashed_dropout: bool = True):
         self.spec = spec
         # ddpm.train's inductor settings for the default-mode compile (torch.compile takes no options
         # with another mode)
@@ -156,6 +159,9 @@ class Trainee:
         self.per_channel_gn = per_channel_gn and not spec.is_reference
         if self.per_channel_gn:  # as ddpm.train sets it; it acts in compiled modes only
             use_per_channel_group_norm(self.model)
+        self.hashed_dropout = hashed_dropout and not spec.is_reference
+        if self.hashed_dropout:  # as ddpm.train sets it; it acts in compiled modes only
+            use_hashed_dropout(self.model)
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.model.train()
@@ -235,7 +241,7 @@ def run_case(tr: Trainee, batch: int, mode: str, args: argparse.Namespace, devic
     net = tr.net(mode)
     step = make_step(tr, net, opt, batch, device, bf16, args.channels_last, loss_buf)
     row: dict[str, Any] = {"model": tr.spec.name, "batch": batch, "mode": mode, "channels_last": args.channels_last,
-                           "per_channel_gn": tr.per_channel_gn, "bf16": bf16,
+                           "per_channel_gn": tr.per_channel_gn, "hashed_dropout": tr.hashed_dropout, "bf16": bf16,
                            "compile_options": tr.options(mode)}
     try:
         first_s = None
@@ -350,7 +356,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     doc["models"], doc["results"] = {}, []
     for s in list(all_specs):
         try:
-            tr = Trainee(s, device, args.channels_last, args.per_channel_gn, args.compile_options)
+            tr = Trainee(s, device, args.channels_last, args.per_channel_gn, args.compile_options,
+                         args.hashed_dropout)
         except Exception as exc:  # a twin that diffusers cannot build must not stop our own model's run
             if not s.is_reference:
                 raise

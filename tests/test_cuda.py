@@ -132,3 +132,20 @@ def test_compiled_channels_last_training_step_matches_eager():
     assert got_loss == pytest.approx(want_loss, rel=1e-4)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-3, atol=1e-3 * w.abs().max().item() + 1e-7)
+
+
+def test_compiled_hashed_dropout_on_cuda_gives_the_eager_cpu_mask():
+    """Through inductor on the GPU, hashed_dropout's integer hash gives exactly the mask that eager PyTorch
+    computes on the CPU for the same seed and layout, and its gradient carries that mask."""
+    from ddpm.unet import hashed_dropout
+    x = torch.randn(16, 64, 28, 28).contiguous(memory_format=torch.channels_last)
+    seed = torch.tensor(3_000_000_000)
+    want = hashed_dropout(x, 0.1, seed)
+    xc = x.cuda().requires_grad_(True)
+    got = torch.compile(hashed_dropout, dynamic=False)(xc, 0.1, seed.cuda())
+    got.backward(torch.ones_like(got))
+    assert torch.equal(got.detach().cpu() != 0, want != 0)
+    assert abs((want != 0).float().mean().item() - 0.9) < 0.002
+    torch.testing.assert_close(got.detach().cpu(), want)
+    torch.testing.assert_close(xc.grad.cpu(), (want != 0).float() / 0.9)
+    torch._dynamo.reset()

@@ -191,6 +191,70 @@ def test_compiled_nearest_upsample_is_aten_upsample(channels_last):
     torch._dynamo.reset()
 
 
+def _mueller_hash(word: int) -> int:
+    """T. Mueller's 32-bit integer hash in Python integers, independent of the tensor code."""
+    for _ in range(2):
+        word = ((word ^ (word >> 16)) * 0x45D9F3B) % 2**32
+    return word ^ (word >> 16)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_hashed_dropout_masks_follow_the_hash_and_drop_p(channels_last):
+    """ddpm.unet.hashed_dropout keeps the element at memory offset i when hash((i + seed) mod 2**32) >=
+    p * 2**32, scales the rest by 1 / (1 - p), writes its output in x's layout, passes the same mask to the
+    gradient, and draws a fresh seed per call."""
+    from ddpm.unet import hashed_dropout, mask_hash
+    words = [0, 1, 2, 65535, 65536, 12345678, 2**31, 2**32 - 1]
+    assert mask_hash(torch.tensor(words)).tolist() == [_mueller_hash(w) for w in words]
+    torch.manual_seed(0)
+    p, seed = 0.1, 2**32 - 5  # offset + seed wraps past 2**32 at offset 5
+    x = torch.randn(4, 8, 28, 28)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    y = hashed_dropout(x, p, torch.tensor(seed))
+    assert y.stride() == x.stride()
+    in_memory = y.detach().as_strided((y.numel(),), (1,))  # y and x in memory order
+    x_memory = x.detach().as_strided((x.numel(),), (1,))
+    for i in (0, 4, 5, 6, 1000, x.numel() - 1):
+        kept = _mueller_hash((i + seed) % 2**32) >= round(p * 2**32)
+        assert in_memory[i].item() == pytest.approx(x_memory[i].item() / (1 - p) if kept else 0.0)
+    y.backward(torch.ones_like(y))
+    torch.testing.assert_close(x.grad, (y != 0).float() / (1 - p))
+    big = torch.ones(64, 64, 28, 28)
+    keep = hashed_dropout(big, p) != 0
+    n = keep.numel()
+    assert abs(keep.float().mean().item() - (1 - p)) < 5 * (p * (1 - p) / n) ** 0.5
+    per_channel = keep.float().mean((0, 2, 3))
+    assert (per_channel - (1 - p)).abs().max().item() < 5 * (p * (1 - p) / (n / 64)) ** 0.5
+    k = keep.float()
+    for a, b in ((k[..., 1:], k[..., :-1]), (k[:, 1:], k[:, :-1]), (k[1:], k[:-1])):  # neighbours in w, c, batch
+        assert abs(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1].item()) < 5 / a.numel() ** 0.5
+    other = hashed_dropout(big, p) != 0  # a new seed: another mask, independent of the first
+    assert abs((other != keep).float().mean().item() - 2 * p * (1 - p)) < 0.01
+
+
+def test_dropout_takes_the_hashed_mask_only_when_asked_compiled_and_training():
+    from ddpm.unet import Dropout, use_hashed_dropout
+    traced = []
+
+    def backend(gm, example_inputs):
+        traced.append({str(n.target) for n in gm.graph.nodes if n.op == "call_function"})
+        return torch._dynamo.backends.debugging.aot_eager(gm, example_inputs)
+
+    x = torch.randn(2, 4, 8, 8)
+    for asked, training in ((True, True), (False, True), (True, False)):
+        torch._dynamo.reset()
+        traced.clear()
+        drop = use_hashed_dropout(Dropout(0.1), asked).train(training)
+        y = torch.compile(drop, backend=backend)(x)
+        hashed = any("arange" in c for c in traced[0])
+        assert hashed is (asked and training), traced[0]
+        assert torch.equal(y, x) if not training else ((y == 0) | torch.isclose(y, x / 0.9)).all()
+    torch._dynamo.reset()
+    assert torch.equal(use_hashed_dropout(Dropout(0.1)).eval()(x), x)
+
+
 def test_compiled_channels_last_unet_trains_as_the_eager_model():
     """The pieces ddpm.train compiles with train.channels_last (per-channel GroupNorm statistics, broadcast
     upsampling, channels-last gradients) leave the loss and every gradient as the eager NCHW model's."""

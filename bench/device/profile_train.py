@@ -43,6 +43,8 @@ def main() -> None:
     p.add_argument("--compile-options", action=argparse.BooleanOptionalAction, default=True,
                    help="compile with ddpm.train.compile_options(cuda_graphs=False), as ddpm train without "
                         "train.cuda_graphs (the profile runs without a CUDA graph)")
+    p.add_argument("--hashed-dropout", action=argparse.BooleanOptionalAction, default=True,
+                   help="dropout masks from a hash when compiled, as ddpm train (ddpm.unet.Dropout)")
     p.add_argument("--who", action="store_true")
     p.add_argument("--inductor", action="append", type=H.parse_inductor_option, default=[], metavar="KEY=VALUE",
                    help="torch._inductor.config option, repeatable")
@@ -52,7 +54,7 @@ def main() -> None:
     H.set_inductor_options(args.inductor)
     peak = H.matmul_peak(device, 8192)["tflops"]
     tr = Trainee(ours(args.model), device, args.channels_last, args.per_channel_gn,
-                 "ours" if args.compile_options else "none")
+                 "ours" if args.compile_options else "none", args.hashed_dropout)
     gflop = forward_flops(tr.model, tr.spec.shape, device)[0] / 1e9
     tr.model.train()
     opt = torch.optim.AdamW(tr.model.parameters(), lr=1e-4, fused=True)
@@ -90,7 +92,7 @@ def main() -> None:
         with open(args.out, "w") as f:
             json.dump({"model": args.model, "batch": args.batch, "channels_last": args.channels_last,
                        "per_channel_gn": args.per_channel_gn, "inductor": dict(args.inductor),
-                       "compile_options": tr.options("compile"),
+                       "compile_options": tr.options("compile"), "hashed_dropout": args.hashed_dropout,
                        "train_gflop_per_image": 3 * gflop,
                        "matmul_peak_tflops": peak, "wall_ms": timing.median_s * 1e3, "kernel_ms": total,
                        "by_kind_ms": by_kind, "share_bounds_pct": bounds, "kernels_ms": ranked,
