@@ -129,7 +129,8 @@ class Dropout(nn.Dropout):
     words are distinct (the hash is a bijection), so elements are kept with probability 1 - p (to
     2**-32) and no two share a draw. The form is opt-in (`hashed_mask`, set by `use_hashed_dropout`,
     which ddpm.train applies to a model it compiles) and taken only while compiling in training mode;
-    eager mode keeps aten's dropout.
+    eager mode keeps aten's dropout. A compiled MNIST training step (batch 512, CUDA graph, H100) took
+    19.53 ms with these masks against 20.16 ms with Philox in the same call (BENCHMARKS.md).
     """
 
     hashed_mask = False  # an attribute, not state: checkpoints are unchanged
