@@ -110,7 +110,7 @@ _WORD = 0xFFFFFFFF
 
 
 def mask_hash(x: torch.Tensor) -> torch.Tensor:
-    """The 32-bit hash of each int64 word in x (values in [0, 2**32)) -> int64 in [0, 2**32)."""
+    """The 32-bit hash of each word of x: int64 of any shape, values in [0, 2**32) -> the same."""
     for _ in range(2):
         x = ((x ^ (x >> 16)) * MASK_HASH_MULTIPLIER) & _WORD
     return x ^ (x >> 16)
@@ -125,12 +125,14 @@ class Dropout(nn.Dropout):
     dropout ran at 2.5-2.7 TB/s on an H100. Here an element is kept when mask_hash((offset + seed)
     mod 2**32) >= p * 2**32, with `offset` its place in memory and `seed` a fresh random 32-bit word
     per call (drawn on the device, so a captured CUDA graph draws a new one at every replay): a few
-    integer operations that fuse into the kernel that applies the mask. Within a call the hashed
-    words are distinct (the hash is a bijection), so elements are kept with probability 1 - p (to
-    2**-32) and no two share a draw. The form is opt-in (`hashed_mask`, set by `use_hashed_dropout`,
-    which ddpm.train applies to a model it compiles) and taken only while compiling in training mode;
-    eager mode keeps aten's dropout. A compiled MNIST training step (batch 512, CUDA graph, H100) took
-    19.53 ms with these masks against 20.16 ms with Philox in the same call (BENCHMARKS.md).
+    integer operations that fuse into the kernel that applies the mask. With the seed uniform, each
+    element is kept with probability 1 - p (to 2**-33); the hash is a bijection, so within a call no
+    two elements (up to 2**32 of them) share a hashed word. Masks of different calls are the same
+    sequence of hashed words shifted by the difference of their seeds. The form is opt-in
+    (`hashed_mask`, set by `use_hashed_dropout`, which ddpm.train applies to a model it compiles) and
+    taken only while compiling in training mode; eager mode keeps aten's dropout. A compiled MNIST
+    training step (batch 512, CUDA graph, H100) took 19.53 ms with these masks and 20.16 ms with Philox
+    in the next process of the same call: suggestive, not yet established (BENCHMARKS.md).
     """
 
     hashed_mask = False  # an attribute, not state: checkpoints are unchanged
@@ -143,11 +145,15 @@ class Dropout(nn.Dropout):
 
 
 def hashed_dropout(x: torch.Tensor, p: float, seed: torch.Tensor | None = None) -> torch.Tensor:
-    """x with each element zeroed with probability p, the rest scaled by 1 / (1 - p) (see Dropout).
+    """x [any shape] with each element zeroed with probability p, the rest scaled by 1 / (1 - p) (see
+    Dropout); the result has x's shape, dtype and layout.
 
-    x must be dense (each element at its own offset, as a contiguous or channels-last tensor). `seed`:
-    a 0-d int64 tensor in [0, 2**32); by default drawn from torch's generator on x's device.
+    The mask follows each element's memory offset, so x is made contiguous unless it is already
+    contiguous or channels-last (each element at its own offset). `seed`: a 0-d int64 tensor in
+    [0, 2**32); by default drawn from torch's generator on x's device.
     """
+    if not (x.is_contiguous() or (x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last))):
+        x = x.contiguous()
     if seed is None:
         seed = torch.randint(0, 2**32, (), device=x.device, dtype=torch.int64)
     # each element's memory offset, laid out as x: the mask is then written in x's layout

@@ -142,10 +142,43 @@ def test_compiled_hashed_dropout_on_cuda_gives_the_eager_cpu_mask():
     seed = torch.tensor(3_000_000_000)
     want = hashed_dropout(x, 0.1, seed)
     xc = x.cuda().requires_grad_(True)
-    got = torch.compile(hashed_dropout, dynamic=False)(xc, 0.1, seed.cuda())
-    got.backward(torch.ones_like(got))
+    try:
+        got = torch.compile(hashed_dropout, dynamic=False)(xc, 0.1, seed.cuda())
+        got.backward(torch.ones_like(got))
+    finally:
+        torch._dynamo.reset()
     assert torch.equal(got.detach().cpu() != 0, want != 0)
     assert abs((want != 0).float().mean().item() - 0.9) < 0.002
     torch.testing.assert_close(got.detach().cpu(), want)
     torch.testing.assert_close(xc.grad.cpu(), (want != 0).float() / 0.9)
-    torch._dynamo.reset()
+
+
+def test_compiled_dropout_draws_a_new_mask_at_each_cuda_graph_replay():
+    """As ddpm.train runs it: the compiled Dropout (its seed drawn inside the compiled graph) captured in a
+    CUDA graph draws a new mask at every replay, and the backward in the same graph uses the forward's."""
+    from ddpm.unet import Dropout, use_hashed_dropout
+    drop = torch.compile(use_hashed_dropout(Dropout(0.1)).cuda().train(), dynamic=False)
+    x = torch.randn(8, 64, 28, 28, device="cuda").contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):  # eager warm-up, as ddpm.train does before capture
+                x.grad = None
+                drop(x).sum().backward()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        x.grad = None
+        with torch.cuda.graph(graph):
+            y = drop(x)
+            y.sum().backward()
+        masks = []
+        for _ in range(2):
+            graph.replay()
+            torch.cuda.synchronize()
+            masks.append(y != 0)
+            torch.testing.assert_close(x.grad, masks[-1].float() / 0.9)
+    finally:
+        torch._dynamo.reset()
+    assert abs(masks[0].float().mean().item() - 0.9) < 0.005
+    assert abs((masks[0] != masks[1]).float().mean().item() - 2 * 0.1 * 0.9) < 0.01  # independent draws
