@@ -96,9 +96,14 @@ def group_norm_from_stats(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor
 
 def use_per_channel_group_norm(model: nn.Module, enabled: bool = True) -> nn.Module:
     """Let `model`'s GroupNorms take their per-channel form when compiled (see GroupNorm)."""
+    return _set_on_modules(model, GroupNorm, "per_channel_stats", enabled)
+
+
+def _set_on_modules(model: nn.Module, kind: type[nn.Module], flag: str, enabled: bool) -> nn.Module:
+    """Set the opt-in `flag` of every `kind` module in `model` (an instance attribute, not state)."""
     for m in model.modules():
-        if isinstance(m, GroupNorm):
-            m.per_channel_stats = enabled
+        if isinstance(m, kind):
+            setattr(m, flag, enabled)
     return model
 
 
@@ -164,10 +169,7 @@ def hashed_dropout(x: torch.Tensor, p: float, seed: torch.Tensor | None = None) 
 
 def use_hashed_dropout(model: nn.Module, enabled: bool = True) -> nn.Module:
     """Let `model`'s Dropouts take their hashed-mask form when compiled for training (see Dropout)."""
-    for m in model.modules():
-        if isinstance(m, Dropout):
-            m.hashed_mask = enabled
-    return model
+    return _set_on_modules(model, Dropout, "hashed_mask", enabled)
 
 
 class ChannelPaddedConv2d(nn.Conv2d):

@@ -1,8 +1,8 @@
 """Where does the compiled training step spend its GPU time? Kernel time by kind, and what that bounds.
 
     PYTHONPATH=. python3 bench/device/profile_train.py [--model mnist] [--batch 512] [--iters 10]
-        [--channels-last] [--no-per-channel-gn] [--no-compile-options] [--who] [--inductor KEY=VALUE]
-        [--out prof.json]
+        [--channels-last] [--no-per-channel-gn] [--no-compile-options] [--no-hashed-dropout] [--who]
+        [--inductor KEY=VALUE] [--out prof.json]
 
 The step of bench/bench_train.py (draw, q_sample, forward, loss, backward, clipping, fused AdamW,
 EMA) around torch.compile(model, options=ddpm.train.compile_options(False)) under bf16 autocast, as
