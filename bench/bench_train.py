@@ -98,7 +98,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
     p.add_argument("--inductor", action="append", type=H.parse_inductor_option, default=[], metavar="KEY=VALUE",
                    help="a torch._inductor.config setting for compile-based modes (repeatable), "
-                        "e.g. coordinate_descent_tuning=True")
+                        "e.g. coordinate_descent_tuning=True; for networks compiled with "
+                        "ddpm.train.compile_options it overrides those, e.g. triton.multi_kernel=0")
     p.add_argument("--windows", type=int, default=5, help="timed windows per case (the median is reported)")
     p.add_argument("--window-s", type=float, default=0.25, help="target seconds per timed window")
     p.add_argument("--matmul-n", type=int, default=8192)
@@ -148,8 +149,12 @@ class Trainee:
     """One network's persistent training state: model, EMA copy, compiled wrappers, random data pool."""
 
     def __init__(self, spec: Spec, device: torch.device, channels_last: bool, per_channel_gn: bool = True,
-                 options_for: Literal["ours", "all", "none"] = "ours", hashed_dropout: bool = True):
+                 options_for: Literal["ours", "all", "none"] = "ours", hashed_dropout: bool = True,
+                 inductor: dict[str, Any] | None = None):
         self.spec = spec
+        # --inductor settings, also set globally; repeated here because torch.compile's options win over
+        # the global config (e.g. triton.multi_kernel=0 against compile_options(True))
+        self.inductor = dict(inductor or {})
         # ddpm.train's inductor settings for the default-mode compile (torch.compile takes no options
         # with another mode)
         if options_for not in ("ours", "all", "none"):
@@ -179,7 +184,7 @@ class Trainee:
         """The inductor options `mode` compiles with (None: a torch.compile mode, which takes none)."""
         if mode not in TORCH_COMPILE_MODE or TORCH_COMPILE_MODE[mode] != "default":
             return None
-        return compile_options(mode in GRAPH_MODES) if self.with_options else {}
+        return {**compile_options(mode in GRAPH_MODES), **self.inductor} if self.with_options else {}
 
     def compile_key(self, mode: str) -> str:
         """Modes with one key share one compiled model."""
@@ -357,7 +362,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for s in list(all_specs):
         try:
             tr = Trainee(s, device, args.channels_last, args.per_channel_gn, args.compile_options,
-                         args.hashed_dropout)
+                         args.hashed_dropout, dict(args.inductor))
         except Exception as exc:  # a twin that diffusers cannot build must not stop our own model's run
             if not s.is_reference:
                 raise

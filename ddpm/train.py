@@ -118,11 +118,17 @@ def compile_options(cuda_graphs: bool) -> dict[str, Any]:
     the first call; outside a graph that choice costs a host-side dispatch per launch, more than it
     saves. MNIST at batch 512, channels-last, H100 (BENCHMARKS.md, "Recompute rather than store"):
     kernel time 21.51 -> 19.61 ms per step; in the CUDA graph 19.81 ms, and 18.92 ms with both.
+
+    With the multi-kernel reductions this also turns off inductor's on-disk record of which variant won
+    (TORCHINDUCTOR_DISABLE_MULTI_KERNEL_CACHE=1, unless set): with torch 2.11 a compile served from a
+    warm cache failed reading that record back (TypeError in triton's JITFunction.cache_key), so a
+    second run on the same machine stopped. Each process times the two variants again at the first call.
     """
     options: dict[str, Any] = {"realize_reads_threshold": 64, "realize_opcount_threshold": 1000,
                                "realize_acc_reads_threshold": 64}
     if cuda_graphs:
         options["triton.multi_kernel"] = 1
+        os.environ.setdefault("TORCHINDUCTOR_DISABLE_MULTI_KERNEL_CACHE", "1")
     return options
 
 

@@ -182,3 +182,52 @@ def test_compiled_dropout_draws_a_new_mask_at_each_cuda_graph_replay():
         torch._dynamo.reset()
     assert abs(masks[0].float().mean().item() - 0.9) < 0.005
     assert abs((masks[0] != masks[1]).float().mean().item() - 2 * 0.1 * 0.9) < 0.01  # independent draws
+
+
+_COMPILED_STEP = """
+import json, torch
+from torch._dynamo.utils import counters
+from ddpm.config import DiffusionConfig, ModelConfig
+from ddpm.losses import p_losses
+from ddpm.schedule import Schedule
+from ddpm.train import compile_options
+from ddpm.unet import UNet, use_hashed_dropout, use_per_channel_group_norm
+torch.manual_seed(0)
+model = UNet(ModelConfig(base_channels=16, channel_mult=(1, 2), attention_levels=(1,), norm_groups=8, num_heads=2,
+                         dropout=0.1)).cuda().train()
+model = use_hashed_dropout(use_per_channel_group_norm(model)).to(memory_format=torch.channels_last)
+net = torch.compile(model, dynamic=False, options=compile_options(True))
+s = Schedule.from_config(DiffusionConfig()).to("cuda")
+x0 = (torch.rand(8, 1, 28, 28, device="cuda") * 2 - 1).contiguous(memory_format=torch.channels_last)
+t, noise = torch.randint(0, 1000, (8,), device="cuda"), torch.randn_like(x0)
+with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+    loss = p_losses(net, s, x0, t, noise)
+loss.backward()
+print(json.dumps({"loss": loss.item(), "hits": counters["inductor"]["fxgraph_cache_hit"]}))
+"""
+
+
+def test_compiled_training_step_runs_again_from_a_warm_compile_cache(tmp_path):
+    """A second process compiling the same training step with compile_options(True) (multi-kernel reductions)
+    is served from inductor's on-disk cache and runs: with torch 2.11 reading back the record of which
+    multi-kernel variant won failed with a TypeError, so a second `ddpm train` on one machine stopped."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_DISABLE_MULTI_KERNEL_CACHE"}
+    env.update(TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"), TRITON_CACHE_DIR=str(tmp_path / "triton"),
+               PYTHONPATH=os.pathsep.join([str(root), env.get("PYTHONPATH", "")]))
+    runs = []
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-c", _COMPILED_STEP], env=env, cwd=root, capture_output=True,
+                              text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    generated = [p.read_text() for p in (tmp_path / "inductor").rglob("*.py")]
+    assert any("multi_kernel(" in code for code in generated)  # the compiled step has multi-kernel reductions
+    assert runs[0]["hits"] == 0 and runs[1]["hits"] > 0
+    assert runs[1]["loss"] == pytest.approx(runs[0]["loss"], rel=1e-3)  # each process times the variants anew

@@ -54,7 +54,7 @@ def main() -> None:
     H.set_inductor_options(args.inductor)
     peak = H.matmul_peak(device, 8192)["tflops"]
     tr = Trainee(ours(args.model), device, args.channels_last, args.per_channel_gn,
-                 "ours" if args.compile_options else "none", args.hashed_dropout)
+                 "ours" if args.compile_options else "none", args.hashed_dropout, dict(args.inductor))
     gflop = forward_flops(tr.model, tr.spec.shape, device)[0] / 1e9
     tr.model.train()
     opt = torch.optim.AdamW(tr.model.parameters(), lr=1e-4, fused=True)
