@@ -52,7 +52,7 @@ from ddpm.data import to_model_range
 from ddpm.losses import p_losses
 from ddpm.schedule import Schedule
 from ddpm.train import compile_options, ema_update
-from ddpm.unet import use_hashed_dropout, use_per_channel_group_norm
+from ddpm.unet import use_hashed_dropout, use_padded_image_convs, use_per_channel_group_norm
 
 MODES = ("eager", "graph", "compile", "compile-graph", "reduce-overhead", "max-autotune-no-cudagraphs")
 # torch.compile mode behind each compile-based mode; modes with one Trainee.compile_key share a compiled model.
@@ -95,6 +95,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--hashed-dropout", action=argparse.BooleanOptionalAction, default=True,
                    help="our U-Net's dropout masks from a hash of each element's offset when compiled, as "
                         "ddpm.train does with train.compile (ddpm.unet.Dropout)")
+    p.add_argument("--padded-image-convs", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --channels-last, our U-Net's image-channel convolutions padded to 8 channels when "
+                        "compiled, as ddpm.train does with train.compile and train.channels_last (ddpm.unet.ImageConv2d)")
     p.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
     p.add_argument("--inductor", action="append", type=H.parse_inductor_option, default=[], metavar="KEY=VALUE",
                    help="a torch._inductor.config setting for compile-based modes (repeatable), "
@@ -150,7 +153,7 @@ class Trainee:
 
     def __init__(self, spec: Spec, device: torch.device, channels_last: bool, per_channel_gn: bool = True,
                  options_for: Literal["ours", "all", "none"] = "ours", hashed_dropout: bool = True,
-                 inductor: dict[str, Any] | None = None):
+                 inductor: dict[str, Any] | None = None, padded_image_convs: bool = True):
         self.spec = spec
         # --inductor settings, also set globally; repeated here because torch.compile's options win over
         # the global config (e.g. triton.multi_kernel=0 against compile_options(True))
@@ -167,6 +170,9 @@ class Trainee:
         self.hashed_dropout = hashed_dropout and not spec.is_reference
         if self.hashed_dropout:  # as ddpm.train sets it; it acts in compiled modes only
             use_hashed_dropout(self.model)
+        self.padded_image_convs = padded_image_convs and channels_last and not spec.is_reference
+        if self.padded_image_convs:  # as ddpm.train sets it with train.channels_last; compiled modes only
+            use_padded_image_convs(self.model)
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.model.train()
@@ -246,7 +252,8 @@ def run_case(tr: Trainee, batch: int, mode: str, args: argparse.Namespace, devic
     net = tr.net(mode)
     step = make_step(tr, net, opt, batch, device, bf16, args.channels_last, loss_buf)
     row: dict[str, Any] = {"model": tr.spec.name, "batch": batch, "mode": mode, "channels_last": args.channels_last,
-                           "per_channel_gn": tr.per_channel_gn, "hashed_dropout": tr.hashed_dropout, "bf16": bf16,
+                           "per_channel_gn": tr.per_channel_gn, "hashed_dropout": tr.hashed_dropout,
+                           "padded_image_convs": tr.padded_image_convs, "bf16": bf16,
                            "compile_options": tr.options(mode)}
     try:
         first_s = None
@@ -362,7 +369,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for s in list(all_specs):
         try:
             tr = Trainee(s, device, args.channels_last, args.per_channel_gn, args.compile_options,
-                         args.hashed_dropout, dict(args.inductor))
+                         args.hashed_dropout, dict(args.inductor), args.padded_image_convs)
         except Exception as exc:  # a twin that diffusers cannot build must not stop our own model's run
             if not s.is_reference:
                 raise

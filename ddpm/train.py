@@ -38,7 +38,7 @@ from ddpm.data import load_images, to_model_range
 from ddpm.generate import generate, save_grid
 from ddpm.losses import p_losses
 from ddpm.schedule import Schedule
-from ddpm.unet import build_unet, use_hashed_dropout, use_per_channel_group_norm
+from ddpm.unet import build_unet, use_hashed_dropout, use_padded_image_convs, use_per_channel_group_norm
 
 log = logging.getLogger(__name__)
 
@@ -258,6 +258,7 @@ def train(cfg: Config, resume: bool = False, on_log: Callable[[int, dict[str, fl
         if rank.world_size > 1 else model
     if tc.compile:  # compiled: GroupNorm statistics from per-channel sums, dropout masks from a hash (ddpm.unet)
         use_hashed_dropout(use_per_channel_group_norm(model))
+        use_padded_image_convs(model, tc.channels_last)  # image-channel convolutions in channels-last kernels
     net = torch.compile(ddp, options=compile_options(graphed)) if tc.compile else ddp
     n, null_label = len(images), model.num_classes
 

@@ -203,6 +203,38 @@ class ChannelPaddedConv2d(nn.Conv2d):
         return super().forward(x.contiguous(memory_format=torch.channels_last))[:, :self.unpadded_out_channels]
 
 
+class ImageConv2d(nn.Conv2d):
+    """nn.Conv2d for image channels (the U-Net's first and last convolutions); where asked, when compiled,
+    it runs as a convolution zero-padded to a multiple of 8 channels each way, as ChannelPaddedConv2d.
+
+    In a compiled channels-last training step the one-channel convolutions ran NCHW: their operands were
+    copied between layouts (a [B, 64, 28, 28] gradient and activation), cuDNN converted NCHW to NHWC,
+    and the last convolution took a generic kernel. Padded, the weight and input are padded inside the
+    compiled graph (the parameters keep their shapes, so checkpoints are unchanged) and the result is
+    sliced back; the padding adds exact zeros, and the padded weights' gradients flow back through the
+    pad to the real ones. The form is opt-in (`padded_channels`, set by `use_padded_image_convs`, which
+    ddpm.train applies to a channels-last model it compiles) and taken only while compiling; eager mode
+    and ONNX export keep the plain convolution.
+    """
+
+    padded_channels = False  # an attribute, not state
+    multiple = 8
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.padded_channels and torch.compiler.is_compiling()) or torch.onnx.is_in_onnx_export():
+            return super().forward(x)
+        pad_in, pad_out = -self.in_channels % self.multiple, -self.out_channels % self.multiple
+        weight = F.pad(self.weight, (0, 0, 0, 0, 0, pad_in, 0, pad_out)).contiguous(memory_format=torch.channels_last)
+        bias = F.pad(self.bias, (0, pad_out)) if self.bias is not None else None
+        x = F.pad(x, (0, 0, 0, 0, 0, pad_in)).contiguous(memory_format=torch.channels_last)
+        return self._conv_forward(x, weight, bias)[:, :self.out_channels]
+
+
+def use_padded_image_convs(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Turn the padded form of every ImageConv2d in `model` on (or off); see ImageConv2d."""
+    return _set_on_modules(model, ImageConv2d, "padded_channels", enabled)
+
+
 def pad_image_channels(model: UNet, multiple: int = 8) -> UNet:
     """Replace a UNet's first and last convolutions (image channels in, image channels out) with ChannelPaddedConv2d.
 
@@ -313,7 +345,7 @@ class UNet(nn.Module):
         emb_dim = 4 * ch0
         self.time_mlp = nn.Sequential(nn.Linear(ch0, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.label_emb = nn.Embedding(num_classes + 1, emb_dim) if cfg.class_conditional else None
-        self.input_conv = nn.Conv2d(in_channels, ch0, 3, padding=1)
+        self.input_conv = ImageConv2d(in_channels, ch0, 3, padding=1)
 
         widths = [ch0 * m for m in cfg.channel_mult]
         self.down = nn.ModuleList()
@@ -339,7 +371,7 @@ class UNet(nn.Module):
             if level > 0:
                 self.up.append(nn.Sequential(NearestUpsample2x(), nn.Conv2d(ch, ch, 3, padding=1)))
 
-        self.out = nn.Sequential(GroupNorm(groups, ch), nn.SiLU(), zero_module(nn.Conv2d(ch, in_channels, 3, padding=1)))
+        self.out = nn.Sequential(GroupNorm(groups, ch), nn.SiLU(), zero_module(ImageConv2d(ch, in_channels, 3, padding=1)))
 
     def _block(self, in_ch: int, out_ch: int, level: int, emb_dim: int) -> nn.Module:
         res = ResBlock(in_ch, out_ch, emb_dim, self.cfg.dropout, self.cfg.norm_groups)

@@ -97,7 +97,7 @@ def test_compiled_sampling_network_in_bf16_matches_the_model_under_autocast():
 
 def test_compiled_channels_last_training_step_matches_eager():
     """The model ddpm.train compiles with train.compile and train.channels_last (channels-last memory, per-channel
-    GroupNorm statistics, broadcast upsampling, channels-last gradients), through inductor with ddpm.train's
+    GroupNorm statistics, broadcast upsampling, channels-last gradients, padded image convolutions), through inductor with ddpm.train's
     options for a CUDA-graph step (recomputation, multi-kernel reductions), gives the loss and
     gradients of the eager NCHW model; in float32 without TF32, so that the comparison is tight (training
     itself runs under bf16 autocast in a CUDA graph)."""
@@ -105,13 +105,13 @@ def test_compiled_channels_last_training_step_matches_eager():
 
     from ddpm.losses import p_losses
     from ddpm.train import compile_options
-    from ddpm.unet import use_per_channel_group_norm
+    from ddpm.unet import use_padded_image_convs, use_per_channel_group_norm
     torch.manual_seed(0)
     model = UNet(ModelConfig(base_channels=16, channel_mult=(1, 2), attention_levels=(1,), norm_groups=8,
                              num_heads=2, dropout=0.0)).cuda().train()
     for p in model.parameters():  # zero-initialised layers would give most parameters no gradient
         torch.nn.init.normal_(p, std=0.05)
-    fast = use_per_channel_group_norm(copy.deepcopy(model).to(memory_format=torch.channels_last))
+    fast = use_padded_image_convs(use_per_channel_group_norm(copy.deepcopy(model).to(memory_format=torch.channels_last)))
     s = Schedule.from_config(DiffusionConfig()).to("cuda")
     x0 = torch.rand(8, 1, 28, 28, device="cuda") * 2 - 1
     t, noise = torch.randint(0, 1000, (8,), device="cuda"), torch.randn_like(x0)
@@ -191,11 +191,11 @@ from ddpm.config import DiffusionConfig, ModelConfig
 from ddpm.losses import p_losses
 from ddpm.schedule import Schedule
 from ddpm.train import compile_options
-from ddpm.unet import UNet, use_hashed_dropout, use_per_channel_group_norm
+from ddpm.unet import UNet, use_hashed_dropout, use_padded_image_convs, use_per_channel_group_norm
 torch.manual_seed(0)
 model = UNet(ModelConfig(base_channels=16, channel_mult=(1, 2), attention_levels=(1,), norm_groups=8, num_heads=2,
                          dropout=0.1)).cuda().train()
-model = use_hashed_dropout(use_per_channel_group_norm(model)).to(memory_format=torch.channels_last)
+model = use_padded_image_convs(use_hashed_dropout(use_per_channel_group_norm(model))).to(memory_format=torch.channels_last)
 net = torch.compile(model, dynamic=False, options=compile_options(True))
 s = Schedule.from_config(DiffusionConfig()).to("cuda")
 x0 = (torch.rand(8, 1, 28, 28, device="cuda") * 2 - 1).contiguous(memory_format=torch.channels_last)

@@ -1,8 +1,8 @@
 """Where does the compiled training step spend its GPU time? Kernel time by kind, and what that bounds.
 
     PYTHONPATH=. python3 bench/device/profile_train.py [--model mnist] [--batch 512] [--iters 10]
-        [--channels-last] [--no-per-channel-gn] [--no-compile-options] [--no-hashed-dropout] [--who]
-        [--inductor KEY=VALUE] [--out prof.json]
+        [--channels-last] [--no-per-channel-gn] [--no-compile-options] [--no-hashed-dropout]
+        [--no-padded-image-convs] [--who] [--inductor KEY=VALUE] [--out prof.json]
 
 The step of bench/bench_train.py (draw, q_sample, forward, loss, backward, clipping, fused AdamW,
 EMA) around torch.compile(model, options=ddpm.train.compile_options(False)) under bf16 autocast, as
@@ -45,6 +45,9 @@ def main() -> None:
                         "train.cuda_graphs (the profile runs without a CUDA graph)")
     p.add_argument("--hashed-dropout", action=argparse.BooleanOptionalAction, default=True,
                    help="dropout masks from a hash when compiled, as ddpm train (ddpm.unet.Dropout)")
+    p.add_argument("--padded-image-convs", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --channels-last, image-channel convolutions padded to 8 channels when compiled, as "
+                        "ddpm train (ddpm.unet.ImageConv2d)")
     p.add_argument("--who", action="store_true")
     p.add_argument("--inductor", action="append", type=H.parse_inductor_option, default=[], metavar="KEY=VALUE",
                    help="torch._inductor.config option, repeatable")
@@ -54,7 +57,8 @@ def main() -> None:
     H.set_inductor_options(args.inductor)
     peak = H.matmul_peak(device, 8192)["tflops"]
     tr = Trainee(ours(args.model), device, args.channels_last, args.per_channel_gn,
-                 "ours" if args.compile_options else "none", args.hashed_dropout, dict(args.inductor))
+                 "ours" if args.compile_options else "none", args.hashed_dropout, dict(args.inductor),
+                 args.padded_image_convs)
     gflop = forward_flops(tr.model, tr.spec.shape, device)[0] / 1e9
     tr.model.train()
     opt = torch.optim.AdamW(tr.model.parameters(), lr=1e-4, fused=True)
@@ -93,6 +97,7 @@ def main() -> None:
             json.dump({"model": args.model, "batch": args.batch, "channels_last": args.channels_last,
                        "per_channel_gn": args.per_channel_gn, "inductor": dict(args.inductor),
                        "compile_options": tr.options("compile"), "hashed_dropout": args.hashed_dropout,
+                       "padded_image_convs": tr.padded_image_convs,
                        "train_gflop_per_image": 3 * gflop,
                        "matmul_peak_tflops": peak, "wall_ms": timing.median_s * 1e3, "kernel_ms": total,
                        "by_kind_ms": by_kind, "share_bounds_pct": bounds, "kernels_ms": ranked,
