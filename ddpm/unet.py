@@ -135,9 +135,10 @@ class Dropout(nn.Dropout):
     two elements (up to 2**32 of them) share a hashed word. Masks of different calls are the same
     sequence of hashed words shifted by the difference of their seeds. The form is opt-in
     (`hashed_mask`, set by `use_hashed_dropout`, which ddpm.train applies to a model it compiles) and
-    taken only while compiling in training mode; eager mode keeps aten's dropout. A compiled MNIST
-    training step (batch 512, CUDA graph, H100) took 19.53 ms with these masks and 20.16 ms with Philox
-    in the next process of the same call: suggestive, not yet established (BENCHMARKS.md).
+    taken only while compiling in training mode; eager mode keeps aten's dropout. In three pairs of
+    processes (compiled MNIST training step, batch 512, CUDA graph, H100) it was not slower than Philox and
+    at most about 1% faster once the order of the pair is allowed for; FID after training was unchanged
+    (BENCHMARKS.md, "Dropout masks from a hash").
     """
 
     hashed_mask = False  # an attribute, not state: checkpoints are unchanged
