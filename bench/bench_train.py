@@ -10,8 +10,8 @@ Modes (--modes):
   graph          eager kernels, the whole step captured once in a CUDA graph and replayed
                  (fused AdamW with capturable=True). No compile cost; removes launch overhead.
   compile        torch.compile(model, dynamic=False), default mode, as ddpm.train with compile=true:
-                 our U-Net with ddpm.train.compile_options(cuda_graphs=False), the twins with
-                 inductor's defaults (--compile-options).
+                 our U-Net with ddpm.train.compile_options(cuda_graphs=False) (--inductor settings
+                 override them), the twins with inductor's defaults (--compile-options).
   compile-graph  the same, with compile_options(cuda_graphs=True) for our U-Net (its own compile;
                  for a twin without options it reuses the compile of `compile`), the whole step
                  captured in a CUDA graph.

@@ -342,6 +342,8 @@ def set_inductor_options(options: list[tuple[str, Any]]) -> None:
     import torch._inductor.config as inductor_config
     for key, value in options:
         setattr(inductor_config, key, value)
+        if key == "triton.multi_kernel" and value:  # as ddpm.train.compile_options: a warm cache failed otherwise
+            os.environ.setdefault("TORCHINDUCTOR_DISABLE_MULTI_KERNEL_CACHE", "1")
 
 
 def start_report(args: Any, render: Callable[[dict[str, Any]], str], tag: str) -> tuple[torch.device, Report]:

@@ -108,7 +108,8 @@ def ema_decay_at(step: int, cfg_decay: float, warmup: bool) -> float:
 
 
 def compile_options(cuda_graphs: bool) -> dict[str, Any]:
-    """Inductor settings for the compiled training step (torch.compile's `options`).
+    """Inductor settings for the compiled training step (torch.compile's `options`); with `cuda_graphs`
+    it also sets an environment variable (below).
 
     By default inductor writes a computed value to memory when it has several users and more than 4
     reads or 30 operations. In the backward that wrote the float32 gradient of each GroupNorm output

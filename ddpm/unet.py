@@ -10,6 +10,7 @@ levels 28, 14, 7 and 32x32 images 32, 16, 8(, 4): no padding is needed.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -208,7 +209,7 @@ class ImageConv2d(nn.Conv2d):
     """nn.Conv2d for image channels (the U-Net's first and last convolutions); where asked, when compiled,
     it runs as a convolution zero-padded to a multiple of 8 channels each way, as ChannelPaddedConv2d.
 
-    In a compiled channels-last training step the one-channel convolutions ran NCHW: their operands were
+    [B, C_in, H, W] -> [B, C_out, H, W], as nn.Conv2d. In a compiled channels-last training step the one-channel convolutions ran NCHW: their operands were
     copied between layouts (a [B, 64, 28, 28] gradient and activation), cuDNN converted NCHW to NHWC,
     and the last convolution took a generic kernel. Padded, the weight and input are padded inside the
     compiled graph (the parameters keep their shapes, so checkpoints are unchanged) and the result is
@@ -220,6 +221,11 @@ class ImageConv2d(nn.Conv2d):
 
     padded_channels = False  # an attribute, not state
     multiple = 8
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if self.groups != 1 or self.padding_mode != "zeros":
+            raise ValueError("ImageConv2d pads channels, so it takes a plain convolution (groups=1, zero padding)")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.padded_channels and torch.compiler.is_compiling()) or torch.onnx.is_in_onnx_export():

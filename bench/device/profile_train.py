@@ -5,8 +5,8 @@
         [--no-padded-image-convs] [--who] [--inductor KEY=VALUE] [--out prof.json]
 
 The step of bench/bench_train.py (draw, q_sample, forward, loss, backward, clipping, fused AdamW,
-EMA) around torch.compile(model, options=ddpm.train.compile_options(False)) under bf16 autocast, as
-`ddpm train` with train.compile, run without CUDA-graph replay under torch.profiler so that each kernel
+EMA) around torch.compile(model, options=ddpm.train.compile_options(False), --inductor settings over them)
+under bf16 autocast, as `ddpm train` with train.compile, run without CUDA-graph replay under torch.profiler so that each kernel
 is recorded (the graph replays the same kernels, but with compile_options(True) its reductions may be
 other variants). Kernel kinds as in profile_inference.py, with convolution backward (dgrad, wgrad) counted
 as convolution. Besides the split it prints two bounds on the share of the bf16 matmul rate that
@@ -96,7 +96,7 @@ def main() -> None:
         with open(args.out, "w") as f:
             json.dump({"model": args.model, "batch": args.batch, "channels_last": args.channels_last,
                        "per_channel_gn": args.per_channel_gn, "inductor": dict(args.inductor),
-                       "compile_options": tr.options("compile"), "hashed_dropout": args.hashed_dropout,
+                       "compile_options": tr.options("compile"), "hashed_dropout": tr.hashed_dropout,
                        "padded_image_convs": tr.padded_image_convs,
                        "train_gflop_per_image": 3 * gflop,
                        "matmul_peak_tflops": peak, "wall_ms": timing.median_s * 1e3, "kernel_ms": total,
