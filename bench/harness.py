@@ -340,10 +340,12 @@ def parse_inductor_option(text: str) -> tuple[str, bool | int | float | str]:
 
 def set_inductor_options(options: list[tuple[str, Any]]) -> None:
     import torch._inductor.config as inductor_config
+
+    from ddpm.train import keep_multi_kernel_choices_in_memory
     for key, value in options:
         setattr(inductor_config, key, value)
-        if key == "triton.multi_kernel" and value:  # as ddpm.train.compile_options: a warm cache failed otherwise
-            os.environ.setdefault("TORCHINDUCTOR_DISABLE_MULTI_KERNEL_CACHE", "1")
+        if key == "triton.multi_kernel" and value:
+            keep_multi_kernel_choices_in_memory()
 
 
 def start_report(args: Any, render: Callable[[dict[str, Any]], str], tag: str) -> tuple[torch.device, Report]:

@@ -109,7 +109,7 @@ def ema_decay_at(step: int, cfg_decay: float, warmup: bool) -> float:
 
 def compile_options(cuda_graphs: bool) -> dict[str, Any]:
     """Inductor settings for the compiled training step (torch.compile's `options`); with `cuda_graphs`
-    it also sets an environment variable (below).
+    it also calls keep_multi_kernel_choices_in_memory (below).
 
     By default inductor writes a computed value to memory when it has several users and more than 4
     reads or 30 operations. In the backward that wrote the float32 gradient of each GroupNorm output
@@ -120,17 +120,23 @@ def compile_options(cuda_graphs: bool) -> dict[str, Any]:
     saves. MNIST at batch 512, channels-last, H100 (BENCHMARKS.md, "Recompute rather than store"):
     kernel time 21.51 -> 19.61 ms per step; in the CUDA graph 19.81 ms, and 18.92 ms with both.
 
-    With the multi-kernel reductions this also turns off inductor's on-disk record of which variant won
-    (TORCHINDUCTOR_DISABLE_MULTI_KERNEL_CACHE=1, unless set): with torch 2.11 a compile served from a
-    warm cache failed reading that record back (TypeError in triton's JITFunction.cache_key), so a
-    second run on the same machine stopped. Each process times the two variants again at the first call.
     """
     options: dict[str, Any] = {"realize_reads_threshold": 64, "realize_opcount_threshold": 1000,
                                "realize_acc_reads_threshold": 64}
     if cuda_graphs:
         options["triton.multi_kernel"] = 1
-        os.environ.setdefault("TORCHINDUCTOR_DISABLE_MULTI_KERNEL_CACHE", "1")
+        keep_multi_kernel_choices_in_memory()
     return options
+
+
+def keep_multi_kernel_choices_in_memory() -> None:
+    """Turn off inductor's on-disk record of which multi-kernel variant won, for this process and its
+    children (TORCHINDUCTOR_DISABLE_MULTI_KERNEL_CACHE=1, unless set); for any compile with
+    `triton.multi_kernel`. With torch 2.11 a compile served from a warm cache failed reading that record
+    back (TypeError in triton's JITFunction.cache_key), so a second run on the same machine stopped.
+    Each process times the variants again at their first call.
+    """
+    os.environ.setdefault("TORCHINDUCTOR_DISABLE_MULTI_KERNEL_CACHE", "1")
 
 
 class _StopFlag:

@@ -209,14 +209,14 @@ class ImageConv2d(nn.Conv2d):
     """nn.Conv2d for image channels (the U-Net's first and last convolutions); where asked, when compiled,
     it runs as a convolution zero-padded to a multiple of 8 channels each way, as ChannelPaddedConv2d.
 
-    [B, C_in, H, W] -> [B, C_out, H, W], as nn.Conv2d. In a compiled channels-last training step the one-channel convolutions ran NCHW: their operands were
-    copied between layouts (a [B, 64, 28, 28] gradient and activation), cuDNN converted NCHW to NHWC,
-    and the last convolution took a generic kernel. Padded, the weight and input are padded inside the
-    compiled graph (the parameters keep their shapes, so checkpoints are unchanged) and the result is
-    sliced back; the padding adds exact zeros, and the padded weights' gradients flow back through the
-    pad to the real ones. The form is opt-in (`padded_channels`, set by `use_padded_image_convs`, which
-    ddpm.train applies to a channels-last model it compiles) and taken only while compiling; eager mode
-    and ONNX export keep the plain convolution.
+    [B, C_in, H, W] -> [B, C_out, H, W], as nn.Conv2d. In a compiled channels-last training step the one-channel
+    convolutions ran NCHW: their operands were copied between layouts (a [B, 64, 28, 28] gradient and
+    activation), cuDNN converted NCHW to NHWC, and the last convolution took a generic kernel. Padded, the
+    weight and input are padded inside the compiled graph (the parameters keep their shapes, so checkpoints are
+    unchanged) and the result is sliced back; the padding adds exact zeros, and the padded weights' gradients
+    flow back through the pad to the real ones. The form is opt-in (`padded_channels`, set by
+    `use_padded_image_convs`, which ddpm.train applies to a channels-last model it compiles) and taken only
+    while compiling; eager mode and ONNX export keep the plain convolution.
     """
 
     padded_channels = False  # an attribute, not state

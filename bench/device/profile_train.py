@@ -4,15 +4,15 @@
         [--channels-last] [--no-per-channel-gn] [--no-compile-options] [--no-hashed-dropout]
         [--no-padded-image-convs] [--who] [--inductor KEY=VALUE] [--out prof.json]
 
-The step of bench/bench_train.py (draw, q_sample, forward, loss, backward, clipping, fused AdamW,
-EMA) around torch.compile(model, options=ddpm.train.compile_options(False), --inductor settings over them)
-under bf16 autocast, as `ddpm train` with train.compile, run without CUDA-graph replay under torch.profiler so that each kernel
-is recorded (the graph replays the same kernels, but with compile_options(True) its reductions may be
-other variants). Kernel kinds as in profile_inference.py, with convolution backward (dgrad, wgrad) counted
-as convolution. Besides the split it prints two bounds on the share of the bf16 matmul rate that
-model FLOPs (3x forward) can reach: at the kernel time measured, and with every kernel but the
-convolutions, matmuls and attention taking no time at all. `--no-per-channel-gn`: aten's GroupNorm
-instead of statistics from per-channel sums (ddpm.unet.GroupNorm, as ddpm.train when compiling).
+The step of bench/bench_train.py (draw, q_sample, forward, loss, backward, clipping, fused AdamW, EMA) around
+torch.compile(model, options=ddpm.train.compile_options(False), --inductor settings over them) under bf16
+autocast, as `ddpm train` with train.compile, run without CUDA-graph replay under torch.profiler so that each
+kernel is recorded (the graph replays the same kernels, but with compile_options(True) its reductions may be
+other variants). Kernel kinds as in profile_inference.py, with convolution backward (dgrad, wgrad) counted as
+convolution. Besides the split it prints two bounds on the share of the bf16 matmul rate that model FLOPs (3x
+forward) can reach: at the kernel time measured, and with every kernel but the convolutions, matmuls and
+attention taking no time at all. `--no-per-channel-gn`: aten's GroupNorm instead of statistics from per-channel
+sums (ddpm.unet.GroupNorm, as ddpm.train when compiling).
 `--who`: which aten operators launch the kernels of kind "other" (layout copies and the like), with their input shapes.
 """
 
