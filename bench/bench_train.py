@@ -327,8 +327,8 @@ def render(doc: dict[str, Any]) -> str:
            f"torch {env.get('torch')}, CUDA {env.get('cuda')}, cuDNN {env.get('cudnn')}, triton {env.get('triton')}, "
            f"diffusers {env.get('diffusers')}, driver {env.get('driver')}, git {env.get('git_commit')}.",
            f"Dense bf16 matmul {peak.get('n')}^3 in this process: {H.fmt(peak.get('tflops'))} TFLOP/s "
-           f"(best window {H.fmt(peak.get('tflops_best'))}; after the cases "
-           f"{H.fmt(doc.get('matmul_peak_after', {}).get('tflops'))}).",
+           f"(best window {H.fmt(peak.get('tflops_best'))}; after {H.fmt(peak.get('sustained_s'))} s of it "
+           f"{H.fmt(peak.get('tflops_sustained'))}; after the cases {H.fmt(doc.get('matmul_peak_after', {}).get('tflops'))}).",
            f"Settings: {doc.get('settings')}.", "",
            "One step = batch gather + q_sample + forward + loss + backward + grad clip + fused AdamW + EMA; "
            "training FLOPs = 3 x forward FLOPs (FlopCounterMode).", ""]
