@@ -49,7 +49,7 @@ from bench.models import MODEL_NAMES, Spec, forward_flops, num_params, specs
 from ddpm.data import from_model_range
 from ddpm.samplers import ddim_sample_loop, ddim_timesteps, p_sample_loop
 from ddpm.schedule import Schedule
-from ddpm.unet import use_per_channel_group_norm
+from ddpm.layers import use_per_channel_group_norm
 
 MODES = ("eager", "graph", "compile", "compile-graph", "reduce-overhead")
 TORCH_COMPILE_MODE = {"compile": "default", "compile-graph": "default", "reduce-overhead": "reduce-overhead"}

@@ -52,7 +52,7 @@ from ddpm.data import to_model_range
 from ddpm.losses import p_losses
 from ddpm.schedule import Schedule
 from ddpm.train import compile_options, ema_update
-from ddpm.unet import use_hashed_dropout, use_padded_image_convs, use_per_channel_group_norm
+from ddpm.layers import use_hashed_dropout, use_padded_image_convs, use_per_channel_group_norm
 
 MODES = ("eager", "graph", "compile", "compile-graph", "reduce-overhead", "max-autotune-no-cudagraphs")
 # torch.compile mode behind each compile-based mode; modes with one Trainee.compile_key share a compiled model.
@@ -88,16 +88,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="model and inputs in channels_last (as train.channels_last, set in the gpu profiles)")
     p.add_argument("--per-channel-gn", action=argparse.BooleanOptionalAction, default=True,
                    help="our U-Net's GroupNorm statistics from per-channel sums when compiled, as ddpm.train "
-                        "does with train.compile (ddpm.unet.GroupNorm)")
+                        "does with train.compile (ddpm.layers.GroupNorm)")
     p.add_argument("--compile-options", default="ours", choices=["ours", "all", "none"],
                    help="which networks the default-mode compile gives ddpm.train.compile_options "
                         "(ours: as ddpm train; the twins keep inductor's defaults)")
     p.add_argument("--hashed-dropout", action=argparse.BooleanOptionalAction, default=True,
                    help="our U-Net's dropout masks from a hash of each element's offset when compiled, as "
-                        "ddpm.train does with train.compile (ddpm.unet.Dropout)")
+                        "ddpm.train does with train.compile (ddpm.layers.Dropout)")
     p.add_argument("--padded-image-convs", action=argparse.BooleanOptionalAction, default=True,
                    help="with --channels-last, our U-Net's image-channel convolutions padded to 8 channels when "
-                        "compiled, as ddpm.train does with train.compile and train.channels_last (ddpm.unet.ImageConv2d)")
+                        "compiled, as ddpm.train does with train.compile and train.channels_last (ddpm.layers.ImageConv2d)")
     p.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
     p.add_argument("--inductor", action="append", type=H.parse_inductor_option, default=[], metavar="KEY=VALUE",
                    help="a torch._inductor.config setting for compile-based modes (repeatable), "

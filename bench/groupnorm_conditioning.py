@@ -3,11 +3,11 @@
     PYTHONPATH=. python bench/groupnorm_conditioning.py --checkpoint runs/q8/ema.pt [--images 64]
         [--timesteps 0,10,100,500,999] [--out bench/results/groupnorm_conditioning.json]
 
-Compiled, ddpm.unet.GroupNorm takes a group's statistics from sums of values and of squares in
+Compiled, ddpm.layers.GroupNorm takes a group's statistics from sums of values and of squares in
 float32 (E[x^2] - E[x]^2), which loses digits where a group's mean is large against its spread. This
 records every GroupNorm input of the model's forward passes on MNIST test images noised to the given
 timesteps, and for each GroupNorm: the largest |mean| / std over the batch's groups, and the largest
-difference between the per-channel form (ddpm.unet.per_channel_group_norm, float32, run eagerly on
+difference between the per-channel form (ddpm.layers.per_channel_group_norm, float32, run eagerly on
 the CPU) and group norm computed from its definition in float64, next to aten's float32 group_norm's
 own difference. Then the same difference on synthetic groups whose means lie 0.5-1000x their spreads.
 """
@@ -24,7 +24,7 @@ from bench.harness import environment
 from ddpm.checkpoint import load_model
 from ddpm.data import load_images, to_model_range
 from ddpm.schedule import Schedule, q_sample
-from ddpm.unet import GroupNorm, per_channel_group_norm
+from ddpm.layers import GroupNorm, per_channel_group_norm
 
 
 def main() -> None:

@@ -20,7 +20,8 @@ from ddpm.data import from_model_range
 from ddpm.graphed import GraphedDenoiser
 from ddpm.samplers import get_sampler
 from ddpm.schedule import Schedule
-from ddpm.unet import UNet, pad_image_channels, use_per_channel_group_norm
+from ddpm.unet import UNet, pad_image_channels
+from ddpm.layers import use_per_channel_group_norm
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,8 @@ def sampling_network(model: torch.nn.Module, device: torch.device, cuda_graphs: 
 
     `compile` (CUDA only): a copy of the model compiled by torch.compile with coordinate-descent
     tuning of the generated kernels, for one batch shape. The copy is channels-last, its GroupNorms
-    use per-channel statistics (ddpm.unet.GroupNorm) and its image-channel convolutions are padded
-    to 8 channels (ddpm.unet.ChannelPaddedConv2d). `autocast_dtype`: the dtype of the autocast the
+    use per-channel statistics (ddpm.layers.GroupNorm) and its image-channel convolutions are padded
+    to 8 channels (ddpm.layers.ChannelPaddedConv2d). `autocast_dtype`: the dtype of the autocast the
     network will run under (call it under that autocast); the copy's convolution and linear weights
     are cast to it once (cast_weights_for_autocast), which saves the casts' kernels. On an H100 the
     MNIST U-Net's DDIM step at batch 1024 takes 42 ms with CUDA graphs alone; compiled, 10,000

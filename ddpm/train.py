@@ -38,7 +38,8 @@ from ddpm.data import load_images, to_model_range
 from ddpm.generate import generate, save_grid
 from ddpm.losses import p_losses
 from ddpm.schedule import Schedule
-from ddpm.unet import build_unet, use_hashed_dropout, use_padded_image_convs, use_per_channel_group_norm
+from ddpm.unet import build_unet
+from ddpm.layers import use_hashed_dropout, use_padded_image_convs, use_per_channel_group_norm
 
 log = logging.getLogger(__name__)
 

@@ -105,7 +105,7 @@ def test_compiled_channels_last_training_step_matches_eager():
 
     from ddpm.losses import p_losses
     from ddpm.train import compile_options
-    from ddpm.unet import use_padded_image_convs, use_per_channel_group_norm
+    from ddpm.layers import use_padded_image_convs, use_per_channel_group_norm
     torch.manual_seed(0)
     model = UNet(ModelConfig(base_channels=16, channel_mult=(1, 2), attention_levels=(1,), norm_groups=8,
                              num_heads=2, dropout=0.0)).cuda().train()
@@ -137,7 +137,7 @@ def test_compiled_channels_last_training_step_matches_eager():
 def test_compiled_hashed_dropout_on_cuda_gives_the_eager_cpu_mask():
     """Through inductor on the GPU, hashed_dropout's integer hash gives exactly the mask that eager PyTorch
     computes on the CPU for the same seed and layout, and its gradient carries that mask."""
-    from ddpm.unet import hashed_dropout
+    from ddpm.layers import hashed_dropout
     x = torch.randn(16, 64, 28, 28).contiguous(memory_format=torch.channels_last)
     seed = torch.tensor(3_000_000_000)
     want = hashed_dropout(x, 0.1, seed)
@@ -156,7 +156,7 @@ def test_compiled_hashed_dropout_on_cuda_gives_the_eager_cpu_mask():
 def test_compiled_dropout_draws_a_new_mask_at_each_cuda_graph_replay():
     """As ddpm.train runs it: the compiled Dropout (its seed drawn inside the compiled graph) captured in a
     CUDA graph draws a new mask at every replay, and the backward in the same graph uses the forward's."""
-    from ddpm.unet import Dropout, use_hashed_dropout
+    from ddpm.layers import Dropout, use_hashed_dropout
     drop = torch.compile(use_hashed_dropout(Dropout(0.1)).cuda().train(), dynamic=False)
     x = torch.randn(8, 64, 28, 28, device="cuda").contiguous(memory_format=torch.channels_last).requires_grad_(True)
     try:
@@ -191,7 +191,8 @@ from ddpm.config import DiffusionConfig, ModelConfig
 from ddpm.losses import p_losses
 from ddpm.schedule import Schedule
 from ddpm.train import compile_options
-from ddpm.unet import UNet, use_hashed_dropout, use_padded_image_convs, use_per_channel_group_norm
+from ddpm.unet import UNet
+from ddpm.layers import use_hashed_dropout, use_padded_image_convs, use_per_channel_group_norm
 torch.manual_seed(0)
 model = UNet(ModelConfig(base_channels=16, channel_mult=(1, 2), attention_levels=(1,), norm_groups=8, num_heads=2,
                          dropout=0.1)).cuda().train()

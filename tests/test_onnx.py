@@ -33,7 +33,8 @@ from ddpm.onnx_sampler import p_sample_loop as ort_ddpm
 from ddpm.quantize import calibration_feeds, int8_path
 from ddpm.samplers import ddim_sample_loop, p_sample_loop
 from ddpm.schedule import Schedule
-from ddpm.unet import GroupNorm, build_unet
+from ddpm.unet import build_unet
+from ddpm.layers import GroupNorm
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -83,7 +83,7 @@ def _group_norm_float64(x, groups, weight, bias, eps):
 
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_compiled_group_norm_matches_the_definition(channels_last):
-    from ddpm.unet import GroupNorm, use_per_channel_group_norm
+    from ddpm.layers import GroupNorm, use_per_channel_group_norm
     torch.manual_seed(0)
     norm = GroupNorm(8, 32)
     with torch.no_grad():
@@ -130,7 +130,7 @@ def test_compiled_group_norm_matches_the_definition(channels_last):
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_compiled_per_channel_group_norm_trains_as_aten_group_norm(channels_last):
     """ddpm.train compiles the model with per-channel GroupNorm statistics: its gradients must be group_norm's."""
-    from ddpm.unet import GroupNorm, use_per_channel_group_norm
+    from ddpm.layers import GroupNorm, use_per_channel_group_norm
     torch.manual_seed(1)
     norm = GroupNorm(4, 16).double()
     with torch.no_grad():
@@ -165,7 +165,7 @@ def test_compiled_per_channel_group_norm_trains_as_aten_group_norm(channels_last
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_compiled_nearest_upsample_is_aten_upsample(channels_last):
     """Compiled, NearestUpsample2x broadcasts instead of calling aten's upsample: same values, same gradients, same memory format."""
-    from ddpm.unet import NearestUpsample2x
+    from ddpm.layers import NearestUpsample2x
     torch.manual_seed(2)
     x = torch.randn(2, 8, 7, 5)
     if channels_last:
@@ -200,10 +200,10 @@ def _mueller_hash(word: int) -> int:
 
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_hashed_dropout_masks_follow_the_hash_and_drop_p(channels_last):
-    """ddpm.unet.hashed_dropout keeps the element at memory offset i when hash((i + seed) mod 2**32) >=
+    """ddpm.layers.hashed_dropout keeps the element at memory offset i when hash((i + seed) mod 2**32) >=
     p * 2**32, scales the rest by 1 / (1 - p), writes its output in x's layout, passes the same mask to the
     gradient, and draws a fresh seed per call."""
-    from ddpm.unet import hashed_dropout, mask_hash
+    from ddpm.layers import hashed_dropout, mask_hash
     words = [0, 1, 2, 65535, 65536, 12345678, 2**31, 2**32 - 1]
     assert mask_hash(torch.tensor(words)).tolist() == [_mueller_hash(w) for w in words]
     torch.manual_seed(0)
@@ -234,7 +234,7 @@ def test_hashed_dropout_masks_follow_the_hash_and_drop_p(channels_last):
 
 
 def test_dropout_takes_the_hashed_mask_only_when_asked_compiled_and_training():
-    from ddpm.unet import Dropout, use_hashed_dropout
+    from ddpm.layers import Dropout, use_hashed_dropout
     traced = []
 
     def backend(gm, example_inputs):
@@ -259,7 +259,7 @@ def test_dropout_takes_the_hashed_mask_only_when_asked_compiled_and_training():
 def test_hashed_dropout_makes_other_layouts_contiguous():
     """An input that is neither contiguous nor channels-last (a transposed or expanded view) is made
     contiguous, so no two elements share an offset and hence a mask value."""
-    from ddpm.unet import hashed_dropout
+    from ddpm.layers import hashed_dropout
     base = torch.ones(8, 1, 16, 16)
     expanded = base.expand(8, 32, 16, 16)  # stride 0 over channels: one offset per pixel
     y = hashed_dropout(expanded, 0.5, torch.tensor(12345))
@@ -276,7 +276,7 @@ def test_compiled_channels_last_unet_trains_as_the_eager_model(in_channels):
     and every gradient as the eager NCHW model's."""
     import copy
 
-    from ddpm.unet import use_padded_image_convs, use_per_channel_group_norm
+    from ddpm.layers import use_padded_image_convs, use_per_channel_group_norm
     torch.manual_seed(0)
     model = UNet(ModelConfig(base_channels=16, channel_mult=(1, 2), attention_levels=(1,), norm_groups=8,
                              num_heads=2, dropout=0.0), in_channels=in_channels)
@@ -336,7 +336,8 @@ def test_attention_takes_a_fused_sdpa_kernel_and_equals_softmax_attention(channe
 def test_channel_padded_image_convolutions_give_the_same_network(in_channels, tiny_model_cfg):
     """The sampling copy's first and last convolutions, zero-padded to 8 channels, compute the same function."""
     import copy
-    from ddpm.unet import ChannelPaddedConv2d, pad_image_channels
+    from ddpm.unet import pad_image_channels
+    from ddpm.layers import ChannelPaddedConv2d
     torch.manual_seed(0)
     model = UNet(tiny_model_cfg, in_channels=in_channels).eval()
     for p in model.parameters():  # the last convolution is zero-initialised: its padding would not show

@@ -3,7 +3,7 @@
     PYTHONPATH=. python3 bench/device/groupnorm_stats.py FORM [--cudnn-benchmark] SCRIPT [ARGS...]
     e.g. ... groupnorm_stats.py var-mean bench/device/profile_train.py --batch 512 --channels-last
 
-FORM replaces ddpm.unet.per_channel_group_norm (what ddpm.unet.GroupNorm computes when compiled with
+FORM replaces ddpm.layers.per_channel_group_norm (what ddpm.layers.GroupNorm computes when compiled with
 `per_channel_stats`) before SCRIPT runs:
   sums          the module's own: per-channel sums of values and of squares, E[x^2] - E[x]^2 per group;
   var-mean      per-channel var_mean (Welford) and the law of total variance (the form before);
@@ -25,13 +25,13 @@ import sys
 
 import torch
 
-import ddpm.unet as U
+import ddpm.layers as L
 from bench.harness import WRAPPER_ARGV
 
 
 def _prepare(x: torch.Tensor) -> tuple[torch.Tensor, torch.dtype, tuple[int, ...]]:
     dtype = x.dtype
-    x = U.channels_last_grad(x)
+    x = L.channels_last_grad(x)
     return (x.float() if dtype in (torch.float16, torch.bfloat16) else x), dtype, tuple(range(2, x.ndim))
 
 
@@ -45,7 +45,7 @@ def _total_variance(mean_c: torch.Tensor, var_c: torch.Tensor, g: int) -> tuple[
 def var_mean(x, groups, weight, bias, eps):
     x, dtype, dims = _prepare(x)
     var_c, mean_c = torch.var_mean(x, dim=dims, correction=0)
-    return U.group_norm_from_stats(x, *_total_variance(mean_c, var_c, groups), weight, bias, eps, dtype)
+    return L.group_norm_from_stats(x, *_total_variance(mean_c, var_c, groups), weight, bias, eps, dtype)
 
 
 def shifted(x, groups, weight, bias, eps):
@@ -55,14 +55,14 @@ def shifted(x, groups, weight, bias, eps):
     xs, n = x - first, math.prod(x.shape[2:])
     dev_c = xs.sum(dims) / n
     var_c = (xs.square().sum(dims) / n - dev_c.square()).clamp_min(0)
-    return U.group_norm_from_stats(x, *_total_variance(first.reshape(b, c) + dev_c, var_c, groups), weight, bias, eps, dtype)
+    return L.group_norm_from_stats(x, *_total_variance(first.reshape(b, c) + dev_c, var_c, groups), weight, bias, eps, dtype)
 
 
 def two_pass(x, groups, weight, bias, eps):
     x, dtype, dims = _prepare(x)
     mean_c = x.mean(dims)
     var_c = (x - mean_c.detach().view(*mean_c.shape, *(1,) * (x.ndim - 2))).square().mean(dims)
-    return U.group_norm_from_stats(x, *_total_variance(mean_c, var_c, groups), weight, bias, eps, dtype)
+    return L.group_norm_from_stats(x, *_total_variance(mean_c, var_c, groups), weight, bias, eps, dtype)
 
 
 def float64_sums(x, groups, weight, bias, eps):
@@ -71,10 +71,10 @@ def float64_sums(x, groups, weight, bias, eps):
     n, xd = math.prod(x.shape[2:]) * (c // g), x.double()
     mean = xd.sum(dims).view(b, g, c // g).sum(-1) / n
     var = (xd.square().sum(dims).view(b, g, c // g).sum(-1) / n - mean.square()).clamp_min(0)
-    return U.group_norm_from_stats(x, mean.float(), var.float(), weight, bias, eps, dtype)
+    return L.group_norm_from_stats(x, mean.float(), var.float(), weight, bias, eps, dtype)
 
 
-SUMS = U.per_channel_group_norm
+SUMS = L.per_channel_group_norm
 
 
 def bf16_output(x, groups, weight, bias, eps):
@@ -94,7 +94,7 @@ def main() -> None:
         args.pop(0)
     if form not in FORMS or not args:
         raise SystemExit(f"usage: groupnorm_stats.py FORM [--cudnn-benchmark] SCRIPT [ARGS...]; FORM one of {sorted(FORMS)}")
-    U.per_channel_group_norm = FORMS[form]
+    L.per_channel_group_norm = FORMS[form]
     # Scripts that set cudnn.benchmark themselves (bench_train.py, generate_10k.py) override this;
     # profile_train.py does not.
     torch.backends.cudnn.benchmark = cudnn_benchmark

@@ -3,7 +3,7 @@
     PYTHONPATH=. python3 bench/device/groupnorm_variants.py [--infer] [--train] [--coord] [--kinds K,...] [--layouts L,...]
 
 GroupNorm statistics are reductions over each group's (C/G) x H x W elements, which are strided in
-channels-last memory. The forms of ddpm.unet.GroupNorm's forward compared (--kinds):
+channels-last memory. The forms of ddpm.layers.GroupNorm's forward compared (--kinds):
   aten          nn.GroupNorm's, aten's group_norm (what inductor got before);
   channel-sums  per-channel E[x] and E[x^2] over H x W, combined per group (written for this script);
   ours          the module's own: per-channel sums combined per group (once var_mean and the law of
@@ -31,11 +31,11 @@ from bench import harness as H
 from bench.bench_train import Trainee, run_case
 from bench.device.sampling_variants import mnist_inference
 from bench.models import forward_flops, ours
-import ddpm.unet
+import ddpm.layers
 from ddpm.graphed import GraphedDenoiser
 
 ATEN_FORWARD = nn.GroupNorm.forward
-OURS_FORWARD = ddpm.unet.GroupNorm.forward
+OURS_FORWARD = ddpm.layers.GroupNorm.forward
 
 
 def channel_sums_forward(self: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
@@ -58,8 +58,8 @@ KINDS = {"aten": ATEN_FORWARD, "channel-sums": channel_sums_forward, "ours": OUR
 
 
 def groupnorm(kind: str) -> ContextManager:
-    """ddpm.unet.GroupNorm computed by aten's group_norm, this script's E[x] and E[x^2] sums, or its own form."""
-    return mock.patch.object(ddpm.unet.GroupNorm, "forward", KINDS[kind])
+    """ddpm.layers.GroupNorm computed by aten's group_norm, this script's E[x] and E[x^2] sums, or its own form."""
+    return mock.patch.object(ddpm.layers.GroupNorm, "forward", KINDS[kind])
 
 
 def infer(kind: str, channels_last: bool, batch: int, coord: bool) -> None:

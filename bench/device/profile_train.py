@@ -12,7 +12,7 @@ other variants). Kernel kinds as in profile_inference.py, with convolution backw
 convolution. Besides the split it prints two bounds on the share of the bf16 matmul rate that model FLOPs (3x
 forward) can reach: at the kernel time measured, and with every kernel but the convolutions, matmuls and
 attention taking no time at all. `--no-per-channel-gn`: aten's GroupNorm instead of statistics from per-channel
-sums (ddpm.unet.GroupNorm, as ddpm.train when compiling).
+sums (ddpm.layers.GroupNorm, as ddpm.train when compiling).
 `--who`: which aten operators launch the kernels of kind "other" (layout copies and the like), with their input shapes.
 """
 
@@ -44,10 +44,10 @@ def main() -> None:
                    help="compile with ddpm.train.compile_options(cuda_graphs=False), as ddpm train without "
                         "train.cuda_graphs (the profile runs without a CUDA graph)")
     p.add_argument("--hashed-dropout", action=argparse.BooleanOptionalAction, default=True,
-                   help="dropout masks from a hash when compiled, as ddpm train (ddpm.unet.Dropout)")
+                   help="dropout masks from a hash when compiled, as ddpm train (ddpm.layers.Dropout)")
     p.add_argument("--padded-image-convs", action=argparse.BooleanOptionalAction, default=True,
                    help="with --channels-last, image-channel convolutions padded to 8 channels when compiled, as "
-                        "ddpm train (ddpm.unet.ImageConv2d)")
+                        "ddpm train (ddpm.layers.ImageConv2d)")
     p.add_argument("--who", action="store_true")
     p.add_argument("--inductor", action="append", type=H.parse_inductor_option, default=[], metavar="KEY=VALUE",
                    help="torch._inductor.config option, repeatable")
