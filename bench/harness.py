@@ -183,10 +183,10 @@ def matmul_peak(device: torch.device, n: int, windows: int = 5, iters: int = 20,
     """Dense bf16 matmul n x n x n on random data (never zeros: they run faster): the compute ceiling.
 
     `tflops` (the share's denominator in every report) is timed right after 3 calls of warm-up, as
-    it always was. The matmul then runs on for `sustained_s` seconds and is timed again
-    (`tflops_sustained`). On an H100 the rate after a second of it was the lower one (648-695
-    TFLOP/s for 8192^3, against 670-752 right away), so the share is taken of the first, higher
-    figure; the second says how far the ceiling moves under a sustained load.
+    it always was, so shares stay comparable with earlier reports. The matmul then runs on for
+    `sustained_s` seconds and is timed again (`tflops_sustained`); bench_train times it a third time
+    after its cases. On an H100 the three figures of one process differed by up to 7% (694, 700 and
+    739 TFLOP/s for 8192^3), in no fixed order: they say how far the share's denominator moves.
     """
     sync = synchronizer(device)
     g = torch.Generator(device=device).manual_seed(0)
