@@ -264,7 +264,7 @@ def train(cfg: Config, resume: bool = False, on_log: Callable[[int, dict[str, fl
 
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if rank.world_size > 1 else model
-    if tc.compile:  # compiled: GroupNorm statistics from per-channel sums, dropout masks from a hash (ddpm.unet)
+    if tc.compile:  # compiled: GroupNorm statistics from per-channel sums, dropout masks from a hash (ddpm.layers)
         use_hashed_dropout(use_per_channel_group_norm(model))
         use_padded_image_convs(model, tc.channels_last)  # image-channel convolutions in channels-last kernels
     net = torch.compile(ddp, options=compile_options(graphed)) if tc.compile else ddp

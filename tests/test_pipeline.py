@@ -579,3 +579,30 @@ def test_trajectory_grid_is_never_compiled_and_keeps_evenly_spaced_frames(monkey
     assert calls and calls[0]["compile"] is False and calls[0]["return_trajectory"] is True
     rows = seen[0][::2, 0, 0, 0].tolist()  # the first image of each kept frame
     assert rows == [0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20]
+
+
+def _ddpm_imports(module: str, seen: set[str]) -> set[str]:
+    """`module` and every ddpm module it imports, transitively, read from the sources."""
+    import ast
+
+    path = REPO / (module.replace(".", "/") + ".py")
+    if module in seen or not path.exists():
+        return seen
+    seen.add(module)
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = [node.module] if isinstance(node, ast.ImportFrom) and node.module else \
+            [a.name for a in node.names] if isinstance(node, ast.Import) else []
+        for name in names:
+            if name.startswith("ddpm."):
+                _ddpm_imports(name, seen)
+    return seen
+
+
+def test_the_train_stage_depends_on_every_module_the_network_is_built_from():
+    """`dvc repro` retrains when the network's code changes, wherever in ddpm/ that code lives."""
+    import yaml
+
+    deps = set(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["train"]["deps"])
+    network = _ddpm_imports("ddpm.unet", set()) - {"ddpm.config", "ddpm.errors"}  # settings: the stage's params
+    missing = sorted(m.replace(".", "/") + ".py" for m in network if m.replace(".", "/") + ".py" not in deps)
+    assert network >= {"ddpm.unet", "ddpm.layers"} and not missing, missing
