@@ -18,10 +18,10 @@ from ddpm.checkpoint import atomic_write_bytes
 from ddpm.config import Config, SampleConfig, image_shape
 from ddpm.data import from_model_range
 from ddpm.graphed import GraphedDenoiser
+from ddpm.layers import use_per_channel_group_norm
 from ddpm.samplers import get_sampler
 from ddpm.schedule import Schedule
 from ddpm.unet import UNet, pad_image_channels
-from ddpm.layers import use_per_channel_group_norm
 
 log = logging.getLogger(__name__)
 

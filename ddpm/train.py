@@ -36,10 +36,10 @@ from ddpm.config import Config, image_shape
 from ddpm.errors import ConfigError, TrainingDivergedError, TrainingInterrupted
 from ddpm.data import load_images, to_model_range
 from ddpm.generate import generate, save_grid
+from ddpm.layers import use_hashed_dropout, use_padded_image_convs, use_per_channel_group_norm
 from ddpm.losses import p_losses
 from ddpm.schedule import Schedule
 from ddpm.unet import build_unet
-from ddpm.layers import use_hashed_dropout, use_padded_image_convs, use_per_channel_group_norm
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,6 @@ def compile_options(cuda_graphs: bool) -> dict[str, Any]:
     the first call; outside a graph that choice costs a host-side dispatch per launch, more than it
     saves. MNIST at batch 512, channels-last, H100 (BENCHMARKS.md, "Recompute rather than store"):
     kernel time 21.51 -> 19.61 ms per step; in the CUDA graph 19.81 ms, and 18.92 ms with both.
-
     """
     options: dict[str, Any] = {"realize_reads_threshold": 64, "realize_opcount_threshold": 1000,
                                "realize_acc_reads_threshold": 64}

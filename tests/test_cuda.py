@@ -103,9 +103,9 @@ def test_compiled_channels_last_training_step_matches_eager():
     TF32, so that the comparison is tight (training itself runs under bf16 autocast in a CUDA graph)."""
     import copy
 
+    from ddpm.layers import use_padded_image_convs, use_per_channel_group_norm
     from ddpm.losses import p_losses
     from ddpm.train import compile_options
-    from ddpm.layers import use_padded_image_convs, use_per_channel_group_norm
     torch.manual_seed(0)
     model = UNet(ModelConfig(base_channels=16, channel_mult=(1, 2), attention_levels=(1,), norm_groups=8,
                              num_heads=2, dropout=0.0)).cuda().train()
@@ -191,8 +191,8 @@ from ddpm.config import DiffusionConfig, ModelConfig
 from ddpm.losses import p_losses
 from ddpm.schedule import Schedule
 from ddpm.train import compile_options
-from ddpm.unet import UNet
 from ddpm.layers import use_hashed_dropout, use_padded_image_convs, use_per_channel_group_norm
+from ddpm.unet import UNet
 torch.manual_seed(0)
 model = UNet(ModelConfig(base_channels=16, channel_mult=(1, 2), attention_levels=(1,), norm_groups=8, num_heads=2,
                          dropout=0.1)).cuda().train()

@@ -25,6 +25,7 @@ from ddpm.checkpoint import save_checkpoint
 from ddpm.config import ExportConfig, ModelConfig, config_from_dict, image_shape
 from ddpm.errors import ExportRejected, OnnxModelError
 from ddpm.export import check_export, export_onnx, fp16_path
+from ddpm.layers import GroupNorm
 from ddpm.onnx_model import METADATA_KEY, NumpySchedule, OnnxDenoiser
 from ddpm.onnx_sampler import ddim_timesteps as ddim_steps
 from ddpm.onnx_sampler import sample
@@ -34,7 +35,6 @@ from ddpm.quantize import calibration_feeds, int8_path
 from ddpm.samplers import ddim_sample_loop, p_sample_loop
 from ddpm.schedule import Schedule
 from ddpm.unet import build_unet
-from ddpm.layers import GroupNorm
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

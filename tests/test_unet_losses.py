@@ -336,8 +336,8 @@ def test_attention_takes_a_fused_sdpa_kernel_and_equals_softmax_attention(channe
 def test_channel_padded_image_convolutions_give_the_same_network(in_channels, tiny_model_cfg):
     """The sampling copy's first and last convolutions, zero-padded to 8 channels, compute the same function."""
     import copy
-    from ddpm.unet import pad_image_channels
     from ddpm.layers import ChannelPaddedConv2d
+    from ddpm.unet import pad_image_channels
     torch.manual_seed(0)
     model = UNet(tiny_model_cfg, in_channels=in_channels).eval()
     for p in model.parameters():  # the last convolution is zero-initialised: its padding would not show

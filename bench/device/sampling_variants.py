@@ -17,8 +17,8 @@ from bench import harness as H
 from bench.models import forward_flops, ours
 from ddpm.generate import cast_weights_for_autocast
 from ddpm.graphed import GraphedDenoiser
-from ddpm.unet import pad_image_channels
 from ddpm.layers import ChannelPaddedConv2d, use_per_channel_group_norm
+from ddpm.unet import pad_image_channels
 
 VARIANTS = {
     "default-1024": dict(batch=1024),
