@@ -6,19 +6,58 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
+# Installs take exactly the versions in requirements/linux-py<X.Y>.lock (with hashes), X.Y being
+# the venv's Python; `make lock` regenerates the locks from pyproject.toml's ranges.
+PYVER := $(shell $(if $(wildcard $(PY)),$(PY),$(PYTHON)) -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+LOCK ?= requirements/linux-py$(PYVER).lock
+PIP_VERSION := 26.3
+UV_VERSION := 0.13.8
+UV := $(VENV)/uv-$(UV_VERSION)/bin/uv
+LOCK_PYTHONS := 3.11 3.12
+LOCK_NOTE_3.11 := \# For the development and CI machines (Python 3.11; see ../shared/ENVIRONMENT.md).
+LOCK_NOTE_3.12 := \# For Python 3.12 machines, such as a GPU host with internet (numpy, scipy and a few others resolve newer than on 3.11).
+
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: install pipeline test test-all clean
+.PHONY: install lock env-info pipeline test test-all clean
 
-$(STAMP): pyproject.toml
+# The lock is complete, so pip resolves nothing beyond it (and fails if it were not); the lock
+# brings setuptools, which builds the editable project without an isolated build environment.
+$(STAMP): $(LOCK) pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q pip==$(PIP_VERSION)
+	$(PY) -m pip install -q --require-hashes -r $(LOCK)
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 install: $(STAMP)
+
+requirements/linux-py%.lock:
+	@echo "no lock for Python $*: run 'make lock LOCK_PYTHONS=$*' (or use Python $(LOCK_PYTHONS))" >&2; exit 1
+
+# Re-resolve pyproject.toml's ranges (the test extra; requirements/constraints.txt caps torch) for
+# Linux x86_64 with every file's hash from PyPI, keeping the current pins where they still fit.
+# `make lock UPGRADE=1` takes the newest releases instead. Then run the tests.
+lock: $(foreach v,$(LOCK_PYTHONS),lock-$(v))
+
+lock-%: $(UV)
+	$(UV) pip compile pyproject.toml --extra test -c requirements/constraints.txt \
+	  --generate-hashes --python-version $* --python-platform x86_64-manylinux_2_28 \
+	  --default-index https://pypi.org/simple --custom-compile-command 'make lock' $(if $(UPGRADE),--upgrade) \
+	  -q -o requirements/linux-py$*.lock
+	{ head -n 2 requirements/linux-py$*.lock; echo '$(LOCK_NOTE_$*)'; \
+	  echo '# Linux x86_64 (glibc >= 2.28); torch is the CUDA build, which runs on CPU-only machines too.'; \
+	  tail -n +3 requirements/linux-py$*.lock; } > requirements/linux-py$*.lock.tmp
+	mv requirements/linux-py$*.lock.tmp requirements/linux-py$*.lock
+
+$(UV):
+	$(PYTHON) -m pip install -q --target $(VENV)/uv-$(UV_VERSION) uv==$(UV_VERSION)
+
+# The machine's CPU flags and the versions that matter, printed at the top of `make test`.
+env-info: $(STAMP)
+	@$(PY) .ci/envinfo.py
 
 # ddpm-pipeline (flows/pipeline.py) on params.yaml's default profile (cpu): fetch and verify MNIST,
 # train, evaluate, export to ONNX, sample with onnxruntime; log to MLflow (mlflow/ or
@@ -28,7 +67,7 @@ ARGS ?=
 pipeline: $(STAMP)
 	$(PY) -m flows.pipeline $(if $(PROFILE),--profile $(PROFILE)) $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) env-info
 	$(PY) -m pytest -q
 
 clean:
