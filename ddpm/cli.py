@@ -96,7 +96,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(f"exported {path}")
     if cfg.export.int8:
         from ddpm.quantize import int8_path
-        print(f"exported {int8_path(path)} (int8 convolutions, for onnxruntime on the CPU)")
+        if int8_path(path).is_file():
+            print(f"exported {int8_path(path)} (int8 convolutions, {cfg.export.int8_scheme} scheme, for onnxruntime "
+                  f"on the CPU)")
+        else:
+            print(f"no int8 twin was written (see the warning above); {path} is complete without it")
     return 0
 
 

@@ -122,6 +122,10 @@ class OnnxDenoiser:
         if self.prediction not in ("eps", "v", "x0"):
             raise OnnxModelError(f"{self.path}: unknown prediction {self.prediction!r} in its metadata")
         self.output_name = self._check_signature()
+        if self.provider == "CPUExecutionProvider":
+            from ddpm.quantize import warn_if_saturating  # ddpm.quantize imports this module
+
+            warn_if_saturating(self.path, meta)
         self.device_id = device_id
         self._bound: dict[int, tuple[ort.IOBinding, dict[str, ort.OrtValue]]] = {}  # CUDA buffers, by batch size
 

@@ -24,13 +24,13 @@ log = logging.getLogger(__name__)
 @task(name="export-onnx", cache_policy=NO_CACHE)
 def export_model(checkpoint: str, cfg: Any, onnx_path: str, force: bool = False) -> str:
     """ddpm.export.export_onnx (with its parity check, and the int8 twin with export.int8) unless the ONNX
-    files are current for this checkpoint."""
+    files are current for this checkpoint. The int8 twin is optional (ddpm.export writes none when it fails
+    its gate or its scheme cannot run on this CPU): the record lists the files that were written."""
     from ddpm.export import fp16_path
     from ddpm.quantize import int8_path
 
     out = Path(onnx_path)
-    files = [out] + [twin(out) for wanted, twin in ((cfg.export.fp16, fp16_path), (cfg.export.int8, int8_path))
-                     if wanted]
+    files = [out] + ([fp16_path(out)] if cfg.export.fp16 else [])
     stamp = Stamp(out.parent, "export", {"checkpoint": file_sha256(checkpoint), "export": cfg.to_dict()["export"]})
     if not force and stamp.fresh(files):
         log.info("%s is current for this checkpoint; export skipped", out)
@@ -39,7 +39,7 @@ def export_model(checkpoint: str, cfg: Any, onnx_path: str, force: bool = False)
     from ddpm.export import export_onnx
 
     export_onnx(checkpoint, out, cfg.export)
-    stamp.write(files)
+    stamp.write(files + [p for p in [int8_path(out)] if cfg.export.int8 and p.is_file()])
     return str(out)
 
 
@@ -86,6 +86,20 @@ def check_model(onnx_path: str, checkpoint: str, cfg: Any, feature_net: str, rep
     write_json(Path(report), result)
     stamp.write([Path(report)])
     return result
+
+
+def int8_twin_written(onnx_path: str, report: str) -> bool:
+    """Whether the export wrote the int8 twin asked for; when it did not, `report` says why (from the float32
+    model's metadata) and a warning is logged, and the stage goes on with the float32 model alone."""
+    from ddpm.onnx_model import OnnxDenoiser
+
+    record = OnnxDenoiser(onnx_path, "cpu").metadata.get("int8") or {}
+    if record.get("written"):
+        return True
+    reason = record.get("reason", "the export recorded no int8 twin")
+    log.warning("no int8 twin: %s", reason)
+    write_json(Path(report), {"accepted": False, "written": False, "scheme": record.get("scheme"), "error": reason})
+    return False
 
 
 def _torch_device(cfg: Any) -> str:

@@ -249,8 +249,8 @@ def dvc_dataset_version(project: Path, data_root: str | Path) -> str:
 class Stamp:
     """A record, beside a stage's outputs, of the inputs they were made from and of their hashes.
 
-    `fresh()` is true only when the inputs key is unchanged and every output still has the recorded
-    hash, so a rerun of the pipeline skips a finished stage and redoes one whose outputs changed.
+    `fresh()` is true only when the inputs key is unchanged and every output (those asked for and those
+    recorded) still has the recorded hash, so a rerun of the pipeline skips a finished stage and redoes one whose outputs changed.
     DVC keeps its own record (dvc.lock); a stage run by DVC ignores stamps (force).
     """
 
@@ -262,7 +262,8 @@ class Stamp:
         try:
             rec = json.loads(self.path.read_text())
             return rec["key"] == self.key and all(
-                Path(p).is_file() and file_sha256(p) == rec["outputs"].get(str(p)) for p in outputs)
+                Path(p).is_file() and file_sha256(p) == rec["outputs"].get(p)
+                for p in {str(p) for p in outputs} | set(rec["outputs"]))
         except (OSError, ValueError, KeyError, TypeError):
             return False
 

@@ -110,7 +110,7 @@ def export_flow(params_path: str = "params.yaml", profile: str | None = None, ov
         onnx_path = export_tasks.export_model(str(s.checkpoint), s.cfg, str(s.onnx_model), force)
         export_tasks.check_model(onnx_path, str(s.checkpoint), s.cfg, info["path"], str(s.export_report), force)
         int8 = None
-        if s.cfg.export.int8:
+        if s.cfg.export.int8 and export_tasks.int8_twin_written(onnx_path, str(s.export_int8_report)):
             from ddpm.quantize import int8_path
             int8 = (str(int8_path(onnx_path)), str(s.export_int8_report))
             export_tasks.check_model(int8[0], str(s.checkpoint), s.cfg, info["path"], int8[1], force, int8=True)
