@@ -83,7 +83,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from ddpm.evaluate import evaluate_checkpoint
     cfg = _config(args)
-    metrics = evaluate_checkpoint(args.checkpoint, cfg, out_dir=args.out, onnx_model=args.onnx)
+    metrics = evaluate_checkpoint(args.checkpoint, cfg, out_dir=args.out, onnx_model=args.onnx,
+                                  feature_net=args.feature_net)
     for k, v in metrics.items():
         print(f"{k}: {v}")
     return 0
@@ -142,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default="runs/default/checkpoint.pt", help="(default: %(default)s)")
     p.add_argument("--onnx", default=None, help="score the onnxruntime sampler of this ONNX model instead")
     p.add_argument("--out", default="runs/default/eval", help="output folder (default: %(default)s)")
+    p.add_argument("--feature-net", default="pinned",
+                   help="FID's feature net: pinned (the shipped net, checked against its SHA-256), retrain "
+                        "(runs/features/<dataset>.pt, trained here if missing; its FIDs are not comparable with "
+                        "pinned ones) or a path (default: %(default)s)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("export", help="export the EMA U-Net to ONNX and check it")

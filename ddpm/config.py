@@ -122,7 +122,8 @@ class SampleConfig:
 class EvaluateConfig:
     """Scoring samples (ddpm.evaluate). eta, variance, clip_denoised and guidance come from `sample`.
 
-    `feature_*` train the FID feature net when its file is missing (ddpm.features.train_feature_net).
+    `feature_*` train an FID feature net that does not ship (ddpm.features.train_feature_net): asked for
+    with pipeline.feature_net=retrain, a missing path, or a dataset without a pinned net (ddpm.feature_pins).
     """
 
     num_samples: int = _f(10000, _positive, "an integer > 0")
@@ -164,7 +165,9 @@ class PipelineConfig:
     """Tracking and orchestration (flows/): read by the Prefect flows, never by the ddpm functions.
 
     `tracking_uri` "" means $MLFLOW_TRACKING_URI if set, else sqlite:///<project>/mlflow/mlflow.db.
-    `feature_net` may contain "{dataset}"; relative paths are relative to the project root.
+    `feature_net`: pinned (the shipped net, checked against its SHA-256), retrain (runs/features/<dataset>.pt,
+    trained here) or a path, which may contain "{dataset}" (ddpm.feature_pins); relative paths are relative
+    to the project root.
     """
 
     experiment: str = _f("ddpm", lambda v: bool(v.strip()), "a non-empty string")
@@ -172,7 +175,7 @@ class PipelineConfig:
     registered_model: str = _f("ddpm-unet", lambda v: bool(v.strip()), "a non-empty string")
     model_alias: str = _f("latest-accepted", lambda v: bool(v.strip()) and not (v[0] == "v" and v[1:].isdigit()),
                           "a non-empty string other than v<number> (reserved by MLflow)")
-    feature_net: str = _f("runs/features/{dataset}.pt", lambda v: bool(v.strip()), "a non-empty path")
+    feature_net: str = _f("pinned", lambda v: bool(v.strip()), "pinned, retrain or a non-empty path")
     trajectory_images: int = _f(8, _positive, "an integer > 0")
     log_checkpoint: bool = True
 

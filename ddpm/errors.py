@@ -20,6 +20,10 @@ class CheckpointError(DDPMError):
     """A checkpoint that cannot be used: missing, truncated, foreign or unsafe."""
 
 
+class FeatureNetHashMismatch(CheckpointError):
+    """A shipped FID feature net whose SHA-256 is not its pin (ddpm.feature_pins): refused, never retrained over."""
+
+
 class TrainingDivergedError(DDPMError):
     """The loss became NaN or infinite; the last good checkpoint was kept."""
 

@@ -1,6 +1,6 @@
 """Evaluation: sample from a checkpoint (PyTorch or onnxruntime) and score the samples.
 
-Metrics (all in one flat metrics.json):
+Metrics (all in one metrics.json, flat but for `feature_net`):
     fid                 Frechet distance to the real test set, in the feature net's space (ddpm.features)
     fid_floor           the same for a real training subset of the same size: the best reachable at this n
     precision, recall   Kynkaanniemi et al. 2019, k = evaluate.nearest_k, against a real training subset
@@ -11,11 +11,15 @@ Metrics (all in one flat metrics.json):
     memorised_fraction  fraction of samples closer to a training image than `memorisation_threshold`,
                         the evaluate.memorisation_quantile quantile of the same distance for real test
                         images (so a model that generalises like the test set scores about that quantile)
+    feature_net         {"path", "sha256", "pinned"}: the net that measured them; pinned is false for a net
+                        trained here, whose FIDs compare only with FIDs from the same file
 
 Real-data reference statistics (test-set feature mean/cov, training features, test-to-train pixel
 distances) depend only on the dataset files and the feature net, so they are cached once as
-`<feature net folder>/<feature net stem>.ref-<key>.npz`, key = hash of both files' SHA-256.
-FID values are comparable only between runs that use the same feature-net file.
+`runs/fid_reference/<dataset>-<key>.npz` in the folder that holds data.root (the project root),
+key = hash of the dataset files' and the feature net's SHA-256: never beside a shipped net, in git.
+FID values are comparable only between runs that use the same feature-net file: by default the
+shipped net pinned by SHA-256 (ddpm.feature_pins).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from ddpm.checkpoint import atomic_write_bytes, load_checkpoint, load_model
 from ddpm.config import Config, config_from_dict
 from ddpm.data import load_images
 from ddpm.errors import CheckpointError, ConfigError, DataError
+from ddpm.feature_pins import PINNED, describe, is_shipped, resolve_feature_net, verify_shipped
 from ddpm.fileio import file_sha256
 from ddpm.features import (FeatureNet, dataset_hashes, extract, load_feature_net,
                            read_feature_checkpoint, train_feature_net)
@@ -45,7 +50,8 @@ from ddpm.metrics import (class_entropy, feature_stats, frechet_distance, incept
 
 log = logging.getLogger(__name__)
 
-DEFAULT_FEATURE_NET = "runs/features/{dataset}.pt"
+DEFAULT_FEATURE_NET = PINNED  # the shipped net of the dataset (ddpm.feature_pins)
+REFERENCE_DIR = "runs/fid_reference"  # beside data.root
 REFERENCE_VERSION = 1
 REAL_SUBSET_SEED = 0  # fixes which training images stand in for "real" in precision/recall and fid_floor
 GRID_IMAGES = 64
@@ -72,19 +78,22 @@ def resolve_device(name: str) -> torch.device:
 
 
 def feature_net_path(cfg: Config, feature_net: str | Path | None = None) -> Path:
-    return Path(feature_net) if feature_net is not None else Path(DEFAULT_FEATURE_NET.format(dataset=cfg.data.dataset))
+    """The file that `feature_net` (pinned | retrain | a path; None: pinned) names for cfg's dataset."""
+    return resolve_feature_net(DEFAULT_FEATURE_NET if feature_net is None else feature_net, cfg.data.dataset)
 
 
 def ensure_feature_net(cfg: Config, feature_net: str | Path | None = None, device: torch.device | None = None) -> Path:
     """The feature net's path; trains it with the evaluate.feature_* settings if the file is missing.
 
-    A file that exists but is corrupt raises CheckpointError rather than being silently replaced.
+    A shipped net is verified against its pin and never trained (FeatureNetHashMismatch, or
+    CheckpointError when missing); any other file that exists but is corrupt raises CheckpointError
+    rather than being silently replaced.
     """
     path = feature_net_path(cfg, feature_net)
     ev = cfg.evaluate
-    if not path.exists():
-        log.warning("feature net %s not found: training it on %s (%d epochs); FIDs are comparable only between "
-                    "runs that use the same feature-net file", path, cfg.data.dataset, ev.feature_epochs)
+    if not path.exists() and not is_shipped(path):
+        log.warning("feature net %s not found: training it on %s (%d epochs); its FIDs are unpinned, comparable "
+                    "only between runs that use this file", path, cfg.data.dataset, ev.feature_epochs)
         result = train_feature_net(cfg.data.dataset, cfg.data.root, path, epochs=ev.feature_epochs,
                                    batch_size=ev.feature_batch_size, lr=ev.feature_lr, seed=ev.seed,
                                    device=device or resolve_device(ev.device))
@@ -108,7 +117,7 @@ def reference_stats(cfg: Config, feature_net: str | Path, device: torch.device |
     """Load the cached real-data statistics for (dataset files, feature net), or compute and cache them."""
     dataset, root = cfg.data.dataset, cfg.data.root
     device = device or resolve_device(cfg.evaluate.device)
-    fn_path = Path(feature_net)
+    fn_path = feature_net_path(cfg, feature_net)
     hashes = dataset_hashes(dataset, root)
     if not hashes:
         raise DataError(f"no {dataset} files under {Path(root) / dataset}; run `ddpm data` first")
@@ -119,7 +128,7 @@ def reference_stats(cfg: Config, feature_net: str | Path, device: torch.device |
     key_src = json.dumps({"version": REFERENCE_VERSION, "dataset": dataset, "files": hashes,
                           "feature_net": file_sha256(fn_path)}, sort_keys=True)
     key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
-    cache = fn_path.with_name(f"{fn_path.stem}.ref-{key}.npz")
+    cache = Path(root).parent / REFERENCE_DIR / f"{dataset}-{key}.npz"
     if cache.is_file():
         try:
             with np.load(cache, allow_pickle=False) as z:
@@ -188,7 +197,7 @@ def score_images(images_uint8: torch.Tensor | np.ndarray, cfg: Config, feature_n
                  device: str | torch.device | None = None) -> dict[str, float]:
     """Score uint8 images [N, C, H, W] of cfg.data.dataset: the metrics listed in the module docstring.
 
-    The feature net defaults to runs/features/<dataset>.pt and is trained if missing.
+    The feature net defaults to the shipped, pinned one (ddpm.feature_pins).
     """
     dev = torch.device(device) if device is not None else resolve_device(cfg.evaluate.device)
     return _score(images_uint8, cfg, feature_net_path, dev)[0]
@@ -254,21 +263,25 @@ def evaluate_checkpoint(checkpoint: str | Path, cfg: Config, out_dir: str | Path
                         feature_net: str | Path | None = None) -> dict[str, Any]:
     """Sample evaluate.num_samples images from `checkpoint` (or from `onnx_model` with onnxruntime) and score them.
 
-    Writes out_dir/metrics.json (the returned flat dict: floats plus sampler, steps, num_samples,
-    backend), out_dir/samples.png (64 samples) and out_dir/nearest.png (the samples closest to a
-    training image, each followed by that training image).
+    Writes out_dir/metrics.json (the returned dict: floats plus sampler, steps, num_samples, backend,
+    and feature_net: {"path", "sha256", "pinned"}, the net that measured the FIDs), out_dir/samples.png
+    (64 samples) and out_dir/nearest.png (the samples closest to a training image, each followed by
+    that training image).
     """
     ev = cfg.evaluate
     device = resolve_device(ev.device)
     out = Path(out_dir)
+    verify_shipped(feature_net_path(cfg, feature_net))  # an altered pinned net fails now, not after sampling
     start = time.perf_counter()
     images, run_cfg, backend = _generate(checkpoint, cfg, onnx_model, device)
     sample_seconds = time.perf_counter() - start
     log.info("sampled %d images with %s/%s in %.1f s", len(images), backend, ev.sampler, sample_seconds)
-    metrics, dists, idx = _score(images, run_cfg, feature_net, device)
+    fn_path = ensure_feature_net(run_cfg, feature_net, device)
+    metrics, dists, idx = _score(images, run_cfg, fn_path, device)
     steps = ev.steps if ev.sampler == "ddim" else run_cfg.diffusion.timesteps
     result: dict[str, Any] = {**metrics, "sample_seconds": sample_seconds, "sampler": ev.sampler, "steps": steps,
-                              "num_samples": len(images), "backend": backend}
+                              "num_samples": len(images), "backend": backend,
+                              "feature_net": describe(fn_path, run_cfg.data.dataset)}
     save_grid(images[:GRID_IMAGES], out / "samples.png", nrow=8)
     closest = np.argsort(dists, kind="stable")[:NEAREST_PAIRS]
     x_train, _ = load_images(run_cfg.data.dataset, run_cfg.data.root, "train")

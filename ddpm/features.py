@@ -3,7 +3,8 @@
 Inception-v3 weights cannot be downloaded offline, and pytorch-fid's and TTUR's maintainers advise
 against Inception features for MNIST anyway (shared/ENVIRONMENT.md), so FID here uses the
 penultimate layer of a classifier trained on the real training split. Its numbers are comparable
-only between runs that use the same feature-net file: version that file (runs/features/<dataset>.pt).
+only between runs that use the same feature-net file, so the MNIST and Fashion-MNIST nets ship with
+the code, pinned by SHA-256 (ddpm.feature_pins); nets trained elsewhere are labelled unpinned.
 
 Architecture: one stage per conv width w, each a stride-2 conv (5x5 in the first stage, else 3x3)
 then `depth - 1` 3x3 convs, each followed by [BatchNorm] and ReLU; then flatten -> linear
@@ -33,6 +34,7 @@ from torch.nn import functional as F
 from ddpm.checkpoint import save_checkpoint
 from ddpm.data import DATASET_SHAPES, NUM_CLASSES, load_images, to_model_range
 from ddpm.errors import CheckpointError
+from ddpm.feature_pins import is_shipped, verify_shipped
 from ddpm.fileio import file_sha256
 
 log = logging.getLogger(__name__)
@@ -117,13 +119,17 @@ def train_feature_net(dataset: str, root: str | Path, out_path: str | Path, epoc
                       lr: float = 2e-3, seed: int = 0, device: str | torch.device = "cpu") -> dict[str, Any]:
     """Train the classifier on the real train split, test it, save it atomically.
 
-    Defaults are EvaluateConfig's: 99.16% on MNIST, 91.25% on Fashion-MNIST, about 3 minutes each on
-    a 2-core CPU. Deterministic on the CPU for a given seed (not bit-identical across machines or on
-    CUDA, so keep one versioned file rather than retraining it per machine).
+    Defaults are EvaluateConfig's: about 3 minutes each for MNIST and Fashion-MNIST on a 2-core CPU.
+    Deterministic on the CPU for a given seed, but not bit-identical across machines or on CUDA: hence
+    the shipped, pinned nets (ddpm.feature_pins). Never writes into their folder.
     Adam with a 100-step linear warm-up then cosine decay to 0; no augmentation. The checkpoint holds
     the state dict, the FeatureNetConfig, the test accuracy, the training settings and the SHA-256 of
     the dataset files, and loads with weights_only=True. Returns {"test_accuracy", "path", "seconds"}.
     """
+    if is_shipped(out_path):
+        raise CheckpointError(f"feature net {out_path}: the shipped folder holds only pinned nets; train into "
+                              f"another path (runs/features/), and to pin a new net copy it there and update "
+                              f"ddpm.feature_pins.PINNED_SHA256")
     device = torch.device(device)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -175,8 +181,12 @@ def train_feature_net(dataset: str, root: str | Path, out_path: str | Path, epoc
 
 
 def read_feature_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The checkpoint dict of a feature net, loaded with weights_only=True; CheckpointError if unusable."""
+    """The checkpoint dict of a feature net, loaded with weights_only=True; CheckpointError if unusable.
+
+    A shipped net is checked against its pin first (FeatureNetHashMismatch when its bytes differ).
+    """
     path = Path(path)
+    verify_shipped(path)
     if not path.is_file():
         raise CheckpointError(f"feature net {path} does not exist; train it with ddpm.features.train_feature_net "
                               f"or let `ddpm evaluate` train it")

@@ -25,6 +25,7 @@ import yaml
 
 from ddpm.fileio import file_sha256  # noqa: F401  (used by flows.tasks too)
 from ddpm.config import Config, load_config
+from ddpm.feature_pins import resolve_feature_net
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +123,10 @@ class Settings:
     def feature_net(self) -> Path:
         return Path(self.cfg.pipeline.feature_net)
 
+    @property
+    def feature_net_record(self) -> Path:
+        return self.out_dir / "feature_net.json"
+
     def params(self) -> dict[str, str]:
         """Every setting as `section.key` -> string, as configured (relative paths stay relative)."""
         raw = load_config(self.params_path, self.profile, self.overrides)
@@ -161,8 +166,8 @@ def load_settings(params_path: str | Path | None = None, profile: str | None = N
         cfg,
         data=dataclasses.replace(cfg.data, root=absolute(cfg.data.root)),
         train=dataclasses.replace(cfg.train, out_dir=absolute(cfg.train.out_dir)),
-        pipeline=dataclasses.replace(
-            cfg.pipeline, feature_net=absolute(cfg.pipeline.feature_net.format(dataset=cfg.data.dataset))),
+        pipeline=dataclasses.replace(  # pinned / retrain / a path -> the file (ddpm.feature_pins)
+            cfg.pipeline, feature_net=absolute(str(resolve_feature_net(cfg.pipeline.feature_net, cfg.data.dataset)))),
     )
     return Settings(cfg=cfg, params_path=path, profile=profile, overrides=overrides)
 

@@ -6,7 +6,8 @@ and `force`. Each reloads and validates the settings itself, so a stage runs the
 `ddpm-pipeline`, or from DVC. They return file paths and numbers only.
 
     data      fetch and verify the dataset, write dataset.json
-    features  train (or reuse) the feature network that FID uses
+    features  verify the shipped, pinned feature network that FID uses (or train one when asked:
+              pipeline.feature_net=retrain), and record which one in feature_net.json
     train     train the U-Net (resuming), render the denoising trajectory
     evaluate  the feature net (reused when current), then sample and score the checkpoint
     export    ONNX export with parity check, onnxruntime-vs-PyTorch check, onnxruntime samples,
@@ -57,10 +58,12 @@ def _feature_net(s: Settings, force: bool) -> dict[str, Any]:
 @flow(name="ddpm-features")
 def features_flow(params_path: str = "params.yaml", profile: str | None = None, overrides: list[str] | None = None,
                   parent_run_id: str | None = None, force: bool = False) -> str:
-    """Train the feature network for FID, or reuse it when current; returns its path."""
+    """Verify the pinned feature net for FID, or (pipeline.feature_net=retrain) train one or reuse it when
+    current; record which in feature_net.json; returns its path. force never retrains a pinned net."""
     s, tracker = _open(params_path, profile, overrides)
     with tracker.stage("features", parent_run_id) as run:
         info = _feature_net(s, force)
+        tasks.record_feature_net(info, str(s.feature_net_record), str(s.project))
         tasks.log_feature_net(run, info)
     return info["path"]
 

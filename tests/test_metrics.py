@@ -10,6 +10,7 @@ DDPM_TEST_SYNTHETIC=1 forces the synthetic data.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -370,9 +371,35 @@ def test_evaluate_checkpoint_writes_metrics(trained: dict, tmp_path: Path, tiny_
                 "nn_train_dist_mean", "nn_train_dist_min", "memorised_fraction"):
         assert isinstance(written[key], float) and math.isfinite(written[key]), key
     assert written["fid"] > written["fid_floor"]  # an untrained U-Net
+    # A net trained here is named and labelled unpinned: its FIDs compare only with its own.
+    assert written["feature_net"] == {"path": str(trained["path"]), "pinned": False,
+                                      "sha256": hashlib.sha256(trained["path"].read_bytes()).hexdigest()}
     for png in ("samples.png", "nearest.png"):
         assert (tmp_path / "eval" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list((tmp_path / "eval").glob(".*tmp*"))
+
+
+def test_the_shipped_net_is_the_default_labelled_pinned_and_its_reference_cache_stays_out_of_its_folder(
+        trained: dict, tmp_path: Path, tiny_model_cfg) -> None:
+    import dataclasses
+
+    from ddpm.checkpoint import save_checkpoint
+    from ddpm.evaluate import evaluate_checkpoint, reference_stats
+    from ddpm.feature_pins import PINNED_SHA256, SHIPPED_DIR
+    from ddpm.unet import build_unet
+
+    shipped_before = sorted(p.name for p in SHIPPED_DIR.iterdir())
+    cfg = config_from_dict({"data": {"dataset": "mnist", "root": str(trained["root"])}, "diffusion": {"timesteps": 100},
+                            "model": dataclasses.asdict(tiny_model_cfg),
+                            "evaluate": {"num_samples": 24, "steps": 2, "batch_size": 12, "device": "cpu"}})
+    model = build_unet(cfg.model, (1, 28, 28))
+    save_checkpoint(tmp_path / "checkpoint.pt", {"model": model.state_dict(), "config": cfg.to_dict(), "step": 0})
+    out = evaluate_checkpoint(tmp_path / "checkpoint.pt", cfg, tmp_path / "eval")  # no feature net given
+    assert out["feature_net"] == {"path": str(SHIPPED_DIR / "mnist.pt"), "sha256": PINNED_SHA256["mnist"],
+                                  "pinned": True}
+    cache = reference_stats(cfg, SHIPPED_DIR / "mnist.pt", torch.device("cpu")).path
+    assert cache.parent == Path(trained["root"]).parent / "runs" / "fid_reference" and cache.is_file()
+    assert sorted(p.name for p in SHIPPED_DIR.iterdir()) == shipped_before
 
 
 def test_evaluate_rejects_a_feature_net_of_another_dataset(trained: dict, tmp_path: Path) -> None:

@@ -44,6 +44,7 @@ TINY = [
     "evaluate.feature_epochs=1", "evaluate.feature_batch_size=64", "export.check_samples=8", "export.check_steps=5",
     "export.int8=true", "export.int8_calibration_images=4", "export.int8_calibration_steps=5",
     "pipeline.experiment=ddpm-test", "pipeline.registered_model=ddpm-unet-test",
+    "pipeline.feature_net=retrain",  # the data are a look-alike: a net trained on them, not the pinned one
 ]
 
 
@@ -197,6 +198,11 @@ def test_evaluation_metrics_match_metrics_json(project, first):
         assert run.data.metrics["precision"] == pytest.approx(on_disk["precision"])
     history = client().get_metric_history(runs["evaluate"].info.run_id, "fid")
     assert [m.step for m in history] == [12]
+    # The net was trained here (pipeline.feature_net=retrain): its FIDs are labelled unpinned.
+    net = project / "runs" / "features" / "mnist.pt"
+    assert on_disk["feature_net"] == {"path": str(net), "sha256": sha256(net), "pinned": False}
+    tags = runs["evaluate"].data.tags
+    assert tags["feature_net.sha256"] == sha256(net) and tags["feature_net.pinned"] == "false"
 
 
 def test_artifacts_hold_the_files(project, first, tmp_path):
@@ -311,6 +317,33 @@ def test_rerun_after_a_failure_resumes_from_earlier_outputs(project, failed):
     assert runs["train"].data.tags["train.skipped"] == "true"
     assert runs["evaluate"].data.tags["evaluate.skipped"] == "true"
     assert json.loads((project / "runs" / "default" / "export.json").read_text())["accepted"] is True
+
+
+# --- the features stage and the pinned feature net -------------------------------------------------------
+
+def test_features_stage_verifies_the_pinned_net_trains_nothing_and_refuses_an_altered_one(project, monkeypatch,
+                                                                                          tmp_path, capsys):
+    import ddpm.features
+    from ddpm import feature_pins
+
+    monkeypatch.setattr(ddpm.features, "train_feature_net", lambda *a, **k: pytest.fail("the features stage trained"))
+    settings = [*TINY, "pipeline.feature_net=pinned", "train.out_dir=runs/pinned"]
+    path = stages.features_flow(params_path=str(project / "params.yaml"), overrides=settings, force=True)
+    assert Path(path) == feature_pins.SHIPPED_DIR / "mnist.pt"
+    record = json.loads((project / "runs" / "pinned" / "feature_net.json").read_text())
+    assert record["sha256"] == sha256(path) == feature_pins.PINNED_SHA256["mnist"] and record["pinned"] is True
+    run = client().search_runs([client().get_experiment_by_name("ddpm-test").experiment_id],
+                               "tags.`ddpm.stage` = 'features'", order_by=["attributes.start_time DESC"])[0]
+    assert run.data.tags["feature_net.pinned"] == "true" and run.data.tags["feature_net.sha256"] == record["sha256"]
+    # An altered copy in the shipped folder: the stage's command fails with one line and status 2.
+    altered = tmp_path / "feature_nets"
+    altered.mkdir()
+    (altered / "mnist.pt").write_bytes(Path(path).read_bytes() + b"altered")
+    monkeypatch.setattr(feature_pins, "SHIPPED_DIR", altered.resolve())
+    code = stages.main(["features", *settings, "--params", str(project / "params.yaml")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith(f"flows.stages: error: feature net {altered.resolve() / 'mnist.pt'} "
+                                            f"has SHA-256 {sha256(altered / 'mnist.pt')}, but")
 
 
 # --- retries, unreachable servers, tracking failures -----------------------------------------------------
@@ -606,3 +639,18 @@ def test_the_train_stage_depends_on_every_module_the_network_is_built_from():
     network = _ddpm_imports("ddpm.unet", set()) - {"ddpm.config", "ddpm.errors"}  # settings: the stage's params
     files = {m.replace(".", "/") + ".py" for m in network}
     assert files >= {"ddpm/unet.py", "ddpm/layers.py"} and files <= deps, sorted(files - deps)
+
+
+def test_the_stages_that_measure_fid_depend_on_the_features_stage_record_and_nothing_writes_the_shipped_nets():
+    """`dvc repro` reruns evaluate and export when the feature net changes (pinned or retrained: the record
+    holds its SHA-256), and the features stage outputs only that record, never a file of ddpm/feature_nets."""
+    import yaml
+
+    stages_ = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    record = "${train.out_dir}/feature_net.json"
+    assert stages_["features"]["outs"] == [record]
+    assert {"ddpm/feature_pins.py", "ddpm/feature_nets"} <= set(stages_["features"]["deps"])
+    for name in ("evaluate", "export"):
+        assert record in stages_[name]["deps"], name
+    outs = [o if isinstance(o, str) else next(iter(o)) for s in stages_.values() for o in s.get("outs", [])]
+    assert not [o for o in outs if o.startswith(("ddpm/", "runs/features"))]
