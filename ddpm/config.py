@@ -147,8 +147,8 @@ class ExportConfig:
     parity_atol: float = _f(1e-4, _positive, "a float > 0")
     fp16_atol: float = _f(0.05, _positive, "a float > 0 (float16 model vs PyTorch float32, network output)")
     int8: bool = False
-    int8_calibration_images: int = _f(32, _positive, "an integer > 0")
     int8_scheme: Literal["portable", "vnni"] = "portable"
+    int8_calibration_images: int = _f(32, _positive, "an integer > 0")
     int8_calibration_steps: int = _f(50, _positive, "an integer > 0 (DDIM steps)")
     int8_mean_atol: float = _f(0.02, _positive, "a float > 0 (mean pixel difference in [-1, 1])")
     int8_fid_margin: float = _f(0.15, _non_negative, "a float >= 0 (relative)")
