@@ -7,6 +7,8 @@ Metrics (all in one metrics.json, flat but for `feature_net`):
     density, coverage   Naeem et al. 2020, the same balls; unlike precision, not fooled by real outliers
     inception_score     classifier-based IS (mean over 10 splits), from 1 to 10; and its std
     class_entropy       entropy of the predicted-class histogram, nats, ln 10 = 2.303 when balanced
+    confident_fraction  fraction of samples the feature net classifies with probability >= 0.9, and
+                        confident_fraction_real, the same for the real training subset of the same size
     nn_train_dist_*     L2 distance on [0, 1] pixels from each sample to its nearest training image
     memorised_fraction  fraction of samples closer to a training image than `memorisation_threshold`,
                         the evaluate.memorisation_quantile quantile of the same distance for real test
@@ -45,8 +47,8 @@ from ddpm.fileio import file_sha256
 from ddpm.features import (FeatureNet, dataset_hashes, extract, load_feature_net,
                            read_feature_checkpoint, train_feature_net)
 from ddpm.generate import generate, save_grid
-from ddpm.metrics import (class_entropy, feature_stats, frechet_distance, inception_score, manifold_metrics,
-                          nearest_neighbours)
+from ddpm.metrics import (class_entropy, confident_fraction, feature_stats, frechet_distance, inception_score,
+                          manifold_metrics, nearest_neighbours)
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +160,13 @@ def _real_subset(ref: Reference, n: int) -> np.ndarray:
     return ref.train_feats[:n].astype(np.float64)
 
 
+@torch.no_grad()
+def _logits_of_features(net: FeatureNet, feats: np.ndarray) -> np.ndarray:
+    """The classifier head on features [N, D] that `extract` returned (they are taken before its ReLU)."""
+    head = torch.as_tensor(feats, dtype=torch.float32, device=next(net.parameters()).device)
+    return net.fc2(torch.relu(head)).double().cpu().numpy()
+
+
 def _score(images: torch.Tensor | np.ndarray, cfg: Config, feature_net: str | Path | None,
            device: torch.device) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
     """Metrics of uint8 images [N, C, H, W], plus each image's nearest-training-image distance and index."""
@@ -184,6 +193,8 @@ def _score(images: torch.Tensor | np.ndarray, cfg: Config, feature_net: str | Pa
         "inception_score": is_mean,
         "inception_score_std": is_std,
         "class_entropy": class_entropy(logits),
+        "confident_fraction": confident_fraction(logits),
+        "confident_fraction_real": confident_fraction(_logits_of_features(net, real)),
         "nn_train_dist_mean": float(dists.mean()),
         "nn_train_dist_min": float(dists.min()),
         "nn_test_train_dist_mean": float(ref.nn_test_train.mean()),

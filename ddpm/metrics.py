@@ -155,6 +155,15 @@ def inception_score(logits: np.ndarray, splits: int = 10) -> tuple[float, float]
     return float(np.mean(scores)), float(np.std(scores))
 
 
+def confident_fraction(logits: np.ndarray, threshold: float = 0.9) -> float:
+    """Fraction of images whose top class gets softmax probability >= threshold (logits [N, K]).
+
+    A sample that a classifier trained on the real data recognises with confidence looks like a member
+    of one class; blurred or malformed samples fall below. Compare with the same fraction for real images.
+    """
+    return float((_softmax(np.asarray(logits)).max(axis=1) >= threshold).mean())
+
+
 def class_entropy(logits: np.ndarray) -> float:
     """Entropy (nats) of the histogram of predicted classes argmax(logits [N, K]): 0 to ln K.
 

@@ -171,6 +171,15 @@ def test_class_entropy_bounds() -> None:
     assert 0.0 <= metrics.class_entropy(rand) <= math.log(10)
 
 
+def test_confident_fraction_counts_top_probabilities_at_the_threshold() -> None:
+    # softmax of [a, 0, ..., 0] puts e^a / (e^a + 9) on the top class: >= 0.9 exactly when a >= ln 81
+    a = np.array([math.log(81) + 1e-9, math.log(81) - 1e-6, 10.0, 0.0])
+    logits = np.zeros((4, 10))
+    logits[:, 0] = a
+    assert metrics.confident_fraction(logits) == 0.5
+    assert metrics.confident_fraction(logits, threshold=0.1) == 1.0
+
+
 # ---- pixel nearest neighbours ----
 
 def test_nearest_neighbours_brute_force() -> None:
@@ -299,6 +308,15 @@ def test_score_images_and_fid_floor(trained: dict) -> None:
     # ball can hold much of it, so precision may stay high (a known weakness); coverage cannot.
     assert noise["recall"] < 0.05 and noise["coverage"] < 0.05 and noise["density"] < real["density"]
     assert real["inception_score"] > 7 and real["class_entropy"] > 2.1
+    # The real reference's share comes from its stored features through the classifier head: it must be
+    # what the whole net gives on those training images (independent path: extract's logits).
+    from ddpm.evaluate import REAL_SUBSET_SEED
+    from ddpm.features import extract, load_feature_net
+    x_train = load_images("mnist", trained["root"], "train")[0]
+    order = np.random.default_rng(REAL_SUBSET_SEED).permutation(len(x_train))[:500]  # the reference's subset
+    _, logits = extract(load_feature_net(trained["path"]), x_train[torch.from_numpy(order)])
+    assert real["confident_fraction_real"] == metrics.confident_fraction(logits) > 0.5
+    assert real["confident_fraction"] > 0.5 and noise["confident_fraction"] <= 1.0
     # Test images are as far from the training set as test images: about the quantile are "memorised".
     assert real["memorised_fraction"] < 0.05 and noise["memorised_fraction"] == 0.0
     copies = score_images(load_images("mnist", trained["root"], "train")[0][:500], cfg, trained["path"])
