@@ -1,5 +1,6 @@
 # Two commands do all the set-up on a fresh machine (Python 3.11+, npm and apt):
-#   make pipeline   install, fetch the data, run the whole pipeline on the CPU profile
+#   make pipeline   install, fetch the data, run the whole pipeline (the GPU profile where a CUDA
+#                   device is found, else the CPU profile)
 #   make test       install, run the test suite (what CI runs through .ci/run)
 PYTHON ?= python3
 VENV ?= .venv
@@ -59,10 +60,11 @@ $(UV):
 env-info: $(STAMP)
 	@$(PY) .ci/envinfo.py
 
-# ddpm-pipeline (flows/pipeline.py) on params.yaml's default profile (cpu): fetch and verify MNIST,
+# ddpm-pipeline (flows/pipeline.py) on gpu-fast where torch sees a CUDA device, else params.yaml's
+# default profile (cpu); PROFILE=cpu forces the CPU. It fetches and verifies MNIST, then
 # train, evaluate, export to ONNX, sample with onnxruntime; log to MLflow (mlflow/ or
 # $$MLFLOW_TRACKING_URI). A rerun resumes. `make pipeline PROFILE=gpu ARGS="train.steps=40000"`.
-PROFILE ?=
+PROFILE ?= auto
 ARGS ?=
 pipeline: $(STAMP)
 	$(PY) -m flows.pipeline $(if $(PROFILE),--profile $(PROFILE)) $(ARGS)

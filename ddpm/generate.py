@@ -6,7 +6,7 @@ import copy
 import io
 import logging
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -73,6 +73,20 @@ def sampler_options(sc: SampleConfig) -> dict[str, object]:
 
 
 @torch.no_grad()
+def _counted(net: Callable[..., torch.Tensor], total: int) -> tuple[Callable[..., torch.Tensor], Any]:
+    """`net` that moves a progress bar (tqdm, on a terminal only) once per sampling step."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc="sampling", unit="step", dynamic_ncols=True, disable=None, leave=False)
+
+    def counted(*args: Any, **kwargs: Any) -> torch.Tensor:
+        out = net(*args, **kwargs)
+        bar.update(1)
+        return out
+
+    return counted, bar
+
+
 def generate(model: torch.nn.Module, schedule: Schedule, cfg: Config, n: int, seed: int = 0,
              sample_cfg: SampleConfig | None = None, label: int | None = None,
              return_trajectory: bool = False, cuda_graphs: bool = True,
@@ -104,6 +118,8 @@ def generate(model: torch.nn.Module, schedule: Schedule, cfg: Config, n: int, se
         log.warning("sample.compile applies on CUDA only; sampling on %s uncompiled", device)
         compiled = False
     net = sampling_network(model, device, cuda_graphs, compiled, torch.bfloat16 if bf16 else None)
+    calls = sc.steps if sc.sampler == "ddim" else schedule.num_timesteps
+    net, bar = _counted(net, total=-(-n // sc.batch_size) * calls)
     try:
         for start in range(0, n, sc.batch_size):
             b = min(sc.batch_size, n - start)
@@ -127,6 +143,7 @@ def generate(model: torch.nn.Module, schedule: Schedule, cfg: Config, n: int, se
             outs.append(from_model_range(result[:b].float()).cpu())
     finally:
         model.train(was_training)
+        bar.close()
     images = torch.cat(outs)
     labels_out = torch.cat(all_labels) if all_labels else None
     if return_trajectory:

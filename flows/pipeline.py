@@ -1,6 +1,7 @@
 """`ddpm-pipeline`: data -> train -> evaluate (with the feature net) -> export, as one Prefect flow.
 
     python -m flows.pipeline                      # params.yaml with its default profile (cpu)
+    python -m flows.pipeline --profile auto       # gpu-fast where torch sees a CUDA device, else the default
     python -m flows.pipeline --profile gpu train.steps=40000
     python -m flows.pipeline --force              # redo every stage instead of resuming
 
@@ -46,18 +47,41 @@ def ddpm_pipeline(profile: str | None = None, overrides: list[str] | None = None
     return {
         "tracking_uri": tracker.uri, "experiment_id": tracker.experiment_id, "run_id": parent.run_id,
         "checkpoint": trained["checkpoint"], "step": trained["step"], "samples": trained["samples"],
-        "trajectory": trained["trajectory"], "metrics": metrics, **{k: exported[k] for k in (
+        "trajectory": trained["trajectory"], "metrics": metrics, "eval_samples": str(s.eval_dir / "samples.png"),
+        **{k: exported[k] for k in (
             "onnx_model", "onnx_samples", "model_uri", "registered_model", "version", "alias")},
     }
+
+
+AUTO, GPU_PROFILE = "auto", "gpu-fast"
+
+
+def pick_profile(profile: str | None) -> tuple[str | None, str]:
+    """`auto` -> gpu-fast where torch sees a CUDA device, else None (the params file's default); any other
+    value is kept. Returns the profile and a line that says which one and why."""
+    if profile != AUTO:
+        return profile, f"profile: {profile or 'the params file default'} (as asked)"
+    import torch
+
+    if torch.cuda.is_available():
+        return GPU_PROFILE, (f"profile: {GPU_PROFILE}, picked because torch sees {torch.cuda.get_device_name()}; "
+                             f"PROFILE=cpu forces the CPU")
+    return None, "profile: the params file default (cpu), picked because torch sees no CUDA device"
 
 
 def summary(result: dict[str, Any]) -> str:
     uri = result["tracking_uri"]
     ui = (f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite:") else f"open {uri}")
-    fid = result["metrics"].get("fid")
+    m = result["metrics"]
+    quality = (f", FID {m['fid']:.1f} ({m['fid'] / m['fid_floor']:.1f}x the floor {m['fid_floor']:.1f} at "
+               f"{m.get('num_samples', '?')} samples)" if m.get("fid") and m.get("fid_floor") else "")
+    if m.get("confident_fraction") is not None:
+        quality += (f", {m['confident_fraction']:.0%} of samples recognised by the feature net "
+                    f"(real images: {m.get('confident_fraction_real', float('nan')):.0%})")
     lines = [
         "",
-        f"ddpm-pipeline finished: step {result['step']}" + (f", FID {fid:.2f}" if fid is not None else ""),
+        f"ddpm-pipeline finished: step {result['step']}{quality}",
+        f"  evaluation samples     {result['eval_samples']}",
         f"  samples (PyTorch)      {result['samples']}",
         f"  samples (onnxruntime)  {result['onnx_samples']}",
         f"  denoising trajectory   {result['trajectory']}",
@@ -78,6 +102,8 @@ def _main(argv: list[str] | None) -> int:
     stages.add_settings_arguments(parser)
     parser.add_argument("--force", action="store_true", help="redo stages whose outputs are current")
     args = parser.parse_args(argv)
+    args.profile, said = pick_profile(args.profile)
+    print(said, flush=True)
     settings = stages.preflight(args.params, args.profile, args.overrides)
     result = ddpm_pipeline(profile=args.profile, overrides=args.overrides, params_path=str(settings.params_path),
                            force=args.force)

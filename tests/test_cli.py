@@ -28,3 +28,21 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
     result = _ddpm("sample", "--checkpoint", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "s"))
     assert result.returncode == 2 and "does not exist" in result.stderr
     assert not (tmp_path / "s").exists()
+
+
+def test_make_pipeline_picks_the_gpu_profile_only_where_torch_sees_a_cuda_device(monkeypatch):
+    import torch
+
+    from ddpm.config import load_config
+    from flows.pipeline import GPU_PROFILE, pick_profile
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Test GPU")
+    profile, said = pick_profile("auto")
+    assert profile == GPU_PROFILE and "Test GPU" in said and "PROFILE=cpu forces the CPU" in said
+    assert load_config("params.yaml", profile).train.device == "cuda"
+    assert pick_profile("cpu")[0] == "cpu"  # PROFILE=cpu wins on a GPU machine
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    profile, said = pick_profile("auto")
+    assert profile is None and "no CUDA device" in said
+    assert load_config("params.yaml", profile).train.device == "cpu"

@@ -7,7 +7,7 @@ def test_params_yaml_loads_with_every_profile():
     for profile in (None, "cpu", "gpu", "gpu-fast", "cifar10"):
         cfg = load_config("params.yaml", profile)
         assert isinstance(cfg, Config)
-    assert load_config("params.yaml").model.base_channels == 32  # the file's default profile is cpu
+    assert load_config("params.yaml").model.base_channels == 16  # the file's default profile is cpu
     assert load_config("params.yaml", "cifar10").model.channel_mult == (1, 2, 2, 2)
 
 
