@@ -24,6 +24,7 @@ import onnxruntime as ort
 from ddpm.fileio import atomic_write_bytes
 from ddpm.errors import ConfigError, OnnxModelError
 from ddpm.onnx_model import Array, NumpySchedule, OnnxDenoiser
+from ddpm.schedule_math import ddim_timesteps
 
 # ---- The samplers: numpy mirrors of ddpm.samplers, with the same signature and float32 arithmetic. ----
 
@@ -113,14 +114,6 @@ def p_sample_loop(model: Denoiser, s: NumpySchedule, x_T: Array, *, labels: Arra
         x, _ = p_sample(model, s, x, t_index, labels=labels, prediction=prediction, variance=variance,
                         clip_denoised=clip_denoised, noise=noise)
     return x
-
-
-def ddim_timesteps(num_timesteps: int, steps: int) -> list[int]:
-    """The `steps` timesteps DDIM visits, descending: uniform stride T // steps from 0 (Song et al. 2021, C.2)."""
-    if not 0 < steps <= num_timesteps:
-        raise ConfigError(f"steps: {steps} must be in [1, {num_timesteps}] (the schedule's T)")
-    stride = num_timesteps // steps
-    return list(range(0, stride * steps, stride))[::-1]
 
 
 def ddim_sample_loop(model: Denoiser, s: NumpySchedule, x_T: Array, *, labels: Array | None = None,

@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 import torch
 
 from ddpm.schedule import Schedule, extract, split_prediction
+from ddpm.schedule_math import ddim_timesteps
 
 Denoiser = Callable[..., torch.Tensor]
 
@@ -99,14 +100,6 @@ def p_sample_loop(model: Denoiser, schedule: Schedule, x_T: torch.Tensor, *, lab
         if return_trajectory and (t_index % every == 0):
             traj.append(x)
     return (x, traj) if return_trajectory else x
-
-
-def ddim_timesteps(num_timesteps: int, steps: int) -> list[int]:
-    """The `steps` timesteps DDIM visits, descending: uniform stride T // steps from 0 (Song et al. 2021, C.2)."""
-    if not 0 < steps <= num_timesteps:
-        raise ValueError(f"steps: {steps} must be in [1, {num_timesteps}] (the schedule's T)")
-    stride = num_timesteps // steps
-    return list(range(0, stride * steps, stride))[::-1]
 
 
 @torch.no_grad()

@@ -11,6 +11,8 @@ import math
 
 import numpy as np
 
+from ddpm.errors import ConfigError
+
 # The names of `schedule_arrays`' output, in the order `ddpm.schedule.Schedule` declares them.
 SCHEDULE_ARRAYS = (
     "betas", "alphas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
@@ -71,3 +73,13 @@ def schedule_arrays(betas: np.ndarray) -> dict[str, np.ndarray]:
         posterior_mean_coef1=b * np.sqrt(acp_prev) / (1.0 - acp),  # coefficient of x_0 in mu_tilde_t, eq. 7
         posterior_mean_coef2=(1.0 - acp_prev) * np.sqrt(alphas) / (1.0 - acp),  # coefficient of x_t
     )
+
+
+def ddim_timesteps(num_timesteps: int, steps: int) -> list[int]:
+    """The `steps` timesteps DDIM visits, descending: uniform stride T // steps from 0 (Song et al. 2021, C.2).
+
+    Shared by the torch and the onnxruntime samplers; ConfigError (a ValueError) for a count outside [1, T]."""
+    if not 0 < steps <= num_timesteps:
+        raise ConfigError(f"steps: {steps} must be in [1, {num_timesteps}] (the schedule's T)")
+    stride = num_timesteps // steps
+    return list(range(0, stride * steps, stride))[::-1]
