@@ -42,10 +42,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         # Relaunch this same command under torchrun, one process per GPU.
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.train.nproc}",
                "-m", "ddpm.cli", "train", "--params", args.params, *(["--profile", args.profile] if args.profile else []),
-               *(["--resume"] if args.resume else []), *args.overrides]
+               *(["--resume"] if args.resume else []), *(["--overwrite"] if args.overwrite else []), *args.overrides]
         return subprocess.call(cmd)
     from ddpm.train import train
-    result = train(cfg, resume=args.resume)
+    result = train(cfg, resume=args.resume, overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     print(f"trained to step {result.step}: loss {result.loss:.4f}, {result.images_per_sec:,.0f} img/s; "
@@ -121,7 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train the U-Net; writes checkpoint.pt, loss.csv and sample grids")
     _add_settings(p)
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in train.out_dir")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue from the checkpoint in train.out_dir; settings that change the model, the "
+                            "diffusion or the data are refused, other changes are logged")
+    again.add_argument("--overwrite", action="store_true",
+                       help="start over in a train.out_dir that holds a run; its files (checkpoint.pt, loss.csv, "
+                            "config.yaml, samples_*.png) move to <out_dir>.replaced-<UTC time>/")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sample", help="sample images from a checkpoint: a PNG grid and an .npz array")

@@ -9,6 +9,7 @@ type and range here, so that the rest of the code can trust its config.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -173,8 +174,11 @@ class PipelineConfig:
     experiment: str = _f("ddpm", lambda v: bool(v.strip()), "a non-empty string")
     tracking_uri: str = ""
     registered_model: str = _f("ddpm-unet", lambda v: bool(v.strip()), "a non-empty string")
-    model_alias: str = _f("latest-accepted", lambda v: bool(v.strip()) and not (v[0] == "v" and v[1:].isdigit()),
+    model_alias: str = _f("challenger", lambda v: bool(v.strip()) and not (v[0] == "v" and v[1:].isdigit()),
                           "a non-empty string other than v<number> (reserved by MLflow)")
+    champion_alias: str = _f("champion", lambda v: bool(v.strip()) and not (v[0] == "v" and v[1:].isdigit()),
+                             "a non-empty string other than v<number> (reserved by MLflow)")
+    promotion_margin: float = _f(0.0, lambda v: 0.0 <= v < 1.0, "a float in [0, 1) (relative FID improvement)")
     feature_net: str = _f("pinned", lambda v: bool(v.strip()), "pinned, retrain or a non-empty path")
     trajectory_images: int = _f(8, _positive, "an integer > 0")
     log_checkpoint: bool = True
@@ -210,6 +214,9 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
+_DECIMAL = re.compile(r"[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?")
+
+
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check `value` against the annotation `tp`; return it in canonical form or raise ConfigError."""
     origin, args = get_origin(tp), get_args(tp)
@@ -235,6 +242,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             raise ConfigError(f"{key}: {value!r} is not an integer")
         return value
     if tp is float:
+        if isinstance(value, str) and _DECIMAL.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e-3 (no dot before the exponent) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: {value!r} is not a number")
         value = float(value)

@@ -24,6 +24,15 @@ class FeatureNetHashMismatch(CheckpointError):
     """A shipped FID feature net whose SHA-256 is not its pin (ddpm.feature_pins): refused, never retrained over."""
 
 
+class RunFolderError(DDPMError):
+    """A run folder that cannot be used as asked: not writable, holding a run that would be replaced
+    without --overwrite, or a checkpoint whose settings --resume would change (ddpm.run_folder)."""
+
+
+class RunFolderLocked(RunFolderError):
+    """Another running process holds the folder's lock; the message names it (command, PID, host)."""
+
+
 class TrainingDivergedError(DDPMError):
     """The loss became NaN or infinite; the last good checkpoint was kept."""
 

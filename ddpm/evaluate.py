@@ -49,6 +49,7 @@ from ddpm.features import (FeatureNet, dataset_hashes, extract, load_feature_net
 from ddpm.generate import generate, save_grid
 from ddpm.metrics import (class_entropy, confident_fraction, feature_stats, frechet_distance, inception_score,
                           manifold_metrics, nearest_neighbours)
+from ddpm.run_folder import owned
 
 log = logging.getLogger(__name__)
 
@@ -277,11 +278,16 @@ def evaluate_checkpoint(checkpoint: str | Path, cfg: Config, out_dir: str | Path
     Writes out_dir/metrics.json (the returned dict: floats plus sampler, steps, num_samples, backend,
     and feature_net: {"path", "sha256", "pinned"}, the net that measured the FIDs), out_dir/samples.png
     (64 samples) and out_dir/nearest.png (the samples closest to a training image, each followed by
-    that training image).
+    that training image). `out_dir` is held for the run (ddpm.run_folder.owned).
     """
+    with owned(out_dir, "ddpm evaluate"):
+        return _evaluate_checkpoint(checkpoint, cfg, Path(out_dir), onnx_model, feature_net)
+
+
+def _evaluate_checkpoint(checkpoint: str | Path, cfg: Config, out: Path, onnx_model: str | Path | None,
+                         feature_net: str | Path | None) -> dict[str, Any]:
     ev = cfg.evaluate
     device = resolve_device(ev.device)
-    out = Path(out_dir)
     verify_shipped(feature_net_path(cfg, feature_net))  # an altered pinned net fails now, not after sampling
     start = time.perf_counter()
     images, run_cfg, backend = _generate(checkpoint, cfg, onnx_model, device)

@@ -36,6 +36,7 @@ from ddpm.errors import ExportRejected, OnnxModelError
 from ddpm.onnx_model import METADATA_KEY, METADATA_VERSION, OnnxDenoiser, no_spin_options
 from ddpm.onnx_sampler import class_labels, ddim_sample_loop, to_uint8
 from ddpm.quantize import calibration_feeds, int8_check, int8_path, int8_scheme_record, quantize_int8
+from ddpm.run_folder import owned
 from ddpm.samplers import ddim_sample_loop as torch_ddim_sample_loop
 from ddpm.schedule import Schedule
 
@@ -97,8 +98,13 @@ def export_onnx(checkpoint: str | Path, out_path: str | Path, cfg: ExportConfig)
     full; then the files at out_path are those of before. Every file is written and fsynced before the
     first rename; a crash between the renames themselves (power loss, SIGKILL) can leave a new float16
     or int8 twin, or a new external-weights file of a model over 1 GiB, beside the old model: export again.
+    The folder of out_path is held for the export (ddpm.run_folder.owned).
     """
-    checkpoint, out = Path(checkpoint), Path(out_path)
+    with owned(Path(out_path).parent, "ddpm export"):
+        return _export_onnx(Path(checkpoint), Path(out_path), cfg)
+
+
+def _export_onnx(checkpoint: Path, out: Path, cfg: ExportConfig) -> Path:
     model, full_cfg, ckpt = load_model(checkpoint, "cpu", use_ema=True)
     meta = export_metadata(full_cfg, ckpt, checkpoint, model.num_classes)
     out.parent.mkdir(parents=True, exist_ok=True)

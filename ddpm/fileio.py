@@ -11,12 +11,14 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write `data` to `path` through a temporary file in the same folder, fsync, then rename.
 
     A crash or a full disk leaves the previous file untouched and no temporary file behind.
+    A symbolic link at `path` is replaced by the new file, never written through.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
+        tmp.unlink(missing_ok=True)  # left by a killed process with this PID: removed, never opened
+        with open(tmp, "xb") as f:  # O_EXCL: a link planted at tmp since is refused, not followed
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -24,8 +26,13 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    try:  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
+    fsync_dir(path.parent)  # make the rename itself durable
+
+
+def fsync_dir(folder: str | Path) -> None:
+    """fsync a folder, so that renames into it survive a power loss; a file system that cannot is ignored."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:

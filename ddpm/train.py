@@ -14,8 +14,8 @@ the same number restores every rank's generator, otherwise ranks are reseeded fr
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import csv
 import logging
 import os
 import signal
@@ -31,20 +31,19 @@ import yaml
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ddpm.checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
+from ddpm.checkpoint import config_of, load_checkpoint, save_checkpoint
 from ddpm.config import Config, image_shape
-from ddpm.errors import ConfigError, TrainingDivergedError, TrainingInterrupted
+from ddpm.errors import ConfigError, RunFolderError, TrainingDivergedError, TrainingInterrupted
 from ddpm.data import load_images, to_model_range
 from ddpm.generate import generate, save_grid
 from ddpm.layers import use_hashed_dropout, use_padded_image_convs, use_per_channel_group_norm
 from ddpm.losses import p_losses
+from ddpm.run_folder import CHECKPOINT_NAME, LOSS_LOG_NAME, RunFiles, owned, resume_changes  # noqa: F401 (re-exported)
 from ddpm.schedule import Schedule
 from ddpm.unet import build_unet
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_NAME = "checkpoint.pt"
-LOSS_LOG_NAME = "loss.csv"
 LOSS_FIELDS = ("step", "loss", "lr", "images_per_sec")
 
 
@@ -162,39 +161,56 @@ class _StopFlag:
             signal.signal(s, h)
 
 
-def _loss_log(out_dir: Path, resume_step: int) -> Any:
-    """Open loss.csv for appending, dropping rows past `resume_step` left by a killed run."""
-    path = out_dir / LOSS_LOG_NAME
-    rows = []
-    if resume_step > 0 and path.exists():
-        with open(path, newline="") as f:
-            rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
-    f = open(path, "w", newline="")
-    writer = csv.DictWriter(f, fieldnames=LOSS_FIELDS)
-    writer.writeheader()
-    writer.writerows(rows)
-    f.flush()
-    return f, writer
-
-
 def train(cfg: Config, resume: bool = False, on_log: Callable[[int, dict[str, float]], None] | None = None,
           on_sample: Callable[[int, Path], None] | None = None,
-          on_checkpoint: Callable[[int, Path], None] | None = None) -> TrainResult:
+          on_checkpoint: Callable[[int, Path], None] | None = None, overwrite: bool = False) -> TrainResult:
     """Train the U-Net described by `cfg`; write checkpoints, loss.csv and sample grids under cfg.train.out_dir.
 
+    The folder is held by this run (ddpm.run_folder.owned: a second process fails at once). A folder
+    with a checkpoint needs `resume` (settings that would change the model, the diffusion or the data
+    are refused, other changes are logged) or `overwrite` (the previous run's files move to
+    `<out_dir>.replaced-<UTC time>/`). Nothing in it is written before the first step has finished.
     `on_log(step, metrics)` receives loss, lr and images_per_sec every `log_every` steps;
     `on_sample(step, png_path)` every saved grid; `on_checkpoint(step, path)` after every checkpoint. Raises TrainingDivergedError on a non-finite loss
     and TrainingInterrupted on SIGINT/SIGTERM, after saving what is worth keeping.
     """
-    tc = cfg.train
-    rank = init_distributed(tc.device)
-    device = resolve_device(tc.device, rank.local_rank)
-    out_dir = Path(tc.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path = out_dir / CHECKPOINT_NAME
+    rank = init_distributed(cfg.train.device)
+    device = resolve_device(cfg.train.device, rank.local_rank)
+    out_dir = Path(cfg.train.out_dir)
+    with owned(out_dir, "ddpm train") if rank.is_main else contextlib.nullcontext():
+        ckpt = _checkpoint_to_resume(cfg, out_dir / CHECKPOINT_NAME, resume, overwrite)
+        # config.yaml: the resolved settings beside the run, readable without loading the checkpoint
+        files = RunFiles(out_dir, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode(), LOSS_FIELDS,
+                         int(ckpt["step"]) if ckpt else 0, replace=overwrite and (out_dir / CHECKPOINT_NAME).exists())
+        return _train(cfg, rank, device, ckpt, files, on_log, on_sample, on_checkpoint)
 
-    if rank.is_main:  # the resolved settings beside the run, readable without loading the checkpoint
-        atomic_write_bytes(out_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
+
+def _checkpoint_to_resume(cfg: Config, ckpt_path: Path, resume: bool, overwrite: bool) -> dict[str, Any] | None:
+    """The checkpoint this run continues, or None; refuses, before anything is written, a run it would replace
+    unasked and a resume that would change the model, the diffusion or the data."""
+    if resume and overwrite:
+        raise RunFolderError("--resume and --overwrite exclude each other: continue the run, or start it over")
+    if ckpt_path.exists() and not (resume or overwrite):
+        raise RunFolderError(
+            f"{ckpt_path.parent} already holds a run ({ckpt_path.name}); pass --resume to continue it, or --overwrite "
+            f"to start over (its files move to {ckpt_path.parent.name}.replaced-<UTC time>/ beside it)")
+    if not (resume and ckpt_path.exists()):
+        if resume:
+            log.info("no checkpoint at %s; starting from step 0", ckpt_path)
+        return None
+    ckpt = load_checkpoint(ckpt_path)
+    changes = resume_changes(config_of(ckpt, ckpt_path).to_dict(), cfg.to_dict(), int(ckpt["step"]), ckpt_path.parent)
+    if changes:
+        log.info("resuming %s with changed settings: %s", ckpt_path.parent, "; ".join(changes))
+    return ckpt
+
+
+def _train(cfg: Config, rank: DistInfo, device: torch.device, ckpt: dict[str, Any] | None, files: RunFiles,
+           on_log: Callable[[int, dict[str, float]], None] | None, on_sample: Callable[[int, Path], None] | None,
+           on_checkpoint: Callable[[int, Path], None] | None) -> TrainResult:
+    tc = cfg.train
+    out_dir = Path(tc.out_dir)
+    ckpt_path = out_dir / CHECKPOINT_NAME
     torch.manual_seed(tc.seed + rank.rank)
     images, labels = load_images(cfg.data.dataset, cfg.data.root, "train")  # uint8 [N, C, H, W], int64 [N]
     shard = slice(rank.rank * len(images) // rank.world_size, (rank.rank + 1) * len(images) // rank.world_size)
@@ -217,8 +233,7 @@ def train(cfg: Config, resume: bool = False, on_log: Callable[[int, dict[str, fl
     gen = torch.Generator(device=device).manual_seed(tc.seed + 1_000_003 * rank.rank)
 
     step = 0
-    if resume and ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path)
+    if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["optimizer"])
@@ -235,8 +250,6 @@ def train(cfg: Config, resume: bool = False, on_log: Callable[[int, dict[str, fl
             gen.manual_seed(tc.seed + 1_000_003 * rank.rank + 7919 * step)
         log.info("resumed from %s at step %d (written by %d rank(s), now %d)", ckpt_path, step,
                  rng.get("world_size", 1), rank.world_size)
-    elif resume:
-        log.info("no checkpoint at %s; starting from step 0", ckpt_path)
 
     def lr_at(s: int) -> float:
         return tc.lr * min(1.0, (s + 1) / tc.warmup_steps) if tc.warmup_steps else tc.lr
@@ -252,6 +265,7 @@ def train(cfg: Config, resume: bool = False, on_log: Callable[[int, dict[str, fl
         rng = {"world_size": rank.world_size, "torch": gather_states(torch.get_rng_state()),
                "generator": gather_states(gen.get_state().cpu())}
         if rank.is_main:
+            files.start()
             save_checkpoint(ckpt_path, {
                 "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(), "step": step,
                 "config": cfg.to_dict(), "rng": rng,
@@ -301,7 +315,6 @@ def train(cfg: Config, resume: bool = False, on_log: Callable[[int, dict[str, fl
     loss_sum = torch.zeros((), device=device)
     no_bad = torch.iinfo(torch.long).max
     first_bad = torch.full((), no_bad, device=device, dtype=torch.long)
-    log_f, log_writer = _loss_log(out_dir, step) if rank.is_main else (None, None)
     progress = _progress(tc.steps, step, enabled=rank.is_main)
     last_loss, ips, t0, since = float("nan"), 0.0, time.perf_counter(), step
     model.train()
@@ -353,8 +366,7 @@ def train(cfg: Config, resume: bool = False, on_log: Callable[[int, dict[str, fl
                     last_loss = float(loss_sum) / (step - since)
                     metrics = {"loss": last_loss, "lr": lr_at(step - 1), "images_per_sec": ips}
                     if rank.is_main:
-                        log_writer.writerow({"step": step, **metrics})
-                        log_f.flush()
+                        files.start().write({"step": step, **metrics})
                         progress(step, last_loss, ips)
                         if on_log:
                             on_log(step, metrics)
@@ -364,19 +376,21 @@ def train(cfg: Config, resume: bool = False, on_log: Callable[[int, dict[str, fl
                     checkpoint()
                 if (rank.is_main and tc.sample_every and step % tc.sample_every == 0 and step < tc.steps
                         and on_sample is not None):
+                    files.start()
                     on_sample(step, save_sample_grid(ema, schedule, cfg, out_dir / f"samples_{step:07d}.png"))
                 if stopping:
                     name = signal.Signals(stop.signum).name if stop.signum else "a signal on another rank"
                     raise TrainingInterrupted(f"stopped by {name} at step {step}; checkpoint saved to {ckpt_path}")
     finally:
-        if log_f is not None:
-            log_f.close()
+        files.close()
         progress.close()
         if rank.world_size > 1 and sys.exc_info()[0] is not None:
             dist.destroy_process_group()
     if rank.world_size > 1:
         dist.destroy_process_group()
     if rank.is_main:
+        files.start()  # a resume at its last step has written nothing yet
+        files.close()
         grid = save_sample_grid(ema, schedule, cfg, out_dir / "samples_final.png")
         if on_sample is not None:
             on_sample(step, grid)

@@ -159,17 +159,19 @@ def log_feature_net(run: RunRef, info: dict[str, Any]) -> None:
 # --- training -----------------------------------------------------------------------------------
 
 def _checkpoint_differences(saved: dict[str, Any], wanted: dict[str, Any], step: int, steps: int) -> list[str]:
-    """Settings that make a saved checkpoint unusable for resuming the wanted run."""
+    """Settings that make a saved checkpoint unusable for resuming the wanted run.
+
+    Stricter than `ddpm train --resume` (ddpm.run_folder.resume_changes), which also lets train.lr and
+    the other train settings change: a pipeline run is defined by its settings, so it resumes only its own.
+    """
+    from ddpm.run_folder import setting_changes
+
     diffs = []
-    for section in ("diffusion", "model", "train"):
-        for key, value in wanted[section].items():
-            if section == "train" and key in RESUMABLE_TRAIN_KEYS:
-                continue
-            old = saved.get(section, {}).get(key)
-            if old != value:
-                diffs.append(f"{section}.{key}: {old!r} -> {value!r}")
-    if saved.get("data", {}).get("dataset") != wanted["data"]["dataset"]:
-        diffs.append(f"data.dataset: {saved.get('data', {}).get('dataset')!r} -> {wanted['data']['dataset']!r}")
+    for key, old, new in setting_changes(saved, wanted):
+        section, name = key.split(".", 1)
+        if section in ("diffusion", "model") or key == "data.dataset" or (
+                section == "train" and name not in RESUMABLE_TRAIN_KEYS):
+            diffs.append(f"{key}: {old!r} -> {new!r}")
     if step > steps:
         diffs.append(f"the checkpoint is at step {step}, past train.steps={steps}")
     return diffs
@@ -188,7 +190,8 @@ def train_model(cfg: Any, run: RunRef | None = None, force: bool = False) -> dic
     """ddpm.train.train, resuming from train.out_dir/checkpoint.pt when it was trained with these settings.
 
     A finished checkpoint (step == train.steps) is not retrained. A checkpoint from other settings
-    stops the run with the differences (force=True trains from scratch over it).
+    stops the run with the differences (force=True trains from scratch; the previous run's files move to
+    `<train.out_dir>.replaced-<UTC time>/`, ddpm.run_folder).
     """
     from ddpm.checkpoint import load_checkpoint
     from ddpm.errors import TrainingInterrupted
@@ -219,7 +222,7 @@ def train_model(cfg: Any, run: RunRef | None = None, force: bool = False) -> dic
         samples_logged.append((step, str(png)))
 
     try:
-        result = train(cfg, resume=resume, on_log=live, on_sample=on_sample)
+        result = train(cfg, resume=resume, overwrite=force, on_log=live, on_sample=on_sample)
     except TrainingInterrupted as exc:  # its hint is `ddpm train --resume`; a stage resumes unless forced
         raise exc.with_hint("rerun without --force to resume from it (`python -m flows.pipeline`, "
                             "`python -m flows.stages train --no-force`)") from None
@@ -243,7 +246,7 @@ def _train_distributed(cfg: Any, resume: bool) -> dict[str, Any]:
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", dir=out, prefix=".params-", delete=False) as f:
         yaml.safe_dump(cfg.to_dict(), f)  # the resolved settings: no profile left to apply
     try:
-        cmd = [sys.executable, "-m", "ddpm.cli", "train", "--params", f.name, *(["--resume"] if resume else [])]
+        cmd = [sys.executable, "-m", "ddpm.cli", "train", "--params", f.name, "--resume" if resume else "--overwrite"]
         if (code := subprocess.call(cmd)) != 0:
             raise RuntimeError(f"`{' '.join(cmd)}` exited with status {code}")
     finally:
