@@ -154,11 +154,14 @@ def onnx_signature(proto: Any) -> Any:
 
 @task(name="log-export", cache_policy=NO_CACHE)
 def log_export(run: RunRef, onnx_path: str, report: str, onnx_samples: str, registered_model: str, alias: str,
-               step: int, int8: tuple[str, str] | None = None) -> dict[str, Any]:
+               step: int, int8: tuple[str, str] | None = None, quality: dict[str, Any] | None = None,
+               champion_alias: str = "champion", margin: float = 0.0) -> dict[str, Any]:
     """Log the accepted ONNX model (mlflow.onnx.log_model, with its signature), register it and move the
-    alias to it. A model identical to the one the alias already names is logged but not registered again.
-    `int8`: (the int8 twin, its check report), logged as artifacts under export/ with the report's
-    numbers as int8_* metrics; the registry holds the float32 model alone."""
+    alias (the challenger) to it. A model identical to the one the alias already names is logged but not
+    registered again. `int8`: (the int8 twin, its check report), logged as artifacts under export/ with the
+    report's numbers as int8_* metrics; the registry holds the float32 model alone.
+    `quality`: the evaluation's metrics.json: tagged on the version, and the champion alias moves to it only
+    when it beats the champion (flows.promotion); the decision is a table in MLflow and in Prefect."""
     import mlflow.onnx
     import onnx
     from mlflow.exceptions import MlflowException
@@ -201,5 +204,39 @@ def log_export(run: RunRef, onnx_path: str, report: str, onnx_samples: str, regi
         log.info("model version %s (alias %r) already holds this ONNX file; not registered again", version, alias)
     logger.tags({"registered_model": registered_model, "registered_model.version": version,
                  "registered_model.alias": alias, "onnx_sha256": sha})
+    promoted, table = (_promote(client, logger, registered_model, version, champion_alias, margin, quality)
+                       if quality is not None else (None, None))
     return {"model_uri": info.model_uri, "registered_model": registered_model, "version": version, "alias": alias,
-            "registered_now": register}
+            "registered_now": register, "champion_alias": champion_alias, "promoted": promoted,
+            "promotion_table": table}
+
+
+def _promote(client: Any, logger: Any, name: str, version: str, champion_alias: str, margin: float,
+             quality: dict[str, Any]) -> tuple[bool, str]:
+    """Tag `version` with its quality, move `champion_alias` to it if it beats the champion; returns whether it
+    did and the decision as a markdown table, which also goes to the run (artifact, tags) and the log."""
+    from mlflow.exceptions import MlflowException
+
+    from flows.promotion import COMPARABLE, decide, decision_table, quality_tags
+
+    tags = quality_tags(quality)
+    for k, v in tags.items():
+        client.set_model_version_tag(name, version, k, v)
+    try:
+        champion = client.get_model_version_by_alias(name, champion_alias)
+    except MlflowException:
+        champion = None
+    if champion is not None and str(champion.version) == version:
+        promote, why = True, f"version {version} is already the champion"
+    else:
+        promote, why = decide(tags, None if champion is None else dict(champion.tags), margin)
+    if promote:
+        client.set_registered_model_alias(name, champion_alias, version)
+    old = {} if champion is None else dict(champion.tags)
+    rows = [("version", version, "-" if champion is None else str(champion.version))]
+    rows += [(k, tags[k], old.get(k, "-")) for k in ("fid", "fid_floor", *COMPARABLE)]
+    table = decision_table(rows, promote, why)
+    client.log_text(logger.run_id, table, "export/promotion.md")  # in the run only: the run folder stays as it was
+    logger.tags({"promotion": "promoted" if promote else "not promoted", "promotion.reason": why})
+    log.info("%s version %s %s to %r: %s", name, version, "promoted" if promote else "not promoted", champion_alias, why)
+    return promote, table

@@ -49,7 +49,8 @@ def ddpm_pipeline(profile: str | None = None, overrides: list[str] | None = None
         "checkpoint": trained["checkpoint"], "step": trained["step"], "samples": trained["samples"],
         "trajectory": trained["trajectory"], "metrics": metrics, "eval_samples": str(s.eval_dir / "samples.png"),
         **{k: exported[k] for k in (
-            "onnx_model", "onnx_samples", "model_uri", "registered_model", "version", "alias")},
+            "onnx_model", "onnx_samples", "model_uri", "registered_model", "version", "alias", "champion_alias",
+            "promoted")},
     }
 
 
@@ -88,7 +89,8 @@ def summary(result: dict[str, Any]) -> str:
         f"  checkpoint             {result['checkpoint']}",
         f"  ONNX model             {result['onnx_model']}",
         f"  registered model       models:/{result['registered_model']}@{result['alias']} "
-        f"(version {result['version']})",
+        f"(version {result['version']}); @{result['champion_alias']} "
+        f"{'moved to it' if result['promoted'] else 'kept: see promotion.md in the export run'}",
         f"  MLflow run             {result['run_id']} (experiment {result['experiment_id']}) in {uri}",
         f"  MLflow UI              {ui}   then http://127.0.0.1:5000/#/experiments/{result['experiment_id']}"
         f"/runs/{result['run_id']}",

@@ -17,6 +17,7 @@ and `force`. Each reloads and validates the settings itself, so a stage runs the
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import sys
@@ -118,9 +119,18 @@ def export_flow(params_path: str = "params.yaml", profile: str | None = None, ov
             int8 = (str(int8_path(onnx_path)), str(s.export_int8_report))
             export_tasks.check_model(int8[0], str(s.checkpoint), s.cfg, info["path"], int8[1], force, int8=True)
         samples = export_tasks.sample_onnx(onnx_path, s.cfg, str(s.onnx_samples))
-        registered = export_tasks.log_export(run, onnx_path, str(s.export_report), samples,
-                                             s.cfg.pipeline.registered_model, s.cfg.pipeline.model_alias,
-                                             _step(str(s.checkpoint)), int8)
+        quality = json.loads((s.eval_dir / "metrics.json").read_text()) if (s.eval_dir / "metrics.json").is_file() \
+            else None  # a model exported before any evaluation is registered as a challenger, never champion
+        pc = s.cfg.pipeline
+        registered = export_tasks.log_export(run, onnx_path, str(s.export_report), samples, pc.registered_model,
+                                             pc.model_alias, _step(str(s.checkpoint)), int8, quality,
+                                             pc.champion_alias, pc.promotion_margin)
+        if registered["promotion_table"]:
+            from prefect.artifacts import create_markdown_artifact
+
+            create_markdown_artifact(markdown=registered["promotion_table"], key="promotion",
+                                     description=f"{pc.registered_model} version {registered['version']}: "
+                                                 f"{pc.champion_alias} {'moved' if registered['promoted'] else 'kept'}")
     return {"onnx_model": onnx_path, "onnx_samples": samples, "report": str(s.export_report), **registered,
             "run_id": run.run_id}
 

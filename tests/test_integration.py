@@ -233,7 +233,7 @@ def test_mlflow_server_received_the_run(deployment_run, mlflow_server, tmp_path)
     assert [m.step for m in c.get_metric_history(by_stage["train"].info.run_id, "loss")] == [4, 8, 12]
     got = Path(c.download_artifacts(by_stage["train"].info.run_id, "checkpoint/checkpoint.pt", str(tmp_path)))
     assert sha256(got) == sha256(out / "run" / "checkpoint.pt")  # artifacts went through the server
-    version = c.get_model_version_by_alias("ddpm-unet", "latest-accepted")
+    version = c.get_model_version_by_alias("ddpm-unet", "challenger")
     assert version.run_id == by_stage["export"].info.run_id
     assert version.tags["onnx_sha256"] == sha256(out / "run" / "model.onnx")
 

@@ -149,7 +149,8 @@ def test_first_run_writes_every_output(project, first, fetch):
     assert first["step"] == 12
     assert (project / "runs" / "features" / "mnist.pt").is_file()
     assert json.loads((run / "export.json").read_text())["accepted"] is True
-    assert first["alias"] == "latest-accepted" and first["version"] == "1"
+    assert first["alias"] == "challenger" and first["version"] == "1"
+    assert first["promoted"] is True and first["champion_alias"] == "champion"  # the first evaluated model
 
 
 def test_runs_are_nested_and_finished(first):
@@ -220,8 +221,10 @@ def test_artifacts_hold_the_files(project, first, tmp_path):
     assert {"evaluate/metrics.json", "evaluate/samples.png", "evaluate/nearest.png"} <= eval_files
     export_files = {a.path for a in c.list_artifacts(runs["export"].info.run_id, "export")}
     assert export_files == {"export/export.json", "export/samples.png", "export/model.int8.onnx",
-                            "export/export_int8.json"}
+                            "export/export_int8.json", "export/promotion.md"}
     got = Path(c.download_artifacts(runs["export"].info.run_id, "export/model.int8.onnx", str(tmp_path)))
+    table = Path(c.download_artifacts(runs["export"].info.run_id, "export/promotion.md", str(tmp_path))).read_text()
+    assert "**promoted**: no champion yet" in table and "| fid_num_samples |" in table
     assert sha256(got) == sha256(run_dir / "model.int8.onnx")
     int8_check = json.loads((run_dir / "export_int8.json").read_text())
     assert int8_check["accepted"] is True and int8_check["provider"] == "CPUExecutionProvider"
@@ -238,10 +241,10 @@ def test_registered_onnx_model_is_the_export(project, first):
 
     onnx_path = project / "runs" / "default" / "model.onnx"
     runs = pipeline_runs(first["run_id"])
-    version = client().get_model_version_by_alias("ddpm-unet-test", "latest-accepted")
+    version = client().get_model_version_by_alias("ddpm-unet-test", "challenger")
     assert str(version.version) == first["version"] and version.run_id == runs["export"].info.run_id
     assert version.tags["onnx_sha256"] == sha256(onnx_path)
-    uri = "models:/ddpm-unet-test@latest-accepted"
+    uri = "models:/ddpm-unet-test@challenger"
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
     logged, local = mlflow.onnx.load_model(uri), onnx.load(onnx_path)
     assert [i.raw_data for i in logged.graph.initializer] == [i.raw_data for i in local.graph.initializer]
@@ -654,3 +657,14 @@ def test_the_stages_that_measure_fid_depend_on_the_features_stage_record_and_not
         assert record in stages_[name]["deps"], name
     outs = [o if isinstance(o, str) else next(iter(o)) for s in stages_.values() for o in s.get("outs", [])]
     assert not [o for o in outs if o.startswith(("ddpm/", "runs/features"))]
+
+
+def test_the_promotion_decision_is_a_prefect_artifact(first):
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as c:
+        found = c.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["promotion"])))
+    # Later tests of this module run the export again, which adds versions of the same key.
+    assert found and all(a.type == "markdown" and "| fid_num_samples | " in a.data for a in found)
+    assert any("**promoted**: no champion yet" in a.data for a in found)
