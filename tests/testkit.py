@@ -36,6 +36,19 @@ def fake_mnist(root: Path, n_train: int = 384, n_test: int = 128) -> Path:
     return target
 
 
+def random_mnist(root: Path, n_train: int = 64, n_test: int = 16) -> Path:
+    """MNIST's four IDX files under root/mnist/ with uniform random pixels (seed 0), labels 0-9 in turn; returns root."""
+    import torch
+
+    (root / "mnist").mkdir()
+    gen = torch.Generator().manual_seed(0)
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        images = torch.randint(0, 256, (n, 28, 28), generator=gen, dtype=torch.uint8)
+        (root / "mnist" / f"{split}-images-idx3-ubyte").write_bytes(idx_bytes(images.numpy()))
+        (root / "mnist" / f"{split}-labels-idx1-ubyte").write_bytes(idx_bytes(np.arange(n) % 10))
+    return root
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket() as s:

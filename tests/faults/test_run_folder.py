@@ -17,15 +17,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
 import yaml
 
 from ddpm.checkpoint import load_checkpoint
 from ddpm.config import ConfigError, load_config
 from ddpm.run_folder import LOCK_NAME, LossLog, owned
-from testkit import idx_bytes
+from testkit import random_mnist
 
 pytestmark = pytest.mark.faults
 
@@ -34,14 +32,7 @@ STEPS = 4
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    (root / "mnist").mkdir()
-    gen = torch.Generator().manual_seed(0)
-    for split, n in (("train", 64), ("t10k", 16)):
-        images = torch.randint(0, 256, (n, 28, 28), generator=gen, dtype=torch.uint8)
-        (root / "mnist" / f"{split}-images-idx3-ubyte").write_bytes(idx_bytes(images.numpy()))
-        (root / "mnist" / f"{split}-labels-idx1-ubyte").write_bytes(idx_bytes(np.arange(n) % 10))
-    return root
+    return random_mnist(tmp_path_factory.mktemp("data"))
 
 
 def _args(data_root: Path, out_dir: Path, *extra: str) -> list[str]:

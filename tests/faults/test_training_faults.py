@@ -12,12 +12,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from ddpm.checkpoint import load_checkpoint
-from testkit import idx_bytes
+from testkit import random_mnist
 
 pytestmark = pytest.mark.faults
 
@@ -27,14 +26,7 @@ KILL_POINTS = 4
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    (root / "mnist").mkdir()
-    gen = torch.Generator().manual_seed(0)
-    for split, n in (("train", 64), ("t10k", 16)):
-        images = torch.randint(0, 256, (n, 28, 28), generator=gen, dtype=torch.uint8)
-        (root / "mnist" / f"{split}-images-idx3-ubyte").write_bytes(idx_bytes(images.numpy()))
-        (root / "mnist" / f"{split}-labels-idx1-ubyte").write_bytes(idx_bytes(np.arange(n) % 10))
-    return root
+    return random_mnist(tmp_path_factory.mktemp("data"))
 
 
 def _args(data_root: Path, out_dir: Path) -> list[str]:
