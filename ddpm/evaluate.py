@@ -280,6 +280,7 @@ def evaluate_checkpoint(checkpoint: str | Path, cfg: Config, out_dir: str | Path
     (64 samples) and out_dir/nearest.png (the samples closest to a training image, each followed by
     that training image). `out_dir` is held for the run (ddpm.run_folder.owned).
     """
+    verify_shipped(feature_net_path(cfg, feature_net))  # an altered pinned net fails now: no folder, no sampling
     with owned(out_dir, "ddpm evaluate"):
         return _evaluate_checkpoint(checkpoint, cfg, Path(out_dir), onnx_model, feature_net)
 
@@ -288,7 +289,6 @@ def _evaluate_checkpoint(checkpoint: str | Path, cfg: Config, out: Path, onnx_mo
                          feature_net: str | Path | None) -> dict[str, Any]:
     ev = cfg.evaluate
     device = resolve_device(ev.device)
-    verify_shipped(feature_net_path(cfg, feature_net))  # an altered pinned net fails now, not after sampling
     start = time.perf_counter()
     images, run_cfg, backend = _generate(checkpoint, cfg, onnx_model, device)
     sample_seconds = time.perf_counter() - start
