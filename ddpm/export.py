@@ -125,9 +125,8 @@ def _export_onnx(checkpoint: Path, out: Path, cfg: ExportConfig) -> Path:
                 written[-1] = _save(half, tmp / fp16_path(out).name, {**meta16, "parity_max_abs_diff": worst16},
                                     cfg.model_name)
             if cfg.int8:
-                written.append(_int8_twin(tmp / out.name, tmp / int8_path(out).name, meta, cfg))
-                if not written[-1]:
-                    written.pop()
+                if twin := _int8_twin(tmp / out.name, tmp / int8_path(out).name, meta, cfg):
+                    written.append(twin)
             written[0] = _save(proto, tmp / out.name, meta, cfg.model_name)  # with the measured figure
             for f in (f for files in written for f in files):
                 _fsync(f)  # a full disk shows here at the latest, before anything at out_path is replaced

@@ -226,15 +226,15 @@ def _promote(client: Any, logger: Any, name: str, version: str, champion_alias: 
         champion = client.get_model_version_by_alias(name, champion_alias)
     except MlflowException:
         champion = None
+    old = None if champion is None else dict(champion.tags)
     if champion is not None and str(champion.version) == version:
         promote, why = True, f"version {version} is already the champion"
     else:
-        promote, why = decide(tags, None if champion is None else dict(champion.tags), margin)
+        promote, why = decide(tags, old, margin)
     if promote:
         client.set_registered_model_alias(name, champion_alias, version)
-    old = {} if champion is None else dict(champion.tags)
     rows = [("version", version, "-" if champion is None else str(champion.version))]
-    rows += [(k, tags[k], old.get(k, "-")) for k in ("fid", "fid_floor", *COMPARABLE)]
+    rows += [(k, tags[k], (old or {}).get(k, "-")) for k in ("fid", "fid_floor", *COMPARABLE)]
     table = decision_table(rows, promote, why)
     client.log_text(logger.run_id, table, "export/promotion.md")  # in the run only: the run folder stays as it was
     logger.tags({"promotion": "promoted" if promote else "not promoted", "promotion.reason": why})
