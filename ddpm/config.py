@@ -87,6 +87,7 @@ class TrainConfig:
     lr: float = _f(2e-4, _positive, "a float > 0")
     weight_decay: float = _f(0.0, _non_negative, "a float >= 0")
     warmup_steps: int = _f(500, _non_negative, "an integer >= 0")
+    lr_decay: Literal["none", "cosine"] = "none"  # cosine: from lr after warm-up down to 0 at train.steps
     grad_clip: float = _f(1.0, _non_negative, "a float >= 0 (0 turns clipping off)")
     ema_decay: float = _f(0.9999, _unit_closed, "a float in [0, 1]")
     ema_warmup: bool = True

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import math
 import os
 import signal
 import sys
@@ -32,7 +33,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ddpm.checkpoint import config_of, load_checkpoint, save_checkpoint
-from ddpm.config import Config, image_shape
+from ddpm.config import Config, TrainConfig, image_shape
 from ddpm.errors import ConfigError, RunFolderError, TrainingDivergedError, TrainingInterrupted
 from ddpm.data import load_images, to_model_range
 from ddpm.generate import generate, save_grid
@@ -100,6 +101,16 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float | torch.Tensor) ->
         torch._foreach_add_(e, torch._foreach_mul(m, 1.0 - decay))
     else:
         torch._foreach_lerp_(e, m, 1.0 - decay)
+
+
+def lr_at_step(step: int, tc: TrainConfig) -> float:
+    """The learning rate of `step`: linear warm-up over warmup_steps, then constant or a cosine decay to 0."""
+    if tc.warmup_steps and step < tc.warmup_steps:
+        return tc.lr * (step + 1) / tc.warmup_steps
+    if tc.lr_decay == "cosine":
+        span = max(1, tc.steps - tc.warmup_steps)
+        return tc.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - tc.warmup_steps) / span)))
+    return tc.lr
 
 
 def ema_decay_at(step: int, cfg_decay: float, warmup: bool) -> float:
@@ -252,7 +263,7 @@ def _train(cfg: Config, rank: DistInfo, device: torch.device, ckpt: dict[str, An
                  rng.get("world_size", 1), rank.world_size)
 
     def lr_at(s: int) -> float:
-        return tc.lr * min(1.0, (s + 1) / tc.warmup_steps) if tc.warmup_steps else tc.lr
+        return lr_at_step(s, tc)
 
     def gather_states(state: torch.Tensor) -> list[torch.Tensor]:
         if rank.world_size == 1:

@@ -1,6 +1,7 @@
 """Training loop: resume equals an uninterrupted run, NaN stops with the last good checkpoint, safe checkpoints."""
 
 
+import math
 import pytest
 import torch
 
@@ -149,3 +150,15 @@ def test_compile_options_are_inductor_settings_this_torch_knows(cuda_graphs):
     torch._dynamo.reset()
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(got_grad, x.grad)
+
+
+def test_learning_rate_warms_up_then_follows_its_decay():
+    from ddpm.config import TrainConfig
+    from ddpm.train import lr_at_step
+    const = TrainConfig(steps=100, lr=1e-3, warmup_steps=10)
+    assert lr_at_step(0, const) == pytest.approx(1e-4) and lr_at_step(9, const) == pytest.approx(1e-3)
+    assert lr_at_step(99, const) == pytest.approx(1e-3)
+    cos = TrainConfig(steps=110, lr=1e-3, warmup_steps=10, lr_decay="cosine")
+    # after warm-up: lr * (1 + cos(pi * (s - warmup) / (steps - warmup))) / 2
+    assert [lr_at_step(s, cos) for s in (10, 60, 110)] == pytest.approx([1e-3, 5e-4, 0.0])
+    assert lr_at_step(35, cos) == pytest.approx(1e-3 * (1 + math.cos(math.pi / 4)) / 2)
