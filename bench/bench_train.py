@@ -20,8 +20,8 @@ Modes (--modes):
                  (the optimizer and EMA stay eager) and compiles again; max-autotune autotunes
                  matmul/conv templates and takes minutes per shape. compile-graph is the sensible
                  CUDA-graph mode for this budget; see bench/README.md.
-Compile-based modes run only at --compile-batches (each new batch size compiles again: 45-65 s on
-the H200, 80-115 s for our U-Net with its options on the H100). Our U-Net compiles once for
+Compile-based modes run only at --compile-batches (each new batch size compiles again; the compile
+times are in each result's `compile_s`). Our U-Net compiles once for
 `compile` and once for `compile-graph`; compile-graph runs first.
 
 FLOPs: forward FLOPs per image counted by torch.utils.flop_counter.FlopCounterMode; a training

@@ -71,7 +71,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "device": str(device),
         "argv": sys.argv,
-        "wrapper_argv": os.environ.get(WRAPPER_ARGV),  # set by a runner such as device/groupnorm_stats.py
+        "wrapper_argv": os.environ.get(WRAPPER_ARGV),  # set by a runner that wraps a benchmark script
         "git_commit": _git_commit(),
         "source_sha256": source_digest(),
     }
@@ -185,8 +185,8 @@ def matmul_peak(device: torch.device, n: int, windows: int = 5, iters: int = 20,
     `tflops` (the share's denominator in every report) is timed right after 3 calls of warm-up, as
     it always was, so shares stay comparable with earlier reports. The matmul then runs on for
     `sustained_s` seconds and is timed again (`tflops_sustained`); bench_train times it a third time
-    after its cases. On an H100 the three figures of one process differed by up to 7% (694, 700 and
-    739 TFLOP/s for 8192^3), in no fixed order: they say how far the share's denominator moves.
+    after its cases. The three figures of one process differ, in no fixed order: they say how far the
+    share's denominator moves (docs/experiments/2026-11-26-training-step-beside-the-twin-h100.md).
     """
     sync = synchronizer(device)
     g = torch.Generator(device=device).manual_seed(0)
@@ -267,8 +267,8 @@ def peak_memory_gib(device: torch.device) -> float | None:
 class Budget:
     """Wall-clock budget of one benchmark process: a case starts only if its estimate fits.
 
-    Compile costs 45-65 s per new shape and mode on the GPU machine (shared/DEVICE.md); the first
-    measured compile replaces the guess, so later estimates follow this machine.
+    A compile costs tens of seconds per new shape and mode on the GPU machine (shared/DEVICE.md); the
+    first measured compile replaces the guess, so later estimates follow this machine.
     """
 
     def __init__(self, seconds: float, compile_guess_s: float):

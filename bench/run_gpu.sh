@@ -6,7 +6,7 @@
 # PART (default quick):
 #   quick           bench_train.py then bench_sampling.py with their defaults (both models, the
 #                   diffusers twins, eager/graph/compile/compile-graph; compile at batch 512 for
-#                   training and at the max-throughput batch for sampling). About 8 minutes.
+#                   training and at the max-throughput batch for sampling).
 #   train-more      training: compile-based modes at batch 128, then reduce-overhead at 512 (MNIST).
 #   sampling-more   sampling: compile-based modes at batch 256 and reduce-overhead, no twin.
 #   channels-last   eager and graph modes of both scripts with --channels-last (no compile, no twin).

@@ -269,7 +269,7 @@ def _to_fp16(proto: onnx.ModelProto, shape_inference: bool = True) -> onnx.Model
     sin/cos of t * freq with t up to 999 would lose up to 0.25 rad in float16 (its spacing is 0.5
     there), so every node computed from t alone (cast, scaling, sin, cos, concat) is kept in float32.
     `shape_inference=False` skips onnx's shape inference, which fails on graphs with onnxruntime's
-    com.microsoft ops (bench/device/ort_cuda_variants.py).
+    com.microsoft ops (docs/experiments/2026-11-26-onnxruntime-cuda-fusions.md).
     """
     from onnxruntime.transformers.float16 import convert_float_to_float16  # ships with onnxruntime
     from onnxruntime.transformers.onnx_model import OnnxModel

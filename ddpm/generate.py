@@ -47,10 +47,10 @@ def sampling_network(model: torch.nn.Module, device: torch.device, cuda_graphs: 
     use per-channel statistics (ddpm.layers.GroupNorm) and its image-channel convolutions are padded
     to 8 channels (ddpm.layers.ChannelPaddedConv2d). `autocast_dtype`: the dtype of the autocast the
     network will run under (call it under that autocast); the copy's convolution and linear weights
-    are cast to it once (cast_weights_for_autocast), which saves the casts' kernels. On an H100 the
-    MNIST U-Net's DDIM step at batch 1024 takes 42 ms with CUDA graphs alone; compiled, 10,000
-    DDIM-50 images at batch 1000 take 5.2 s. The first compile on a machine costs about 3 minutes;
-    later ones in the process reuse it. So it pays off for many images, not for a preview grid.
+    are cast to it once (cast_weights_for_autocast), which saves the casts' kernels. Compiled, the
+    step is several times faster than with CUDA graphs alone
+    (docs/experiments/2026-11-26-sampling-throughput-h200.md), but the first compile on a machine is
+    slow; later ones in the process reuse it. So it pays off for many images, not for a preview grid.
     """
     if device.type != "cuda":
         return model

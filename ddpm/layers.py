@@ -2,8 +2,8 @@
 
 Each is a drop-in for a torch layer (GroupNorm, Dropout, Conv2d, Upsample) with the same parameters,
 so checkpoints do not change. The faster forms are taken only inside torch.compile (and only where a
-switch asked for them); eager mode and ONNX export run the torch layer. Why each form exists and what
-it measured is in its docstring and in BENCHMARKS.md.
+switch asked for them); eager mode and ONNX export run the torch layer. Why each form exists is in
+its docstring; what it measured is in the page of docs/experiments/ that the docstring names.
 """
 
 from __future__ import annotations
@@ -24,14 +24,14 @@ class GroupNorm(nn.GroupNorm):
     poorly. Per-channel sums over H x W are one pass along contiguous memory; the group's mean and
     variance follow from its channels' sums of values and of squares (E[x^2] - E[x]^2, in float32 for
     bf16 and fp16 inputs).
-    On one H100, 10,000 DDIM-50 MNIST images through `sample.compile` took 5.58 s with per-channel
-    var_mean instead of aten's 5.98 s, and these sums cut that reduction's time about in half
-    (Welford's updates cost more than the memory they read); with channels-last memory a compiled
-    training step of the MNIST U-Net takes about a third less GPU time than with aten's group_norm
-    in NCHW (BENCHMARKS.md). E[x^2] - E[x]^2 loses digits where a group's mean is large against its
-    spread: the variance's relative error grows as float32's 6e-8 times (mean / std)^2. At ratios of
-    10-100 the output was off by 1.6e-3, below the bfloat16 rounding of the convolution that reads it,
-    and a trained MNIST model's groups stayed under a ratio of 6 (bench/groupnorm_conditioning.py).
+    Per-channel statistics made `sample.compile` and the compiled channels-last training step faster
+    than aten's group_norm, and these sums faster than per-channel var_mean, whose Welford updates
+    cost more than the memory they read (measured: docs/experiments/2026-11-26-groupnorm-sums.md,
+    2026-11-26-groupnorm-per-channel-statistics.md). E[x^2] - E[x]^2 loses digits where a group's mean
+    is large against its spread: the variance's relative error grows as float32's 6e-8 times
+    (mean / std)^2. At ratios of 10-100 the output was off by 1.6e-3, below the bfloat16 rounding of
+    the convolution that reads it, and a trained MNIST model's groups stayed under a ratio of 6
+    (bench/groupnorm_conditioning.py).
     The form is opt-in (`per_channel_stats`, set by `use_per_channel_group_norm`, which
     ddpm.generate.sampling_network applies to its compiled copy and ddpm.train to a model it
     compiles) and taken only while compiling. Eager mode and ONNX export (one fused kernel;
@@ -106,21 +106,20 @@ def mask_hash(x: torch.Tensor) -> torch.Tensor:
 class Dropout(nn.Dropout):
     """nn.Dropout; where asked, when compiled for training, its mask comes from a hash of each element's offset.
 
-    Compiled, aten's dropout draws every element with Philox (10 rounds, one of its four outputs
-    used), which made the kernels that apply it compute-bound: the forward GroupNorm-SiLU-dropout
-    kernels of a compiled MNIST training step ran at about 1 TB/s where the same kernels without
-    dropout ran at 2.5-2.7 TB/s on an H100. Here an element is kept when mask_hash((offset + seed)
-    mod 2**32) >= p * 2**32, with `offset` its place in memory and `seed` a fresh random 32-bit word
-    per call (drawn on the device, so a captured CUDA graph draws a new one at every replay): a few
-    integer operations that fuse into the kernel that applies the mask. With the seed uniform, each
-    element is kept with probability 1 - p (to 2**-33); the hash is a bijection, so within a call no
-    two elements (up to 2**32 of them) share a hashed word. Masks of different calls are the same
-    sequence of hashed words shifted by the difference of their seeds. The form is opt-in
+    Compiled, aten's dropout draws every element with Philox (10 rounds, one of its four outputs used),
+    which made the kernels that apply it compute-bound: the forward GroupNorm-SiLU-dropout kernels of a
+    compiled MNIST training step ran well below the memory speed that the same kernels without dropout
+    reached (docs/experiments/2026-11-26-recompute-rather-than-store.md). Here an element is kept when
+    mask_hash((offset + seed) mod 2**32) >= p * 2**32, with `offset` its place in memory and `seed` a
+    fresh random 32-bit word per call (drawn on the device, so a captured CUDA graph draws a new one at
+    every replay): a few integer operations that fuse into the kernel that applies the mask. With the
+    seed uniform, each element is kept with probability 1 - p (to 2**-33); the hash is a bijection, so
+    within a call no two elements (up to 2**32 of them) share a hashed word. Masks of different calls
+    are the same sequence of hashed words shifted by the difference of their seeds. The form is opt-in
     (`hashed_mask`, set by `use_hashed_dropout`, which ddpm.train applies to a model it compiles) and
-    taken only while compiling in training mode; eager mode keeps aten's dropout. In three pairs of
-    processes (compiled MNIST training step, batch 512, CUDA graph, H100) it was not slower than Philox and
-    at most about 1% faster once the order of the pair is allowed for; FID after training was unchanged
-    (BENCHMARKS.md, "Dropout masks from a hash").
+    taken only while compiling in training mode; eager mode keeps aten's dropout. Against Philox in the
+    compiled training step it was not slower, not clearly faster, and FID after training was unchanged
+    (docs/experiments/2026-11-26-hashed-dropout-masks.md).
     """
 
     hashed_mask = False  # an attribute, not state: checkpoints are unchanged
@@ -159,12 +158,13 @@ class ChannelPaddedConv2d(nn.Conv2d):
     """A copy of `conv` whose input and output channels are zero-padded to multiples of `multiple`.
 
     [B, C_in, H, W] -> [B, C_out, H, W], as `conv`. For inference on CUDA in channels-last memory.
-    With one image channel (MNIST, on an H100) cuDNN ran the U-Net's first convolution with a generic
-    kernel and, unable to tell channels-last from NCHW for one channel, returned its output NCHW, so
-    every kernel that later read it beside channels-last tensors (the first residual add, the last
-    skip connection) read memory out of order; the last convolution (64 -> 1) took a slow sm80
-    kernel. Three-channel images are padded the same way (not measured). The padded channels carry
-    zero weights and zero inputs, so they add exact zeros: the result is `conv`'s.
+    With one image channel (MNIST; docs/experiments/2026-11-26-padded-image-convolutions-sampling.md)
+    cuDNN ran the U-Net's first convolution with a generic kernel and, unable to tell channels-last from
+    NCHW for one channel, returned its output NCHW, so every kernel that later read it beside
+    channels-last tensors (the first residual add, the last skip connection) read memory out of order;
+    the last convolution (64 -> 1) took a slow sm80 kernel. Three-channel images are padded the same way
+    (not measured). The padded channels carry zero weights and zero inputs, so they add exact zeros: the
+    result is `conv`'s.
     """
 
     def __init__(self, conv: nn.Conv2d, multiple: int = 8):
@@ -228,7 +228,7 @@ class NearestUpsample2x(nn.Module):
 
     Each output pixel copies one input pixel, so the gradient of an input pixel is the sum of its four
     copies' gradients. aten's upsample_nearest2d backward, compiled, scatters them with atomic adds
-    (0.6 ms of a 24 ms MNIST training step at batch 512 on an H100); the broadcast's backward is a
+    (docs/experiments/2026-11-26-training-channels-last.md); the broadcast's backward is a
     plain sum. Eager mode and ONNX export keep aten's kernel (one Resize node for onnxruntime).
     """
 
@@ -260,7 +260,7 @@ def channels_last_grad(x: torch.Tensor) -> torch.Tensor:
     """x; compiled for training in channels-last memory, its gradient is made channels-last where it is computed.
 
     Left to itself, inductor may write the gradient of a convolution's output in NCHW order, and cuDNN's
-    backward then copies it to channels-last (about 8% of a compiled MNIST training step on an H100).
+    backward then copies it to channels-last (docs/experiments/2026-11-26-training-channels-last.md).
     Asked for here, the layout is written by the fused kernel that computes the gradient. (Under
     torch.export, which counts as compiling, it is the same identity.)
     """

@@ -9,9 +9,9 @@ along DDIM trajectories from noise (`calibration_feeds`): a diffusion U-Net's ac
 t, so the calibration covers every timestep that a sampler visits.
 
 The first convolution (the noisy image in) and the last (the prediction out) stay float32. On the
-default MNIST U-Net trained for 6,000 steps, 500 DDIM-50 images from the same noise scored FID
-36.4 in float32, 39.8 with every convolution quantized and 38.0 with these two kept
-(bench/int8_quality.py, BENCHMARKS.md). Samples change: the int8 model is a different, slightly
+default MNIST U-Net, keeping these two lost less sample quality than quantizing every convolution
+(bench/int8_quality.py; bench/results/int8_quality.json, docs/experiments/2026-11-26-int8-cpu.md).
+Samples change: the int8 model is a different, slightly
 worse network, so `ddpm.export` gates it on samples, not on the float32 parity bound.
 
 Schemes (`export.int8_scheme`, recorded in the model's metadata with the reason):
