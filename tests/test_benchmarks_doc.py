@@ -20,7 +20,8 @@ def _copy_project(tmp_path: Path) -> Path:
     """The files the check reads, copied so that a test can alter them."""
     for name in ("BENCHMARKS.md", "README.md"):
         shutil.copy(ROOT / name, tmp_path / name)
-    shutil.copytree(ROOT / "bench" / "results", tmp_path / "bench" / "results")
+    shutil.copytree(ROOT / "bench" / "results", tmp_path / "bench" / "results",
+                    ignore=shutil.ignore_patterns("*.png", "*.csv", "*.log"))
     return tmp_path
 
 
