@@ -119,9 +119,12 @@ def _check_one(root: Path, goal: Goal, fig: dict, chk: dict) -> str | None:
     if expect not in fig["value"]:
         return f"{where}: its check expects {expect}, which its value '{fig['value']}' does not show"
     raw = _lookup(root, chk["file"], chk["key"], where)
-    written = float(expect.replace(",", ""))
+    try:
+        written, scale = float(expect.replace(",", "")), float(chk.get("scale", 1))
+    except (TypeError, ValueError):
+        raise ReportError(f"{where}: a check's 'expect' ({expect!r}) and 'scale' must be numbers") from None
     digits = len(expect.split(".")[1]) if "." in expect else 0
-    scaled = raw * float(chk.get("scale", 1))
+    scaled = raw * scale
     if round(scaled, digits) != round(written, digits):
         return f"{where}: says {expect} but {chk['file']} {chk['key']} is {raw!r} ({scaled:.{digits}f} as written)"
     return None
