@@ -1,1 +1,1 @@
-"""GPU benchmarks of training and sampling (bench_train.py, bench_sampling.py); see bench/README.md."""
+"""The maintained benchmarks (training, sampling, onnxruntime, time to quality) and the results report; see bench/README.md."""
