@@ -2,8 +2,9 @@
 
 Each JSON holds one goal: its wording, its status, the current figure(s), and for every figure the
 run that measured it (card, date, commit, command, versions, result file). A figure may name the
-raw result it was read from ("check": file, dotted key, the number as written); the check reads that
-file and fails when the written number is not the raw one rounded.
+raw result it was read from ("check": file, dotted key, the number as written; "divide_by": another
+file and key for a ratio); the check reads those files and fails when the written number is not the
+raw one rounded.
 
     python -m bench.report            # rewrite BENCHMARKS.md and the README's results table
     python -m bench.report --check    # exit 1 naming the first disagreement, change nothing
@@ -119,6 +120,11 @@ def _check_one(root: Path, goal: Goal, fig: dict, chk: dict) -> str | None:
     if expect not in fig["value"]:
         return f"{where}: its check expects {expect}, which its value '{fig['value']}' does not show"
     raw = _lookup(root, chk["file"], chk["key"], where)
+    source = f"{chk['file']} {chk['key']}"
+    if "divide_by" in chk:  # a ratio of two raw results, e.g. ours over the twin
+        over_file, over_key = chk["divide_by"].get("file", chk["file"]), chk["divide_by"].get("key", "")
+        raw /= _lookup(root, over_file, over_key, where)
+        source += f" over {over_file} {over_key}"
     try:
         written, scale = float(expect.replace(",", "")), float(chk.get("scale", 1))
     except (TypeError, ValueError):
@@ -126,7 +132,7 @@ def _check_one(root: Path, goal: Goal, fig: dict, chk: dict) -> str | None:
     digits = len(expect.split(".")[1]) if "." in expect else 0
     scaled = raw * scale
     if round(scaled, digits) != round(written, digits):
-        return f"{where}: says {expect} but {chk['file']} {chk['key']} is {raw!r} ({scaled:.{digits}f} as written)"
+        return f"{where}: says {expect} but {source} is {raw!r} ({scaled:.{digits}f} as written)"
     return None
 
 

@@ -72,6 +72,20 @@ def test_a_figure_that_disagrees_with_its_raw_result_fails_the_check(tmp_path):
     assert "says 58.0 but bench/results/cpu_pipeline.json metrics.fid is 77.966" in done.stderr
 
 
+def test_a_ratio_is_checked_against_the_two_raw_results(tmp_path):
+    root = _copy_project(tmp_path)
+    path = root / "bench/results/current/train-vs-reference.json"
+    goal = json.loads(path.read_text())
+    ratio = next(f for f in goal["figures"] if f["what"] == "ours over the twin")
+    ratio["value"] = ratio["value"].replace("1.62x", "1.72x")
+    ratio["check"][0]["expect"] = "1.72"  # 27,278.3 / 16,786.7 img/s in the two raw files is 1.625
+    path.write_text(json.dumps(goal))
+    done = _run_check(root)
+    assert done.returncode == 1
+    assert ("says 1.72 but bench/results/train_h100_padded_ours.json results.0.images_per_s over "
+            "bench/results/train_h100_padded_ref.json results.0.images_per_s is 1.62") in done.stderr
+
+
 def test_writing_refuses_a_disagreeing_figure_and_changes_nothing(tmp_path):
     root = _copy_project(tmp_path)
     path = root / "bench/results/current/sampling-10k.json"
