@@ -45,6 +45,17 @@ def _unit_closed(v: Any) -> bool:
     return 0 <= v <= 1
 
 
+MAX_SEED = 2**32 - 1  # the generators get seed + offsets per rank and step, which must stay below 2**63
+MAX_TIMESTEPS = 100_000  # the schedule's arrays are [T]; T = 1e11 would be 800 GB each
+
+
+def _seed(v: Any) -> bool:
+    return 0 <= v <= MAX_SEED
+
+
+SEED_ALLOWED = f"an integer in [0, {MAX_SEED}]"
+
+
 @dataclass(frozen=True)
 class DataConfig:
     dataset: Literal["mnist", "fashion_mnist", "cifar10"] = "mnist"
@@ -55,7 +66,7 @@ class DataConfig:
 class DiffusionConfig:
     """The forward process. Timesteps are indexed t in [0, T-1] everywhere (index 0 is the paper's t=1)."""
 
-    timesteps: int = _f(1000, _positive, "an integer > 0")
+    timesteps: int = _f(1000, lambda v: 0 < v <= MAX_TIMESTEPS, f"an integer in [1, {MAX_TIMESTEPS}]")
     schedule: Literal["linear", "cosine"] = "linear"
     beta_start: float = _f(1e-4, _unit_open, "a float in (0, 1)")
     beta_end: float = _f(0.02, _unit_open, "a float in (0, 1)")
@@ -92,7 +103,7 @@ class TrainConfig:
     ema_decay: float = _f(0.9999, _unit_closed, "a float in [0, 1]")
     ema_warmup: bool = True
     label_dropout: float = _f(0.1, _unit_closed, "a float in [0, 1]")
-    seed: int = 0
+    seed: int = _f(0, _seed, SEED_ALLOWED)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     nproc: int = _f(1, _positive, "an integer > 0 (processes on this node; > 1 launches torchrun)")
     bf16: bool = True
@@ -116,7 +127,7 @@ class SampleConfig:
     batch_size: int = _f(256, _positive, "an integer > 0")
     guidance_scale: float = _f(1.0, _non_negative, "a float >= 0")
     label: int | None = None
-    seed: int = 0
+    seed: int = _f(0, _seed, SEED_ALLOWED)
     compile: bool = False  # CUDA: torch.compile the network for sampling (ddpm.generate.sampling_network)
 
 
@@ -136,7 +147,7 @@ class EvaluateConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     nearest_k: int = _f(3, _positive, "an integer > 0 (k of the k-NN radii in precision/recall)")
     memorisation_quantile: float = _f(0.01, _unit_open, "a float in (0, 1) (quantile of test-to-train distances)")
-    seed: int = 0
+    seed: int = _f(0, _seed, SEED_ALLOWED)
     feature_epochs: int = _f(3, _positive, "an integer > 0")
     feature_batch_size: int = _f(128, _positive, "an integer > 0")
     feature_lr: float = _f(2e-3, _positive, "a float > 0")
@@ -277,6 +288,11 @@ def _build_section(name: str, cls: type, values: dict[str, Any]) -> Any:
     return cls(**out)
 
 
+def section_from_dict(name: str, values: dict[str, Any]) -> Any:
+    """One section's settings (e.g. an exported model's "diffusion"), each value checked; no cross-section checks."""
+    return _build_section(name, _SECTION_CLASSES[name], values)
+
+
 def _validate(cfg: Config) -> None:
     """Checks that span several settings."""
     d, m = cfg.diffusion, cfg.model
@@ -343,6 +359,21 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return parts, value
 
 
+def _profile(profiles: Any, name: Any) -> dict[str, Any]:
+    """The settings of profile `name`: a mapping of sections, or ConfigError saying what the file holds instead."""
+    if not isinstance(profiles, dict):
+        raise ConfigError(f"profiles: expected a mapping of profile names to settings, got {type(profiles).__name__}")
+    if not isinstance(name, str):
+        raise ConfigError(f"profile: {name!r} is not a profile name; use one of {', '.join(profiles) or 'none'}")
+    if name not in profiles:
+        raise ConfigError(f"profile: {name!r} is not defined; defined profiles are {', '.join(profiles) or 'none'}")
+    settings = profiles[name]
+    if not isinstance(settings, dict):
+        raise ConfigError(f"profiles.{name}: expected a mapping of sections (e.g. train: {{steps: 200}}), got "
+                          f"{'nothing' if settings is None else type(settings).__name__}")
+    return settings
+
+
 def config_from_dict(raw: dict[str, Any], profile: str | None = None, overrides: typing.Sequence[str] = ()) -> Config:
     """Build and validate a Config from a params mapping, a profile name and `section.key=value` overrides."""
     if not isinstance(raw, dict):
@@ -352,9 +383,7 @@ def config_from_dict(raw: dict[str, Any], profile: str | None = None, overrides:
     default_profile = raw.pop("profile", None)
     profile = profile if profile is not None else default_profile
     if profile is not None:
-        if profile not in profiles:
-            raise ConfigError(f"profile: {profile!r} is not defined; defined profiles are {', '.join(profiles) or 'none'}")
-        raw = _deep_merge(raw, profiles[profile])
+        raw = _deep_merge(raw, _profile(profiles, profile))
     for text in overrides:
         (section, key), value = parse_override(text)
         raw.setdefault(section, {})
@@ -378,9 +407,14 @@ def load_config(path: str | Path | None = "params.yaml", profile: str | None = N
         if not p.is_file():
             raise ConfigError(f"params file {p} does not exist; pass --params PATH or run from the project root")
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
+            raw = yaml.safe_load(p.read_bytes().decode("utf-8")) or {}
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"params file {p} is not UTF-8 text (byte {exc.start}: {exc.reason}); save it as "
+                              f"UTF-8") from None
         except yaml.YAMLError as exc:
-            raise ConfigError(f"params file {p} is not valid YAML: {exc}") from None
+            raise ConfigError(f"params file {p} is not valid YAML: {' '.join(str(exc).split())}") from None
+        except OSError as exc:
+            raise ConfigError(f"params file {p} cannot be read ({exc.strerror or exc})") from None
     return config_from_dict(raw, profile, overrides)
 
 

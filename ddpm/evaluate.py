@@ -20,6 +20,8 @@ Real-data reference statistics (test-set feature mean/cov, training features, te
 distances) depend only on the dataset files and the feature net, so they are cached once as
 `runs/fid_reference/<dataset>-<key>.npz` in the folder that holds data.root (the project root),
 key = hash of the dataset files' and the feature net's SHA-256: never beside a shipped net, in git.
+The cache holds the SHA-256 of its own arrays; one whose arrays do not match it (altered, corrupt) or
+that has none is recomputed with a warning, so a changed cache can never change an FID.
 FID values are comparable only between runs that use the same feature-net file: by default the
 shipped net pinned by SHA-256 (ddpm.feature_pins).
 """
@@ -56,6 +58,7 @@ log = logging.getLogger(__name__)
 DEFAULT_FEATURE_NET = PINNED  # the shipped net of the dataset (ddpm.feature_pins)
 REFERENCE_DIR = "runs/fid_reference"  # beside data.root
 REFERENCE_VERSION = 1
+CACHE_HASH_KEY = "content_sha256"  # the reference cache's arrays' SHA-256, checked at every load
 REAL_SUBSET_SEED = 0  # fixes which training images stand in for "real" in precision/recall and fid_floor
 GRID_IMAGES = 64
 NEAREST_PAIRS = 16
@@ -109,10 +112,33 @@ def ensure_feature_net(cfg: Config, feature_net: str | Path | None = None, devic
     return path
 
 
+def _arrays_sha256(arrays: dict[str, np.ndarray]) -> str:
+    """SHA-256 of named arrays: each name, dtype, shape and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}:{a.dtype.str}{a.shape}:".encode())
+        h.update(a.data)
+    return h.hexdigest()
+
+
 def _save_npz(path: Path, **arrays: np.ndarray) -> None:
+    """Write `arrays` as an .npz atomically, with their SHA-256 as the array CACHE_HASH_KEY (_load_npz checks it)."""
     buf = io.BytesIO()
-    np.savez(buf, **arrays)
+    np.savez(buf, **arrays, **{CACHE_HASH_KEY: np.array(_arrays_sha256(arrays))})
     atomic_write_bytes(path, buf.getvalue())
+
+
+def _load_npz(path: Path) -> dict[str, np.ndarray]:
+    """The arrays that _save_npz wrote; ValueError when the file has no hash or its arrays do not match it."""
+    with np.load(path, allow_pickle=False) as z:
+        arrays = {name: z[name] for name in z.files}
+    stored = arrays.pop(CACHE_HASH_KEY, None)
+    if stored is None:
+        raise ValueError("it carries no content hash")
+    if str(stored) != _arrays_sha256(arrays):
+        raise ValueError("its arrays do not match the SHA-256 written with them: changed since it was written")
+    return arrays
 
 
 def reference_stats(cfg: Config, feature_net: str | Path, device: torch.device | None = None,
@@ -134,10 +160,10 @@ def reference_stats(cfg: Config, feature_net: str | Path, device: torch.device |
     cache = Path(root).parent / REFERENCE_DIR / f"{dataset}-{key}.npz"
     if cache.is_file():
         try:
-            with np.load(cache, allow_pickle=False) as z:
-                return Reference(z["mu_test"], z["cov_test"], z["train_feats"], z["nn_test_train"], cache)
-        except Exception as exc:  # noqa: BLE001 - an unreadable cache is recomputed
-            log.warning("reference cache %s is unreadable (%s); recomputing it", cache, exc)
+            z = _load_npz(cache)
+            return Reference(z["mu_test"], z["cov_test"], z["train_feats"], z["nn_test_train"], cache)
+        except Exception as exc:  # noqa: BLE001 - an unreadable or altered cache is recomputed, never used
+            log.warning("reference cache %s is not used: %s; recomputing it", cache, exc)
     log.info("computing reference statistics of %s for %s -> %s", dataset, fn_path, cache)
     start = time.perf_counter()
     net = net or load_feature_net(fn_path, device)

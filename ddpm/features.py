@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ddpm.checkpoint import save_checkpoint
+from ddpm.checkpoint import save_checkpoint, verify_content
 from ddpm.data import DATASET_SHAPES, NUM_CLASSES, load_images, to_model_range
 from ddpm.errors import CheckpointError
 from ddpm.feature_pins import is_shipped, verify_shipped
@@ -202,7 +202,7 @@ def read_feature_checkpoint(path: str | Path) -> dict[str, Any]:
     if ckpt.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"feature net {path} has format version {ckpt.get('format_version')!r}, "
                               f"this code reads {FORMAT_VERSION}; delete it so that it is retrained")
-    return ckpt
+    return verify_content(path, ckpt, missing_ok=True)  # the shipped nets have none: their pin checks every byte
 
 
 def load_feature_net(path: str | Path, device: str | torch.device = "cpu") -> FeatureNet:

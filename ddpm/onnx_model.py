@@ -25,6 +25,7 @@ from ddpm.schedule_math import SCHEDULE_ARRAYS, make_betas, schedule_arrays
 
 METADATA_KEY = "ddpm"  # the metadata_props entry that `ddpm.export` writes
 METADATA_VERSION = 1
+MAX_REASON_CHARS = 4000  # onnxruntime's messages, kept whole on one line up to this length
 Array = np.ndarray
 
 
@@ -81,6 +82,22 @@ def read_metadata(session: ort.InferenceSession, path: str | Path) -> dict[str, 
     return meta
 
 
+def _check_sizes(meta: dict[str, Any], path: Path) -> None:
+    """The metadata's diffusion settings and image shape within what `ddpm train` accepts, before any array is
+    made from them (a T of 1e11 would ask for 800 GB per schedule array)."""
+    from ddpm.config import IMAGE_SHAPES, section_from_dict  # torch-free
+
+    try:
+        section_from_dict("diffusion", meta["diffusion"])
+    except ConfigError as exc:
+        raise OnnxModelError(f"{path}: its {METADATA_KEY!r} metadata is invalid ({exc}); re-export the model with "
+                             f"`ddpm export`") from None
+    shape = meta["image_shape"]
+    if not isinstance(shape, list) or tuple(shape) not in set(IMAGE_SHAPES.values()):
+        raise OnnxModelError(f"{path}: its {METADATA_KEY!r} metadata gives image shape {shape!r}, none of the "
+                             f"datasets' {sorted(set(IMAGE_SHAPES.values()))}; re-export the model with `ddpm export`")
+
+
 _META_KEYS = ("diffusion", "image_shape", "class_conditional", "num_classes", "step")
 _DIFFUSION_KEYS = ("timesteps", "schedule", "beta_start", "beta_end", "cosine_s", "prediction")
 
@@ -110,6 +127,7 @@ class OnnxDenoiser:
                                  f"(active: {self.session.get_providers()}); check that onnxruntime-gpu and the "
                                  f"CUDA 13 / cuDNN 9 libraries are installed, or use provider 'cpu'")
         self.metadata = meta = read_metadata(self.session, self.path)
+        _check_sizes(meta, self.path)
         try:
             self.schedule = NumpySchedule.from_diffusion(meta["diffusion"])
             self.image_shape = tuple(int(d) for d in meta["image_shape"])
@@ -229,9 +247,11 @@ def _open_session(path: Path, provider: str, cuda_options: dict[str, Any],
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except Exception as exc:  # onnxruntime raises its own classes (InvalidProtobuf, Fail, InvalidGraph, ...)
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = " ".join(str(exc).split()) or type(exc).__name__  # the whole message, on one line
+        if len(reason) > MAX_REASON_CHARS:
+            reason = reason[:MAX_REASON_CHARS] + " [...]"
         raise OnnxModelError(f"ONNX model {path} could not be loaded; it is truncated, corrupt or not an ONNX "
-                             f"model ({type(exc).__name__}: {first[:300]}); export it again with `ddpm export`"
+                             f"model ({type(exc).__name__}: {reason}); export it again with `ddpm export`"
                              ) from None
 
 

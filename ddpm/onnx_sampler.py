@@ -24,7 +24,8 @@ import onnxruntime as ort
 from ddpm.fileio import atomic_write_bytes
 from ddpm.errors import ConfigError, OnnxModelError
 from ddpm.onnx_model import Array, NumpySchedule, OnnxDenoiser
-from ddpm.schedule_math import ddim_timesteps
+from ddpm.config import MAX_SEED
+from ddpm.schedule_math import check_eta, check_guidance_scale, ddim_timesteps
 
 # ---- The samplers: numpy mirrors of ddpm.samplers, with the same signature and float32 arithmetic. ----
 
@@ -46,6 +47,7 @@ def guided(model: Denoiser, null_label: int, guidance_scale: float) -> Denoiser:
 
 
 def _guided_if(model: Denoiser, labels: Array | None, guidance_scale: float) -> Denoiser:
+    check_guidance_scale(guidance_scale)
     if labels is None or guidance_scale == 1.0:
         return model
     null_label = getattr(model, "num_classes", None)
@@ -124,6 +126,7 @@ def ddim_sample_loop(model: Denoiser, s: NumpySchedule, x_T: Array, *, labels: A
 
     step_noise[i] is the noise of the i-th step taken; only used when eta > 0.
     """
+    check_eta(eta)
     model = _guided_if(model, labels, guidance_scale)
     seq = ddim_timesteps(s.num_timesteps, steps)
     acp = s.alphas_cumprod
@@ -172,8 +175,10 @@ def sample_model_range(model: str | Path | OnnxDenoiser, n: int, sampler: str = 
         raise ConfigError(f"sampler: {sampler!r} is not allowed; choose 'ddpm' or 'ddim'")
     if n <= 0 or batch_size <= 0:
         raise ConfigError(f"n ({n}) and batch_size ({batch_size}) must be > 0")
-    if eta < 0:
-        raise ConfigError(f"eta: {eta} must be >= 0")
+    check_eta(eta)
+    check_guidance_scale(guidance_scale)
+    if not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"seed: {seed} is out of range; allowed: an integer in [0, {MAX_SEED}]")
     if sampler == "ddim":
         ddim_timesteps(den.schedule.num_timesteps, steps)  # validates steps
     if x_T is not None and (x_T.shape != (n, *den.image_shape)):

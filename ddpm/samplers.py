@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import torch
 
 from ddpm.schedule import Schedule, extract, split_prediction
-from ddpm.schedule_math import ddim_timesteps
+from ddpm.schedule_math import check_eta, check_guidance_scale, ddim_timesteps
 
 Denoiser = Callable[..., torch.Tensor]
 
@@ -113,6 +113,7 @@ def ddim_sample_loop(model: Denoiser, schedule: Schedule, x_T: torch.Tensor, *, 
 
     step_noise[i] is the noise of the i-th step taken; only used when eta > 0.
     """
+    check_eta(eta)
     model = _guided_if(model, labels, guidance_scale)
     seq = ddim_timesteps(schedule.num_timesteps, steps)
     acp = schedule.alphas_cumprod.to(x_T.device)
@@ -136,6 +137,7 @@ def ddim_sample_loop(model: Denoiser, schedule: Schedule, x_T: torch.Tensor, *, 
 
 
 def _guided_if(model: Denoiser, labels: torch.Tensor | None, guidance_scale: float) -> Denoiser:
+    check_guidance_scale(guidance_scale)
     if labels is None or guidance_scale == 1.0:
         return model
     null_label = getattr(model, "num_classes", None)

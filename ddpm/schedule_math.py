@@ -83,3 +83,15 @@ def ddim_timesteps(num_timesteps: int, steps: int) -> list[int]:
         raise ConfigError(f"steps: {steps} must be in [1, {num_timesteps}] (the schedule's T)")
     stride = num_timesteps // steps
     return list(range(0, stride * steps, stride))[::-1]
+
+
+def check_eta(eta: float) -> None:
+    """DDIM's eta must be a finite number >= 0 (NaN would turn every image into NaN, then black)."""
+    if not (math.isfinite(eta) and eta >= 0):
+        raise ConfigError(f"eta: {eta} is not allowed; use a finite number >= 0 (0: deterministic DDIM)")
+
+
+def check_guidance_scale(scale: float) -> None:
+    """A classifier-free guidance scale must be a finite number >= 0 (1: none, 0: unconditional)."""
+    if not (math.isfinite(scale) and scale >= 0):
+        raise ConfigError(f"guidance_scale: {scale} is not allowed; use a finite number >= 0 (1: no guidance)")
