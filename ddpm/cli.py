@@ -61,7 +61,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from ddpm.schedule import Schedule
     from ddpm.train import resolve_device
 
+    from ddpm.run_folder import check_writable
+
     settings = _config(args)
+    check_writable(args.out)  # before the model is loaded or an image sampled
     device = resolve_device(args.device)
     model, cfg, _ = load_model(args.checkpoint, device)
     sc = settings.sample
@@ -183,10 +186,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except Exception as exc:  # user-facing errors: one clear line, non-zero exit
-        from ddpm.errors import DDPMError
-        if isinstance(exc, DDPMError) and not args.verbose:
-            print(f"ddpm {args.command}: error: {exc}", file=sys.stderr)
+    except Exception as exc:  # expected failures: one clear line, exit status 2; bugs (and -v): the traceback
+        from ddpm.errors import user_error
+        message = user_error(exc)
+        if message is not None and not args.verbose:
+            print(f"ddpm {args.command}: error: {message}", file=sys.stderr)
             return 2
         raise
 

@@ -308,6 +308,9 @@ def _read_idx(path: Path, ndim: int) -> torch.Tensor:
     if len(buf) != header + math.prod(dims):  # Python ints: huge dims cannot overflow
         raise DataError(f"{path}: size {len(buf)} bytes does not match dims {dims} "
                         f"({header + math.prod(dims)} bytes expected); delete it and re-fetch")
+    if math.prod(dims) == 0:
+        raise DataError(f"{path}: holds no {'images' if ndim > 1 else 'labels'} (dims {dims}); delete it and "
+                        f"re-fetch (`ddpm data`)")
     return torch.frombuffer(buf, dtype=torch.uint8, offset=header).reshape(dims)
 
 

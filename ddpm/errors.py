@@ -1,7 +1,11 @@
 """Errors a user can act on. Each message says what was wrong and what to do.
 
 This module imports nothing heavy, so the torch-free ONNX sampler and the CLI can use it.
+`user_error` is the one place that decides which failures are expected (one line, exit status 2,
+for the CLI and the flows alike) and which are bugs (a traceback).
 """
+
+import errno
 
 
 class DDPMError(RuntimeError):
@@ -33,8 +37,12 @@ class RunFolderLocked(RunFolderError):
     """Another running process holds the folder's lock; the message names it (command, PID, host)."""
 
 
+class ResourceError(DDPMError):
+    """Settings that cannot fit the device's memory, refused before anything is allocated (ddpm.resources)."""
+
+
 class TrainingDivergedError(DDPMError):
-    """The loss became NaN or infinite; the last good checkpoint was kept."""
+    """The loss became NaN or infinite; the message says whether a checkpoint of an earlier step exists."""
 
 
 class TrainingInterrupted(DDPMError):
@@ -61,3 +69,33 @@ class OnnxModelError(DDPMError):
 
 class ExportRejected(DDPMError):
     """An ONNX export whose samples did not match PyTorch's; the message gives the measured differences."""
+
+
+# Limits of the machine rather than bugs: the file the OSError names is what to look at.
+RESOURCE_ERRNOS = {
+    errno.ENOSPC: "free some space on its disk",
+    errno.EDQUOT: "free some space or raise the disk quota",
+    errno.EFBIG: "the file size limit (ulimit -f) or the file system's maximum was reached; raise it or write elsewhere",
+    errno.EROFS: "the file system is read-only; write elsewhere",
+    errno.EACCES: "check its permissions or write elsewhere",
+    errno.EPERM: "check its permissions or write elsewhere",
+}
+
+
+def user_error(exc: BaseException) -> str | None:
+    """The one-line message of an expected failure, or None for a bug (which keeps its traceback).
+
+    Expected: every DDPMError; running out of memory (MemoryError, PyTorch's OutOfMemoryError and its
+    CPU allocator's failure); an OSError of a full disk, a file-size limit, a read-only file system or
+    missing permissions (RESOURCE_ERRNOS), which names the file.
+    """
+    if isinstance(exc, DDPMError):
+        return str(exc)
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or (
+            isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)):
+        detail = " ".join(str(exc).split())[:300] or type(exc).__name__
+        return (f"out of memory ({detail}); lower the batch size (train.batch_size, sample.batch_size or "
+                f"evaluate.batch_size) or model.base_channels, or free memory")
+    if isinstance(exc, OSError) and exc.errno in RESOURCE_ERRNOS:
+        return f"{' '.join(str(exc).split())}; {RESOURCE_ERRNOS[exc.errno]}"  # str(exc) names the file, if any
+    return None

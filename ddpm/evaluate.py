@@ -45,7 +45,7 @@ from ddpm.config import Config, config_from_dict
 from ddpm.data import load_images
 from ddpm.errors import CheckpointError, ConfigError, DataError
 from ddpm.feature_pins import PINNED, describe, is_shipped, resolve_feature_net, verify_shipped
-from ddpm.fileio import file_sha256
+from ddpm.fileio import file_sha256, fsync_dir
 from ddpm.features import (FeatureNet, dataset_hashes, extract, load_feature_net,
                            read_feature_checkpoint, train_feature_net)
 from ddpm.generate import generate, save_grid
@@ -304,7 +304,9 @@ def evaluate_checkpoint(checkpoint: str | Path, cfg: Config, out_dir: str | Path
     Writes out_dir/metrics.json (the returned dict: floats plus sampler, steps, num_samples, backend,
     and feature_net: {"path", "sha256", "pinned"}, the net that measured the FIDs), out_dir/samples.png
     (64 samples) and out_dir/nearest.png (the samples closest to a training image, each followed by
-    that training image). `out_dir` is held for the run (ddpm.run_folder.owned).
+    that training image). `out_dir` is held for the run (ddpm.run_folder.owned). The three files are one set:
+    metrics.json is removed before the grids are written and written last, so a metrics.json is always
+    that of the grids beside it.
     """
     verify_shipped(feature_net_path(cfg, feature_net))  # an altered pinned net fails now: no folder, no sampling
     with owned(out_dir, "ddpm evaluate"):
@@ -325,6 +327,10 @@ def _evaluate_checkpoint(checkpoint: str | Path, cfg: Config, out: Path, onnx_mo
     result: dict[str, Any] = {**metrics, "sample_seconds": sample_seconds, "sampler": ev.sampler, "steps": steps,
                               "num_samples": len(images), "backend": backend,
                               "feature_net": describe(fn_path, run_cfg.data.dataset)}
+    # One set: the old metrics.json goes first and the new one comes last, so metrics.json never stands beside
+    # grids of another run, whatever moment a signal or a crash strikes.
+    (out / "metrics.json").unlink(missing_ok=True)
+    fsync_dir(out)
     save_grid(images[:GRID_IMAGES], out / "samples.png", nrow=8)
     closest = np.argsort(dists, kind="stable")[:NEAREST_PAIRS]
     x_train, _ = load_images(run_cfg.data.dataset, run_cfg.data.root, "train")

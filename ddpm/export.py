@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -108,6 +109,10 @@ def _export_onnx(checkpoint: Path, out: Path, cfg: ExportConfig) -> Path:
     model, full_cfg, ckpt = load_model(checkpoint, "cpu", use_ema=True)
     meta = export_metadata(full_cfg, ckpt, checkpoint, model.num_classes)
     out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):  # a killed export's: the folder's lock is ours now
+        if stale.is_dir() and not stale.is_symlink():
+            log.warning("removing %s, left by an export that was killed", stale)
+            shutil.rmtree(stale, ignore_errors=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.tmp-") as tmp_dir:
         tmp = Path(tmp_dir)
         proto = _to_onnx(model, full_cfg, cfg)

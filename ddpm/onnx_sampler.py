@@ -246,6 +246,9 @@ def grid_png(images: Array, nrow: int | None = None, padding: int = 2) -> bytes 
 
 def main(args: Any) -> int:
     """`ddpm onnx-sample`: write samples.png (with Pillow) and samples.npz (images, labels) under args.out."""
+    from ddpm.run_folder import check_writable  # torch-free
+
+    check_writable(args.out)  # before the model is loaded or an image sampled
     provider = args.provider
     if provider == "auto":
         provider = "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"

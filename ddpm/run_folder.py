@@ -29,6 +29,7 @@ import logging
 import os
 import shutil
 import socket
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -92,6 +93,22 @@ def _acquire(folder: Path, command: str) -> int:
     os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
     os.fsync(fd)
     return fd
+
+
+def check_writable(folder: str | Path) -> Path:
+    """Create `folder` if missing and prove that it takes a new file, before any work is done for it."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise RunFolderError(f"{folder} exists and is not a folder; choose another output folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".ddpm-write-check-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise RunFolderError(f"cannot write into {folder} ({exc.strerror or exc}); choose a writable output "
+                             f"folder") from None
+    return folder
 
 
 def _open_lock(folder: Path, path: Path) -> int:

@@ -39,6 +39,7 @@ from ddpm.data import load_images, to_model_range
 from ddpm.generate import generate, save_grid
 from ddpm.layers import use_hashed_dropout, use_padded_image_convs, use_per_channel_group_norm
 from ddpm.losses import p_losses
+from ddpm.resources import check_training_fits
 from ddpm.run_folder import CHECKPOINT_NAME, LOSS_LOG_NAME, RunFiles, owned, resume_changes  # noqa: F401 (re-exported)
 from ddpm.schedule import Schedule
 from ddpm.unet import build_unet
@@ -186,6 +187,7 @@ def train(cfg: Config, resume: bool = False, on_log: Callable[[int, dict[str, fl
     """
     rank = init_distributed(cfg.train.device)
     device = resolve_device(cfg.train.device, rank.local_rank)
+    check_training_fits(cfg, device)  # before the folder is taken or anything is allocated
     out_dir = Path(cfg.train.out_dir)
     with owned(out_dir, "ddpm train") if rank.is_main else contextlib.nullcontext():
         ckpt = _checkpoint_to_resume(cfg, out_dir / CHECKPOINT_NAME, resume, overwrite)
@@ -364,9 +366,11 @@ def _train(cfg: Config, rank: DistInfo, device: torch.device, ckpt: dict[str, An
                     if rank.world_size > 1:
                         dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
                     if int(first_bad) != no_bad:
+                        kept = (f"the last good checkpoint ({ckpt_path}) was kept" if ckpt_path.is_file() else
+                                f"no checkpoint was written before it (the first is due at step {tc.checkpoint_every})")
                         raise TrainingDivergedError(
-                            f"loss became non-finite at step {int(first_bad)}; the last good checkpoint "
-                            f"({ckpt_path}) was kept. Lower train.lr, enable train.grad_clip, or check the data.")
+                            f"loss became non-finite at step {int(first_bad)}; {kept}. Lower train.lr, enable "
+                            f"train.grad_clip, or check the data.")
                 if at_log:
                     if rank.world_size > 1:
                         dist.all_reduce(loss_sum)

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import subprocess
+import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -214,11 +215,28 @@ def check_tracking_uri(uri: str, timeout: float = HEALTH_TIMEOUT_S) -> None:
         if status != 200:
             raise ServiceUnavailable(f"the MLflow tracking server at {uri} answered /health with HTTP {status}")
     elif uri.startswith("sqlite:///"):
-        db = Path(uri.removeprefix("sqlite:///"))
-        try:
-            db.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ServiceUnavailable(f"cannot create the folder of the MLflow store {db}: {exc}") from None
+        check_sqlite_store(Path(uri.removeprefix("sqlite:///")))
+
+
+def check_sqlite_store(db: Path) -> None:
+    """Fail at once when the sqlite file `db` or its folder (where sqlite writes its journal) cannot be written:
+    MLflow would otherwise retry each write for minutes before failing with a long traceback."""
+    try:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ServiceUnavailable(f"cannot create the folder of the MLflow store {db}: {exc}") from None
+    try:
+        fd, probe = tempfile.mkstemp(dir=db.parent, prefix=".ddpm-write-check-")
+        os.close(fd)
+        os.unlink(probe)
+        if db.exists():
+            with open(db, "r+b"):
+                pass
+    except OSError as exc:
+        raise ServiceUnavailable(
+            f"the MLflow store {db} cannot be written ({exc.strerror or exc}: {exc.filename or db.parent}); make "
+            f"{db.parent} and {db.name} writable, or point MLFLOW_TRACKING_URI (or pipeline.tracking_uri) at a "
+            f"writable store") from None
 
 
 # --- provenance -------------------------------------------------------------------------------

@@ -196,7 +196,7 @@ def run_cli(main: Any, argv: list[str] | None, prog: str) -> int:
     default one that would kill the process at once. (In the training loop SIGTERM is ddpm.train's: it
     stops after the step with a checkpoint and TrainingInterrupted, exit status 2.)
     """
-    from ddpm.errors import DDPMError
+    from ddpm.errors import DDPMError, user_error
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for name in ("ddpm", "flows"):  # Prefect configured logging on import, with the root at WARNING
@@ -206,11 +206,14 @@ def run_cli(main: Any, argv: list[str] | None, prog: str) -> int:
     try:
         _import_extensions()
         return main(argv)
-    except (DDPMError, ServiceUnavailable, tasks.CheckpointMismatch) as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 2
-    except Exception:
-        if sigterm_count() == noted:  # else SIGTERM came first, and this is what became of Prefect's exception
+    except Exception as exc:
+        signalled = sigterm_count() != noted  # then exc may be what became of Prefect's exception
+        message = str(exc) if isinstance(exc, (DDPMError, ServiceUnavailable, tasks.CheckpointMismatch)) else (
+            None if signalled else user_error(exc))  # user_error: as the `ddpm` command reports it
+        if message is not None:
+            print(f"{prog}: error: {message}", file=sys.stderr)
+            return 2
+        if not signalled:
             raise
         exit_code = 128 + signal.SIGTERM
     except Stopped as exc:
