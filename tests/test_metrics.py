@@ -338,9 +338,10 @@ def test_reference_cache_is_reused_and_keyed_by_the_feature_net(trained: dict, t
     np.testing.assert_array_equal(again.cov_test, first.cov_test)
     # Another feature-net file (different bytes) gets another cache entry.
     other = tmp_path / "other.pt"
+    from ddpm.checkpoint import CONTENT_HASH_KEY, save_checkpoint
     ckpt = torch.load(trained["path"], weights_only=True)
     ckpt["test_accuracy"] = 0.5
-    torch.save(ckpt, other)
+    save_checkpoint(other, {k: v for k, v in ckpt.items() if k != CONTENT_HASH_KEY})
     monkeypatch.undo()
     assert evaluate.reference_stats(cfg, other, torch.device("cpu")).path.name != first.path.name
     # A corrupt cache is recomputed, not trusted.
