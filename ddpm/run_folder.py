@@ -96,13 +96,16 @@ def _acquire(folder: Path, command: str) -> int:
 
 
 def check_writable(folder: str | Path) -> Path:
-    """Create `folder` if missing and prove that it takes a new file, before any work is done for it."""
+    """Prove, before any work is done for it, that `folder` (or, while it is missing, its nearest existing parent,
+    where it would be created) takes a new file; creates nothing."""
     folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise RunFolderError(f"{folder} exists and is not a folder; choose another output folder")
+    existing = folder.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise RunFolderError(f"{existing} exists and is not a folder; choose another output folder")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".ddpm-write-check-")
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".ddpm-write-check-")
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:

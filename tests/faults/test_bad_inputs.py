@@ -155,7 +155,7 @@ def test_params_files_that_are_not_settings(capsys, tmp_path, text, says):
 
 def test_a_checkpoint_option_that_names_no_checkpoint(capsys, tmp_path):
     out = tmp_path / "s"
-    for path, says in (("/etc/passwd", "/etc/passwd is not a checkpoint (not the zip archive that torch.save writes)"),
+    for path, says in (("/etc/passwd", "/etc/passwd is not a checkpoint, or is truncated or corrupt: it is not the complete zip archive"),
                        (str(tmp_path), f"checkpoint {tmp_path} is not a file")):
         assert says in _error_line(capsys, ["sample", "--checkpoint", path, "--out", str(out)])
     assert not list(out.glob("samples.*"))
