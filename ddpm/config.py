@@ -46,7 +46,7 @@ def _unit_closed(v: Any) -> bool:
 
 
 MAX_SEED = 2**32 - 1  # the generators get seed + offsets per rank and step, which must stay below 2**63
-MAX_TIMESTEPS = 100_000  # the schedule's arrays are [T]; T = 1e11 would be 800 GB each
+MAX_TIMESTEPS = 100_000  # every schedule array is [T] float64: T bounds what a config can make the samplers allocate
 
 
 def _seed(v: Any) -> bool:

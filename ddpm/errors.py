@@ -93,7 +93,7 @@ def user_error(exc: BaseException) -> str | None:
         return str(exc)
     if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or (
             isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)):
-        detail = " ".join(str(exc).split())[:300] or type(exc).__name__
+        detail = " ".join(str(exc).split()) or type(exc).__name__
         return (f"out of memory ({detail}); lower the batch size (train.batch_size, sample.batch_size or "
                 f"evaluate.batch_size) or model.base_channels, or free memory")
     if isinstance(exc, OSError) and exc.errno in RESOURCE_ERRNOS:
