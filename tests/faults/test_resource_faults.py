@@ -1,4 +1,5 @@
-"""Limits of the machine met during a run, and runs killed between two writes.
+"""Limits of the machine met during a run, and runs killed between two writes; the flows report expected
+failures as the `ddpm` command does (ddpm.errors.user_error).
 
 Memory that runs out during training (MemoryError, PyTorch's OutOfMemoryError), a file-size limit
 (EFBIG) while the checkpoint is saved, a loss that diverges before the first checkpoint, SIGTERM
@@ -176,3 +177,29 @@ def test_an_mlflow_store_that_cannot_be_written_fails_at_once_in_one_line(tmp_pa
     assert f"the MLflow store {db} cannot be written" in line and "MLFLOW_TRACKING_URI" in line
     assert "mlflow" not in result.stderr.replace(line, "").lower()  # refused before MLflow was asked anything
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("error, says", [
+    (MemoryError(), "out of memory (MemoryError); lower the batch size"),
+    (OSError(27, "File too large", "/runs/x/checkpoint.pt"), "[Errno 27] File too large: '/runs/x/checkpoint.pt'; "
+                                                             "the file size limit (ulimit -f)"),
+    (OSError(28, "No space left on device", "/runs/x/model.onnx"), "No space left on device: '/runs/x/model.onnx'"),
+])
+def test_the_flows_report_expected_failures_as_the_ddpm_command_does(capsys, error, says):
+    from ddpm.errors import user_error
+    from flows.stages import run_cli
+
+    def main(argv):
+        raise error
+    assert run_cli(main, [], "flows.pipeline") == 2
+    err = capsys.readouterr().err
+    assert err == f"flows.pipeline: error: {user_error(error)}\n" and says in err
+
+
+def test_a_bug_keeps_its_traceback_in_the_flows():
+    from flows.stages import run_cli
+
+    def main(argv):
+        raise KeyError("a bug")
+    with pytest.raises(KeyError, match="a bug"):
+        run_cli(main, [], "flows.pipeline")
