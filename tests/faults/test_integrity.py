@@ -94,7 +94,7 @@ def test_a_checkpoint_without_a_hash_loads_with_a_warning(tmp_path, caplog):
     payload = _payload()
     torch.save(payload, old)  # as checkpoints were written before they carried a hash
     with caplog.at_level(logging.WARNING, logger="ddpm.checkpoint"):
-        model, cfg, ckpt = load_model(old)
+        model, _, ckpt = load_model(old)
     assert f"checkpoint {old} carries no content hash" in caplog.text and "cannot be checked" in caplog.text
     assert ckpt["step"] == 7 and CONTENT_HASH_KEY not in ckpt
     assert all(torch.equal(v, payload["ema"][k]) for k, v in model.state_dict().items())

@@ -181,8 +181,8 @@ def test_an_mlflow_store_that_cannot_be_written_fails_at_once_in_one_line(tmp_pa
 
 @pytest.mark.parametrize("error, says", [
     (MemoryError(), "out of memory (MemoryError); lower the batch size"),
-    (OSError(27, "File too large", "/runs/x/checkpoint.pt"), "[Errno 27] File too large: '/runs/x/checkpoint.pt'; "
-                                                             "the file size limit (ulimit -f)"),
+    (OSError(27, "File too large", "/runs/x/checkpoint.pt"),
+     "[Errno 27] File too large: '/runs/x/checkpoint.pt'; the file size limit (ulimit -f)"),
     (OSError(28, "No space left on device", "/runs/x/model.onnx"), "No space left on device: '/runs/x/model.onnx'"),
 ])
 def test_the_flows_report_expected_failures_as_the_ddpm_command_does(capsys, error, says):
