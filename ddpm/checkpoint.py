@@ -87,9 +87,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         what = "is not a file" if path.exists() else "does not exist"
         raise CheckpointError(f"checkpoint {path} {what}; train a model first (`ddpm train`) or pass its path")
     if not _is_zip(path):  # every torch.save since PyTorch 1.6 writes a zip archive
-        raise CheckpointError(f"{path} is not a checkpoint, or is truncated or corrupt: it is not the complete zip "
-                              f"archive that torch.save writes; pass the checkpoint.pt of a `ddpm train` run, or use an "
-                              f"earlier checkpoint")
+        raise CheckpointError(f"{path} is not a checkpoint, or is truncated or corrupt: it is not the complete "
+                              f"zip archive that torch.save writes; pass the checkpoint.pt of a `ddpm train` run, or "
+                              f"use an earlier checkpoint")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:

@@ -75,7 +75,8 @@ class ExportRejected(DDPMError):
 RESOURCE_ERRNOS = {
     errno.ENOSPC: "free some space on its disk",
     errno.EDQUOT: "free some space or raise the disk quota",
-    errno.EFBIG: "the file size limit (ulimit -f) or the file system's maximum was reached; raise it or write elsewhere",
+    errno.EFBIG: "the file size limit (ulimit -f) or the file system's maximum was reached; raise it or write "
+                 "elsewhere",
     errno.EROFS: "the file system is read-only; write elsewhere",
     errno.EACCES: "check its permissions or write elsewhere",
     errno.EPERM: "check its permissions or write elsewhere",

@@ -155,7 +155,8 @@ def test_params_files_that_are_not_settings(capsys, tmp_path, text, says):
 
 def test_a_checkpoint_option_that_names_no_checkpoint(capsys, tmp_path):
     out = tmp_path / "s"
-    for path, says in (("/etc/passwd", "/etc/passwd is not a checkpoint, or is truncated or corrupt: it is not the complete zip archive"),
+    for path, says in (("/etc/passwd", "/etc/passwd is not a checkpoint, or is truncated or corrupt: it is not the "
+                                       "complete zip archive"),
                        (str(tmp_path), f"checkpoint {tmp_path} is not a file")):
         assert says in _error_line(capsys, ["sample", "--checkpoint", path, "--out", str(out)])
     assert not list(out.glob("samples.*"))
@@ -212,7 +213,8 @@ def test_an_idx_file_with_no_images_is_named(capsys, tmp_path):
     empty.write_bytes(idx_bytes(torch.zeros(0, 28, 28, dtype=torch.uint8).numpy()))
     out = tmp_path / "run"
     line = _error_line(capsys, ["train", *TRAIN, f"data.root={data}", f"train.out_dir={out}"])
-    assert line == f"ddpm train: error: {empty}: holds no images (dims [0, 28, 28]); delete it and re-fetch (`ddpm data`)"
+    assert line == (f"ddpm train: error: {empty}: holds no images (dims [0, 28, 28]); delete it and re-fetch "
+                    f"(`ddpm data`)")
     assert not out.exists() or not any(out.iterdir())
 
 
