@@ -28,7 +28,7 @@ def test_overrides_apply_last():
     ("model.attention_levels=[5]", "model.attention_levels"),
     ("sample.steps=5000", "sample.steps"),
     ("export.check_steps=5000", "export.check_steps"),
-    ("sample.label=3", "sample.label"),
+    ("sample.label=10", "sample.label"),
     ("trian.steps=1", "trian"),
     ("export.int8_mean_atol=0", "export.int8_mean_atol"),
     ("export.int8_calibration_images=0", "export.int8_calibration_images"),
@@ -37,6 +37,11 @@ def test_bad_settings_name_the_key(override, key):
     with pytest.raises(ConfigError) as info:
         load_config("params.yaml", "cpu", [override])
     assert str(info.value).startswith(key)
+
+
+def test_a_label_needs_a_class_conditional_model():
+    with pytest.raises(ConfigError, match=r"^sample.label: the model is not class-conditional"):
+        load_config("params.yaml", "cpu", ["model.class_conditional=false", "sample.label=3"])
 
 
 def test_int8_calibration_steps_are_checked_against_the_timesteps_when_int8_is_on():
