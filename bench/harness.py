@@ -25,6 +25,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ddpm.fileio import atomic_write_bytes
+from ddpm.graphed import capture as capture_graph
+from ddpm.graphed import on_side_stream
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -210,43 +212,23 @@ def matmul_peak(device: torch.device, n: int, windows: int = 5, iters: int = 20,
 
 # ---------------------------------------------------------------------------------------- CUDA graphs
 
-def capture(body: Callable[[], Any], device: torch.device, *, warmup: int = 3,
-            warmup_body: Callable[[], Any] | None = None,
-            before_capture: Callable[[], Any] | None = None) -> Callable[[], None]:
-    """Capture `body` in a CUDA graph and return a function that replays it.
+def capture(body: Callable[[], Any], device: torch.device, *, warmup: int = 3) -> Callable[[], None]:
+    """Capture `body` in a CUDA graph (ddpm.graphed) after `warmup` eager calls; returns a function that replays it.
 
     `body` must read its inputs from, and write its results into, tensors that outlive it (static
-    buffers, parameters, optimizer state): a replay re-runs the same kernels on the same addresses.
-    Warm-up runs on a side stream first, as torch.cuda.graph requires (cuDNN/cuBLAS handles,
-    lazy optimizer state, compiled kernels' autotuning). On the CPU there are no graphs: the
-    returned function re-runs `body`, which checks the static-buffer plumbing and nothing more.
+    buffers, parameters): a replay re-runs the same kernels on the same addresses. On the CPU there
+    are no graphs: the returned function re-runs `body`, which checks the static-buffer plumbing and
+    nothing more.
     """
-    warm = warmup_body or body
     if device.type != "cuda":
         for _ in range(warmup):
-            warm()
-        if before_capture is not None:
-            before_capture()
+            body()
         body()  # the "capture" run, as a real capture would
         return body
-    stream = torch.cuda.Stream(device=device)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):
-        for _ in range(warmup):
-            warm()
-    torch.cuda.current_stream(device).wait_stream(stream)
+    on_side_stream(body, calls=warmup, device=device)
+    captured = capture_graph(body, device=device)
     torch.cuda.synchronize(device)
-    if before_capture is not None:
-        before_capture()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        body()
-    torch.cuda.synchronize(device)
-
-    def replay() -> None:
-        graph.replay()
-    replay.graph = graph  # type: ignore[attr-defined]  # keeps the graph (and its memory pool) alive
-    return replay
+    return captured.replay  # a bound method: keeps the graph (and its memory pool) alive
 
 
 def free_memory(device: torch.device) -> None:
