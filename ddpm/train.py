@@ -15,9 +15,7 @@ the same number restores every rank's generator, otherwise ranks are reseeded fr
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
-import math
 import os
 import signal
 import sys
@@ -33,20 +31,32 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ddpm.checkpoint import config_of, load_checkpoint, save_checkpoint
-from ddpm.config import Config, TrainConfig, image_shape
+from ddpm.config import Config, image_shape
+from ddpm.data import load_images
+from ddpm.distributed import DistInfo, any_rank, gather_states, init_distributed
 from ddpm.errors import ConfigError, RunFolderError, TrainingDivergedError, TrainingInterrupted
-from ddpm.data import load_images, to_model_range
 from ddpm.generate import generate, save_grid
 from ddpm.layers import use_hashed_dropout, use_padded_image_convs, use_per_channel_group_norm
-from ddpm.losses import p_losses
 from ddpm.resources import check_training_fits
 from ddpm.run_folder import CHECKPOINT_NAME, LOSS_LOG_NAME, RunFiles, owned, resume_changes  # noqa: F401 (re-exported)
 from ddpm.schedule import Schedule
+from ddpm.train_step import TrainData, TrainState, TrainStep, make_train_step
+from ddpm.train_step import ema_decay_at, ema_update  # noqa: F401 (re-exported)
 from ddpm.unet import build_unet
 
 log = logging.getLogger(__name__)
 
 LOSS_FIELDS = ("step", "loss", "lr", "images_per_sec")
+
+
+@dataclass(frozen=True)
+class TrainHooks:
+    """What the caller hears: `on_log(step, metrics)` every log_every steps, `on_sample(step, png_path)` after
+    every saved grid, `on_checkpoint(step, path)` after every checkpoint."""
+
+    on_log: Callable[[int, dict[str, float]], None] | None = None
+    on_sample: Callable[[int, Path], None] | None = None
+    on_checkpoint: Callable[[int, Path], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -57,66 +67,12 @@ class TrainResult:
     images_per_sec: float
 
 
-@dataclass(frozen=True)
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device_name: str) -> DistInfo:
-    """Join the process group torchrun describes (NCCL on CUDA, gloo on the CPU); a no-op for one process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return DistInfo()
-    info = DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
-    if not dist.is_initialized():
-        use_cuda = device_name != "cpu" and torch.cuda.is_available()
-        if use_cuda:
-            torch.cuda.set_device(info.local_rank)
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    return info
-
-
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device: 'cuda' was asked for, but no CUDA device is available; use 'cpu' or 'auto'")
     return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
-
-
-@torch.no_grad()
-def ema_update(ema: nn.Module, model: nn.Module, decay: float | torch.Tensor) -> None:
-    """ema <- decay * ema + (1 - decay) * model, over all parameters at once.
-
-    `decay` may be a 0-d device tensor, so that a captured CUDA graph can take a new value each step.
-    """
-    e, m = list(ema.parameters()), list(model.parameters())
-    if isinstance(decay, torch.Tensor):
-        torch._foreach_mul_(e, decay)
-        torch._foreach_add_(e, torch._foreach_mul(m, 1.0 - decay))
-    else:
-        torch._foreach_lerp_(e, m, 1.0 - decay)
-
-
-def lr_at_step(step: int, tc: TrainConfig) -> float:
-    """The learning rate of `step`: linear warm-up over warmup_steps, then constant or a cosine decay to 0."""
-    if tc.warmup_steps and step < tc.warmup_steps:
-        return tc.lr * (step + 1) / tc.warmup_steps
-    if tc.lr_decay == "cosine":
-        span = max(1, tc.steps - tc.warmup_steps)
-        return tc.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - tc.warmup_steps) / span)))
-    return tc.lr
-
-
-def ema_decay_at(step: int, cfg_decay: float, warmup: bool) -> float:
-    """EMA decay with warm-up min(decay, (1 + step) / (10 + step)), so early weights fade fast."""
-    return min(cfg_decay, (1 + step) / (10 + step)) if warmup else cfg_decay
 
 
 def compile_options(cuda_graphs: bool) -> dict[str, Any]:
@@ -194,7 +150,8 @@ def train(cfg: Config, resume: bool = False, on_log: Callable[[int, dict[str, fl
         # config.yaml: the resolved settings beside the run, readable without loading the checkpoint
         files = RunFiles(out_dir, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode(), LOSS_FIELDS,
                          int(ckpt["step"]) if ckpt else 0, replace=overwrite and (out_dir / CHECKPOINT_NAME).exists())
-        return _train(cfg, rank, device, ckpt, files, on_log, on_sample, on_checkpoint)
+        step = _start(cfg, rank, device, ckpt)
+        return _Run(cfg, rank, step, files, TrainHooks(on_log, on_sample, on_checkpoint)).run()
 
 
 def _checkpoint_to_resume(cfg: Config, ckpt_path: Path, resume: bool, overwrite: bool) -> dict[str, Any] | None:
@@ -217,204 +174,175 @@ def _checkpoint_to_resume(cfg: Config, ckpt_path: Path, resume: bool, overwrite:
     return ckpt
 
 
-def _train(cfg: Config, rank: DistInfo, device: torch.device, ckpt: dict[str, Any] | None, files: RunFiles,
-           on_log: Callable[[int, dict[str, float]], None] | None, on_sample: Callable[[int, Path], None] | None,
-           on_checkpoint: Callable[[int, Path], None] | None) -> TrainResult:
+# --- start-up: data, model, state, network ---------------------------------------------------------
+
+def _start(cfg: Config, rank: DistInfo, device: torch.device, ckpt: dict[str, Any] | None) -> TrainStep:
+    """This rank's training step, with its state fresh from the seed or restored from `ckpt`."""
     tc = cfg.train
-    out_dir = Path(tc.out_dir)
-    ckpt_path = out_dir / CHECKPOINT_NAME
     torch.manual_seed(tc.seed + rank.rank)
-    images, labels = load_images(cfg.data.dataset, cfg.data.root, "train")  # uint8 [N, C, H, W], int64 [N]
-    shard = slice(rank.rank * len(images) // rank.world_size, (rank.rank + 1) * len(images) // rank.world_size)
-    images, labels = images[shard].to(device), labels[shard].to(device)
+    data = _load_shard(cfg, rank, device)
     schedule = Schedule.from_config(cfg.diffusion).to(device)
     model = build_unet(cfg.model, image_shape(cfg)).to(device)
     if tc.channels_last:
         model = model.to(memory_format=torch.channels_last)
-        images = images.contiguous(memory_format=torch.channels_last)
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
-    fused = device.type == "cuda"
+        data = TrainData(data.images.contiguous(memory_format=torch.channels_last), data.labels)
     graphed = tc.cuda_graphs and device.type == "cuda" and rank.world_size == 1
     if tc.cuda_graphs and not graphed:
         log.warning("train.cuda_graphs needs one CUDA process; running eagerly")
-    # On CUDA the learning rate and EMA decay are device tensors, so a captured graph sees new values.
-    lr_t = torch.tensor(tc.lr, device=device) if graphed else None
-    decay_t = torch.tensor(tc.ema_decay, device=device) if graphed else None
-    opt = torch.optim.AdamW(model.parameters(), lr=lr_t if graphed else tc.lr, weight_decay=tc.weight_decay,
-                            fused=fused, capturable=graphed)
-    gen = torch.Generator(device=device).manual_seed(tc.seed + 1_000_003 * rank.rank)
-
-    step = 0
+    state = TrainState.create(model, tc, device, graphed=graphed, seed=tc.seed + 1_000_003 * rank.rank)
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["optimizer"])
-        if graphed:
-            for g in opt.param_groups:
-                g["lr"] = lr_t
-        step = int(ckpt["step"])
-        rng = ckpt["rng"]
-        if rng.get("world_size", 1) == rank.world_size:
-            torch.set_rng_state(rng["torch"][rank.rank])
-            gen.set_state(rng["generator"][rank.rank].to(gen.get_state().device))
-        else:  # a different number of ranks: fresh, distinct streams that still depend only on (seed, rank, step)
-            torch.manual_seed(tc.seed + rank.rank + 7919 * step)
-            gen.manual_seed(tc.seed + 1_000_003 * rank.rank + 7919 * step)
-        log.info("resumed from %s at step %d (written by %d rank(s), now %d)", ckpt_path, step,
-                 rng.get("world_size", 1), rank.world_size)
+        _restore(state, ckpt, cfg, rank)
+    net = _network(model, cfg, rank, device, graphed)
+    return make_train_step(state, cfg, data, schedule, net=net, update_ema=rank.is_main)
 
-    def lr_at(s: int) -> float:
-        return lr_at_step(s, tc)
 
-    def gather_states(state: torch.Tensor) -> list[torch.Tensor]:
-        if rank.world_size == 1:
-            return [state]
-        out = [None] * rank.world_size
-        dist.all_gather_object(out, state)
-        return out
+def _load_shard(cfg: Config, rank: DistInfo, device: torch.device) -> TrainData:
+    """This rank's shard of the training set, on the device: uint8 [N, C, H, W] images, int64 [N] labels."""
+    images, labels = load_images(cfg.data.dataset, cfg.data.root, "train")
+    shard = slice(rank.rank * len(images) // rank.world_size, (rank.rank + 1) * len(images) // rank.world_size)
+    return TrainData(images[shard].to(device), labels[shard].to(device))
 
-    def checkpoint() -> None:
-        rng = {"world_size": rank.world_size, "torch": gather_states(torch.get_rng_state()),
-               "generator": gather_states(gen.get_state().cpu())}
+
+def _restore(state: TrainState, ckpt: dict[str, Any], cfg: Config, rank: DistInfo) -> None:
+    """Continue from `ckpt`: every rank's generators when it was written by as many ranks, else fresh, distinct
+    streams that still depend only on (seed, rank, step)."""
+    seed = cfg.train.seed
+    state.load(ckpt)
+    rng = ckpt["rng"]
+    if rng.get("world_size", 1) == rank.world_size:
+        torch.set_rng_state(rng["torch"][rank.rank])
+        state.gen.set_state(rng["generator"][rank.rank].to(state.gen.get_state().device))
+    else:
+        torch.manual_seed(seed + rank.rank + 7919 * state.step)
+        state.gen.manual_seed(seed + 1_000_003 * rank.rank + 7919 * state.step)
+    log.info("resumed from %s at step %d (written by %d rank(s), now %d)", Path(cfg.train.out_dir) / CHECKPOINT_NAME,
+             state.step, rng.get("world_size", 1), rank.world_size)
+
+
+def _network(model: nn.Module, cfg: Config, rank: DistInfo, device: torch.device,
+             graphed: bool) -> Callable[..., torch.Tensor]:
+    """What the loss calls: the model, wrapped in DistributedDataParallel on several ranks, compiled with
+    train.compile (then GroupNorm statistics from per-channel sums, dropout masks from a hash, and with
+    train.channels_last image-channel convolutions in channels-last kernels: ddpm.layers)."""
+    tc = cfg.train
+    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if rank.world_size > 1 else model
+    if not tc.compile:
+        return ddp
+    use_hashed_dropout(use_per_channel_group_norm(model))
+    use_padded_image_convs(model, tc.channels_last)
+    return torch.compile(ddp, options=compile_options(graphed))
+
+
+# --- the loop and its hooks --------------------------------------------------------------------------
+
+class _Run:
+    """The loop around the training step, with its hooks: log, checkpoint, preview grid, stop."""
+
+    def __init__(self, cfg: Config, rank: DistInfo, step: TrainStep, files: RunFiles, hooks: TrainHooks):
+        self.cfg, self.rank, self.step, self.files, self.hooks = cfg, rank, step, files, hooks
+        self.state = step.state
+        self.out_dir = Path(cfg.train.out_dir)
+        self.ckpt_path = self.out_dir / CHECKPOINT_NAME
+        self.loss_sum = torch.zeros((), device=step.device)
+        self.progress = _progress(cfg.train.steps, self.state.step, enabled=rank.is_main)
+        self.last_loss, self.ips, self.t0, self.since = float("nan"), 0.0, time.perf_counter(), self.state.step
+
+    def run(self) -> TrainResult:
+        self.state.model.train()
+        try:
+            with _StopFlag() as stop:
+                while self.state.step < self.cfg.train.steps:
+                    self.loss_sum += self.step()
+                    self._after_step(stop)
+        finally:
+            self.files.close()
+            self.progress.close()
+            if self.rank.world_size > 1 and sys.exc_info()[0] is not None:
+                dist.destroy_process_group()
+        return self._finish()
+
+    def _after_step(self, stop: _StopFlag) -> None:
+        tc, step = self.cfg.train, self.state.step
+        at_log = step % tc.log_every == 0 or step == tc.steps
+        at_ckpt = step % tc.checkpoint_every == 0 or step == tc.steps
+        # One process acts on a signal at once; ranks agree on it at the next log or checkpoint step.
+        stopping = stop.signum is not None if self.rank.world_size == 1 else (
+            (at_log or at_ckpt) and any_rank(stop.signum is not None, self.step.device))
+        if at_log or at_ckpt or stopping:
+            self._raise_if_diverged()
+        if at_log:
+            self._log()
+        if at_ckpt or stopping:
+            self._checkpoint()
+        if self.rank.is_main and tc.sample_every and step % tc.sample_every == 0 and step < tc.steps:
+            self._preview()
+        if stopping:
+            name = signal.Signals(stop.signum).name if stop.signum else "a signal on another rank"
+            raise TrainingInterrupted(f"stopped by {name} at step {step}; checkpoint saved to {self.ckpt_path}")
+
+    def _raise_if_diverged(self) -> None:
+        if self.rank.world_size > 1:
+            dist.all_reduce(self.step.first_bad, op=dist.ReduceOp.MIN)
+        first = self.step.first_nonfinite()
+        if first is not None:
+            kept = (f"the last good checkpoint ({self.ckpt_path}) was kept" if self.ckpt_path.is_file() else
+                    f"no checkpoint was written before it (the first is due at step {self.cfg.train.checkpoint_every})")
+            raise TrainingDivergedError(
+                f"loss became non-finite at step {first}; {kept}. Lower train.lr, enable "
+                f"train.grad_clip, or check the data.")
+
+    def _log(self) -> None:
+        step, world = self.state.step, self.rank.world_size
+        if world > 1:
+            dist.all_reduce(self.loss_sum)
+            self.loss_sum /= world
+        elapsed = time.perf_counter() - self.t0
+        self.ips = (step - self.since) * self.cfg.train.batch_size * world / max(elapsed, 1e-9)
+        self.last_loss = float(self.loss_sum) / (step - self.since)
+        metrics = {"loss": self.last_loss, "lr": self.state.lr(step - 1), "images_per_sec": self.ips}
+        if self.rank.is_main:
+            self.files.start().write({"step": step, **metrics})
+            self.progress(step, self.last_loss, self.ips)
+            if self.hooks.on_log:
+                self.hooks.on_log(step, metrics)
+        self.loss_sum.zero_()
+        self.t0, self.since = time.perf_counter(), step
+
+    def _checkpoint(self) -> None:
+        s, rank = self.state, self.rank
+        rng = {"world_size": rank.world_size, "torch": gather_states(torch.get_rng_state(), rank.world_size),
+               "generator": gather_states(s.gen.get_state().cpu(), rank.world_size)}
         if rank.is_main:
-            files.start()
-            save_checkpoint(ckpt_path, {
-                "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                "config": cfg.to_dict(), "rng": rng,
+            self.files.start()
+            save_checkpoint(self.ckpt_path, {
+                "model": s.model.state_dict(), "ema": s.ema.state_dict(), "optimizer": s.opt.state_dict(),
+                "step": s.step, "config": self.cfg.to_dict(), "rng": rng,
             })
-            if on_checkpoint is not None:
-                on_checkpoint(step, ckpt_path)
+            if self.hooks.on_checkpoint is not None:
+                self.hooks.on_checkpoint(s.step, self.ckpt_path)
         if rank.world_size > 1:
             dist.barrier()
 
-    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if rank.world_size > 1 else model
-    if tc.compile:  # compiled: GroupNorm statistics from per-channel sums, dropout masks from a hash (ddpm.layers)
-        use_hashed_dropout(use_per_channel_group_norm(model))
-        use_padded_image_convs(model, tc.channels_last)  # image-channel convolutions in channels-last kernels
-    net = torch.compile(ddp, options=compile_options(graphed)) if tc.compile else ddp
-    n, null_label = len(images), model.num_classes
+    def _preview(self) -> None:
+        if self.hooks.on_sample is None:
+            return
+        step = self.state.step
+        self.files.start()
+        grid = save_sample_grid(self.state.ema, self.step.schedule, self.cfg, self.out_dir / f"samples_{step:07d}.png")
+        self.hooks.on_sample(step, grid)
 
-    def draw() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """A batch (Algorithm 1, lines 2-4): x0 [B, C, H, W] from this rank's shard, t [B], noise, labels."""
-        idx = torch.randint(0, n, (tc.batch_size,), device=device, generator=gen)
-        x0 = to_model_range(images[idx])
-        t = torch.randint(0, schedule.num_timesteps, (tc.batch_size,), device=device, generator=gen)
-        noise = torch.randn(x0.shape, device=device, generator=gen)
-        y = None
-        if cfg.model.class_conditional:  # label dropout trains the null class for classifier-free guidance
-            drop = torch.rand(tc.batch_size, device=device, generator=gen) < tc.label_dropout
-            y = torch.where(drop, torch.full_like(labels[idx], null_label), labels[idx])
-        return x0, t, noise, y
-
-    def update(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        """One optimisation step (Algorithm 1, line 5) plus the EMA; returns the loss (0-d, on the device)."""
-        with autocast:
-            loss = p_losses(net, schedule, x0, t, noise, labels=y, prediction=cfg.diffusion.prediction,
-                            weighting=cfg.diffusion.loss_weighting, min_snr_gamma=cfg.diffusion.min_snr_gamma)
-        opt.zero_grad(set_to_none=not graphed)
-        loss.backward()
-        if tc.grad_clip > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-        opt.step()
-        if rank.is_main:
-            ema_update(ema, model, decay_t if graphed else ema_decay_at(step, tc.ema_decay, tc.ema_warmup))
-        return loss.detach().float()
-
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.bf16 and device.type == "cuda",
-                              cache_enabled=not graphed)
-    graph, static, start_step = None, None, step
-    loss_sum = torch.zeros((), device=device)
-    no_bad = torch.iinfo(torch.long).max
-    first_bad = torch.full((), no_bad, device=device, dtype=torch.long)
-    progress = _progress(tc.steps, step, enabled=rank.is_main)
-    last_loss, ips, t0, since = float("nan"), 0.0, time.perf_counter(), step
-    model.train()
-    try:
-        with _StopFlag() as stop:
-            while step < tc.steps:
-                x0, t, noise, y = draw()
-                if graphed:
-                    lr_t.fill_(lr_at(step))
-                    decay_t.fill_(ema_decay_at(step, tc.ema_decay, tc.ema_warmup))
-                    if graph is None and step >= start_step + 3:  # a few eager steps first, as capture requires
-                        graph, static = _capture(update, (x0, t, noise, y))
-                    if graph is not None:
-                        for buf, value in zip(static[0], (x0, t, noise, y)):
-                            if buf is not None:
-                                buf.copy_(value)
-                        graph.replay()
-                        loss = static[1]
-                    else:
-                        loss = _on_side_stream(update, x0, t, noise, y)
-                else:
-                    for g in opt.param_groups:
-                        g["lr"] = lr_at(step)
-                    loss = update(x0, t, noise, y)
-                # Record the first non-finite step on the device; read it only when we sync anyway.
-                bad = ~torch.isfinite(loss.detach())
-                first_bad = torch.where(bad, torch.minimum(first_bad, torch.full_like(first_bad, step + 1)), first_bad)
-                loss_sum += loss
-                step += 1
-
-                at_log = step % tc.log_every == 0 or step == tc.steps
-                at_ckpt = step % tc.checkpoint_every == 0 or step == tc.steps
-                # One process acts on a signal at once; ranks agree on it at the next log or checkpoint step.
-                stopping = stop.signum is not None if rank.world_size == 1 else (
-                    (at_log or at_ckpt) and _any_rank(stop.signum is not None, device))
-                if at_log or at_ckpt or stopping:
-                    if rank.world_size > 1:
-                        dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
-                    if int(first_bad) != no_bad:
-                        kept = (f"the last good checkpoint ({ckpt_path}) was kept" if ckpt_path.is_file() else
-                                f"no checkpoint was written before it (the first is due at step {tc.checkpoint_every})")
-                        raise TrainingDivergedError(
-                            f"loss became non-finite at step {int(first_bad)}; {kept}. Lower train.lr, enable "
-                            f"train.grad_clip, or check the data.")
-                if at_log:
-                    if rank.world_size > 1:
-                        dist.all_reduce(loss_sum)
-                        loss_sum /= rank.world_size
-                    elapsed = time.perf_counter() - t0
-                    ips = (step - since) * tc.batch_size * rank.world_size / max(elapsed, 1e-9)
-                    last_loss = float(loss_sum) / (step - since)
-                    metrics = {"loss": last_loss, "lr": lr_at(step - 1), "images_per_sec": ips}
-                    if rank.is_main:
-                        files.start().write({"step": step, **metrics})
-                        progress(step, last_loss, ips)
-                        if on_log:
-                            on_log(step, metrics)
-                    loss_sum.zero_()
-                    t0, since = time.perf_counter(), step
-                if at_ckpt or stopping:
-                    checkpoint()
-                if (rank.is_main and tc.sample_every and step % tc.sample_every == 0 and step < tc.steps
-                        and on_sample is not None):
-                    files.start()
-                    on_sample(step, save_sample_grid(ema, schedule, cfg, out_dir / f"samples_{step:07d}.png"))
-                if stopping:
-                    name = signal.Signals(stop.signum).name if stop.signum else "a signal on another rank"
-                    raise TrainingInterrupted(f"stopped by {name} at step {step}; checkpoint saved to {ckpt_path}")
-    finally:
-        files.close()
-        progress.close()
-        if rank.world_size > 1 and sys.exc_info()[0] is not None:
+    def _finish(self) -> TrainResult:
+        if self.rank.world_size > 1:
             dist.destroy_process_group()
-    if rank.world_size > 1:
-        dist.destroy_process_group()
-    if rank.is_main:
-        files.start()  # a resume at its last step has written nothing yet
-        files.close()
-        grid = save_sample_grid(ema, schedule, cfg, out_dir / "samples_final.png")
-        if on_sample is not None:
-            on_sample(step, grid)
-    return TrainResult(checkpoint=ckpt_path, step=step, loss=last_loss, images_per_sec=ips)
-
-
-def _any_rank(flag: bool, device: torch.device) -> bool:
-    t = torch.tensor([int(flag)], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+        if self.rank.is_main:
+            self.files.start()  # a resume at its last step has written nothing yet
+            self.files.close()
+            grid = save_sample_grid(self.state.ema, self.step.schedule, self.cfg, self.out_dir / "samples_final.png")
+            if self.hooks.on_sample is not None:
+                self.hooks.on_sample(self.state.step, grid)
+        return TrainResult(checkpoint=self.ckpt_path, step=self.state.step, loss=self.last_loss,
+                           images_per_sec=self.ips)
 
 
 @torch.no_grad()
@@ -451,23 +379,3 @@ class _progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-
-
-def _on_side_stream(fn: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
-    """Run fn on a side stream, as the eager warm-up steps before a CUDA-graph capture must."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        out = fn(*args)
-    torch.cuda.current_stream().wait_stream(stream)
-    return out
-
-
-def _capture(fn: Callable[..., torch.Tensor], inputs: tuple) -> tuple[torch.cuda.CUDAGraph, tuple]:
-    """Capture fn(*static_inputs) as a CUDA graph; returns (graph, (static_inputs, static_output))."""
-    static_in = tuple(x.clone() if x is not None else None for x in inputs)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn(*static_in)
-    return graph, (static_in, out)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import ddpm.train as train_mod
+import ddpm.train_step as step_mod
 from ddpm.checkpoint import load_checkpoint, load_model, save_checkpoint
 from ddpm.config import load_config
 from ddpm.errors import CheckpointError, TrainingDivergedError
@@ -80,7 +81,7 @@ def test_checkpoint_rebuilds_the_model_alone(cfg_for):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(cfg_for, monkeypatch):
-    real = train_mod.p_losses
+    real = step_mod.p_losses
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -88,7 +89,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(cfg_for, monkeypatch)
         loss = real(*args, **kwargs)
         return loss * float("nan") if calls["n"] == 5 else loss
 
-    monkeypatch.setattr(train_mod, "p_losses", poisoned)
+    monkeypatch.setattr(step_mod, "p_losses", poisoned)
     cfg = cfg_for("d", 10)
     with pytest.raises(TrainingDivergedError, match="step 5"):
         train_mod.train(cfg)
@@ -177,7 +178,7 @@ def test_compile_options_are_inductor_settings_this_torch_knows(cuda_graphs):
 
 def test_learning_rate_warms_up_then_follows_its_decay():
     from ddpm.config import TrainConfig
-    from ddpm.train import lr_at_step
+    from ddpm.train_step import lr_at_step
     const = TrainConfig(steps=100, lr=1e-3, warmup_steps=10)
     assert lr_at_step(0, const) == pytest.approx(1e-4) and lr_at_step(9, const) == pytest.approx(1e-3)
     assert lr_at_step(99, const) == pytest.approx(1e-3)

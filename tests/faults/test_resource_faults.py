@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import ddpm.train as train_mod
+import ddpm.train_step as step_mod
 from ddpm import cli
 from ddpm.checkpoint import load_checkpoint, save_checkpoint
 from ddpm.config import ExportConfig, config_from_dict, image_shape
@@ -42,7 +42,7 @@ CHILD = """
 import os, signal, sys, time
 import torch
 import ddpm.evaluate as ev
-import ddpm.train as tr
+import ddpm.train_step as tr
 fault = os.environ.get("FAULT")
 real_loss, real_grid, calls = tr.p_losses, ev.save_grid, [0]
 def p_losses(*args, **kwargs):
@@ -106,8 +106,8 @@ def test_a_file_size_limit_while_saving_the_checkpoint_names_the_file(data_root,
 
 
 def test_a_loss_that_diverges_before_any_checkpoint_does_not_claim_one(data_root, tmp_path, monkeypatch, capsys):
-    real = train_mod.p_losses
-    monkeypatch.setattr(train_mod, "p_losses", lambda *a, **k: real(*a, **k) * float("nan"))
+    real = step_mod.p_losses
+    monkeypatch.setattr(step_mod, "p_losses", lambda *a, **k: real(*a, **k) * float("nan"))
     out = tmp_path / "run"
     assert cli.main(["train", *TINY, f"data.root={data_root}", f"train.out_dir={out}", "train.steps=4"]) == 2
     [line] = [x for x in capsys.readouterr().err.splitlines() if x.startswith("ddpm train: error: ")]

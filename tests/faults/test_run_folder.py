@@ -47,7 +47,7 @@ def _args(data_root: Path, out_dir: Path, *extra: str) -> list[str]:
 # test decides when a run that holds its folder may finish.
 CHILD = """
 import os, sys, time
-import ddpm.train as tr
+import ddpm.train_step as tr
 hold = os.environ.get("HOLD_FILE")
 if hold:
     real, calls = tr.p_losses, [0]
