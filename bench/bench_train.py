@@ -1,14 +1,15 @@
 """Training throughput of the U-Net on one GPU: images/s, ms/step, TFLOP/s, share of the bf16 peak, memory.
 
-One step is the whole of ddpm.train's step on random data already on the device: draw a batch
-(uint8 gather + scaling), t and noise; q_sample + forward + loss (p_losses) under bf16 autocast;
-backward; gradient clipping (train.grad_clip); fused AdamW; EMA (ddpm.train.ema_update, foreach).
-Learning rate and EMA decay are constants here (the training loop warms both up).
+One step is ddpm.train_step's step, the one `ddpm train` runs (make_train_step), on random uint8
+data already on the device: draw a batch (gather + scaling), t and noise from the state's generator;
+q_sample + forward + loss (p_losses) under bf16 autocast; backward; gradient clipping
+(train.grad_clip); fused AdamW at the warmed-up learning rate; EMA with its warm-up; the NaN guard.
 
 Modes (--modes):
   eager          plain PyTorch, as ddpm.train runs with train.compile=false.
-  graph          eager kernels, the whole step captured once in a CUDA graph and replayed
-                 (fused AdamW with capturable=True). No compile cost; removes launch overhead.
+  graph          eager kernels, the update captured once in a CUDA graph and replayed, as `ddpm train`
+                 with train.cuda_graphs (the batch drawn eagerly and copied in; fused AdamW with
+                 capturable=True). No compile cost; removes launch overhead.
   compile        torch.compile(model, dynamic=False), default mode, as ddpm.train with compile=true:
                  our U-Net with ddpm.train.compile_options(cuda_graphs=False) (--inductor settings
                  override them), the twins with inductor's defaults (--compile-options).
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import math
 import sys
 import traceback
@@ -48,11 +50,11 @@ import torch
 
 from bench import harness as H
 from bench.models import MODEL_NAMES, Spec, forward_flops, num_params, specs
-from ddpm.data import to_model_range
-from ddpm.losses import p_losses
-from ddpm.schedule import Schedule
-from ddpm.train import compile_options, ema_update
+from ddpm.config import Config
 from ddpm.layers import use_hashed_dropout, use_padded_image_convs, use_per_channel_group_norm
+from ddpm.schedule import Schedule
+from ddpm.train import compile_options
+from ddpm.train_step import EAGER_STEPS_BEFORE_CAPTURE, TrainData, TrainState, make_train_step
 
 MODES = ("eager", "graph", "compile", "compile-graph", "reduce-overhead", "max-autotune-no-cudagraphs")
 # torch.compile mode behind each compile-based mode; modes with one Trainee.compile_key share a compiled model.
@@ -179,12 +181,15 @@ class Trainee:
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.schedule = Schedule.from_config(spec.cfg.diffusion).to(device)
         g = torch.Generator(device=device).manual_seed(0)
-        self.pool = torch.randint(0, 256, (POOL_IMAGES, *spec.shape), device=device, dtype=torch.uint8, generator=g)
+        pool = torch.randint(0, 256, (POOL_IMAGES, *spec.shape), device=device, dtype=torch.uint8, generator=g)
+        if channels_last:  # as ddpm.train lays out its training set with train.channels_last
+            pool = pool.contiguous(memory_format=torch.channels_last)
+        self.data = TrainData(pool, torch.zeros(POOL_IMAGES, device=device, dtype=torch.long))
         self.compiled: dict[str, Callable[..., torch.Tensor]] = {}
         self.compiled_batches: set[tuple[str, int]] = set()
         self.units = sum(1 for _ in self.model.modules())  # a proxy for compile cost
         self.state_bytes = sum(t.numel() * t.element_size() for t in
-                               [*self.model.parameters(), *self.ema.parameters(), self.pool])
+                               [*self.model.parameters(), *self.ema.parameters(), pool])
 
     def options(self, mode: str) -> dict[str, Any] | None:
         """The inductor options `mode` compiles with (None: a torch.compile mode, which takes none)."""
@@ -206,35 +211,11 @@ class Trainee:
         return self.compiled[key]
 
 
-def make_step(tr: Trainee, net: Callable[..., torch.Tensor], opt: torch.optim.Optimizer, batch: int,
-              device: torch.device, bf16: bool, channels_last: bool, loss_buf: torch.Tensor,
-              ) -> Callable[[bool], None]:
-    """The training step body; `zero_grad=False` is for CUDA-graph capture, where the gradients are
-    None when capture starts, so the captured backward writes (not adds) them at every replay."""
-    tc = tr.spec.cfg.train
-    params = list(tr.model.parameters())
-    n, T = tr.pool.shape[0], tr.schedule.num_timesteps
-
-    def step(zero_grad: bool = True) -> None:
-        if zero_grad:
-            opt.zero_grad(set_to_none=True)
-        idx = torch.randint(0, n, (batch,), device=device)
-        x0 = to_model_range(tr.pool[idx])  # [B, C, H, W] in [-1, 1]
-        if channels_last:
-            x0 = x0.contiguous(memory_format=torch.channels_last)
-        t = torch.randint(0, T, (batch,), device=device)
-        noise = torch.randn_like(x0)
-        # cache_enabled=False: required inside CUDA-graph capture; used in every mode so that the
-        # compiled model's guards (which include autocast state) match across modes.
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=False):
-            loss = p_losses(net, tr.schedule, x0, t, noise)
-        loss.backward()
-        if tc.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
-        opt.step()
-        ema_update(tr.ema, tr.model, tc.ema_decay)
-        loss_buf.copy_(loss.detach())
-    return step
+def case_config(cfg: Config, batch: int, mode: str, args: argparse.Namespace) -> Config:
+    """The spec's settings with this case's batch, precision, layout, compile and CUDA-graph choices."""
+    tc = dataclasses.replace(cfg.train, batch_size=batch, bf16=args.bf16, channels_last=args.channels_last,
+                             compile=mode in TORCH_COMPILE_MODE, cuda_graphs=mode in GRAPH_MODES)
+    return dataclasses.replace(cfg, train=tc)
 
 
 def run_case(tr: Trainee, batch: int, mode: str, args: argparse.Namespace, device: torch.device,
@@ -243,65 +224,56 @@ def run_case(tr: Trainee, batch: int, mode: str, args: argparse.Namespace, devic
     H.free_memory(device)
     # Other models stay resident between cases; count only this model's own state and the step.
     resident = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-    bf16 = args.bf16 and device.type == "cuda"
-    graph = mode in GRAPH_MODES
-    tc = tr.spec.cfg.train
-    opt = torch.optim.AdamW(tr.model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay,
-                            fused=device.type == "cuda", capturable=graph and device.type == "cuda")
-    loss_buf = torch.zeros((), device=device)
+    cfg = case_config(tr.spec.cfg, batch, mode, args)
+    graphed = mode in GRAPH_MODES and device.type == "cuda"
+    state = TrainState.create(tr.model, cfg.train, device, graphed=graphed, seed=0, ema=tr.ema)
     net = tr.net(mode)
-    step = make_step(tr, net, opt, batch, device, bf16, args.channels_last, loss_buf)
+    step = make_train_step(state, cfg, tr.data, tr.schedule, net=net)
+    mark = torch.compiler.cudagraph_mark_step_begin if mode == "reduce-overhead" else (lambda: None)
+    losses: list[torch.Tensor] = []
+
+    def fn() -> None:
+        mark()
+        losses[:] = [step()]
     row: dict[str, Any] = {"model": tr.spec.name, "batch": batch, "mode": mode, "channels_last": args.channels_last,
                            "per_channel_gn": tr.per_channel_gn, "hashed_dropout": tr.hashed_dropout,
-                           "padded_image_convs": tr.padded_image_convs, "bf16": bf16,
+                           "padded_image_convs": tr.padded_image_convs, "bf16": args.bf16 and device.type == "cuda",
                            "compile_options": tr.options(mode)}
     try:
-        first_s = None
+        first_s, compiled_before = None, True
         if mode in TORCH_COMPILE_MODE:
-            mark = (torch.compiler.cudagraph_mark_step_begin if mode == "reduce-overhead" else (lambda: None))
             compiled_before = (tr.compile_key(mode), batch) in tr.compiled_batches
-            _, first_s = H.timed_once(lambda: (mark(), step(True)), sync)
+            _, first_s = H.timed_once(fn, sync)
             tr.compiled_batches.add((tr.compile_key(mode), batch))
-        else:
-            mark = lambda: None  # noqa: E731
-            compiled_before = True
-        if graph:
-            fn = H.capture(lambda: step(False), device, warmup=args.warmup, warmup_body=lambda: step(True),
-                           before_capture=lambda: opt.zero_grad(set_to_none=True))
-        else:
-            for _ in range(args.warmup):
-                mark()
-                step(True)
-
-            def fn() -> None:
-                mark()
-                step(True)
-        if args.smoke:
-            iters = 1
-        else:
-            iters = H.iters_for(fn, sync, args.window_s, lo=3, hi=500)
+        # a graphed step runs eagerly at first, is captured at the next call and replayed from then on
+        for _ in range(args.warmup + (EAGER_STEPS_BEFORE_CAPTURE + 1 if graphed else 0)):
+            fn()
+        iters = 1 if args.smoke else H.iters_for(fn, sync, args.window_s, lo=3, hi=500)
         timing = H.time_windows(fn, sync, iters, args.windows)
-        loss = float(loss_buf)
-        s = timing.median_s
-        ips = batch / s
-        tflops = ips * 3 * fwd_flops / 1e12
-        row.update(status="ok", ms_per_step=s * 1e3, ms_min=timing.min_s * 1e3, ms_max=timing.max_s * 1e3,
-                   images_per_s=ips, train_tflops=tflops, pct_of_bf16_matmul=100 * tflops / peak_tflops,
-                   peak_mem_gib=case_peak_gib(device, resident, tr.state_bytes), iters_per_window=iters,
-                   windows_ms=[w * 1e3 for w in timing.windows_s], loss=loss, first_step_s=first_s)
+        row.update(measured(timing, batch, fwd_flops, peak_tflops, float(losses[0])),
+                   peak_mem_gib=case_peak_gib(device, resident, tr.state_bytes), first_step_s=first_s)
         if first_s is not None and not compiled_before:
-            row["compile_s"] = max(first_s - s, 0.0)
+            row["compile_s"] = max(first_s - timing.median_s, 0.0)
             budget.record_compile(row["compile_s"], tr.units / args.mnist_units)
-        if not math.isfinite(loss):
-            row["status"] = "nonfinite-loss"
     except Exception as exc:  # one broken mode must not cost the other measurements
         traceback.print_exc()
         row.update(status="error", error=f"{type(exc).__name__}: {str(exc)[:600]}")
     finally:
-        fn = step = net = opt = None  # noqa: F841  (drop the graph, its memory pool, the optimizer state)
+        fn = step = net = state = None  # noqa: F841  (drop the graph, its memory pool, the optimizer state)
         tr.model.zero_grad(set_to_none=True)
         H.free_memory(device)
     return row
+
+
+def measured(timing: H.Timing, batch: int, fwd_flops: float, peak_tflops: float, loss: float) -> dict[str, Any]:
+    """A case's figures from its timing: ms/step, images/s, TFLOP/s (3 x forward) and share of the bf16 peak."""
+    s = timing.median_s
+    ips = batch / s
+    tflops = ips * 3 * fwd_flops / 1e12
+    return {"status": "ok" if math.isfinite(loss) else "nonfinite-loss", "ms_per_step": s * 1e3,
+            "ms_min": timing.min_s * 1e3, "ms_max": timing.max_s * 1e3, "images_per_s": ips, "train_tflops": tflops,
+            "pct_of_bf16_matmul": 100 * tflops / peak_tflops, "iters_per_window": timing.iters_per_window,
+            "windows_ms": [w * 1e3 for w in timing.windows_s], "loss": loss}
 
 
 def case_peak_gib(device: torch.device, resident: int, own_bytes: int) -> float | None:
@@ -330,7 +302,8 @@ def render(doc: dict[str, Any]) -> str:
            f"(best window {H.fmt(peak.get('tflops_best'))}; after {H.fmt(peak.get('sustained_s'))} s of it "
            f"{H.fmt(peak.get('tflops_sustained'))}; after the cases {H.fmt(doc.get('matmul_peak_after', {}).get('tflops'))}).",
            f"Settings: {doc.get('settings')}.", "",
-           "One step = batch gather + q_sample + forward + loss + backward + grad clip + fused AdamW + EMA; "
+           "One step = ddpm.train_step (batch gather + q_sample + forward + loss + backward + grad clip + fused AdamW "
+           "+ EMA + NaN guard); "
            "training FLOPs = 3 x forward FLOPs (FlopCounterMode).", ""]
     models = doc.get("models", {})
     out.append(H.md_table(["model", "network", "params (M)", "fwd GFLOP/img", "train GFLOP/img"], [
