@@ -20,6 +20,7 @@ the layers zeroed at init re-initialised so that eps is not identically 0.
 
     python bench/bench_onnx_sampling.py --out /tmp/onnx_bench.json                 # CPU, small
     python bench/bench_onnx_sampling.py --cuda --skip-cpu --gpu-batch 256,1024 --out $OUT/onnx_bench.json
+    python bench/bench_onnx_sampling.py --smoke --out /tmp/onnx_smoke.json                 # CPU, seconds
 """
 
 from __future__ import annotations
@@ -54,6 +55,10 @@ from ddpm.samplers import ddim_sample_loop, p_sample_loop
 from ddpm.schedule import Schedule
 
 DDIM_STEPS = 50
+# --smoke: a U-Net of the same layout, narrower and shallower, and a short schedule, so that a CPU runs it in seconds
+SMOKE_OVERRIDES = ("model.base_channels=16", "model.num_res_blocks=1", "model.norm_groups=8",
+                   "diffusion.timesteps=20", "sample.steps=5", "evaluate.steps=5", "export.check_steps=5",
+                   "export.int8_calibration_steps=5")
 
 
 class _Stop(Exception):
@@ -87,9 +92,9 @@ def time_steps(run: Callable[[Callable[..., Any]], Any], model: Callable[..., An
     return elapsed / max(calls[0], 1), calls[0]
 
 
-def random_checkpoint(path: Path, seed: int = 0) -> Path:
-    """The default config's U-Net with random weights (none left at zero), saved as a checkpoint."""
-    cfg = config_from_dict({})
+def random_checkpoint(path: Path, seed: int = 0, overrides: tuple[str, ...] = ()) -> Path:
+    """The default config's U-Net (with `overrides`) with random weights (none left at zero), saved as a checkpoint."""
+    cfg = config_from_dict({}, overrides=overrides)
     torch.manual_seed(seed)
     from ddpm.unet import build_unet
     net = randomize_zero_layers(build_unet(cfg.model, image_shape(cfg)))
@@ -175,7 +180,7 @@ def accuracy(den32: OnnxDenoiser, den16: OnnxDenoiser, batch: int) -> dict[str, 
             "fp16_vs_fp32_ddim50_mean_abs": float(np.abs(a - b).mean())}
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", default=None, help="a ddpm checkpoint (default: random default-config U-Net)")
     p.add_argument("--out", required=True, help="JSON results path")
@@ -189,89 +194,86 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--int8", action="store_true", help="also time the int8 model on the CPU (ddpm.quantize)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch and onnxruntime alike (default: each library's own default)")
+    p.add_argument("--smoke", action="store_true",
+                   help="a small U-Net and schedule, batch 2, 2 timed steps: checks the code path on a CPU")
     args = p.parse_args(argv)
-    cpu_options = None
-    if args.threads:
-        torch.set_num_threads(args.threads)
-        cpu_options = ort.SessionOptions()
-        cpu_options.intra_op_num_threads = args.threads
+    if args.smoke and args.checkpoint:
+        p.error("--smoke builds its own small model; leave out --checkpoint")
+    if args.smoke:
+        args.cpu_batch, args.cpu_steps, args.gpu_steps = 2, 2, 2
+    return args
 
-    work = Path(tempfile.mkdtemp(prefix="onnx-bench-"))
-    ckpt = Path(args.checkpoint) if args.checkpoint else random_checkpoint(work / "random.pt")
-    t0 = time.perf_counter()
-    onnx_path = export_onnx(ckpt, work / "model.onnx", ExportConfig(fp16=args.cuda))
-    export_s = time.perf_counter() - t0
-    model, cfg, _ = load_model(ckpt, "cpu", use_ema=True)
-    shape = image_shape(cfg)
-    T = cfg.diffusion.timesteps
-    rows: list[dict[str, Any]] = []
-    result: dict[str, Any] = {"env": {"python": platform.python_version(), "torch": torch.__version__,
-                                      "onnxruntime": ort.__version__, "platform": platform.platform(),
-                                      "cpu_threads": args.threads or "library defaults",
-                                      "torch_threads": torch.get_num_threads(), "argv": sys.argv},
-                              "model": cfg.to_dict()["model"], "timesteps": T, "export_s": export_s,
-                              "onnx_path": str(onnx_path),
-                              "checkpoint": args.checkpoint or "random weights, default config", "rows": rows}
 
-    if not args.skip_cpu:
-        b, k = args.cpu_batch, {"ddpm": args.cpu_steps, "ddim": min(args.cpu_steps, DDIM_STEPS)}
-        x_T = torch.randn(b, *shape, generator=torch.Generator().manual_seed(0))
-        rows += rows_for("torch eager, CPU", "fp32", b, torch_cases(model, Schedule.from_config(cfg.diffusion),
-                                                                    x_T, k, lambda: None), T)
-        den = OnnxDenoiser(onnx_path, "cpu", session_options=cpu_options)
-        rows += rows_for("onnxruntime, CPU", "fp32", b, ort_cases(den, x_T.numpy(), k), T)
-        if args.int8:
-            ec = ExportConfig()
-            t0 = time.perf_counter()
-            feeds = calibration_feeds(den, ec.int8_calibration_images, ec.int8_calibration_steps)
-            quantize_int8(onnx_path, int8_path(onnx_path), feeds)
-            result["int8_quantize_s"] = time.perf_counter() - t0
-            den8 = OnnxDenoiser(int8_path(onnx_path), "cpu", session_options=cpu_options)
-            rows += rows_for("onnxruntime, CPU", "int8 (QDQ convolutions)", b, ort_cases(den8, x_T.numpy(), k), T)
+def cpu_rows(args: argparse.Namespace, model: nn.Module, cfg: Any, onnx_path: Path, result: dict[str, Any],
+             cpu_options: ort.SessionOptions | None) -> list[dict[str, Any]]:
+    """torch eager float32 against onnxruntime's CPU provider (and the int8 model with --int8)."""
+    shape, T = image_shape(cfg), cfg.diffusion.timesteps
+    b, k = args.cpu_batch, {"ddpm": args.cpu_steps, "ddim": min(args.cpu_steps, DDIM_STEPS)}
+    x_T = torch.randn(b, *shape, generator=torch.Generator().manual_seed(0))
+    rows = rows_for("torch eager, CPU", "fp32", b, torch_cases(model, Schedule.from_config(cfg.diffusion),
+                                                               x_T, k, lambda: None), T)
+    den = OnnxDenoiser(onnx_path, "cpu", session_options=cpu_options)
+    rows += rows_for("onnxruntime, CPU", "fp32", b, ort_cases(den, x_T.numpy(), k), T)
+    if args.int8:
+        ec = ExportConfig()
+        t0 = time.perf_counter()
+        feeds = calibration_feeds(den, ec.int8_calibration_images, ec.int8_calibration_steps)
+        quantize_int8(onnx_path, int8_path(onnx_path), feeds)
+        result["int8_quantize_s"] = time.perf_counter() - t0
+        den8 = OnnxDenoiser(int8_path(onnx_path), "cpu", session_options=cpu_options)
+        rows += rows_for("onnxruntime, CPU", "int8 (QDQ convolutions)", b, ort_cases(den8, x_T.numpy(), k), T)
+    return rows
 
-    if args.cuda:
-        if not torch.cuda.is_available():
-            raise SystemExit("--cuda: torch sees no CUDA device")
-        dev = torch.device("cuda")
-        gpu_model = model.to(dev)
-        schedule = Schedule.from_config(cfg.diffusion).to(dev)
-        den32 = OnnxDenoiser(onnx_path, "cuda")
-        den16 = OnnxDenoiser(fp16_path(onnx_path), "cuda")
-        result.update(gpu=torch.cuda.get_device_name(dev), providers=den32.session.get_providers(),
-                      network_only_ms={}, errors={})
-        result["accuracy_cuda"] = accuracy(den32, den16, 64)
-        k = {"ddpm": args.gpu_steps, "ddim": min(args.gpu_steps, DDIM_STEPS)}
-        iters = max(args.gpu_steps, 10)
-        for b in args.gpu_batch:
-            x_T = torch.randn(b, *shape, generator=torch.Generator().manual_seed(0)).to(dev)
-            cases: list[tuple[str, Callable[[], Any]]] = [
-                ("torch fp32", lambda: rows_for("torch eager, CUDA", "fp32 (TF32 convs: torch default)", b,
-                                                torch_cases(gpu_model, schedule, x_T, k, torch.cuda.synchronize), T)),
-                ("torch bf16", lambda: rows_for("torch eager, CUDA", "bf16 autocast", b,
-                                                torch_cases(gpu_model, schedule, x_T, k, torch.cuda.synchronize,
-                                                            autocast=True), T)),
-                ("ort fp32", lambda: rows_for("onnxruntime, CUDA + IO binding", "fp32 (TF32: onnxruntime default)",
-                                              b, ort_cases(den32, x_T.cpu().numpy(), k), T)),
-                ("ort fp16", lambda: rows_for("onnxruntime, CUDA + IO binding", "fp16 (float32 I/O)", b,
-                                              ort_cases(den16, x_T.cpu().numpy(), k), T)),
-            ]
-            for name, case in cases:
-                try:
-                    rows += case()
-                except Exception as exc:  # one failing case must not lose the others' numbers
-                    result["errors"][f"{name}, batch {b}"] = f"{type(exc).__name__}: {exc}"
-            net = {"onnxruntime fp32": lambda: ort_network_only(den32, b, iters),
-                   "onnxruntime fp16": lambda: ort_network_only(den16, b, iters),
-                   "torch fp32": lambda: torch_network_only(gpu_model, x_T, iters, False),
-                   "torch bf16 autocast": lambda: torch_network_only(gpu_model, x_T, iters, True)}
-            for name, fn in net.items():
-                try:
-                    result["network_only_ms"][f"{name}, batch {b}"] = 1e3 * fn()
-                except Exception as exc:
-                    result["errors"][f"{name} network only, batch {b}"] = f"{type(exc).__name__}: {exc}"
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps(result, indent=1))  # partial results survive a later failure
 
+def cuda_rows(args: argparse.Namespace, model: nn.Module, cfg: Any, onnx_path: Path, result: dict[str, Any],
+              rows: list[dict[str, Any]]) -> None:
+    """torch eager (float32, bf16) and onnxruntime CUDA (float32, float16) per --gpu-batch, appended to `rows`;
+    the network alone with everything resident on the GPU into result["network_only_ms"]."""
+    if not torch.cuda.is_available():
+        raise SystemExit("--cuda: torch sees no CUDA device")
+    dev = torch.device("cuda")
+    shape, T = image_shape(cfg), cfg.diffusion.timesteps
+    gpu_model = model.to(dev)
+    schedule = Schedule.from_config(cfg.diffusion).to(dev)
+    den32 = OnnxDenoiser(onnx_path, "cuda")
+    den16 = OnnxDenoiser(fp16_path(onnx_path), "cuda")
+    result.update(gpu=torch.cuda.get_device_name(dev), providers=den32.session.get_providers(),
+                  network_only_ms={}, errors={})
+    result["accuracy_cuda"] = accuracy(den32, den16, 64)
+    k = {"ddpm": args.gpu_steps, "ddim": min(args.gpu_steps, DDIM_STEPS)}
+    iters = max(args.gpu_steps, 10)
+    for b in args.gpu_batch:
+        x_T = torch.randn(b, *shape, generator=torch.Generator().manual_seed(0)).to(dev)
+        cases: list[tuple[str, Callable[[], Any]]] = [
+            ("torch fp32", lambda: rows_for("torch eager, CUDA", "fp32 (TF32 convs: torch default)", b,
+                                            torch_cases(gpu_model, schedule, x_T, k, torch.cuda.synchronize), T)),
+            ("torch bf16", lambda: rows_for("torch eager, CUDA", "bf16 autocast", b,
+                                            torch_cases(gpu_model, schedule, x_T, k, torch.cuda.synchronize,
+                                                        autocast=True), T)),
+            ("ort fp32", lambda: rows_for("onnxruntime, CUDA + IO binding", "fp32 (TF32: onnxruntime default)",
+                                          b, ort_cases(den32, x_T.cpu().numpy(), k), T)),
+            ("ort fp16", lambda: rows_for("onnxruntime, CUDA + IO binding", "fp16 (float32 I/O)", b,
+                                          ort_cases(den16, x_T.cpu().numpy(), k), T)),
+        ]
+        for name, case in cases:
+            try:
+                rows += case()
+            except Exception as exc:  # one failing case must not lose the others' numbers
+                result["errors"][f"{name}, batch {b}"] = f"{type(exc).__name__}: {exc}"
+        net = {"onnxruntime fp32": lambda: ort_network_only(den32, b, iters),
+               "onnxruntime fp16": lambda: ort_network_only(den16, b, iters),
+               "torch fp32": lambda: torch_network_only(gpu_model, x_T, iters, False),
+               "torch bf16 autocast": lambda: torch_network_only(gpu_model, x_T, iters, True)}
+        for name, fn in net.items():
+            try:
+                result["network_only_ms"][f"{name}, batch {b}"] = 1e3 * fn()
+            except Exception as exc:
+                result["errors"][f"{name} network only, batch {b}"] = f"{type(exc).__name__}: {exc}"
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1))  # partial results survive a later failure
+
+
+def render(result: dict[str, Any], rows: list[dict[str, Any]], export_s: float) -> str:
     table = ["| backend | precision | sampler | steps | batch | timed steps | ms/step | images/s |",
              "|---|---|---|---|---|---|---|---|"]
     table += [f"| {r['backend']} | {r['precision']} | {r['sampler']} | {r['steps']} | {r['batch']} | "
@@ -283,9 +285,39 @@ def main(argv: list[str] | None = None) -> int:
         table += [f"- error in {k}: {v}" for k, v in result["errors"].items()]
     table += ["", "images/s = batch / (ms/step x steps), extrapolated from the timed steps; "
                   f"export took {export_s:.0f} s."]
-    print("\n".join(table))
+    return "\n".join(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cpu_options = None
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        cpu_options = ort.SessionOptions()
+        cpu_options.intra_op_num_threads = args.threads
+    work = Path(tempfile.mkdtemp(prefix="onnx-bench-"))
+    overrides = SMOKE_OVERRIDES if args.smoke else ()
+    ckpt = Path(args.checkpoint) if args.checkpoint else random_checkpoint(work / "random.pt", overrides=overrides)
+    t0 = time.perf_counter()
+    onnx_path = export_onnx(ckpt, work / "model.onnx", ExportConfig(fp16=args.cuda))
+    export_s = time.perf_counter() - t0
+    model, cfg, _ = load_model(ckpt, "cpu", use_ema=True)
+    rows: list[dict[str, Any]] = []
+    result: dict[str, Any] = {"env": {"python": platform.python_version(), "torch": torch.__version__,
+                                      "onnxruntime": ort.__version__, "platform": platform.platform(),
+                                      "cpu_threads": args.threads or "library defaults",
+                                      "torch_threads": torch.get_num_threads(), "argv": sys.argv},
+                              "model": cfg.to_dict()["model"], "timesteps": cfg.diffusion.timesteps,
+                              "export_s": export_s, "onnx_path": str(onnx_path),
+                              "checkpoint": args.checkpoint or "random weights, default config", "rows": rows}
+    if not args.skip_cpu:
+        rows += cpu_rows(args, model, cfg, onnx_path, result, cpu_options)
+    if args.cuda:
+        cuda_rows(args, model, cfg, onnx_path, result, rows)
+    table = render(result, rows, export_s)
+    print(table)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({**result, "markdown": "\n".join(table)}, indent=1))
+    Path(args.out).write_text(json.dumps({**result, "markdown": table}, indent=1))
     return 0
 
 
