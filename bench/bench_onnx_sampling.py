@@ -55,10 +55,10 @@ from ddpm.samplers import ddim_sample_loop, p_sample_loop
 from ddpm.schedule import Schedule
 
 DDIM_STEPS = 50
-# --smoke: a U-Net of the same layout, narrower and shallower, and a short schedule, so that a CPU runs it in seconds
-SMOKE_OVERRIDES = ("model.base_channels=16", "model.num_res_blocks=1", "model.norm_groups=8",
-                   "diffusion.timesteps=20", "sample.steps=5", "evaluate.steps=5", "export.check_steps=5",
-                   "export.int8_calibration_steps=5")
+# --smoke: a small two-level U-Net and a short schedule, so that a CPU runs every CPU case in seconds
+SMOKE_OVERRIDES = ("model.base_channels=8", "model.channel_mult=[1,2]", "model.num_res_blocks=1",
+                   "model.attention_levels=[1]", "model.num_heads=2", "model.norm_groups=4", "diffusion.timesteps=20",
+                   "sample.steps=5", "evaluate.steps=5", "export.check_steps=5", "export.int8_calibration_steps=5")
 
 
 class _Stop(Exception):
