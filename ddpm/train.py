@@ -1,4 +1,5 @@
-"""The training loop (Algorithm 1): AdamW with warm-up, gradient clipping, EMA, bf16 autocast on CUDA.
+"""The training loop (Algorithm 1) around ddpm.train_step's step, with its hooks: loss.csv and `on_log`,
+checkpoints, preview grids, and stopping on SIGINT/SIGTERM or a non-finite loss.
 
 The whole training set sits on the training device as one uint8 tensor; batches, timesteps and noise
 come from one seeded generator whose state is checkpointed with the global RNG, so a resumed run on
