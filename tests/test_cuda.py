@@ -234,3 +234,40 @@ def test_compiled_training_step_runs_again_from_a_warm_compile_cache(tmp_path):
     assert not list((tmp_path / "inductor").rglob("*.picked_kernel"))  # no record of the choice (any torch)
     assert runs[0]["hits"] == 0 and runs[1]["hits"] > 0
     assert runs[1]["loss"] == pytest.approx(runs[0]["loss"], rel=1e-3)  # each process times the variants anew
+
+
+def test_graphed_training_step_matches_the_eager_step():
+    """ddpm.train_step as `train.cuda_graphs` runs it (eager steps on a side stream, one capture, replays that
+    read the warming-up learning rate and EMA decay from device tensors, label dropout drawn eagerly) gives
+    the losses, weights and EMA of the eager step from the same seeds; in float32 without TF32."""
+    from ddpm.config import config_from_dict
+    from ddpm.train_step import TrainData, TrainState, make_train_step
+    cfg = config_from_dict({"model": {"base_channels": 16, "channel_mult": [1, 2], "attention_levels": [1],
+                                      "norm_groups": 8, "num_heads": 2, "dropout": 0.0, "class_conditional": True},
+                            "diffusion": {"timesteps": 100},
+                            "train": {"batch_size": 8, "bf16": False, "warmup_steps": 4, "ema_decay": 0.99,
+                                      "label_dropout": 0.5}})
+    gen = torch.Generator().manual_seed(0)
+    data = TrainData(torch.randint(0, 256, (64, 1, 28, 28), generator=gen, dtype=torch.uint8).cuda(),
+                     (torch.arange(64) % 10).cuda())
+    schedule = Schedule.from_config(cfg.diffusion).to("cuda")
+    runs = []
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        for graphed in (False, True):
+            torch.manual_seed(0)
+            model = UNet(cfg.model).cuda().train()
+            for p in model.parameters():  # zero-initialised layers would give most parameters no gradient
+                torch.nn.init.normal_(p, std=0.05)
+            state = TrainState.create(model, cfg.train, torch.device("cuda"), graphed=graphed, seed=1)
+            step = make_train_step(state, cfg, data, schedule)
+            losses = [step().item() for _ in range(8)]
+            assert state.step == 8 and (step.graph is not None) == graphed and step.first_nonfinite() is None
+            runs.append((losses, [p.detach().clone() for p in [*model.parameters(), *state.ema.parameters()]]))
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+    (eager_losses, eager_weights), (graph_losses, graph_weights) = runs
+    assert graph_losses == pytest.approx(eager_losses, rel=1e-4)
+    for got, want in zip(graph_weights, eager_weights):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
