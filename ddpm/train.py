@@ -42,7 +42,6 @@ from ddpm.resources import check_training_fits
 from ddpm.run_folder import CHECKPOINT_NAME, LOSS_LOG_NAME, RunFiles, owned, resume_changes  # noqa: F401 (re-exported)
 from ddpm.schedule import Schedule
 from ddpm.train_step import TrainData, TrainState, TrainStep, make_train_step
-from ddpm.train_step import ema_decay_at, ema_update  # noqa: F401 (re-exported)
 from ddpm.unet import build_unet
 
 log = logging.getLogger(__name__)
