@@ -3,7 +3,7 @@
 One step is ddpm.train_step's step, the one `ddpm train` runs (make_train_step), on random uint8
 data already on the device: draw a batch (gather + scaling), t and noise from the state's generator;
 q_sample + forward + loss (p_losses) under bf16 autocast; backward; gradient clipping
-(train.grad_clip); fused AdamW at the warmed-up learning rate; EMA with its warm-up; the NaN guard.
+(train.grad_clip); fused AdamW at the scheduled learning rate; EMA with its warm-up; the NaN guard.
 
 Modes (--modes):
   eager          plain PyTorch, as ddpm.train runs with train.compile=false.

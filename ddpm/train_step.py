@@ -2,7 +2,7 @@
 
 A step draws a batch from the data on the device (images, timesteps t in [0, T-1], noise and, for a
 class-conditional model, labels with label dropout) from the state's generator, computes p_losses
-under bf16 autocast on CUDA, steps AdamW at the warmed-up learning rate after gradient clipping,
+under bf16 autocast on CUDA, steps AdamW at the step's learning rate (lr_at_step) after gradient clipping,
 updates the EMA and records on the device the first step whose loss was not finite (read it with
 `first_nonfinite` when the host synchronizes anyway).
 
