@@ -14,8 +14,8 @@ Modes (--modes):
                  our U-Net with ddpm.train.compile_options(cuda_graphs=False) (--inductor settings
                  override them), the twins with inductor's defaults (--compile-options).
   compile-graph  the same, with compile_options(cuda_graphs=True) for our U-Net (its own compile;
-                 for a twin without options it reuses the compile of `compile`), the whole step
-                 captured in a CUDA graph.
+                 for a twin without options it reuses the compile of `compile`), the update
+                 captured in a CUDA graph as in `graph`.
   reduce-overhead, max-autotune-no-cudagraphs
                  torch.compile modes, opt-in. reduce-overhead graphs forward and backward only
                  (the optimizer and EMA stay eager) and compiles again; max-autotune autotunes
