@@ -36,8 +36,6 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch
-
 from bench import harness as H
 from bench.models import MODEL_NAMES, Spec, specs
 from bench.sampling_cases import Bench
@@ -128,7 +126,8 @@ def render(doc: dict[str, Any]) -> str:
     rows = []
     for r in doc.get("results", []):
         if r.get("status") != "ok":
-            rows.append([r["model"], r["batch"], r["mode"]] + ["-"] * 8 + [f"{r['status']}: {r.get('error', '')[:120]}"])
+            why = f"{r['status']}: {r.get('error', '')[:120]}"
+            rows.append([r["model"], r["batch"], r["mode"]] + ["-"] * 8 + [why])
             continue
         ddpm_k = r.get("ddpm_steps_per_window")
         rows.append([r["model"], r["batch"], r["mode"],
@@ -148,7 +147,8 @@ def render(doc: dict[str, Any]) -> str:
     fast = doc.get("fastest")
     if fast:
         if fast.get("status") == "ok":
-            out.append(f"\n**{fast['images']:,} MNIST-shaped images, {fast['ddim_steps']}-step DDIM** ({fast['model']}, "
+            out.append(f"\n**{fast['images']:,} MNIST-shaped images, {fast['ddim_steps']}-step DDIM** "
+                       f"({fast['model']}, "
                        f"{fast['mode']}, batch {fast['batch']}, {fast['images_generated']} generated): "
                        f"**{fast['wall_s']:.2f} s** wall, noise to uint8 on the host "
                        f"(runs: {', '.join(f'{w:.2f}' for w in fast['wall_s_runs'])}); goal < 5 s "

@@ -99,7 +99,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "ddpm.train does with train.compile (ddpm.layers.Dropout)")
     p.add_argument("--padded-image-convs", action=argparse.BooleanOptionalAction, default=True,
                    help="with --channels-last, our U-Net's image-channel convolutions padded to 8 channels when "
-                        "compiled, as ddpm.train does with train.compile and train.channels_last (ddpm.layers.ImageConv2d)")
+                        "compiled, as ddpm.train with train.compile and train.channels_last (ddpm.layers.ImageConv2d)")
     p.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
     p.add_argument("--inductor", action="append", type=H.parse_inductor_option, default=[], metavar="KEY=VALUE",
                    help="a torch._inductor.config setting for compile-based modes (repeatable), "
@@ -294,13 +294,13 @@ def estimate_s(tr: Trainee, batch: int, mode: str, budget: H.Budget, args: argpa
 # ----------------------------------------------------------------------------------------------- report
 
 def render(doc: dict[str, Any]) -> str:
-    env, peak = doc.get("environment", {}), doc.get("matmul_peak", {})
+    env, peak, after = doc.get("environment", {}), doc.get("matmul_peak", {}), doc.get("matmul_peak_after", {})
     out = [f"# Training throughput: {env.get('gpu') or env.get('device')} ({env.get('date_utc')})", "",
            f"torch {env.get('torch')}, CUDA {env.get('cuda')}, cuDNN {env.get('cudnn')}, triton {env.get('triton')}, "
            f"diffusers {env.get('diffusers')}, driver {env.get('driver')}, git {env.get('git_commit')}.",
            f"Dense bf16 matmul {peak.get('n')}^3 in this process: {H.fmt(peak.get('tflops'))} TFLOP/s "
            f"(best window {H.fmt(peak.get('tflops_best'))}; after {H.fmt(peak.get('sustained_s'))} s of it "
-           f"{H.fmt(peak.get('tflops_sustained'))}; after the cases {H.fmt(doc.get('matmul_peak_after', {}).get('tflops'))}).",
+           f"{H.fmt(peak.get('tflops_sustained'))}; after the cases {H.fmt(after.get('tflops'))}).",
            f"Settings: {doc.get('settings')}.", "",
            "One step = ddpm.train_step (batch gather + q_sample + forward + loss + backward + grad clip + fused AdamW "
            "+ EMA + NaN guard); "

@@ -138,8 +138,9 @@ def train(cfg: Config, resume: bool = False, on_log: Callable[[int, dict[str, fl
     are refused, other changes are logged) or `overwrite` (the previous run's files move to
     `<out_dir>.replaced-<UTC time>/`). Nothing in it is written before the first step has finished.
     `on_log(step, metrics)` receives loss, lr and images_per_sec every `log_every` steps;
-    `on_sample(step, png_path)` every saved grid; `on_checkpoint(step, path)` after every checkpoint. Raises TrainingDivergedError on a non-finite loss
-    and TrainingInterrupted on SIGINT/SIGTERM, after saving what is worth keeping.
+    `on_sample(step, png_path)` every saved grid; `on_checkpoint(step, path)` after every checkpoint.
+    Raises TrainingDivergedError on a non-finite loss and TrainingInterrupted on SIGINT/SIGTERM, after
+    saving what is worth keeping.
     """
     rank = init_distributed(cfg.train.device)
     device = resolve_device(cfg.train.device, rank.local_rank)
