@@ -11,6 +11,8 @@ On CUDA the network's inputs and output live in preallocated GPU buffers bound t
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import sys
 from dataclasses import dataclass
@@ -233,14 +235,47 @@ def no_spin_options() -> ort.SessionOptions:
     return options
 
 
+def cuda_problem() -> str | None:
+    """Why onnxruntime's CUDA provider cannot run here, or None when it can.
+
+    onnxruntime-gpu lists CUDAExecutionProvider on every machine, GPU or not, and a session that asks
+    for it without a driver logs errors before it falls back to the CPU. So the driver is asked first,
+    quietly: a CUDA provider is requested only when this returns None.
+    """
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return (f"this onnxruntime ({ort.__version__}) has no CUDAExecutionProvider (available: "
+                f"{ort.get_available_providers()}); install onnxruntime-gpu")
+    return _driver_problem()
+
+
+@functools.cache
+def _driver_problem() -> str | None:
+    """The CUDA driver's answer: None when it loads and counts at least one GPU."""
+    name = "nvcuda.dll" if sys.platform == "win32" else "libcuda.so.1"
+    try:
+        driver = ctypes.CDLL(name)
+    except OSError:
+        return f"there is no NVIDIA driver ({name} cannot be loaded)"
+    count = ctypes.c_int(0)
+    if driver.cuInit(0) != 0 or driver.cuDeviceGetCount(ctypes.byref(count)) != 0 or count.value < 1:
+        return "the NVIDIA driver finds no usable GPU"
+    return None
+
+
+def resolve_provider(provider: str) -> str:
+    """"auto" -> "cuda" where the CUDA provider can run (cuda_problem), else "cpu"; other names unchanged."""
+    if provider == "auto":
+        return "cuda" if cuda_problem() is None else "cpu"
+    return provider
+
+
 def _open_session(path: Path, provider: str, cuda_options: dict[str, Any],
                   options: ort.SessionOptions | None) -> ort.InferenceSession:
     providers: list[Any] = ["CPUExecutionProvider"]
     if provider == "cuda":
-        if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise OnnxModelError(f"CUDA was asked for, but this onnxruntime ({ort.__version__}) has no "
-                                 f"CUDAExecutionProvider (available: {ort.get_available_providers()}); install "
-                                 f"onnxruntime-gpu, or use provider 'cpu'")
+        problem = cuda_problem()
+        if problem is not None:
+            raise OnnxModelError(f"CUDA was asked for, but {problem}; use provider 'cpu'")
         if "torch" not in sys.modules and hasattr(ort, "preload_dlls"):
             ort.preload_dlls()  # the CUDA and cuDNN libraries of the nvidia-* wheels, which torch would load
         providers = [("CUDAExecutionProvider", cuda_options), "CPUExecutionProvider"]

@@ -19,11 +19,10 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
-import onnxruntime as ort
 
 from ddpm.fileio import atomic_write_bytes
 from ddpm.errors import ConfigError, OnnxModelError
-from ddpm.onnx_model import Array, NumpySchedule, OnnxDenoiser
+from ddpm.onnx_model import Array, NumpySchedule, OnnxDenoiser, resolve_provider
 from ddpm.config import MAX_SEED
 from ddpm.schedule_math import check_eta, check_guidance_scale, ddim_timesteps
 
@@ -249,9 +248,7 @@ def main(args: Any) -> int:
     from ddpm.run_folder import check_writable  # torch-free
 
     check_writable(args.out)  # before the model is loaded or an image sampled
-    provider = args.provider
-    if provider == "auto":
-        provider = "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
+    provider = resolve_provider(args.provider)
     try:
         den = OnnxDenoiser(args.model, provider)
     except OnnxModelError:

@@ -516,3 +516,22 @@ def test_cuda_fails_loudly_without_a_gpu_and_matches_cpu_with_one(models):
         a = ort_ddim(gpu, gpu.schedule, x_T[:b], labels=labels[:b], steps=5, guidance_scale=2.0, prediction="v")
         c = ort_ddim(cpu, cpu.schedule, x_T[:b], labels=labels[:b], steps=5, guidance_scale=2.0, prediction="v")
         assert np.abs(a - c).max() < 1e-3
+
+
+def test_provider_auto_asks_the_driver_before_requesting_cuda(models, tmp_path, monkeypatch):
+    """onnxruntime-gpu lists CUDAExecutionProvider on CPU machines too; requesting it there logs red errors.
+    auto requests CUDA only where the driver finds a GPU, so a CPU machine's run is silent and on the CPU."""
+    import ddpm.onnx_model as onnx_model
+
+    monkeypatch.setattr(onnx_model, "_driver_problem", lambda: "there is no NVIDIA driver (test)")
+    assert onnx_model.resolve_provider("auto") == "cpu" and onnx_model.resolve_provider("cuda") == "cuda"
+    with pytest.raises(OnnxModelError, match=r"CUDA was asked for, but there is no NVIDIA driver \(test\)"):
+        OnnxDenoiser(models["uncond"][1], provider="cuda")
+    monkeypatch.undo()
+    proc = subprocess.run([sys.executable, "-m", "ddpm.cli", "onnx-sample", "--model", str(models["uncond"][1]),
+                           "--out", str(tmp_path), "-n", "2", "--steps", "3", "--provider", "auto"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr
+    expected = "CPUExecutionProvider" if onnx_model.cuda_problem() else "CUDAExecutionProvider"
+    assert f"on {expected}" in proc.stdout
+    assert "onnxruntime" not in proc.stderr and "CUDA did not start" not in proc.stderr, proc.stderr
