@@ -110,6 +110,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_onnx_sample(args: argparse.Namespace) -> int:
     from ddpm.onnx_sampler import main as onnx_main
+    if args.model.startswith("models:/"):
+        # The resolver lives with the pipeline's MLflow code; ddpm itself never imports MLflow.
+        from flows.registry import fetch_onnx
+        found = fetch_onnx(args.model, args.params, cache=args.cache)
+        print(f"{args.model}: version {found.version} of {found.name!r} in {found.store} -> {found.path}")
+        args = argparse.Namespace(**{**vars(args), "model": str(found.path)})
     return onnx_main(args)
 
 
@@ -165,7 +171,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("onnx-sample", help="sample with onnxruntime alone (no PyTorch)")
-    p.add_argument("--model", required=True, help="the exported .onnx file (its schedule is read from its metadata)")
+    p.add_argument("--model", required=True,
+                   help="the exported .onnx file (its schedule is read from its metadata), or a registered version: "
+                        "models:/<name>@<alias> (e.g. models:/ddpm-unet@champion) or models:/<name>/<version>")
+    p.add_argument("--params", default="params.yaml",
+                   help="for models:/ URIs: the settings whose MLflow store holds the registry, $MLFLOW_TRACKING_URI "
+                        "first (default: %(default)s, else the project's)")
+    p.add_argument("--cache", default=None,
+                   help="for models:/ URIs: where downloaded versions are kept (default: ~/.cache/ddpm/models)")
     p.add_argument("--out", default="samples_onnx", help="output folder (default: %(default)s)")
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddim", help="(default: %(default)s)")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (default: %(default)s)")

@@ -138,6 +138,13 @@ class Settings:
         return flat
 
 
+def tracking_uri_for(settings: Settings) -> str:
+    """The MLflow store of a run: $MLFLOW_TRACKING_URI, else pipeline.tracking_uri, else the project's
+    sqlite:///<project>/mlflow/mlflow.db (here, not in flows.tracking, so that reading it imports no MLflow)."""
+    return (os.environ.get("MLFLOW_TRACKING_URI") or settings.cfg.pipeline.tracking_uri
+            or f"sqlite:///{settings.project / 'mlflow' / 'mlflow.db'}")
+
+
 def _param_str(value: Any) -> str:
     return json.dumps(value) if isinstance(value, (list, tuple, bool)) or value is None else str(value)
 

@@ -42,7 +42,8 @@ from mlflow.tracking import MlflowClient
 from prefect.exceptions import TerminationSignal
 
 from ddpm.errors import TrainingInterrupted
-from flows.runtime import ServiceUnavailable, Settings, check_tracking_uri, dvc_dataset_version, git_commit
+from flows.runtime import (ServiceUnavailable, Settings, check_tracking_uri, dvc_dataset_version, git_commit,  # noqa: F401
+                           tracking_uri_for)  # (tracking_uri_for: imported from here by flows.stages)
 
 log = logging.getLogger(__name__)
 
@@ -126,11 +127,6 @@ def _describe(error: BaseException, signalled: bool = False) -> str:
     if signalled and not _stopped_by_signal(error):
         return f"stopped by SIGTERM, which surfaced as {type(error).__name__}: {error}"
     return f"{type(error).__name__}: {error}"
-
-
-def tracking_uri_for(settings: Settings) -> str:
-    return (os.environ.get("MLFLOW_TRACKING_URI") or settings.cfg.pipeline.tracking_uri
-            or f"sqlite:///{settings.project / 'mlflow' / 'mlflow.db'}")
 
 
 def artifact_location_for(uri: str) -> str | None:
