@@ -97,6 +97,10 @@ class Settings:
         return self.out_dir / "trajectory.png"
 
     @property
+    def resolved_params(self) -> Path:
+        return self.out_dir / "resolved_params.yaml"
+
+    @property
     def dataset_manifest(self) -> Path:
         return self.out_dir / "dataset.json"
 
