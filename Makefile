@@ -22,7 +22,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: install lock env-info pipeline test test-all clean
+.PHONY: install lock env-info data pipeline test test-all clean
 
 # The lock is complete, so pip resolves nothing beyond it (and fails if it were not); the lock
 # brings setuptools, which builds the editable project without an isolated build environment.
@@ -59,6 +59,15 @@ $(UV):
 # The machine's CPU flags and the versions that matter, printed at the top of `make test`.
 env-info: $(STAMP)
 	@$(PY) .ci/envinfo.py
+
+# data/ for `dvc repro` on a fresh clone, where a bare `dvc pull` fails: the DVC remote (../ddpm-dvc-storage)
+# holds data.dvc's version only after someone ran `dvc push` there. Pulled from it when it does, else
+# fetched from the dataset's sources and checked against the SHA-256 pins of ddpm/data.py (the same
+# files, so data.dvc then matches). One line says which.
+data: $(STAMP)
+	@if $(VENV)/bin/dvc pull -q data.dvc 2>/dev/null; then echo "data/: pulled from the DVC remote"; \
+	else echo "data/: not in the DVC remote ($$($(VENV)/bin/dvc remote list | tr -s ' \t' ' ')); fetching it from its sources"; \
+	$(PY) -m ddpm.cli data; fi
 
 # ddpm-pipeline (flows/pipeline.py) on gpu-fast where torch sees a CUDA device, else params.yaml's
 # default profile (cpu); PROFILE=cpu forces the CPU. It fetches and verifies MNIST, then
