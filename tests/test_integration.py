@@ -3,7 +3,8 @@
 * `prefect server start` + `python -m flows.serve` + `prefect deployment run 'ddpm-pipeline/cpu'`
   completes a pipeline run, which logs to a real `mlflow server` (temporary sqlite backend);
 * `dvc repro` in a temporary copy of the repository runs every stage, a second `dvc repro` runs
-  none, and `dvc exp run -S evaluate.nearest_k=2` reruns only the evaluate stage;
+  none, `dvc exp run -S evaluate.nearest_k=2` reruns only settings, evaluate and export, and
+  `dvc exp show --only-changed` then has a few columns;
 * a `dvc repro` whose export check fails keeps the stages before it in dvc.lock, and once the fault
   is undone the next `dvc repro` runs export alone (marked `faults` too).
 
@@ -16,7 +17,9 @@ verifies. Set DDPM_SKIP_INTEGRATION=1 to skip this module.
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import ipaddress
 import json
 import os
@@ -316,7 +319,7 @@ def first_repro(dvc_repo):
 def test_dvc_repro_runs_every_stage(dvc_repo, first_repro):
     repo, env = dvc_repo
     proc = first_repro
-    for stage in ("data", "features", "train", "evaluate", "export"):
+    for stage in ("settings", "data", "features", "train", "evaluate", "export"):
         assert f"Running stage '{stage}'" in proc.stdout
     run = repo / "runs" / "default"
     for f in ("checkpoint.pt", "loss.csv", "eval/metrics.json", "model.onnx", "samples_onnx/samples.png"):
@@ -327,7 +330,7 @@ def test_dvc_repro_runs_every_stage(dvc_repo, first_repro):
     assert not (repo / "runs" / "features").exists()
     assert json.loads((run / "eval" / "metrics.json").read_text())["feature_net"]["pinned"] is True
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"data", "features", "train", "evaluate", "export"}
+    assert set(lock["stages"]) == {"settings", "data", "features", "train", "evaluate", "export"}
     assert stage_runs(env) == ["data", "evaluate", "export", "features", "train"]
     metrics = dvc(repo, env, "metrics", "show", "--json").stdout
     assert '"fid"' in metrics
@@ -351,11 +354,26 @@ def test_changed_parameter_reruns_only_dependent_stages(dvc_repo, first_repro):
     runs_before = stage_runs(env)
     proc = dvc(repo, env, "exp", "run", "-S", "evaluate.nearest_k=2")
     ran = set(re.findall(r"Running stage '(\w+)'", proc.stdout))
-    # export reads the evaluation's metrics.json (promotion by FID), so it follows; data and train do not run
-    assert ran == {"evaluate", "export"}, proc.stdout
+    # settings resolves the new value; export reads the evaluation's metrics.json (promotion by FID), so it
+    # follows; data and train do not run
+    assert ran == {"settings", "evaluate", "export"}, proc.stdout
     assert sorted(stage_runs(env)) == sorted([*runs_before, "evaluate", "export"])
     params = json.loads(dvc(repo, env, "params", "diff", "--json").stdout or "{}")
     assert params  # the experiment's change is visible to DVC
+
+
+def test_exp_show_only_changed_fits_and_shows_the_resolved_values(dvc_repo, first_repro):
+    """After `-S evaluate.nearest_k=2` (the test above), `exp show --only-changed` holds the changed setting,
+    as set and as resolved, and the metrics and files that changed with it: a few columns, not dozens."""
+    repo, env = dvc_repo
+    rows = list(csv.DictReader(io.StringIO(dvc(repo, env, "exp", "show", "--only-changed", "--csv").stdout)))
+    meta = {"Experiment", "rev", "typ", "Created", "parent", "State", "Executor"}
+    shown = [c for c in rows[0] if c not in meta]
+    assert "runs/default/resolved_params.yaml:evaluate.nearest_k" in shown, shown
+    assert len(shown) <= 24, shown
+    full = list(csv.DictReader(io.StringIO(dvc(repo, env, "exp", "show", "--csv").stdout)))
+    workspace = next(r for r in full if r["rev"] == "workspace")
+    assert workspace["runs/default/resolved_params.yaml:train.steps"] == "12"  # the profile's, not 20000
 
 
 @pytest.mark.faults
@@ -386,7 +404,7 @@ def test_dvc_repro_after_a_failed_stage_reruns_only_from_there(dvc_repo, first_r
     for stage in set(lock) - {"export"}:  # their outputs are the files on disk
         for out in lock[stage]["outs"]:
             assert hashlib.md5((repo / out["path"]).read_bytes()).hexdigest() == out["md5"], out["path"]
-    assert lock["train"]["params"]["params.yaml"]["profiles.tiny"]["train"]["steps"] == 16
+    assert lock["train"]["params"]["runs/default/resolved_params.yaml"]["train"]["steps"] == 16
     assert load_checkpoint(run / "checkpoint.pt")["step"] == 16
     checkpoint = sha256(run / "checkpoint.pt")
     c = MlflowClient(env["MLFLOW_TRACKING_URI"])
