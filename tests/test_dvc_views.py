@@ -78,6 +78,7 @@ def _stale(repo: Path) -> set[str]:
     return set(json.loads(run(repo, str(BIN / "dvc"), "status", "--json") or "{}")) - {"data.dvc"}
 
 
+@pytest.mark.slow
 def test_each_stage_reruns_only_for_the_values_it_reads_under_the_active_profile(repo):
     _stand_in_outputs(repo)
     run(repo, str(BIN / "dvc"), "repro", "-q", "settings")
