@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ddpm import progress
 from ddpm.checkpoint import atomic_write_bytes, load_checkpoint, load_model
 from ddpm.config import Config, config_from_dict
 from ddpm.data import load_images
@@ -165,6 +166,7 @@ def reference_stats(cfg: Config, feature_net: str | Path, device: torch.device |
         except Exception as exc:  # noqa: BLE001 - an unreadable or altered cache is recomputed, never used
             log.warning("reference cache %s is not used: %s; recomputing it", cache, exc)
     log.info("computing reference statistics of %s for %s -> %s", dataset, fn_path, cache)
+    progress.advance("computing reference statistics")
     start = time.perf_counter()
     net = net or load_feature_net(fn_path, device)
     bs = cfg.evaluate.batch_size
@@ -321,6 +323,7 @@ def _evaluate_checkpoint(checkpoint: str | Path, cfg: Config, out: Path, onnx_mo
     images, run_cfg, backend = _generate(checkpoint, cfg, onnx_model, device)
     sample_seconds = time.perf_counter() - start
     log.info("sampled %d images with %s/%s in %.1f s", len(images), backend, ev.sampler, sample_seconds)
+    progress.advance("scoring the samples")
     fn_path = ensure_feature_net(run_cfg, feature_net, device)
     metrics, dists, idx = _score(images, run_cfg, fn_path, device)
     steps = ev.steps if ev.sampler == "ddim" else run_cfg.diffusion.timesteps

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torchvision.utils import make_grid
 from torchvision.transforms.functional import to_pil_image
 
+from ddpm import progress
 from ddpm.checkpoint import atomic_write_bytes
 from ddpm.config import Config, SampleConfig, image_shape
 from ddpm.data import from_model_range
@@ -74,14 +75,19 @@ def sampler_options(sc: SampleConfig) -> dict[str, object]:
 
 @torch.no_grad()
 def _counted(net: Callable[..., torch.Tensor], total: int) -> tuple[Callable[..., torch.Tensor], Any]:
-    """`net` that moves a progress bar (tqdm, on a terminal only) once per sampling step."""
+    """`net` that moves a progress bar (tqdm, on a terminal only) and ddpm.progress once per sampling step."""
     from tqdm import tqdm
 
     bar = tqdm(total=total, desc="sampling", unit="step", dynamic_ncols=True, disable=None, leave=False)
 
+    done = 0  # bar.n stays 0 when the bar is disabled (no terminal)
+
     def counted(*args: Any, **kwargs: Any) -> torch.Tensor:
+        nonlocal done
         out = net(*args, **kwargs)
         bar.update(1)
+        done += 1
+        progress.advance("sampling (network calls)", done, total)
         return out
 
     return counted, bar

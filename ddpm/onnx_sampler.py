@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from ddpm import progress
 from ddpm.fileio import atomic_write_bytes
 from ddpm.errors import ConfigError, OnnxModelError
 from ddpm.onnx_model import Array, NumpySchedule, OnnxDenoiser, resolve_provider
@@ -201,6 +202,7 @@ def sample_model_range(model: str | Path | OnnxDenoiser, n: int, sampler: str = 
             outs.append(ddim_sample_loop(den, den.schedule, xb, steps=steps, eta=eta, **common))
         else:
             outs.append(p_sample_loop(den, den.schedule, xb, variance=variance, **common))
+        progress.advance("onnxruntime sampling (images)", sl.stop, n)
     return np.concatenate(outs)
 
 

@@ -52,11 +52,13 @@ LOSS_FIELDS = ("step", "loss", "lr", "images_per_sec")
 @dataclass(frozen=True)
 class TrainHooks:
     """What the caller hears: `on_log(step, metrics)` every log_every steps, `on_sample(step, png_path)` after
-    every saved grid, `on_checkpoint(step, path)` after every checkpoint."""
+    every saved grid, `on_checkpoint(step, path)` after every checkpoint, `on_step(step)` after every step (no
+    device sync: keep it cheap)."""
 
     on_log: Callable[[int, dict[str, float]], None] | None = None
     on_sample: Callable[[int, Path], None] | None = None
     on_checkpoint: Callable[[int, Path], None] | None = None
+    on_step: Callable[[int], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -130,7 +132,8 @@ class _StopFlag:
 
 def train(cfg: Config, resume: bool = False, on_log: Callable[[int, dict[str, float]], None] | None = None,
           on_sample: Callable[[int, Path], None] | None = None,
-          on_checkpoint: Callable[[int, Path], None] | None = None, overwrite: bool = False) -> TrainResult:
+          on_checkpoint: Callable[[int, Path], None] | None = None, overwrite: bool = False,
+          on_step: Callable[[int], None] | None = None) -> TrainResult:
     """Train the U-Net described by `cfg`; write checkpoints, loss.csv and sample grids under cfg.train.out_dir.
 
     The folder is held by this run (ddpm.run_folder.owned: a second process fails at once). A folder
@@ -138,9 +141,9 @@ def train(cfg: Config, resume: bool = False, on_log: Callable[[int, dict[str, fl
     are refused, other changes are logged) or `overwrite` (the previous run's files move to
     `<out_dir>.replaced-<UTC time>/`). Nothing in it is written before the first step has finished.
     `on_log(step, metrics)` receives loss, lr and images_per_sec every `log_every` steps;
-    `on_sample(step, png_path)` every saved grid; `on_checkpoint(step, path)` after every checkpoint.
-    Raises TrainingDivergedError on a non-finite loss and TrainingInterrupted on SIGINT/SIGTERM, after
-    saving what is worth keeping.
+    `on_sample(step, png_path)` every saved grid; `on_checkpoint(step, path)` after every checkpoint;
+    `on_step(step)` after every step. Raises TrainingDivergedError on a non-finite loss and
+    TrainingInterrupted on SIGINT/SIGTERM, after saving what is worth keeping.
     """
     rank = init_distributed(cfg.train.device)
     device = resolve_device(cfg.train.device, rank.local_rank)
@@ -152,7 +155,7 @@ def train(cfg: Config, resume: bool = False, on_log: Callable[[int, dict[str, fl
         files = RunFiles(out_dir, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode(), LOSS_FIELDS,
                          int(ckpt["step"]) if ckpt else 0, replace=overwrite and (out_dir / CHECKPOINT_NAME).exists())
         step = _start(cfg, rank, device, ckpt)
-        return _Run(cfg, rank, step, files, TrainHooks(on_log, on_sample, on_checkpoint)).run()
+        return _Run(cfg, rank, step, files, TrainHooks(on_log, on_sample, on_checkpoint, on_step)).run()
 
 
 def _checkpoint_to_resume(cfg: Config, ckpt_path: Path, resume: bool, overwrite: bool) -> dict[str, Any] | None:
@@ -265,6 +268,8 @@ class _Run:
 
     def _after_step(self, stop: _StopFlag) -> None:
         tc, step = self.cfg.train, self.state.step
+        if self.rank.is_main and self.hooks.on_step is not None:
+            self.hooks.on_step(step)
         at_log = step % tc.log_every == 0 or step == tc.steps
         at_ckpt = step % tc.checkpoint_every == 0 or step == tc.steps
         # One process acts on a signal at once; ranks agree on it at the next log or checkpoint step.

@@ -186,3 +186,18 @@ def test_learning_rate_warms_up_then_follows_its_decay():
     # after warm-up: lr * (1 + cos(pi * (s - warmup) / (steps - warmup))) / 2
     assert [lr_at_step(s, cos) for s in (10, 60, 110)] == pytest.approx([1e-3, 5e-4, 0.0])
     assert lr_at_step(35, cos) == pytest.approx(1e-3 * (1 + math.cos(math.pi / 4)) / 2)
+
+
+def test_on_step_sees_every_step_and_the_final_grid_reports_its_sampling(cfg_for):
+    """The per-step hook (what a pipeline's progress reads) gets each step once, in order; the final grid's
+    sampling goes through ddpm.progress, one call per network evaluation."""
+    from ddpm import progress
+
+    steps, seen = [], []
+    with progress.reporting(lambda phase, done, total: seen.append((phase, done, total))):
+        cfg = cfg_for("a", 5, "sample.sampler=ddim", "sample.batch_size=32")
+        train_mod.train(cfg, on_step=steps.append)
+    assert steps == [1, 2, 3, 4, 5]
+    sampling = [(done, total) for phase, done, total in seen if phase.startswith("sampling")]
+    calls = 2 * 2  # the 64-image grid: two batches of 32, DDIM with sample.steps=2
+    assert sampling == [(k, calls) for k in range(1, calls + 1)]

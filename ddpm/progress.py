@@ -1,0 +1,38 @@
+"""Progress of the library's long loops, for whoever watches: a callback that the caller installs.
+
+Sampling (ddpm.generate, ddpm.onnx_sampler) and evaluation (ddpm.evaluate) call
+`advance(phase, done, total)` as their work moves. Nothing happens unless the caller installed a
+hook for the current context:
+
+    with progress.reporting(lambda phase, done, total: print(phase, done, total)):
+        evaluate_checkpoint(...)
+
+The pipeline (flows/) installs one that publishes to Prefect; the library knows nothing of Prefect.
+A hook must be cheap (it runs inside sampling loops) and must not raise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from contextvars import ContextVar
+from typing import Callable, Iterator
+
+Hook = Callable[[str, int, int], None]  # (phase, done, total); total 0: a phase without a count
+_hook: ContextVar[Hook | None] = ContextVar("ddpm_progress_hook", default=None)
+
+
+@contextlib.contextmanager
+def reporting(hook: Hook | None) -> Iterator[None]:
+    """Send `advance` calls made in this context (this thread, and tasks started from it) to `hook`."""
+    token = _hook.set(hook)
+    try:
+        yield
+    finally:
+        _hook.reset(token)
+
+
+def advance(phase: str, done: int = 0, total: int = 0) -> None:
+    """`done` of `total` units of `phase` are finished (a no-op without a hook)."""
+    hook = _hook.get()
+    if hook is not None:
+        hook(phase, done, total)
