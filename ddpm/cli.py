@@ -198,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
+        from ddpm.threads import apply_thread_defaults
+        apply_thread_defaults()  # before any command imports torch: OpenMP reads the variables once
         return args.func(args)
     except Exception as exc:  # expected failures: one clear line, exit status 2; bugs (and -v): the traceback
         from ddpm.errors import user_error
