@@ -5,7 +5,7 @@ the run has to itself. Beside other work, threads that spin waiting for a desche
 burn the shared cores: the measured effect on a 2-core machine is in bench/results/cpu_threads.json
 (`python bench/cpu_threads.py`). So `ddpm` and the pipeline set, where the user has not:
 
-    OMP_NUM_THREADS   threads for PyTorch's CPU kernels (auto: see `auto_threads`)
+    OMP_NUM_THREADS   threads for PyTorch's CPU kernels (auto: half the usable CPUs, see `auto_threads`)
     OMP_WAIT_POLICY   PASSIVE: idle threads sleep instead of spinning
 
 DDPM_CPU_THREADS overrides the choice: `auto` (the default), a thread count, or `off` (set nothing,
@@ -35,9 +35,9 @@ def usable_cpus() -> int:
 
 
 def auto_threads(cpus: int) -> int:
-    """The default thread count for `cpus` usable CPUs: every CPU but one on larger machines, leaving a
-    core to the rest of the machine's work; all of them up to 2 CPUs, where that core is half the machine."""
-    return cpus if cpus <= 2 else cpus - 1
+    """The default thread count for `cpus` usable CPUs: half of them (at least one), leaving the other half to
+    the machine's other work. On 2 CPUs that is one thread, by far the fastest there once anything else runs."""
+    return max(1, cpus // 2)
 
 
 def cpu_threads(environ: MutableMapping[str, str] = os.environ) -> int | None:

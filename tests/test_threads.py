@@ -31,8 +31,8 @@ def test_defaults_fill_only_what_the_user_left_unset():
     assert threads.apply_thread_defaults(env) == {} and env == {"DDPM_CPU_THREADS": "off"}
 
 
-def test_auto_leaves_a_core_free_on_larger_machines():
-    assert [threads.auto_threads(n) for n in (1, 2, 3, 8)] == [1, 2, 2, 7]
+def test_auto_takes_half_the_cpus_and_at_least_one():
+    assert [threads.auto_threads(n) for n in (1, 2, 3, 8)] == [1, 1, 1, 4]
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "many", "2.5"])
