@@ -21,6 +21,7 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from flows import stages
+from flows.observe import bridge_library_logs
 from flows.runtime import load_settings
 from flows.tracking import Tracker
 
@@ -33,6 +34,7 @@ def ddpm_pipeline(profile: str | None = None, overrides: list[str] | None = None
     profile: a profile of the params file (None: its `profile:` key); overrides: `section.key=value`
     strings applied last; force: redo stages whose outputs are current.
     """
+    bridge_library_logs()
     s = load_settings(params_path, profile, overrides)
     tracker = Tracker(s)
     with tracker.run(flow_run.name or "ddpm-pipeline", tags={"ddpm.stage": "pipeline"}) as parent:
@@ -44,7 +46,7 @@ def ddpm_pipeline(profile: str | None = None, overrides: list[str] | None = None
         exported = stages.export_flow(**common)
         parent.logger().metrics({"train_loss": trained["loss"], "images_per_sec": trained["images_per_sec"],
                                  **metrics}, trained["step"])
-    return {
+    result = {
         "tracking_uri": tracker.uri, "experiment_id": tracker.experiment_id, "run_id": parent.run_id,
         "checkpoint": trained["checkpoint"], "step": trained["step"], "samples": trained["samples"],
         "trajectory": trained["trajectory"], "metrics": metrics, "eval_samples": str(s.eval_dir / "samples.png"),
@@ -52,6 +54,11 @@ def ddpm_pipeline(profile: str | None = None, overrides: list[str] | None = None
             "onnx_model", "onnx_samples", "model_uri", "registered_model", "version", "alias", "champion_alias",
             "promoted")},
     }
+    from prefect.artifacts import create_markdown_artifact
+
+    create_markdown_artifact(markdown=f"```\n{summary(result).strip()}\n```", key="pipeline-summary",
+                             description=f"ddpm-pipeline: step {result['step']}")
+    return result
 
 
 AUTO, GPU_PROFILE = "auto", "gpu-fast"

@@ -26,6 +26,8 @@ import yaml
 
 from ddpm.fileio import file_sha256  # noqa: F401  (used by flows.tasks too)
 from ddpm.config import Config, load_config
+from ddpm.errors import ConfigError
+from ddpm.threads import apply_thread_defaults, cpu_threads
 from ddpm.feature_pins import resolve_feature_net
 
 log = logging.getLogger(__name__)
@@ -44,7 +46,6 @@ ENV_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
-    "PREFECT_LOGGING_EXTRA_LOGGERS": "ddpm",  # the ddpm library's log lines appear in Prefect's run logs
 }
 HEALTH_TIMEOUT_S = 3.0
 
@@ -55,8 +56,13 @@ class ServiceUnavailable(RuntimeError):
 
 
 def apply_env_defaults() -> None:
+    """ENV_DEFAULTS and the CPU thread defaults (ddpm.threads), where the environment has none."""
     for key, value in ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
+    try:
+        apply_thread_defaults()
+    except ConfigError:
+        pass  # a bad DDPM_CPU_THREADS: load_settings reports it, as it does any bad setting
 
 
 def _config_dict(cfg: Config) -> dict[str, Any]:
@@ -164,6 +170,7 @@ def resolve_params_path(params_path: str | Path | None) -> Path:
 def load_settings(params_path: str | Path | None = None, profile: str | None = None,
                   overrides: Sequence[str] | None = ()) -> Settings:
     """Read and validate params.yaml + profile + overrides (ConfigError names a bad key); make paths absolute."""
+    cpu_threads()  # DDPM_CPU_THREADS is a setting too: a bad value is a ConfigError here
     path = resolve_params_path(params_path)
     overrides = tuple(overrides or ())
     cfg = load_config(path, profile, overrides)

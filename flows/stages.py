@@ -25,7 +25,8 @@ from typing import Any
 
 from prefect import flow
 
-from flows import export_tasks, tasks
+from flows import artifacts, export_tasks, tasks
+from flows.observe import StageProgress, bridge_library_logs
 from flows.runtime import Settings, ServiceUnavailable, check_prefect_api, check_tracking_uri, load_settings
 from flows.tracking import Tracker, sigterm_count, tracking_uri_for
 
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 
 
 def _open(params_path: str, profile: str | None, overrides: list[str] | None) -> tuple[Settings, Tracker]:
+    bridge_library_logs()
     settings = load_settings(params_path, profile, overrides)
     return settings, Tracker(settings)
 
@@ -74,11 +76,16 @@ def train_flow(params_path: str = "params.yaml", profile: str | None = None, ove
                parent_run_id: str | None = None, force: bool = False) -> dict[str, Any]:
     """Train (resuming from a compatible checkpoint), render the trajectory, log; returns the checkpoint and step."""
     s, tracker = _open(params_path, profile, overrides)
-    with tracker.stage("train", parent_run_id) as run:
+    with tracker.stage("train", parent_run_id) as run, StageProgress("train") as progress:
         result = tasks.train_model(s.cfg, run, force)
+        progress("rendering the denoising trajectory")
         tasks.render_trajectory(result["checkpoint"], s.cfg, str(s.trajectory), s.cfg.pipeline.trajectory_images)
+        progress("logging to MLflow")
         tasks.log_training(run, result, str(s.loss_csv), str(s.samples), str(s.trajectory),
                            s.cfg.pipeline.log_checkpoint)
+        artifacts.publish("train", f"ddpm-train: step {result['step']}", artifacts.train_summary(
+            result, progress.seconds), tasks.last_loss_row(s.loss_csv),
+            {"samples": str(s.samples), "trajectory": str(s.trajectory)})
     return {"checkpoint": result["checkpoint"], "step": result["step"], "loss": result["loss"],
             "images_per_sec": result["images_per_sec"], "samples": str(s.samples), "trajectory": str(s.trajectory),
             "run_id": run.run_id}
@@ -95,11 +102,17 @@ def evaluate_flow(params_path: str = "params.yaml", profile: str | None = None, 
                   parent_run_id: str | None = None, force: bool = False) -> dict[str, float]:
     """Make sure the feature net is current, then evaluate the checkpoint; returns the metrics."""
     s, tracker = _open(params_path, profile, overrides)
-    with tracker.stage("evaluate", parent_run_id) as run:
+    with tracker.stage("evaluate", parent_run_id) as run, StageProgress("evaluate") as progress:
+        progress("checking the feature net")
         info = _feature_net(s, force=False)  # a forced evaluation need not retrain the feature net
         tasks.log_feature_net(run, info)
         result = tasks.evaluate_model(str(s.checkpoint), s.cfg, str(s.eval_dir), info["path"], force)
+        progress("logging to MLflow")
         metrics = tasks.log_evaluation(run, result, str(s.eval_dir), _step(str(s.checkpoint)))
+        fid = result["metrics"].get("fid", float("nan"))
+        artifacts.publish("evaluate", f"ddpm-evaluate: FID {fid:.1f}", artifacts.evaluate_summary(
+            result["metrics"], result["skipped"], progress.seconds), metrics,
+            {"samples": str(s.eval_dir / "samples.png"), "nearest": str(s.eval_dir / "nearest.png")})
     return metrics
 
 
@@ -109,9 +122,11 @@ def export_flow(params_path: str = "params.yaml", profile: str | None = None, ov
     """Export to ONNX, check it against PyTorch, sample with onnxruntime, log and register; returns paths and the
     registered version. A rejected export fails the stage and is not registered."""
     s, tracker = _open(params_path, profile, overrides)
-    with tracker.stage("export", parent_run_id) as run:
+    with tracker.stage("export", parent_run_id) as run, StageProgress("export") as progress:
         info = _feature_net(s, force=False)
+        progress("exporting to ONNX")
         onnx_path = export_tasks.export_model(str(s.checkpoint), s.cfg, str(s.onnx_model), force)
+        progress("checking onnxruntime against PyTorch")
         export_tasks.check_model(onnx_path, str(s.checkpoint), s.cfg, info["path"], str(s.export_report), force)
         int8 = None
         if s.cfg.export.int8 and export_tasks.int8_twin_written(onnx_path, str(s.export_int8_report)):
@@ -119,6 +134,7 @@ def export_flow(params_path: str = "params.yaml", profile: str | None = None, ov
             int8 = (str(int8_path(onnx_path)), str(s.export_int8_report))
             export_tasks.check_model(int8[0], str(s.checkpoint), s.cfg, info["path"], int8[1], force, int8=True)
         samples = export_tasks.sample_onnx(onnx_path, s.cfg, str(s.onnx_samples))
+        progress("logging to MLflow and the registry")
         quality = json.loads((s.eval_dir / "metrics.json").read_text()) if (s.eval_dir / "metrics.json").is_file() \
             else None  # a model exported before any evaluation is registered as a challenger, never champion
         pc = s.cfg.pipeline
@@ -131,6 +147,10 @@ def export_flow(params_path: str = "params.yaml", profile: str | None = None, ov
             create_markdown_artifact(markdown=registered["promotion_table"], key="promotion",
                                      description=f"{pc.registered_model} version {registered['version']}: "
                                                  f"{pc.champion_alias} {'moved' if registered['promoted'] else 'kept'}")
+        report = json.loads(s.export_report.read_text())
+        artifacts.publish("export", f"ddpm-export: version {registered['version']}", artifacts.export_summary(
+            report, registered, progress.seconds), artifacts.read_numbers(s.export_report),
+            {"samples": samples})
     return {"onnx_model": onnx_path, "onnx_samples": samples, "report": str(s.export_report), **registered,
             "run_id": run.run_id}
 

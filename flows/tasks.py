@@ -177,7 +177,7 @@ def _checkpoint_differences(saved: dict[str, Any], wanted: dict[str, Any], step:
     return diffs
 
 
-def _last_loss_row(loss_csv: Path) -> dict[str, float]:
+def last_loss_row(loss_csv: Path) -> dict[str, float]:
     import csv
 
     with open(loss_csv, newline="") as f:
@@ -193,6 +193,7 @@ def train_model(cfg: Any, run: RunRef | None = None, force: bool = False) -> dic
     stops the run with the differences (force=True trains from scratch; the previous run's files move to
     `<train.out_dir>.replaced-<UTC time>/`, ddpm.run_folder).
     """
+    from ddpm import progress
     from ddpm.checkpoint import load_checkpoint
     from ddpm.errors import TrainingInterrupted
     from ddpm.train import CHECKPOINT_NAME, LOSS_LOG_NAME, train
@@ -209,7 +210,7 @@ def train_model(cfg: Any, run: RunRef | None = None, force: bool = False) -> dic
                 f"{ckpt_path} was trained with other settings ({'; '.join(diffs)}); it was kept. Set train.out_dir "
                 f"to a new folder, or rerun with force (--force) to train from scratch over it.")
         if step == cfg.train.steps and loss_csv.is_file() and samples.is_file():
-            last = _last_loss_row(loss_csv)
+            last = last_loss_row(loss_csv)
             log.info("%s is already at step %d; training skipped", ckpt_path, step)
             return {"checkpoint": str(ckpt_path), "step": step, "loss": last.get("loss", float("nan")),
                     "images_per_sec": last.get("images_per_sec", 0.0), "sent_steps": [], "skipped": True}
@@ -222,7 +223,8 @@ def train_model(cfg: Any, run: RunRef | None = None, force: bool = False) -> dic
         samples_logged.append((step, str(png)))
 
     try:
-        result = train(cfg, resume=resume, overwrite=force, on_log=live, on_sample=on_sample)
+        result = train(cfg, resume=resume, overwrite=force, on_log=live, on_sample=on_sample,
+                       on_step=lambda step: progress.advance("training (steps)", step, cfg.train.steps))
     except TrainingInterrupted as exc:  # its hint is `ddpm train --resume`; a stage resumes unless forced
         raise exc.with_hint("rerun without --force to resume from it (`python -m flows.pipeline`, "
                             "`python -m flows.stages train --no-force`)") from None
@@ -252,7 +254,7 @@ def _train_distributed(cfg: Any, resume: bool) -> dict[str, Any]:
     finally:
         Path(f.name).unlink(missing_ok=True)
     ckpt = out / "checkpoint.pt"
-    last = _last_loss_row(out / "loss.csv")
+    last = last_loss_row(out / "loss.csv")
     return {"checkpoint": str(ckpt), "step": int(load_checkpoint(ckpt)["step"]), "loss": last.get("loss", float("nan")),
             "images_per_sec": last.get("images_per_sec", 0.0), "sent_steps": [], "skipped": False}
 

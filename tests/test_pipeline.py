@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -668,3 +669,93 @@ def test_the_promotion_decision_is_a_prefect_artifact(first):
     # Later tests of this module run the export again, which adds versions of the same key.
     assert found and all(a.type == "markdown" and "| fid_num_samples | " in a.data for a in found)
     assert any("**promoted**: no champion yet" in a.data for a in found)
+
+
+# --- what Prefect shows: the library's log lines, artifacts, progress ---------------------------------------
+
+def _prefect_logs(flow_run_id: str) -> list[tuple[str, str]]:
+    import uuid
+
+    from prefect import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+
+    APILogHandler().flush()  # the log worker sends in batches
+    wanted, logs = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[uuid.UUID(flow_run_id)])), []
+    with get_client(sync_client=True) as c:
+        while page := c.read_logs(log_filter=wanted, offset=len(logs)):  # the API answers in pages
+            logs += page
+    return [(r.name, r.message) for r in logs]
+
+
+def _prefect_artifacts(flow_run_id: str) -> dict[str, object]:
+    import uuid
+
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as c:
+        found = c.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[uuid.UUID(flow_run_id)])))
+    return {a.key: a for a in found if a.key}
+
+
+def test_the_library_log_lines_reach_the_stage_runs_prefect_logs(first):
+    runs = pipeline_runs(first["run_id"])
+    evaluate = _prefect_logs(runs["evaluate"].data.tags["prefect.flow_run_id"])
+    assert any(name == "ddpm.evaluate" and re.match(r"sampled 48 images with torch/\w+ in [\d.]+ s", message)
+               for name, message in evaluate), evaluate
+    export = _prefect_logs(runs["export"].data.tags["prefect.flow_run_id"])
+    assert any(name == "flows.tasks" and "reusing it" in message for name, message in export), export
+
+
+def test_each_stage_publishes_its_summary_metrics_and_images_to_prefect(project, first):
+    run_dir = project / "runs" / "default"
+    runs = pipeline_runs(first["run_id"])
+    on_disk = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    evaluate = _prefect_artifacts(runs["evaluate"].data.tags["prefect.flow_run_id"])
+    assert f"| FID | {on_disk['fid']:.4g} |" in evaluate["evaluate-summary"].data
+    assert f"| FID floor (real images, same count) | {on_disk['fid_floor']:.4g} |" in evaluate["evaluate-summary"].data
+    table = {row["metric"]: row["value"] for row in json.loads(evaluate["evaluate-metrics"].data)}
+    assert table["fid"] == pytest.approx(on_disk["fid"]) and table["num_samples"] == 48
+    assert (run_dir / "eval" / "samples.png").resolve().as_uri() in evaluate["evaluate-samples"].data
+    assert evaluate["evaluate-progress"].data == 100.0
+    report = json.loads((run_dir / "export.json").read_text())
+    export = _prefect_artifacts(runs["export"].data.tags["prefect.flow_run_id"])
+    assert f"| parity: max abs diff (onnxruntime vs PyTorch) | {report['max_abs_diff']:.4g} |" in \
+        export["export-summary"].data
+    train = _prefect_artifacts(runs["train"].data.tags["prefect.flow_run_id"])
+    last = (run_dir / "loss.csv").read_text().splitlines()[-1].split(",")
+    assert {r["metric"]: r["value"] for r in json.loads(train["train-metrics"].data)}["loss"] == \
+        pytest.approx(float(last[1]))
+    assert (run_dir / "samples_final.png").resolve().as_uri() in train["train-samples"].data
+
+
+def test_stage_progress_shows_in_the_run_log_and_its_artifact_while_the_work_runs(prefect_harness):
+    import logging
+    import warnings
+
+    from prefect import flow
+    from prefect.runtime import flow_run
+
+    from ddpm import progress
+    from flows.observe import StageProgress, bridge_library_logs
+
+    @flow(name="progress-demo")
+    def demo() -> str:
+        bridge_library_logs()
+        with StageProgress("demo", interval_s=0.05, log_every_s=0.2):
+            progress.advance("sampling", 1, 4)
+            time.sleep(1.0)  # a slow step: the progress goes on showing
+            logging.getLogger("ddpm.demo").info("a library line")
+        return str(flow_run.id)
+
+    flow_run_id = demo()
+    logs = [m for name, m in _prefect_logs(flow_run_id) if name in ("flows.observe", "ddpm.demo")]
+    beats = [m for m in logs if m.startswith("demo: sampling 1/4 (25%), ")]
+    assert len(beats) >= 2 and "a library line" in logs, logs
+    artifact = _prefect_artifacts(flow_run_id)["demo-progress"]
+    assert artifact.data == 100.0 and artifact.description.startswith("demo: done 1/1 (100%)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # outside a run the bridged loggers stay local, without a warning
+        logging.getLogger("ddpm.demo").info("outside any run")
