@@ -22,7 +22,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: install lock env-info data pipeline test test-all clean
+.PHONY: install lock env-info data pipeline prefect-server deploy test test-all clean
 
 # The lock is complete, so pip resolves nothing beyond it (and fails if it were not); the lock
 # brings setuptools, which builds the editable project without an isolated build environment.
@@ -77,6 +77,16 @@ PROFILE ?= auto
 ARGS ?=
 pipeline: $(STAMP)
 	$(PY) -m flows.pipeline $(if $(PROFILE),--profile $(PROFILE)) $(ARGS)
+
+# A Prefect server on loopback; prefect.toml (read from this folder) makes it stream flow-run logs to
+# `prefect deployment run ... --watch`. Then `export PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api`.
+PREFECT_PORT ?= 4200
+prefect-server: $(STAMP)
+	$(VENV)/bin/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
+
+# Create the work pools prefect.yaml names (kept when they exist) and deploy every deployment (flows/deploy.py).
+deploy: $(STAMP)
+	$(PY) -m flows.deploy
 
 test: $(STAMP) env-info
 	$(PY) -m pytest -q

@@ -6,6 +6,8 @@ flows.pipeline`, `python -m flows.serve` or a worker of a work pool. Prefect's o
 PREFECT_LOGGING_EXTRA_LOGGERS would need to be set before Prefect is imported (a worker imports it
 long before the flows) and leaves the loggers at the root's WARNING level.
 
+`log_failure` (each flow's on_failure hook) ends a failed run's log with its reason in one line.
+
 `StageProgress` is a stage's progress: a Prefect progress artifact (`<stage>-progress`) updated every
 INTERVAL_S seconds and a log line every LOG_EVERY_S seconds, from a background thread, whether or not
 the work moved: a slow step still shows that the run is alive. The work reports where it is through
@@ -53,6 +55,18 @@ def bridge_library_logs() -> None:
             logger.setLevel(logging.INFO)
         if not any(isinstance(h, APILogHandler) for h in logger.handlers):
             logger.addHandler(RunLogHandler())
+
+
+FAILURE_PREFIX = "Flow run encountered an exception: "  # how Prefect begins the message of a raising flow
+
+
+def log_failure(flow: Any, flow_run: Any, state: Any) -> None:
+    """on_failure hook: the reason, in one line, as the run's last log line (`prefect deployment run --watch`
+    ends with it; the state's message, which `prefect flow-run inspect` shows, holds it as well)."""
+    from prefect.logging.loggers import flow_run_logger
+
+    lines = (state.message or "no message").removeprefix(FAILURE_PREFIX).strip().splitlines() or ["no message"]
+    flow_run_logger(flow_run, flow).error("%s failed: %s", flow.name, lines[0])
 
 
 class StageProgress:

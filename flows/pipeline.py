@@ -21,12 +21,12 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from flows import stages
-from flows.observe import bridge_library_logs
+from flows.observe import bridge_library_logs, log_failure
 from flows.runtime import load_settings
 from flows.tracking import Tracker
 
 
-@flow(name="ddpm-pipeline")
+@flow(name="ddpm-pipeline", on_failure=[log_failure])
 def ddpm_pipeline(profile: str | None = None, overrides: list[str] | None = None, params_path: str = "params.yaml",
                   force: bool = False) -> dict[str, Any]:
     """Run every stage under one MLflow parent run; returns where the results are.

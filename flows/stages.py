@@ -26,7 +26,7 @@ from typing import Any
 from prefect import flow
 
 from flows import artifacts, export_tasks, tasks
-from flows.observe import StageProgress, bridge_library_logs
+from flows.observe import StageProgress, bridge_library_logs, log_failure
 from flows.runtime import Settings, ServiceUnavailable, check_prefect_api, check_tracking_uri, load_settings
 from flows.tracking import Tracker, sigterm_count, tracking_uri_for
 
@@ -39,7 +39,7 @@ def _open(params_path: str, profile: str | None, overrides: list[str] | None) ->
     return settings, Tracker(settings)
 
 
-@flow(name="ddpm-data")
+@flow(name="ddpm-data", on_failure=[log_failure])
 def data_flow(params_path: str = "params.yaml", profile: str | None = None, overrides: list[str] | None = None,
               parent_run_id: str | None = None, force: bool = False) -> str:
     """Fetch (with retries on network errors) and verify the dataset; returns dataset.json's path."""
@@ -58,7 +58,7 @@ def _feature_net(s: Settings, force: bool) -> dict[str, Any]:
                                     ev.feature_batch_size, ev.feature_lr, ev.seed, ev.device, force)
 
 
-@flow(name="ddpm-features")
+@flow(name="ddpm-features", on_failure=[log_failure])
 def features_flow(params_path: str = "params.yaml", profile: str | None = None, overrides: list[str] | None = None,
                   parent_run_id: str | None = None, force: bool = False) -> str:
     """Verify the pinned feature net for FID, or (pipeline.feature_net=retrain) train one or reuse it when
@@ -71,7 +71,7 @@ def features_flow(params_path: str = "params.yaml", profile: str | None = None, 
     return info["path"]
 
 
-@flow(name="ddpm-train")
+@flow(name="ddpm-train", on_failure=[log_failure])
 def train_flow(params_path: str = "params.yaml", profile: str | None = None, overrides: list[str] | None = None,
                parent_run_id: str | None = None, force: bool = False) -> dict[str, Any]:
     """Train (resuming from a compatible checkpoint), render the trajectory, log; returns the checkpoint and step."""
@@ -97,7 +97,7 @@ def _step(checkpoint: str) -> int:
     return int(load_checkpoint(checkpoint)["step"])
 
 
-@flow(name="ddpm-evaluate")
+@flow(name="ddpm-evaluate", on_failure=[log_failure])
 def evaluate_flow(params_path: str = "params.yaml", profile: str | None = None, overrides: list[str] | None = None,
                   parent_run_id: str | None = None, force: bool = False) -> dict[str, float]:
     """Make sure the feature net is current, then evaluate the checkpoint; returns the metrics."""
@@ -116,7 +116,7 @@ def evaluate_flow(params_path: str = "params.yaml", profile: str | None = None, 
     return metrics
 
 
-@flow(name="ddpm-export")
+@flow(name="ddpm-export", on_failure=[log_failure])
 def export_flow(params_path: str = "params.yaml", profile: str | None = None, overrides: list[str] | None = None,
                 parent_run_id: str | None = None, force: bool = False) -> dict[str, Any]:
     """Export to ONNX, check it against PyTorch, sample with onnxruntime, log and register; returns paths and the

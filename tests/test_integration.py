@@ -220,6 +220,24 @@ def test_served_deployment_completes_a_pipeline_run(deployment_run):
     assert (out / "run" / "model.onnx").is_file() and (out / "run" / "samples_onnx" / "samples.png").is_file()
 
 
+def test_served_run_sends_the_library_log_lines_and_the_stage_artifacts_to_prefect(deployment_run):
+    proc, _, api, *_ = deployment_run
+    assert proc.returncode == 0
+
+    def api_filter(what: str, body: dict) -> list[dict]:
+        req = urllib.request.Request(f"{api}/{what}/filter", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.load(r)
+
+    logs = api_filter("logs", {"logs": {"text": {"query": "sampled 48 images"}}, "limit": 50})
+    assert any(r["name"] == "ddpm.evaluate" and r["flow_run_id"] for r in logs), logs
+    summary = api_filter("artifacts", {"artifacts": {"key": {"any_": ["evaluate-summary"]}}})
+    assert summary and "| FID | " in summary[0]["data"] and "| FID floor" in summary[0]["data"]
+    progress = api_filter("artifacts", {"artifacts": {"key": {"any_": ["train-progress"]}}})
+    assert progress and progress[0]["data"] == 100.0
+
+
 def test_mlflow_server_received_the_run(deployment_run, mlflow_server, tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -430,3 +448,47 @@ def test_dvc_repro_after_a_failed_stage_reruns_only_from_there(dvc_repo, first_r
     assert sha256(run / "checkpoint.pt") == checkpoint
     assert json.loads((run / "export.json").read_text())["accepted"] is True
     assert json.loads(dvc(repo, env, "status", "--json").stdout) == {}
+
+
+# --- work pools: `make deploy` (python -m flows.deploy), a worker, a run that fails on bad input ----------
+
+@pytest.fixture(scope="module")
+def deployed(prefect_server):
+    """`python -m flows.deploy` twice against the server: the pools and both deployments, then nothing new."""
+    api, home = prefect_server
+    env = base_env(PREFECT_HOME=str(home), PREFECT_API_URL=api)
+    runs = [subprocess.run([sys.executable, "-m", "flows.deploy"], cwd=REPO, env=env, capture_output=True,
+                           text=True, timeout=600) for _ in range(2)]
+    return runs, env
+
+
+def test_deploy_creates_the_work_pools_once_and_deploys_both_deployments(deployed):
+    (first, second), env = deployed
+    assert first.returncode == 0 and second.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "work pool ddpm-cpu: created" in first.stdout and "work pool ddpm-gpu: created" in first.stdout
+    assert "work pool ddpm-cpu: exists, kept as it is" in second.stdout
+    for name, pool in (("cpu", "ddpm-cpu"), ("gpu", "ddpm-gpu")):
+        shown = subprocess.run([str(BIN / "prefect"), "deployment", "inspect", f"ddpm-pipeline/{name}"], env=env,
+                               capture_output=True, text=True, timeout=60)
+        assert shown.returncode == 0 and f"'work_pool_name': '{pool}'" in shown.stdout, shown.stdout
+
+
+def test_a_run_that_fails_on_bad_input_shows_why_in_watch_and_inspect(deployed, tmp_path):
+    """Through a worker of the ddpm-cpu pool: --watch streams the run's logs (prefect.toml has the server
+    stream them) down to the reason, and the final state's message holds it too."""
+    _, env = deployed
+    worker = start([str(BIN / "prefect"), "worker", "start", "--pool", "ddpm-cpu", "--limit", "1"],
+                   tmp_path / "worker.log", env)
+    try:
+        proc = subprocess.run([str(BIN / "prefect"), "deployment", "run", "ddpm-pipeline/cpu", "--params",
+                               json.dumps({"overrides": ["train.steps=-1"]}), "--watch", "--watch-timeout", "300"],
+                              env={**env, "COLUMNS": "400"}, capture_output=True, text=True, timeout=360)
+    finally:
+        stop(worker)
+    reason = "ConfigError: train.steps: -1 is out of range; allowed: an integer > 0"
+    assert proc.returncode == 1 and "Flow run finished in state 'Failed'" in proc.stdout, proc.stdout[-3000:]
+    assert f"ddpm-pipeline failed: {reason}" in proc.stdout, proc.stdout[-3000:]
+    flow_run_id = re.search(r"UUID:\s*([0-9a-f-]{36})", proc.stdout).group(1)
+    shown = subprocess.run([str(BIN / "prefect"), "flow-run", "inspect", flow_run_id], env={**env, "COLUMNS": "400"},
+                           capture_output=True, text=True, timeout=60)
+    assert reason in shown.stdout and "type=StateType.FAILED" in shown.stdout, shown.stdout
