@@ -71,7 +71,8 @@ def export_summary(report: dict[str, Any], registered: dict[str, Any], seconds: 
             ("parity: max abs diff (onnxruntime vs PyTorch)", report.get("max_abs_diff")),
             ("parity: allowed max abs diff", report.get("atol")),
             ("parity: mean abs diff", report.get("mean_abs_diff")),
-            ("check FID onnxruntime / PyTorch", f"{_fmt(report.get('score_onnx'))} / {_fmt(report.get('score_torch'))}"),
+            ("check FID onnxruntime / PyTorch",
+             f"{_fmt(report.get('score_onnx'))} / {_fmt(report.get('score_torch'))}"),
             ("registered", f"{registered.get('registered_model')} version {registered.get('version')} "
                            f"@{registered.get('alias')}"),
             (f"@{registered.get('champion_alias')} moved to it", registered.get("promoted")),

@@ -20,7 +20,7 @@ import contextvars
 import logging
 import threading
 import time
-from typing import Any, Callable
+from typing import Any
 
 from prefect.logging.handlers import APILogHandler
 
