@@ -45,24 +45,25 @@ THREAD_VARS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS", "DDPM_CP
 BUSY = "while True:\n    pass\n"
 
 
-def train_once(setting: str, steps: int, log_every: int, out: Path) -> float:
+def train_once(setting: str, steps: int, log_every: int, out: Path, data_root: str | None) -> float:
     """images/s of one short training run under `setting`."""
     env = {k: v for k, v in os.environ.items() if k not in THREAD_VARS}
     env.update(SETTINGS[setting])
     cmd = [sys.executable, "-m", "ddpm.cli", "train", "--profile", "cpu", f"train.steps={steps}",
            f"train.log_every={log_every}", f"train.checkpoint_every={steps}", f"train.out_dir={out}",
-           "sample.sampler=ddim", "sample.steps=2", "--overwrite"]  # the final grid: seconds, not minutes
+           "sample.sampler=ddim", "sample.steps=2", "--overwrite",  # the final grid: seconds, not minutes
+           *([f"data.root={data_root}"] if data_root else [])]
     subprocess.run(cmd, cwd=REPO_ROOT, env=env, check=True, capture_output=True, timeout=600)
     with open(out / "loss.csv", newline="") as f:
         rows = [float(r["images_per_sec"]) for r in csv.DictReader(f)]
     return statistics.mean(rows[1:] or rows)
 
 
-def measure(setting: str, load: int, steps: int, log_every: int, out: Path) -> float:
+def measure(setting: str, load: int, steps: int, log_every: int, out: Path, data_root: str | None) -> float:
     busy = [subprocess.Popen([sys.executable, "-c", BUSY]) for _ in range(load)]
     try:
         time.sleep(0.5 if load else 0)
-        return train_once(setting, steps, log_every, out)
+        return train_once(setting, steps, log_every, out, data_root)
     finally:
         for p in busy:
             p.kill()
@@ -96,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--data-root", default=None, help="data.root holding mnist/ (default: params.yaml's)")
     p.add_argument("--out", type=Path, default=None, help="results JSON")
     args = p.parse_args(argv)
     got: dict[str, dict[str, list[float]]] = {f"load{n}": {s: [] for s in args.settings} for n in args.loads}
@@ -104,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in range(args.repeats):
             for load in args.loads:
                 for s in args.settings:
-                    ips = measure(s, load, args.steps, args.log_every, Path(tmp) / "run")
+                    ips = measure(s, load, args.steps, args.log_every, Path(tmp) / "run", args.data_root)
                     got[f"load{load}"][s].append(ips)
                     print(f"round {r + 1}: load {load}, {s:10s} {ips:7.1f} img/s", flush=True)
     result = {
