@@ -51,9 +51,11 @@ def train_once(setting: str, steps: int, log_every: int, out: Path, data_root: s
     env.update(SETTINGS[setting])
     cmd = [sys.executable, "-m", "ddpm.cli", "train", "--profile", "cpu", f"train.steps={steps}",
            f"train.log_every={log_every}", f"train.checkpoint_every={steps}", f"train.out_dir={out}",
-           "sample.sampler=ddim", "sample.steps=2", "--overwrite",  # the final grid: seconds, not minutes
-           *([f"data.root={data_root}"] if data_root else [])]
-    subprocess.run(cmd, cwd=REPO_ROOT, env=env, check=True, capture_output=True, timeout=600)
+           "sample.sampler=ddim", "sample.steps=2",  # the final grid: seconds, not minutes
+           *([f"data.root={data_root}"] if data_root else []), "--overwrite"]
+    done = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        raise SystemExit(f"`{' '.join(cmd)}` exited with status {done.returncode}: {done.stderr.strip()[-2000:]}")
     with open(out / "loss.csv", newline="") as f:
         rows = [float(r["images_per_sec"]) for r in csv.DictReader(f)]
     return statistics.mean(rows[1:] or rows)
