@@ -2,8 +2,9 @@
 
 OpenMP's own defaults (one thread per core; idle threads spin before they sleep) suit a machine
 the run has to itself. Beside other work, threads that spin waiting for a descheduled sibling
-burn the shared cores: the measured effect on a 2-core machine is in bench/results/cpu_threads.json
-(`python bench/cpu_threads.py`). So `ddpm` and the pipeline set, where the user has not:
+burn the shared cores: the measured effect on a 2-core machine is in
+bench/results/cpu_threads_2core_shared.json (`python bench/cpu_threads.py`). So `ddpm` and the
+pipeline set, where the user has not:
 
     OMP_NUM_THREADS   threads for PyTorch's CPU kernels (auto: half the usable CPUs, see `auto_threads`)
     OMP_WAIT_POLICY   PASSIVE: idle threads sleep instead of spinning
