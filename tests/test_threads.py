@@ -16,23 +16,33 @@ REPO = Path(__file__).resolve().parents[1]
 THREAD_VARS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "DDPM_CPU_THREADS")
 
 
-def test_defaults_fill_only_what_the_user_left_unset():
-    auto = str(threads.auto_threads(threads.usable_cpus()))
+def test_defaults_fill_only_what_the_user_left_unset(monkeypatch):
+    monkeypatch.setattr(threads, "usable_cpus", lambda: 2)
+    monkeypatch.setattr(threads, "idle_cpus", lambda interval=0.25: 1.97)  # alone: both CPUs, the libraries' wait
     env: dict[str, str] = {}
-    assert threads.apply_thread_defaults(env) == {"OMP_NUM_THREADS": auto, "OMP_WAIT_POLICY": "PASSIVE"}
-    assert env == {"OMP_NUM_THREADS": auto, "OMP_WAIT_POLICY": "PASSIVE"}
-    env = {"OMP_NUM_THREADS": "3"}
+    assert threads.apply_thread_defaults(env) == {"OMP_NUM_THREADS": "2"} and env == {"OMP_NUM_THREADS": "2"}
+    monkeypatch.setattr(threads, "idle_cpus", lambda interval=0.25: 1.02)  # a busy process beside it
+    env = {}
+    assert threads.apply_thread_defaults(env) == {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    env = {"OMP_NUM_THREADS": "1"}  # set by the user or inherited: kept, and nothing measured
+    monkeypatch.setattr(threads, "idle_cpus", lambda interval=0.25: pytest.fail("measured again"))
     threads.apply_thread_defaults(env)
-    assert env == {"OMP_NUM_THREADS": "3", "OMP_WAIT_POLICY": "PASSIVE"}
-    env = {"DDPM_CPU_THREADS": "4", "OMP_WAIT_POLICY": "ACTIVE"}
+    assert env == {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    env = {"DDPM_CPU_THREADS": "1", "OMP_WAIT_POLICY": "ACTIVE"}
     threads.apply_thread_defaults(env)
-    assert env == {"DDPM_CPU_THREADS": "4", "OMP_NUM_THREADS": "4", "OMP_WAIT_POLICY": "ACTIVE"}
+    assert env == {"DDPM_CPU_THREADS": "1", "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "ACTIVE"}
     env = {"DDPM_CPU_THREADS": "off"}
     assert threads.apply_thread_defaults(env) == {} and env == {"DDPM_CPU_THREADS": "off"}
 
 
-def test_auto_takes_half_the_cpus_and_at_least_one():
-    assert [threads.auto_threads(n) for n in (1, 2, 3, 8)] == [1, 1, 1, 4]
+def test_auto_takes_the_idle_cpus_and_at_least_one():
+    assert [threads.auto_threads(2, idle) for idle in (1.97, 1.75, 1.02, 0.1)] == [2, 2, 1, 1]
+    assert threads.auto_threads(8, 5.2) == 5 and threads.auto_threads(4, None) == 4
+
+
+def test_idle_cpus_reads_the_machine():
+    idle = threads.idle_cpus(0.05)
+    assert idle is None or 0.0 <= idle <= (os.cpu_count() or 1) + 1e-6
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "many", "2.5"])
@@ -47,10 +57,11 @@ def _clean_env(**extra: str) -> dict[str, str]:
 
 
 def test_the_pipeline_process_runs_torch_with_the_defaults_and_the_user_overrides_them():
-    probe = "import flows, torch, os; print(torch.get_num_threads(), os.environ['OMP_WAIT_POLICY'])"
+    probe = "import flows, torch, os; print(torch.get_num_threads(), os.environ.get('OMP_WAIT_POLICY', '-'))"
     run = [sys.executable, "-c", probe]
     got = subprocess.run(run, cwd=REPO, env=_clean_env(), capture_output=True, text=True, check=True).stdout.split()
-    assert got == [str(threads.auto_threads(threads.usable_cpus())), "PASSIVE"]
+    cpus = threads.usable_cpus()
+    assert 1 <= int(got[0]) <= cpus and got[1] == ("PASSIVE" if int(got[0]) < cpus else "-")
     got = subprocess.run(run, cwd=REPO, env=_clean_env(DDPM_CPU_THREADS="1"), capture_output=True, text=True,
                          check=True).stdout.split()
     assert got == ["1", "PASSIVE"]
