@@ -9,16 +9,15 @@ type and range here, so that the rest of the code can trust its config.
 from __future__ import annotations
 
 import dataclasses
-import re
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, Literal
 
 import yaml
 
-from ddpm.errors import ConfigError  # noqa: E402  (re-exported)
+from ddpm.config_values import build_section, deep_merge, parse_override
+from ddpm.errors import ConfigError  # re-exported
 
 
 # Each field may carry `metadata={"check": (predicate, "what is allowed")}`.
@@ -226,71 +225,9 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
-_DECIMAL = re.compile(r"[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?")
-
-
-def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """Check `value` against the annotation `tp`; return it in canonical form or raise ConfigError."""
-    origin, args = get_origin(tp), get_args(tp)
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {', '.join(map(repr, args))}")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(key, value, inner[0])
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: {value!r} is not a list; expected a list of {args[0].__name__}")
-        return tuple(_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value))
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: {value!r} is not a boolean; use true or false")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: {value!r} is not an integer")
-        return value
-    if tp is float:
-        if isinstance(value, str) and _DECIMAL.fullmatch(value.strip()):
-            value = float(value)  # YAML 1.1 reads 1e-3 (no dot before the exponent) as a string
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: {value!r} is not a number")
-        value = float(value)
-        if value != value or value in (float("inf"), float("-inf")):
-            raise ConfigError(f"{key}: {value!r} is not a finite number")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: {value!r} is not a string")
-        return value
-    raise TypeError(f"unsupported config type {tp!r} for {key}")
-
-
-def _build_section(name: str, cls: type, values: dict[str, Any]) -> Any:
-    if not isinstance(values, dict):
-        raise ConfigError(f"{name}: expected a mapping of settings, got {values!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        raise ConfigError(f"{name}.{unknown[0]}: unknown setting; known settings of {name!r} are {', '.join(fields)}")
-    out = {}
-    for key, value in values.items():
-        full = f"{name}.{key}"
-        value = _coerce(full, value, hints[key])
-        check, allowed = fields[key].metadata.get("check", (None, ""))
-        if check is not None and value is not None and not check(value):
-            raise ConfigError(f"{full}: {value!r} is out of range; allowed: {allowed}")
-        out[key] = value
-    return cls(**out)
-
-
 def section_from_dict(name: str, values: dict[str, Any]) -> Any:
     """One section's settings (e.g. an exported model's "diffusion"), each value checked; no cross-section checks."""
-    return _build_section(name, _SECTION_CLASSES[name], values)
+    return build_section(name, _SECTION_CLASSES[name], values)
 
 
 def _validate(cfg: Config) -> None:
@@ -337,28 +274,6 @@ def _max_levels(size: int) -> int:
     return n
 
 
-def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """`train.steps=200` -> (["train", "steps"], 200); the value is parsed as YAML."""
-    if "=" not in text:
-        raise ConfigError(f"override {text!r}: expected section.key=value, e.g. train.steps=200")
-    key, raw = text.split("=", 1)
-    parts = key.strip().split(".")
-    if len(parts) != 2 or not all(parts):
-        raise ConfigError(f"override {text!r}: the key must be section.key, e.g. train.steps")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"override {text!r}: the value is not valid YAML ({exc})") from None
-    return parts, value
-
-
 def _profile(profiles: Any, name: Any) -> dict[str, Any]:
     """The settings of profile `name`: a mapping of sections, or ConfigError saying what the file holds instead."""
     if not isinstance(profiles, dict):
@@ -383,7 +298,7 @@ def config_from_dict(raw: dict[str, Any], profile: str | None = None, overrides:
     default_profile = raw.pop("profile", None)
     profile = profile if profile is not None else default_profile
     if profile is not None:
-        raw = _deep_merge(raw, _profile(profiles, profile))
+        raw = deep_merge(raw, _profile(profiles, profile))
     for text in overrides:
         (section, key), value = parse_override(text)
         raw.setdefault(section, {})
@@ -393,7 +308,7 @@ def config_from_dict(raw: dict[str, Any], profile: str | None = None, overrides:
     unknown = sorted(set(raw) - set(_SECTION_CLASSES))
     if unknown:
         raise ConfigError(f"{unknown[0]}: unknown section; known sections are {', '.join(_SECTION_CLASSES)}")
-    cfg = Config(**{name: _build_section(name, cls, raw.get(name) or {}) for name, cls in _SECTION_CLASSES.items()})
+    cfg = Config(**{name: build_section(name, cls, raw.get(name) or {}) for name, cls in _SECTION_CLASSES.items()})
     _validate(cfg)
     return cfg
 
