@@ -245,25 +245,28 @@ def cuda_rows(args: argparse.Namespace, model: nn.Module, cfg: Any, onnx_path: P
     for b in args.gpu_batch:
         x_T = torch.randn(b, *shape, generator=torch.Generator().manual_seed(0)).to(dev)
         cases: list[tuple[str, Callable[[], Any]]] = [
-            ("torch fp32", lambda: rows_for("torch eager, CUDA", "fp32 (TF32 convs: torch default)", b,
-                                            torch_cases(gpu_model, schedule, x_T, k, torch.cuda.synchronize), T)),
-            ("torch bf16", lambda: rows_for("torch eager, CUDA", "bf16 autocast", b,
-                                            torch_cases(gpu_model, schedule, x_T, k, torch.cuda.synchronize,
-                                                        autocast=True), T)),
-            ("ort fp32", lambda: rows_for("onnxruntime, CUDA + IO binding", "fp32 (TF32: onnxruntime default)",
-                                          b, ort_cases(den32, x_T.cpu().numpy(), k), T)),
-            ("ort fp16", lambda: rows_for("onnxruntime, CUDA + IO binding", "fp16 (float32 I/O)", b,
-                                          ort_cases(den16, x_T.cpu().numpy(), k), T)),
+            ("torch fp32", lambda b=b, x_T=x_T: rows_for(
+                "torch eager, CUDA", "fp32 (TF32 convs: torch default)", b,
+                torch_cases(gpu_model, schedule, x_T, k, torch.cuda.synchronize), T)),
+            ("torch bf16", lambda b=b, x_T=x_T: rows_for(
+                "torch eager, CUDA", "bf16 autocast", b,
+                torch_cases(gpu_model, schedule, x_T, k, torch.cuda.synchronize, autocast=True), T)),
+            ("ort fp32", lambda b=b, x_T=x_T: rows_for(
+                "onnxruntime, CUDA + IO binding", "fp32 (TF32: onnxruntime default)", b,
+                ort_cases(den32, x_T.cpu().numpy(), k), T)),
+            ("ort fp16", lambda b=b, x_T=x_T: rows_for(
+                "onnxruntime, CUDA + IO binding", "fp16 (float32 I/O)", b,
+                ort_cases(den16, x_T.cpu().numpy(), k), T)),
         ]
         for name, case in cases:
             try:
                 rows += case()
             except Exception as exc:  # one failing case must not lose the others' numbers
                 result["errors"][f"{name}, batch {b}"] = f"{type(exc).__name__}: {exc}"
-        net = {"onnxruntime fp32": lambda: ort_network_only(den32, b, iters),
-               "onnxruntime fp16": lambda: ort_network_only(den16, b, iters),
-               "torch fp32": lambda: torch_network_only(gpu_model, x_T, iters, False),
-               "torch bf16 autocast": lambda: torch_network_only(gpu_model, x_T, iters, True)}
+        net = {"onnxruntime fp32": lambda b=b: ort_network_only(den32, b, iters),
+               "onnxruntime fp16": lambda b=b: ort_network_only(den16, b, iters),
+               "torch fp32": lambda x_T=x_T: torch_network_only(gpu_model, x_T, iters, False),
+               "torch bf16 autocast": lambda x_T=x_T: torch_network_only(gpu_model, x_T, iters, True)}
         for name, fn in net.items():
             try:
                 result["network_only_ms"][f"{name}, batch {b}"] = 1e3 * fn()

@@ -116,7 +116,7 @@ class Bench:
                 row[f"{kind}_setup_s"] = setup_s
                 if kind == "ddim":
                     runner.run(x_T)  # one warm-up chain
-                    timing = H.time_windows(lambda: runner.run(x_T), sync, 1, args.windows)
+                    timing = H.time_windows(lambda runner=runner: runner.run(x_T), sync, 1, args.windows)
                     row.update(ddim_ms_per_chain=timing.median_s * 1e3, ddim_ms_min=timing.min_s * 1e3,
                                ddim_ms_max=timing.max_s * 1e3, ddim_ms_per_step=timing.median_s * 1e3 / ch.n,
                                ddim_images_per_s=batch / timing.median_s,
@@ -127,7 +127,7 @@ class Bench:
                     per_step = self.ddim_step_ms(spec.name, mode, batch, row) / 1e3
                     k = ch.n if args.smoke else int(min(ch.n, max(20, math.ceil(args.ddpm_window_s / per_step))))
                     runner.run(x_T, min(k, 20))  # warm-up
-                    timing = H.time_windows(lambda: runner.run(x_T, k), sync, 1, args.windows)
+                    timing = H.time_windows(lambda runner=runner, k=k: runner.run(x_T, k), sync, 1, args.windows)
                     step_s = timing.median_s / k
                     row.update(ddpm_steps_per_window=k, ddpm_full_chain=k == ch.n, ddpm_ms_per_step=step_s * 1e3,
                                ddpm_ms_step_min=timing.min_s / k * 1e3, ddpm_ms_step_max=timing.max_s / k * 1e3,
@@ -203,7 +203,7 @@ class Bench:
             for r in range(args.fast_runs):
                 gen = torch.Generator(device=dev).manual_seed(r)
 
-                def generate() -> torch.Tensor:
+                def generate(gen: torch.Generator = gen) -> torch.Tensor:
                     imgs = []
                     for _ in range(n_batches):
                         x_T = torch.randn(batch, *spec.shape, device=dev, generator=gen)

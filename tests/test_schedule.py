@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import pytest
@@ -51,7 +52,7 @@ def test_precomputed_arrays_follow_the_paper():
 
 def test_schedule_is_immutable():
     s = Schedule.from_config(DiffusionConfig(timesteps=10))
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError, match="'betas'"):
         s.betas = torch.zeros(10)
 
 
