@@ -66,19 +66,22 @@ def main() -> None:
             tt = torch.full((len(x0),), t, dtype=torch.long)
             model(q_sample(schedule, x0, tt, torch.randn(x0.shape, generator=gen)), tt)
     synthetic = {}  # groups whose means lie far from their spreads: mean 1, 20, 200; spreads 0.2-2
-    spread, weight, bias = torch.linspace(0.2, 2, 32)[:, None, None], torch.randn(32, generator=gen), torch.randn(32, generator=gen)
+    spread, weight, bias = (torch.linspace(0.2, 2, 32)[:, None, None], torch.randn(32, generator=gen),
+                            torch.randn(32, generator=gen))
     for offset in (1.0, 20.0, 200.0):
         x = (offset + torch.randn(3, 32, 7, 5, generator=gen) * spread).to(memory_format=torch.channels_last)
         want = F.group_norm(x.double(), 8, weight.double(), bias.double(), 1e-5)
         err = (per_channel_group_norm(x, 8, weight, bias, 1e-5).double() - want).abs().max().item()
         synthetic[f"mean {offset:g}, |mean|/std {offset / 2:g}-{offset / 0.2:g}"] = err
-        print(f"synthetic groups, mean {offset:g} (|mean|/std {offset / 2:g}-{offset / 0.2:g}): max err, sums form {err:.2e}")
+        print(f"synthetic groups, mean {offset:g} (|mean|/std {offset / 2:g}-{offset / 0.2:g}): "
+              f"max err, sums form {err:.2e}")
     width = max(len(n) for n in rows)
     print(f"{'GroupNorm':{width}}  max |mean|/std  max err, sums form  max err, aten float32")
     for name, r in rows.items():
         print(f"{name:{width}}  {r['max_mean_over_std']:14.3f}  {r['max_err_sums']:18.2e}  {r['max_err_aten']:21.2e}")
     worst = {k: max(r[k] for r in rows.values()) for k in ("max_mean_over_std", "max_err_sums", "max_err_aten")}
-    print(f"{'all':{width}}  {worst['max_mean_over_std']:14.3f}  {worst['max_err_sums']:18.2e}  {worst['max_err_aten']:21.2e}")
+    print(f"{'all':{width}}  {worst['max_mean_over_std']:14.3f}  {worst['max_err_sums']:18.2e}  "
+          f"{worst['max_err_aten']:21.2e}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"checkpoint": args.checkpoint, "step": ckpt.get("step"), "images": len(x0),

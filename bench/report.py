@@ -177,7 +177,8 @@ def _headline(goal: Goal) -> str:
 
 def _render_goal(goal: Goal) -> list[str]:
     d = goal.data
-    lines = [f"## {d['title']}", "", f"Goal: {d['goal']}. **{d['status'][:1].upper()}{d['status'][1:]}.** {d['note']}", "",
+    lines = [f"## {d['title']}", "",
+             f"Goal: {d['goal']}. **{d['status'][:1].upper()}{d['status'][1:]}.** {d['note']}", "",
              "| figure | value | card, versions | date | commit | command | result file |",
              "|---|---|---|---|---|---|---|"]
     previous = None

@@ -125,7 +125,8 @@ def config_of(ckpt: dict[str, Any], path: str | Path = "checkpoint") -> Config:
         raise CheckpointError(f"{path}: its stored config is invalid: {exc}") from None
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu", use_ema: bool = True) -> tuple[UNet, Config, dict[str, Any]]:
+def load_model(path: str | Path, device: str | torch.device = "cpu",
+               use_ema: bool = True) -> tuple[UNet, Config, dict[str, Any]]:
     """Rebuild the U-Net from a checkpoint alone; returns (model in eval mode, config, checkpoint)."""
     ckpt = load_checkpoint(path)
     cfg = config_of(ckpt, path)

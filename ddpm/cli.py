@@ -41,7 +41,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if cfg.train.nproc > 1 and "WORLD_SIZE" not in os.environ:
         # Relaunch this same command under torchrun, one process per GPU.
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.train.nproc}",
-               "-m", "ddpm.cli", "train", "--params", args.params, *(["--profile", args.profile] if args.profile else []),
+               "-m", "ddpm.cli", "train", "--params", args.params,
+               *(["--profile", args.profile] if args.profile else []),
                *(["--resume"] if args.resume else []), *(["--overwrite"] if args.overwrite else []), *args.overrides]
         return subprocess.call(cmd)
     from ddpm.train import train
@@ -69,7 +70,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     model, cfg, _ = load_model(args.checkpoint, device)
     sc = settings.sample
     overrides = {k: v for k, v in dict(sampler=args.sampler, steps=args.steps, eta=args.eta, num_images=args.num_images,
-                                       seed=args.seed, label=args.label, guidance_scale=args.guidance).items() if v is not None}
+                                       seed=args.seed, label=args.label, guidance_scale=args.guidance).items()
+                 if v is not None}
     sc = dataclasses.replace(sc, **overrides)
     # Re-validate the sample settings against the checkpoint's own model and diffusion.
     from ddpm.config import config_from_dict
@@ -196,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
     try:
         from ddpm.threads import apply_thread_defaults
         apply_thread_defaults()  # before any command imports torch: OpenMP reads the variables once

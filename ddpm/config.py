@@ -244,7 +244,8 @@ def _validate(cfg: Config) -> None:
             f"{_max_levels(h)} levels for this dataset")
     bad = [a for a in m.attention_levels if a >= levels]
     if bad:
-        raise ConfigError(f"model.attention_levels: level {bad[0]} does not exist; the U-Net has levels 0..{levels - 1}")
+        raise ConfigError(f"model.attention_levels: level {bad[0]} does not exist; "
+                          f"the U-Net has levels 0..{levels - 1}")
     for mult in m.channel_mult:
         ch = m.base_channels * mult
         if ch % m.norm_groups:

@@ -1,4 +1,7 @@
-"""File helpers shared by every stage: atomic writes and content hashes. Torch-free, so the ONNX sampler can use them."""
+"""File helpers shared by every stage: atomic writes and content hashes.
+
+Torch-free, so the ONNX sampler can use them.
+"""
 
 from __future__ import annotations
 

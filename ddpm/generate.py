@@ -96,7 +96,8 @@ def _counted(net: Callable[..., torch.Tensor], total: int) -> tuple[Callable[...
 def generate(model: torch.nn.Module, schedule: Schedule, cfg: Config, n: int, seed: int = 0,
              sample_cfg: SampleConfig | None = None, label: int | None = None,
              return_trajectory: bool = False, cuda_graphs: bool = True,
-             compile: bool | None = None) -> tuple[torch.Tensor, torch.Tensor | None] | tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:
+             compile: bool | None = None) -> (tuple[torch.Tensor, torch.Tensor | None]
+                                              | tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]):
     """Generate n images in batches; returns (uint8 [n, C, H, W] on the CPU, labels [n] or None[, trajectory]).
 
     The starting noise of image i depends only on `seed` and i's batch, so results are reproducible.

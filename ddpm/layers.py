@@ -53,7 +53,8 @@ class GroupNorm(nn.GroupNorm):
 
 def per_channel_group_norm(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.Tensor,
                            eps: float) -> torch.Tensor:
-    """F.group_norm(x, groups, weight, bias, eps) from per-channel statistics (see GroupNorm); float32 under autocast."""
+    """F.group_norm(x, groups, weight, bias, eps) from per-channel statistics (see GroupNorm);
+    float32 under autocast."""
     x = channels_last_grad(x)
     b, c, g, dtype = x.shape[0], x.shape[1], groups, x.dtype
     x = x.float() if dtype in (torch.float16, torch.bfloat16) else x

@@ -43,7 +43,8 @@ def frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: n
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     cov1, cov2 = np.asarray(cov1, np.float64), np.asarray(cov2, np.float64)
     if mu1.shape != mu2.shape or cov1.shape != cov2.shape or cov1.shape != (mu1.size, mu1.size):
-        raise ValueError(f"frechet_distance: shapes do not fit: mu {mu1.shape} {mu2.shape}, cov {cov1.shape} {cov2.shape}")
+        raise ValueError(f"frechet_distance: shapes do not fit: mu {mu1.shape} {mu2.shape}, "
+                         f"cov {cov1.shape} {cov2.shape}")
     diff = mu1 - mu2
     d2 = diff @ diff + np.trace(cov1) + np.trace(cov2) - 2.0 * trace_sqrt_product(cov1, cov2)
     return float(max(d2, 0.0))

@@ -130,8 +130,8 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, feeds: list[Feeds
                   op_types: tuple[str, ...] | None = ("Conv",), keep_image_convs: bool = True) -> Path:
     """Write the int8 twin of the float32 model at `fp32_path` to `out_path`; returns out_path.
 
-    `feeds`: calibration inputs (calibration_feeds). `scheme`: see the module's docstring. `op_types`: the operators to quantize (None:
-    every operator onnxruntime can quantize);
+    `feeds`: calibration inputs (calibration_feeds). `scheme`: see the module's docstring.
+    `op_types`: the operators to quantize (None: every operator onnxruntime can quantize);
     `keep_image_convs`: leave the first and the last convolution in float32 (the defaults are what
     `ddpm export` uses; the others exist to measure why, bench/int8_quality.py). The preprocessed
     model goes to a temporary folder beside `out_path`, removed whatever happens; onnxruntime puts

@@ -63,7 +63,8 @@ def p_sample(model: Denoiser, schedule: Schedule, x: torch.Tensor, t: torch.Tens
     _, x0 = split_prediction(schedule, x, t, output, prediction)
     if clip_denoised:
         x0 = x0.clamp(-1.0, 1.0)
-    mean = extract(schedule.posterior_mean_coef1, t, x.shape) * x0 + extract(schedule.posterior_mean_coef2, t, x.shape) * x
+    mean = (extract(schedule.posterior_mean_coef1, t, x.shape) * x0
+            + extract(schedule.posterior_mean_coef2, t, x.shape) * x)
     if t_index == 0:
         return mean, x0
     if variance == "beta_tilde":

@@ -78,7 +78,8 @@ def extract(a: torch.Tensor, t: torch.Tensor, x_shape: torch.Size | tuple[int, .
     return out.reshape(t.shape[0], *((1,) * (len(x_shape) - 1)))
 
 
-def q_sample(schedule: Schedule, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+def q_sample(schedule: Schedule, x_start: torch.Tensor, t: torch.Tensor,
+             noise: torch.Tensor | None = None) -> torch.Tensor:
     """Sample x_t ~ q(x_t | x_0) by eq. 4: x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps.
 
     x_start: [B, C, H, W] in [-1, 1]; t: int64 [B] in [0, T-1]; noise: like x_start (default N(0, I)).

@@ -66,7 +66,8 @@ class AttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        qkv = channels_last_grad(self.qkv(self.norm(x))).reshape(b, 3, self.num_heads, c // self.num_heads, h * w).transpose(-1, -2)
+        qkv = channels_last_grad(self.qkv(self.norm(x))).reshape(
+            b, 3, self.num_heads, c // self.num_heads, h * w).transpose(-1, -2)
         if qkv.stride(-1) != 1:  # from NCHW memory; SDPA's fused kernels (flash, memory-efficient, cuDNN)
             qkv = qkv.contiguous()  # need each head's values contiguous, else it takes the math path
         q, k, v = qkv.unbind(dim=1)  # each [B, heads, HW, C/heads]
@@ -114,7 +115,8 @@ class UNet(nn.Module):
             if level > 0:
                 self.up.append(nn.Sequential(NearestUpsample2x(), nn.Conv2d(ch, ch, 3, padding=1)))
 
-        self.out = nn.Sequential(GroupNorm(groups, ch), nn.SiLU(), zero_module(ImageConv2d(ch, in_channels, 3, padding=1)))
+        self.out = nn.Sequential(GroupNorm(groups, ch), nn.SiLU(),
+                                 zero_module(ImageConv2d(ch, in_channels, 3, padding=1)))
 
     def _block(self, in_ch: int, out_ch: int, level: int, emb_dim: int) -> nn.Module:
         res = ResBlock(in_ch, out_ch, emb_dim, self.cfg.dropout, self.cfg.norm_groups)
@@ -136,7 +138,8 @@ class UNet(nn.Module):
                 labels = torch.full_like(t, self.num_classes)
             emb = emb + self.label_emb(labels)
         elif labels is not None:
-            raise ValueError("labels were given, but this U-Net is not class-conditional (model.class_conditional: false)")
+            raise ValueError("labels were given, but this U-Net is not class-conditional "
+                             "(model.class_conditional: false)")
 
         h = self.input_conv(x)
         hs = [h]

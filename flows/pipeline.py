@@ -82,7 +82,8 @@ def summary(result: dict[str, Any]) -> str:
     ui = (f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite:") else f"open {uri}")
     m = result["metrics"]
     quality = (f", FID {m['fid']:.1f} ({m['fid'] / m['fid_floor']:.1f}x the floor {m['fid_floor']:.1f} at "
-               f"{int(m['num_samples']) if 'num_samples' in m else '?'} samples)" if m.get("fid") and m.get("fid_floor") else "")
+               f"{int(m['num_samples']) if 'num_samples' in m else '?'} samples)"
+               if m.get("fid") and m.get("fid_floor") else "")
     if m.get("confident_fraction") is not None:
         quality += (f", {m['confident_fraction']:.0%} of samples recognised by the feature net "
                     f"(real images: {m.get('confident_fraction_real', float('nan')):.0%})")

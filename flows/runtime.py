@@ -229,7 +229,8 @@ def check_tracking_uri(uri: str, timeout: float = HEALTH_TIMEOUT_S) -> None:
             raise ServiceUnavailable(
                 f"the MLflow tracking server at {uri} (MLFLOW_TRACKING_URI) did not answer within {timeout:.0f} s: "
                 f"{getattr(exc, 'reason', exc)}. Start it (`mlflow server --host 127.0.0.1 --backend-store-uri "
-                f"sqlite:///mlflow.db`) or unset MLFLOW_TRACKING_URI to use the local store mlflow/mlflow.db.") from None
+                f"sqlite:///mlflow.db`) or unset MLFLOW_TRACKING_URI to use the local store "
+                f"mlflow/mlflow.db.") from None
         if status != 200:
             raise ServiceUnavailable(f"the MLflow tracking server at {uri} answered /health with HTTP {status}")
     elif uri.startswith("sqlite:///"):
@@ -291,8 +292,8 @@ class Stamp:
     """A record, beside a stage's outputs, of the inputs they were made from and of their hashes.
 
     `fresh()` is true only when the inputs key is unchanged and every output (those asked for and those
-    recorded) still has the recorded hash, so a rerun of the pipeline skips a finished stage and redoes one whose outputs changed.
-    DVC keeps its own record (dvc.lock); a stage run by DVC ignores stamps (force).
+    recorded) still has the recorded hash, so a rerun of the pipeline skips a finished stage and redoes
+    one whose outputs changed. DVC keeps its own record (dvc.lock); a stage run by DVC ignores stamps (force).
     """
 
     def __init__(self, out_dir: Path, stage: str, inputs: dict[str, Any]):

@@ -83,7 +83,8 @@ def describe_dataset(dataset: str, root: str, manifest: str, project: str) -> st
     from ddpm.features import dataset_hashes
 
     return str(write_json(Path(manifest), {
-        "dataset": dataset, "sha256": dataset_hashes(dataset, root), "dvc_md5": dvc_dataset_version(Path(project), root),
+        "dataset": dataset, "sha256": dataset_hashes(dataset, root),
+        "dvc_md5": dvc_dataset_version(Path(project), root),
     }))
 
 

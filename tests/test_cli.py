@@ -7,7 +7,8 @@ import pytest
 
 
 def _ddpm(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ddpm.cli", *args], capture_output=True, text=True, timeout=120, cwd=cwd)
+    return subprocess.run([sys.executable, "-m", "ddpm.cli", *args], capture_output=True, text=True, timeout=120,
+                          cwd=cwd)
 
 
 @pytest.mark.parametrize("override, key", [

@@ -12,7 +12,8 @@ def test_params_yaml_loads_with_every_profile():
 
 
 def test_overrides_apply_last():
-    cfg = load_config("params.yaml", "cpu", ["train.steps=7", "model.channel_mult=[1,2]", "model.attention_levels=[1]", "sample.sampler=ddpm"])
+    cfg = load_config("params.yaml", "cpu", ["train.steps=7", "model.channel_mult=[1,2]", "model.attention_levels=[1]",
+                                             "sample.sampler=ddpm"])
     assert cfg.train.steps == 7 and cfg.model.channel_mult == (1, 2) and cfg.sample.sampler == "ddpm"
 
 

@@ -111,7 +111,8 @@ def test_compiled_channels_last_training_step_matches_eager():
                              num_heads=2, dropout=0.0)).cuda().train()
     for p in model.parameters():  # zero-initialised layers would give most parameters no gradient
         torch.nn.init.normal_(p, std=0.05)
-    fast = use_padded_image_convs(use_per_channel_group_norm(copy.deepcopy(model).to(memory_format=torch.channels_last)))
+    fast = use_padded_image_convs(use_per_channel_group_norm(
+        copy.deepcopy(model).to(memory_format=torch.channels_last)))
     s = Schedule.from_config(DiffusionConfig()).to("cuda")
     x0 = torch.rand(8, 1, 28, 28, device="cuda") * 2 - 1
     t, noise = torch.randint(0, 1000, (8,), device="cuda"), torch.randn_like(x0)
@@ -196,7 +197,8 @@ from ddpm.unet import UNet
 torch.manual_seed(0)
 model = UNet(ModelConfig(base_channels=16, channel_mult=(1, 2), attention_levels=(1,), norm_groups=8, num_heads=2,
                          dropout=0.1)).cuda().train()
-model = use_padded_image_convs(use_hashed_dropout(use_per_channel_group_norm(model))).to(memory_format=torch.channels_last)
+model = use_padded_image_convs(use_hashed_dropout(use_per_channel_group_norm(model))).to(
+    memory_format=torch.channels_last)
 net = torch.compile(model, dynamic=False, options=compile_options(True))
 s = Schedule.from_config(DiffusionConfig()).to("cuda")
 x0 = (torch.rand(8, 1, 28, 28, device="cuda") * 2 - 1).contiguous(memory_format=torch.channels_last)

@@ -114,7 +114,8 @@ def test_a_missing_or_stray_file_in_the_shipped_folder_is_refused_and_nothing_tr
     shipped_copy.unlink()
     monkeypatch.setattr(evaluate, "train_feature_net", lambda *a, **k: pytest.fail("trained into the shipped folder"))
     cfg = config_from_dict({"data": {"dataset": "mnist", "root": str(tmp_path / "data")}})
-    with pytest.raises(CheckpointError, match="is missing; restore it with `git checkout -- ddpm/feature_nets/mnist.pt`"):
+    with pytest.raises(CheckpointError,
+                       match="is missing; restore it with `git checkout -- ddpm/feature_nets/mnist.pt`"):
         evaluate.ensure_feature_net(cfg)
     stray = shipped_copy.with_name("cifar10.pt")
     shutil.copy(SHIPPED / "mnist.pt", stray)

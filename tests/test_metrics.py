@@ -80,7 +80,8 @@ def test_frechet_distance_closed_forms() -> None:
 
 
 def test_frechet_distance_singular_covariances() -> None:
-    """Rank-deficient covariances (fewer samples than dims): finite, real, >= 0, where scipy's path needs an eps retry."""
+    """Rank-deficient covariances (fewer samples than dims): finite, real, >= 0, where scipy's path
+    needs an eps retry."""
     rng = np.random.default_rng(3)
     d = 48
     c1, c2 = random_spd(d, rng, rank=5), random_spd(d, rng, rank=7)
@@ -457,8 +458,8 @@ def test_onnx_backend_and_missing_feature_net(trained: dict, tmp_path: Path, mon
     monkeypatch.setattr(ddpm.onnx_sampler, "sample", fake_sample)
     monkeypatch.setattr(evaluate, "train_feature_net", fake_train)
     cfg = config_from_dict({"data": {"dataset": "mnist", "root": str(trained["root"])},
-                            "evaluate": {"backend": "onnx", "num_samples": 200, "steps": 7, "seed": 3, "batch_size": 100,
-                                         "device": "cpu", "feature_epochs": 1}})
+                            "evaluate": {"backend": "onnx", "num_samples": 200, "steps": 7, "seed": 3,
+                                         "batch_size": 100, "device": "cpu", "feature_epochs": 1}})
     feature_net = tmp_path / "features" / "mnist.pt"
     with caplog.at_level(logging.WARNING, logger="ddpm.evaluate"):
         out = evaluate.evaluate_checkpoint(tmp_path / "no-checkpoint.pt", cfg, tmp_path / "eval",

@@ -527,7 +527,8 @@ def test_checkpoint_from_other_settings_is_not_resumed():
     assert tasks._checkpoint_differences(saved, wanted, 100, 200) == ["model.base_channels: 8 -> 16"]
     wanted["model"]["base_channels"] = 8
     assert tasks._checkpoint_differences(saved, wanted, 100, 200) == []
-    assert tasks._checkpoint_differences(saved, wanted, 300, 200) == ["the checkpoint is at step 300, past train.steps=200"]
+    assert tasks._checkpoint_differences(saved, wanted, 300, 200) == [
+        "the checkpoint is at step 300, past train.steps=200"]
 
 
 def test_dvc_dataset_version_reads_data_dvc(tmp_path):

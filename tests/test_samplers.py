@@ -53,7 +53,8 @@ def test_ddim_eta1_all_steps_equals_ddpm_marginal_variance():
     gen = torch.Generator().manual_seed(0)
     x_T = torch.randn(20000, 1, 1, 1, generator=gen)
     a = p_sample_loop(net, s, x_T, clip_denoised=False, generator=torch.Generator().manual_seed(1))
-    b = ddim_sample_loop(net, s, x_T, clip_denoised=False, steps=40, eta=1.0, generator=torch.Generator().manual_seed(2))
+    b = ddim_sample_loop(net, s, x_T, clip_denoised=False, steps=40, eta=1.0,
+                         generator=torch.Generator().manual_seed(2))
     assert a.var().item() == pytest.approx(b.var().item(), rel=0.05)
     assert a.mean().item() == pytest.approx(b.mean().item(), abs=0.03)
     # Same noise -> same path (the update is algebraically the same).

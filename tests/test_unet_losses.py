@@ -136,7 +136,8 @@ def test_compiled_per_channel_group_norm_trains_as_aten_group_norm(channels_last
     with torch.no_grad():
         norm.weight.normal_()
         norm.bias.normal_()
-    x = (3 + torch.randn(2, 16, 6, 5, dtype=torch.float64) * torch.linspace(0.5, 2, 16, dtype=torch.float64)[:, None, None])
+    x = (3 + torch.randn(2, 16, 6, 5, dtype=torch.float64)
+         * torch.linspace(0.5, 2, 16, dtype=torch.float64)[:, None, None])
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
     upstream = torch.randn(2, 16, 6, 5, dtype=torch.float64)
@@ -164,7 +165,8 @@ def test_compiled_per_channel_group_norm_trains_as_aten_group_norm(channels_last
 
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_compiled_nearest_upsample_is_aten_upsample(channels_last):
-    """Compiled, NearestUpsample2x broadcasts instead of calling aten's upsample: same values, same gradients, same memory format."""
+    """Compiled, NearestUpsample2x broadcasts instead of calling aten's upsample: same values, same gradients,
+    same memory format."""
     from ddpm.layers import NearestUpsample2x
     torch.manual_seed(2)
     x = torch.randn(2, 8, 7, 5)
@@ -282,7 +284,8 @@ def test_compiled_channels_last_unet_trains_as_the_eager_model(in_channels):
                              num_heads=2, dropout=0.0), in_channels=in_channels)
     for p in model.parameters():  # zero-initialised layers would give most parameters no gradient
         torch.nn.init.normal_(p, std=0.05)
-    fast = use_padded_image_convs(use_per_channel_group_norm(copy.deepcopy(model).to(memory_format=torch.channels_last)))
+    fast = use_padded_image_convs(use_per_channel_group_norm(
+        copy.deepcopy(model).to(memory_format=torch.channels_last)))
     s = Schedule.from_config(DiffusionConfig())
     x0 = torch.rand(4, in_channels, 28, 28) * 2 - 1
     t, noise = torch.randint(0, 1000, (4,)), torch.randn_like(x0)
@@ -328,7 +331,8 @@ def test_attention_takes_a_fused_sdpa_kernel_and_equals_softmax_attention(channe
         q, k, v = qkv.unbind(dim=1)
         weights = torch.softmax(q.transpose(-1, -2) @ k / 8 ** 0.5, dim=-1)  # [B, heads, HW (query), HW (key)]
         attended = (v @ weights.transpose(-1, -2)).reshape(2, 16, 5, 3)  # [B, C, H, W]
-        expected = x.double() + torch.nn.functional.conv2d(attended, block.proj.weight.double(), block.proj.bias.double())
+        expected = x.double() + torch.nn.functional.conv2d(attended, block.proj.weight.double(),
+                                                           block.proj.bias.double())
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
 
 

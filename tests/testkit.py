@@ -37,7 +37,8 @@ def fake_mnist(root: Path, n_train: int = 384, n_test: int = 128) -> Path:
 
 
 def random_mnist(root: Path, n_train: int = 64, n_test: int = 16) -> Path:
-    """MNIST's four IDX files under root/mnist/ with uniform random pixels (seed 0), labels 0-9 in turn; returns root."""
+    """MNIST's four IDX files under root/mnist/ with uniform random pixels (seed 0), labels 0-9 in turn;
+    returns root."""
     import torch
 
     (root / "mnist").mkdir()

@@ -13,7 +13,8 @@ pytestmark = pytest.mark.faults
 
 FIELDS = [(section, f.name) for section, cls in _SECTION_CLASSES.items() for f in dataclasses.fields(cls)]
 ANY_VALUE = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True),
-                      st.text(max_size=8), st.lists(st.integers(-3, 9), max_size=6), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
+                      st.text(max_size=8), st.lists(st.integers(-3, 9), max_size=6),
+                      st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
 
 
 @settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow], deadline=None)
