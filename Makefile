@@ -22,7 +22,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: install lock env-info data pipeline prefect-server deploy test test-all clean
+.PHONY: install lock env-info data pipeline prefect-server deploy lint test test-all clean
 
 # The lock is complete, so pip resolves nothing beyond it (and fails if it were not); the lock
 # brings setuptools, which builds the editable project without an isolated build environment.
@@ -87,6 +87,10 @@ prefect-server: $(STAMP)
 # Create the work pools prefect.yaml names (kept when they exist) and deploy every deployment (flows/deploy.py).
 deploy: $(STAMP)
 	$(PY) -m flows.deploy
+
+# ruff with pyproject.toml's [tool.ruff] settings; CI (.ci/run) runs it before the tests.
+lint: $(STAMP)
+	$(PY) -m ruff check .
 
 test: $(STAMP) env-info
 	$(PY) -m pytest -q
