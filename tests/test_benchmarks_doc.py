@@ -63,13 +63,15 @@ def test_a_figure_that_disagrees_with_its_raw_result_fails_the_check(tmp_path):
     root = _copy_project(tmp_path)
     path = root / "bench/results/current/cpu-pipeline.json"
     goal = json.loads(path.read_text())
+    raw = json.loads((root / "bench/results/cpu_pipeline.json").read_text())["metrics"]["fid"]
     fid = next(f for f in goal["figures"] if f["what"] == "FID against its floor")
-    fid["value"] = fid["value"].replace("78.0", "58.0")
-    fid["check"][0]["expect"] = "58.0"
+    shown, wrong = f"{raw:.1f}", f"{raw + 20:.1f}"
+    fid["value"] = fid["value"].replace(shown, wrong)
+    fid["check"][0]["expect"] = wrong
     path.write_text(json.dumps(goal))
     done = _run_check(root)
     assert done.returncode == 1
-    assert "says 58.0 but bench/results/cpu_pipeline.json metrics.fid is 77.966" in done.stderr
+    assert f"says {wrong} but bench/results/cpu_pipeline.json metrics.fid is {raw}" in done.stderr
 
 
 def test_a_ratio_is_checked_against_the_two_raw_results(tmp_path):
