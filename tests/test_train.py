@@ -157,7 +157,7 @@ def test_compile_options_are_inductor_settings_this_torch_knows(cuda_graphs):
     """ddpm.train's torch.compile options name inductor settings that exist (torch renames them between
     releases, and an unknown one would fail only when a GPU run compiles), and inductor accepts them and
     still computes the eager output and gradient. Whether they change the generated code is measured on
-    the GPU (BENCHMARKS.md, "Recompute rather than store"); tests/test_cuda.py checks the U-Net's
+    the GPU (docs/experiments/2026-11-26-recompute-rather-than-store.md); tests/test_cuda.py checks the U-Net's
     training step compiled with them."""
     import torch._inductor.config as inductor_config
     options = train_mod.compile_options(cuda_graphs)
