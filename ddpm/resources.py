@@ -51,10 +51,10 @@ def free_bytes(device: torch.device) -> int | None:
         return torch.cuda.mem_get_info(device)[0]
     if device.type != "cpu":
         return None
-    limits = [_mem_available()]
+    limits = [_proc_bytes("/proc/meminfo", "MemAvailable")]
     soft, _ = resource.getrlimit(resource.RLIMIT_AS)
     if soft != resource.RLIM_INFINITY:
-        limits.append(soft - _address_space_used())
+        limits.append(soft - (_proc_bytes("/proc/self/status", "VmSize") or 0))
     known = [n for n in limits if n is not None]
     return max(min(known), 0) if known else None
 
@@ -71,24 +71,15 @@ def check_training_fits(cfg: Config, device: torch.device) -> None:
         f"for one batch), but {_size(free)} is free; lower train.batch_size or model.base_channels")
 
 
-def _mem_available() -> int | None:
+def _proc_bytes(path: str, key: str) -> int | None:
+    """The `key:` line of a /proc status file (given in kB) in bytes; None where it cannot be read."""
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
     return None
-
-
-def _address_space_used() -> int:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmSize:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
 
 
 def _size(n: int) -> str:
