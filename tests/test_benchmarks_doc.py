@@ -50,12 +50,14 @@ def test_every_goal_file_names_its_runs_and_experiment_pages():
 def test_a_hand_edited_figure_is_named_with_its_line(tmp_path):
     root = _copy_project(tmp_path)
     doc = (root / "BENCHMARKS.md").read_text()
-    assert "27,278 img/s" in doc
-    (root / "BENCHMARKS.md").write_text(doc.replace("27,278 img/s", "28,000 img/s", 1))
-    line = next(i for i, text in enumerate(doc.splitlines(), 1) if "27,278 img/s" in text)
+    goal = json.loads((root / "bench/results/current/train-vs-reference.json").read_text())
+    shown = goal["figures"][0]["value"]  # our training speed, e.g. "28,936 img/s"
+    assert shown in doc and shown != "1,000 img/s"
+    (root / "BENCHMARKS.md").write_text(doc.replace(shown, "1,000 img/s", 1))
+    line = next(i for i, text in enumerate(doc.splitlines(), 1) if shown in text)
     done = _run_check(root)
     assert done.returncode == 1
-    assert f"BENCHMARKS.md line {line} differs" in done.stderr and "28,000 img/s" in done.stderr
+    assert f"BENCHMARKS.md line {line} differs" in done.stderr and "1,000 img/s" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
 
 
@@ -79,13 +81,17 @@ def test_a_ratio_is_checked_against_the_two_raw_results(tmp_path):
     path = root / "bench/results/current/train-vs-reference.json"
     goal = json.loads(path.read_text())
     ratio = next(f for f in goal["figures"] if f["what"] == "ours over the twin")
-    ratio["value"] = ratio["value"].replace("1.62x", "1.72x")
-    ratio["check"][0]["expect"] = "1.72"  # 27,278.3 / 16,786.7 img/s in the two raw files is 1.625
+    check = ratio["check"][0]
+    ours = json.loads((root / check["file"]).read_text())["results"][0]["images_per_s"]
+    twin = json.loads((root / check["divide_by"]["file"]).read_text())["results"][0]["images_per_s"]
+    right, wrong = f"{ours / twin:.2f}", f"{ours / twin + 0.1:.2f}"
+    ratio["value"] = ratio["value"].replace(f"{right}x", f"{wrong}x")
+    check["expect"] = wrong
     path.write_text(json.dumps(goal))
     done = _run_check(root)
     assert done.returncode == 1
-    assert ("says 1.72 but bench/results/train_h100_padded_ours.json results.0.images_per_s over "
-            "bench/results/train_h100_padded_ref.json results.0.images_per_s is 1.62") in done.stderr
+    assert (f"says {wrong} but {check['file']} results.0.images_per_s over "
+            f"{check['divide_by']['file']} results.0.images_per_s is {ours / twin}") in done.stderr
 
 
 def test_writing_refuses_a_disagreeing_figure_and_changes_nothing(tmp_path):
