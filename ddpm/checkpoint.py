@@ -22,6 +22,7 @@ import torch
 from ddpm.fileio import atomic_write_bytes  # noqa: F401  (re-exported)
 from ddpm.errors import CheckpointError
 from ddpm.config import Config, ConfigError, config_from_dict, image_shape
+from ddpm.config_moves import migrate_stored
 from ddpm.unet import UNet, build_unet
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,8 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint with weights_only=True (a pickle that would run code is refused) and check its content hash.
 
-    Returns the payload as it was saved, without the hash entry."""
+    Returns the payload as it was saved, without the hash entry; a config stored before settings moved
+    to the sampler and runtime blocks comes back with them there (ddpm.config_moves.migrate_stored)."""
     path = Path(path)
     if not path.is_file():
         what = "is not a file" if path.exists() else "does not exist"
@@ -104,7 +106,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     missing = [k for k in ("model", "config", "step") if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise CheckpointError(f"checkpoint {path} is not a ddpm checkpoint (missing {', '.join(missing)})")
-    return verify_content(path, ckpt)
+    ckpt = verify_content(path, ckpt)
+    if isinstance(ckpt["config"], dict):
+        ckpt["config"] = migrate_stored(ckpt["config"])
+    return ckpt
 
 
 def _is_zip(path: Path) -> bool:

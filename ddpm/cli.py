@@ -55,32 +55,28 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    import dataclasses
-
     from ddpm.checkpoint import load_model
+    from ddpm.config import config_from_dict
     from ddpm.generate import generate, save_array, save_grid
+    from ddpm.run_folder import check_writable
     from ddpm.schedule import Schedule
     from ddpm.train import resolve_device
 
-    from ddpm.run_folder import check_writable
-
     settings = _config(args)
     check_writable(args.out)  # before the model is loaded or an image sampled
-    device = resolve_device(args.device)
-    model, cfg, _ = load_model(args.checkpoint, device)
-    sc = settings.sample
-    overrides = {k: v for k, v in dict(sampler=args.sampler, steps=args.steps, eta=args.eta, num_images=args.num_images,
-                                       seed=args.seed, label=args.label, guidance_scale=args.guidance).items()
-                 if v is not None}
-    sc = dataclasses.replace(sc, **overrides)
-    # Re-validate the sample settings against the checkpoint's own model and diffusion.
-    from ddpm.config import config_from_dict
-    full = config_from_dict({**cfg.to_dict(), "sample": dataclasses.asdict(sc)})
-    sc = full.sample
+    model, cfg, _ = load_model(args.checkpoint, resolve_device(args.device or settings.runtime.device))
+    given = {"sampler": dict(name=args.sampler, steps=args.steps, eta=args.eta, guidance_scale=args.guidance),
+             "sample": dict(num_images=args.num_images, seed=args.seed, label=args.label)}
+    ours = settings.to_dict()
+    for section, values in given.items():
+        ours[section].update({k: v for k, v in values.items() if v is not None})
+    # The sampling settings, validated again against the checkpoint's own model and diffusion.
+    full = config_from_dict({**cfg.to_dict(), **{k: ours[k] for k in ("sampler", "runtime", "sample")}})
+    sc, sp = full.sample, full.sampler
     images, labels = generate(model, Schedule.from_config(cfg.diffusion), full, sc.num_images, seed=sc.seed)
     out = Path(args.out)
     grid, arr = save_grid(images, out / "samples.png"), save_array(images, labels, out / "samples.npz")
-    print(f"{len(images)} images ({sc.sampler}, {sc.steps if sc.sampler == 'ddim' else cfg.diffusion.timesteps} steps, "
+    print(f"{len(images)} images ({sp.name}, {sp.steps if sp.name == 'ddim' else cfg.diffusion.timesteps} steps, "
           f"seed {sc.seed}) -> {grid} and {arr}")
     return 0
 
@@ -96,10 +92,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from ddpm.evaluate import fid_score
     from ddpm.export import export_onnx
+    from ddpm.export_check import gate_export
     cfg = _config(args)
-    path = export_onnx(args.checkpoint, args.out, cfg.export)
+    checks: list[tuple[bool, dict]] = []
+
+    def gate(model: Path, int8: bool) -> dict:
+        checks.append((int8, gate_export(model, args.checkpoint, cfg, fid_score(cfg, args.feature_net), int8=int8)))
+        return checks[-1][1]
+
+    path = export_onnx(args.checkpoint, args.out, cfg.export, cfg.sampler, gate=gate)
     print(f"exported {path}")
+    for int8, check in checks:
+        print(f"{'int8 twin' if int8 else 'model'} accepted: {check['n']} DDIM-{check['steps']} samples, max |diff| "
+              f"{check['max_abs_diff']:.3g}, FID {check['score_onnx']:.4g} (onnxruntime) vs {check['score_torch']:.4g}")
     if cfg.export.int8:
         from ddpm.quantize import int8_path
         if int8_path(path).is_file():
@@ -145,14 +152,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_settings(p)
     p.add_argument("--checkpoint", default="runs/default/checkpoint.pt", help="(default: %(default)s)")
     p.add_argument("--out", default="samples", help="output folder (default: %(default)s)")
-    p.add_argument("--sampler", choices=["ddpm", "ddim"], help="default: sample.sampler")
-    p.add_argument("--steps", type=int, help="DDIM steps (default: sample.steps)")
-    p.add_argument("--eta", type=float, help="DDIM eta (default: sample.eta)")
+    p.add_argument("--sampler", choices=["ddpm", "ddim"], help="default: sampler.name")
+    p.add_argument("--steps", type=int, help="DDIM steps (default: sampler.steps)")
+    p.add_argument("--eta", type=float, help="DDIM eta (default: sampler.eta)")
     p.add_argument("-n", "--num-images", type=int, help="default: sample.num_images")
     p.add_argument("--seed", type=int, help="default: sample.seed")
     p.add_argument("--label", type=int, help="class to draw (conditional models only)")
-    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: sample.guidance_scale)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: sampler.guidance_scale)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: runtime.device")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("evaluate", help="score generated samples: FID, precision/recall, IS, memorisation")
@@ -166,10 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "pinned ones) or a path (default: %(default)s)")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("export", help="export the EMA U-Net to ONNX and check it")
+    p = sub.add_parser("export", help="export the EMA U-Net to ONNX and gate it: parity, then samples and FID "
+                                      "against PyTorch (export.check_*, the FID margins)")
     _add_settings(p)
     p.add_argument("--checkpoint", default="runs/default/checkpoint.pt", help="(default: %(default)s)")
     p.add_argument("--out", default="runs/default/model.onnx", help="(default: %(default)s)")
+    p.add_argument("--feature-net", default="pinned",
+                   help="the gate's FID feature net: pinned, retrain or a path, as for evaluate (default: %(default)s)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("onnx-sample", help="sample with onnxruntime alone (no PyTorch)")

@@ -1,7 +1,9 @@
 """Typed, frozen configuration, read once from `params.yaml` plus overrides.
 
 `params.yaml` is keyed by stage (data, diffusion, model, train, sample, evaluate, export) as DVC
-expects. A profile (`profiles.<name>` in the same file) overlays the base values; command-line
+expects, plus two blocks that several stages read: `sampler` (how images are drawn, for `ddpm sample`,
+evaluation, the export check and int8 calibration) and `runtime` (device and precision, for every
+stage). Settings that moved to them are refused with their new home (ddpm.config_moves). A profile (`profiles.<name>` in the same file) overlays the base values; command-line
 overrides (`train.steps=200`) come last. Every value is checked against the dataclass field's
 type and range here, so that the rest of the code can trust its config.
 """
@@ -16,6 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
+from ddpm.config_moves import refuse_moved
 from ddpm.config_values import build_section, deep_merge, parse_override
 from ddpm.errors import ConfigError  # re-exported
 
@@ -103,9 +106,7 @@ class TrainConfig:
     ema_warmup: bool = True
     label_dropout: float = _f(0.1, _unit_closed, "a float in [0, 1]")
     seed: int = _f(0, _seed, SEED_ALLOWED)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
     nproc: int = _f(1, _positive, "an integer > 0 (processes on this node; > 1 launches torchrun)")
-    bf16: bool = True
     compile: bool = False
     cuda_graphs: bool = False  # capture the whole step (forward, backward, clip, AdamW, EMA) as one CUDA graph
     channels_last: bool = False
@@ -116,15 +117,38 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class SampleConfig:
-    sampler: Literal["ddpm", "ddim"] = "ddim"
+class SamplerConfig:
+    """How images are drawn: by `ddpm sample`, evaluation, the export check and int8 calibration.
+
+    `steps` and `eta` are DDIM's; `variance` is DDPM's. The export check and int8 calibration always
+    run DDIM (ddpm.export_check) with these steps, eta, clip_denoised and guidance_scale.
+    """
+
+    name: Literal["ddim", "ddpm"] = "ddim"
     steps: int = _f(50, _positive, "an integer > 0")
     eta: float = _f(0.0, _non_negative, "a float >= 0")
     variance: Literal["beta_tilde", "beta"] = "beta_tilde"
     clip_denoised: bool = True
+    guidance_scale: float = _f(1.0, _non_negative, "a float >= 0")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Where and in what precision every stage runs: training, sampling, evaluation and the export check.
+
+    `bf16`: autocast to bfloat16 on CUDA (training and sampling); ignored on the CPU.
+    """
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    bf16: bool = True
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """What `ddpm sample` and the preview grids draw; how they draw it is `sampler`."""
+
     num_images: int = _f(64, _positive, "an integer > 0")
     batch_size: int = _f(256, _positive, "an integer > 0")
-    guidance_scale: float = _f(1.0, _non_negative, "a float >= 0")
     label: int | None = None
     seed: int = _f(0, _seed, SEED_ALLOWED)
     compile: bool = False  # CUDA: torch.compile the network for sampling (ddpm.generate.sampling_network)
@@ -132,21 +156,19 @@ class SampleConfig:
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    """Scoring samples (ddpm.evaluate). eta, variance, clip_denoised and guidance come from `sample`.
+    """Scoring samples (ddpm.evaluate), drawn as `sampler` says. `seed` seeds the samples' noise.
 
-    `feature_*` train an FID feature net that does not ship (ddpm.features.train_feature_net): asked for
+    `feature_*` (and `feature_seed`) train an FID feature net that does not ship (ddpm.features.train_feature_net): asked for
     with pipeline.feature_net=retrain, a missing path, or a dataset without a pinned net (ddpm.feature_pins).
     """
 
     num_samples: int = _f(10000, _positive, "an integer > 0")
-    sampler: Literal["ddpm", "ddim"] = "ddim"
-    steps: int = _f(50, _positive, "an integer > 0")
     batch_size: int = _f(500, _positive, "an integer > 0")
     backend: Literal["torch", "onnx"] = "torch"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
     nearest_k: int = _f(3, _positive, "an integer > 0 (k of the k-NN radii in precision/recall)")
     memorisation_quantile: float = _f(0.01, _unit_open, "a float in (0, 1) (quantile of test-to-train distances)")
     seed: int = _f(0, _seed, SEED_ALLOWED)
+    feature_seed: int = _f(0, _seed, SEED_ALLOWED)
     feature_epochs: int = _f(3, _positive, "an integer > 0")
     feature_batch_size: int = _f(128, _positive, "an integer > 0")
     feature_lr: float = _f(2e-3, _positive, "a float > 0")
@@ -161,11 +183,9 @@ class ExportConfig:
     int8: bool = False
     int8_scheme: Literal["portable", "vnni"] = "portable"
     int8_calibration_images: int = _f(32, _positive, "an integer > 0")
-    int8_calibration_steps: int = _f(50, _positive, "an integer > 0 (DDIM steps)")
     int8_mean_atol: float = _f(0.02, _positive, "a float > 0 (mean pixel difference in [-1, 1])")
     int8_fid_margin: float = _f(0.15, _non_negative, "a float >= 0 (relative)")
     check_samples: int = _f(256, _positive, "an integer > 0")
-    check_steps: int = _f(20, _positive, "an integer > 0")
     check_atol: float = _f(0.02, _positive, "a float > 0 (max pixel difference in [-1, 1])")
     fid_margin: float = _f(0.05, _non_negative, "a float >= 0 (relative)")
     fid_abs_floor: float = _f(0.5, _non_negative, "a float >= 0 (absolute, added to fid_margin * FID)")
@@ -201,6 +221,8 @@ class Config:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
@@ -212,7 +234,8 @@ class Config:
 
 _SECTION_CLASSES = {
     "data": DataConfig, "diffusion": DiffusionConfig, "model": ModelConfig, "train": TrainConfig,
-    "sample": SampleConfig, "evaluate": EvaluateConfig, "export": ExportConfig, "pipeline": PipelineConfig,
+    "sampler": SamplerConfig, "runtime": RuntimeConfig, "sample": SampleConfig, "evaluate": EvaluateConfig,
+    "export": ExportConfig, "pipeline": PipelineConfig,
 }
 IMAGE_SHAPES = {"mnist": (1, 28, 28), "fashion_mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
 
@@ -253,13 +276,8 @@ def _validate(cfg: Config) -> None:
                               f"(base_channels * {mult}); choose a divisor of every level's width")
         if ch % m.num_heads:
             raise ConfigError(f"model.num_heads: {m.num_heads} does not divide {ch} channels")
-    steps_settings = [("sample.steps", cfg.sample.steps), ("evaluate.steps", cfg.evaluate.steps),
-                      ("export.check_steps", cfg.export.check_steps)]
-    if cfg.export.int8:
-        steps_settings.append(("export.int8_calibration_steps", cfg.export.int8_calibration_steps))
-    for name, steps in steps_settings:
-        if steps > d.timesteps:
-            raise ConfigError(f"{name}: {steps} exceeds diffusion.timesteps ({d.timesteps})")
+    if cfg.sampler.steps > d.timesteps:
+        raise ConfigError(f"sampler.steps: {cfg.sampler.steps} exceeds diffusion.timesteps ({d.timesteps})")
     if cfg.sample.label is not None:
         if not m.class_conditional:
             raise ConfigError("sample.label: the model is not class-conditional; set model.class_conditional: true "
@@ -298,10 +316,14 @@ def config_from_dict(raw: dict[str, Any], profile: str | None = None, overrides:
     profiles = raw.pop("profiles", {}) or {}
     default_profile = raw.pop("profile", None)
     profile = profile if profile is not None else default_profile
+    refuse_moved(raw)
     if profile is not None:
-        raw = deep_merge(raw, _profile(profiles, profile))
+        settings = _profile(profiles, profile)
+        refuse_moved(settings, f"profiles.{profile}.")
+        raw = deep_merge(raw, settings)
     for text in overrides:
         (section, key), value = parse_override(text)
+        refuse_moved({section: {key: value}})
         raw.setdefault(section, {})
         if not isinstance(raw[section], dict):
             raise ConfigError(f"{section}: expected a mapping of settings")

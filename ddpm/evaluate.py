@@ -35,14 +35,14 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from ddpm import progress
 from ddpm.checkpoint import atomic_write_bytes, load_checkpoint, load_model
-from ddpm.config import Config, config_from_dict
+from ddpm.config import Config, SampleConfig, config_from_dict
 from ddpm.data import load_images
 from ddpm.errors import CheckpointError, ConfigError, DataError
 from ddpm.feature_pins import PINNED, describe, is_shipped, resolve_feature_net, verify_shipped
@@ -53,6 +53,7 @@ from ddpm.generate import generate, save_grid
 from ddpm.metrics import (class_entropy, confident_fraction, feature_stats, frechet_distance, inception_score,
                           manifold_metrics, nearest_neighbours)
 from ddpm.run_folder import owned
+from ddpm.train import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -76,14 +77,6 @@ class Reference:
     path: Path
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("evaluate.device: 'cuda' was asked for, but no CUDA device is available; use 'cpu' or 'auto'")
-    return torch.device(name)
-
-
 def feature_net_path(cfg: Config, feature_net: str | Path | None = None) -> Path:
     """The file that `feature_net` (pinned | retrain | a path; None: pinned) names for cfg's dataset."""
     return resolve_feature_net(DEFAULT_FEATURE_NET if feature_net is None else feature_net, cfg.data.dataset)
@@ -102,8 +95,8 @@ def ensure_feature_net(cfg: Config, feature_net: str | Path | None = None, devic
         log.warning("feature net %s not found: training it on %s (%d epochs); its FIDs are unpinned, comparable "
                     "only between runs that use this file", path, cfg.data.dataset, ev.feature_epochs)
         result = train_feature_net(cfg.data.dataset, cfg.data.root, path, epochs=ev.feature_epochs,
-                                   batch_size=ev.feature_batch_size, lr=ev.feature_lr, seed=ev.seed,
-                                   device=device or resolve_device(ev.device))
+                                   batch_size=ev.feature_batch_size, lr=ev.feature_lr, seed=ev.feature_seed,
+                                   device=device or resolve_device(cfg.runtime.device))
         log.info("feature net %s: test accuracy %.4f (%.0f s)", path, result["test_accuracy"], result["seconds"])
     ckpt = read_feature_checkpoint(path)
     trained_on = ckpt.get("config", {}).get("dataset")
@@ -146,7 +139,7 @@ def reference_stats(cfg: Config, feature_net: str | Path, device: torch.device |
                     net: FeatureNet | None = None) -> Reference:
     """Load the cached real-data statistics for (dataset files, feature net), or compute and cache them."""
     dataset, root = cfg.data.dataset, cfg.data.root
-    device = device or resolve_device(cfg.evaluate.device)
+    device = device or resolve_device(cfg.runtime.device)
     fn_path = feature_net_path(cfg, feature_net)
     hashes = dataset_hashes(dataset, root)
     if not hashes:
@@ -239,33 +232,43 @@ def score_images(images_uint8: torch.Tensor | np.ndarray, cfg: Config, feature_n
 
     The feature net defaults to the shipped, pinned one (ddpm.feature_pins).
     """
-    dev = torch.device(device) if device is not None else resolve_device(cfg.evaluate.device)
+    dev = torch.device(device) if device is not None else resolve_device(cfg.runtime.device)
     return _score(images_uint8, cfg, feature_net_path, dev)[0]
+
+
+def fid_score(cfg: Config, feature_net: str | Path | None = None) -> Callable[[np.ndarray], float]:
+    """The export gate's score: uint8 images [N, C, H, W] -> their FID under `feature_net` (None: pinned)."""
+    def fid(images: np.ndarray) -> float:
+        return float(score_images(images, cfg, feature_net)["fid"])
+    return fid
 
 
 def fid_floor(cfg: Config, feature_net: str | Path | None = None, n: int | None = None) -> float:
     """FID between n = evaluate.num_samples real training images and the test set: the best a model can score."""
-    device = resolve_device(cfg.evaluate.device)
+    device = resolve_device(cfg.runtime.device)
     ref = reference_stats(cfg, ensure_feature_net(cfg, feature_net, device), device)
     return frechet_distance(*feature_stats(_real_subset(ref, n or cfg.evaluate.num_samples)), ref.mu_test, ref.cov_test)
 
 
 def _eval_config(model_cfg: Config, cfg: Config) -> Config:
-    """The checkpoint's data/diffusion/model/train settings with cfg's evaluate settings and data root.
-
-    Its `sample` section is what the sampler gets: cfg's eta, variance, clip_denoised and guidance,
-    with sampler, steps, count, batch size and seed from `evaluate`, and no fixed label.
-    """
+    """The checkpoint's data/diffusion/model/train settings with cfg's data root and its sampler, runtime,
+    sample and evaluate settings, validated together (sampler.steps against the checkpoint's timesteps)."""
     if model_cfg.data.dataset != cfg.data.dataset:
         log.warning("the checkpoint was trained on %s; evaluating against %s, not data.dataset=%s",
                     model_cfg.data.dataset, model_cfg.data.dataset, cfg.data.dataset)
     raw = model_cfg.to_dict()
     raw["data"] = {**raw["data"], "root": cfg.data.root}
-    raw["evaluate"] = cfg.to_dict()["evaluate"]
-    ev = cfg.evaluate
-    raw["sample"] = {**cfg.to_dict()["sample"], "label": None, "sampler": ev.sampler, "steps": ev.steps,
-                     "num_images": ev.num_samples, "batch_size": ev.batch_size, "seed": ev.seed}
+    ours = cfg.to_dict()
+    raw.update({k: ours[k] for k in ("sampler", "runtime", "evaluate")}, sample={**ours["sample"], "label": None})
     return config_from_dict(raw)
+
+
+def evaluation_draw(cfg: Config) -> SampleConfig:
+    """What evaluation draws: evaluate.num_samples images of every class in turn, in evaluate.batch_size
+    batches from evaluate.seed (sample.compile still applies)."""
+    ev = cfg.evaluate
+    return SampleConfig(num_images=ev.num_samples, batch_size=ev.batch_size, label=None, seed=ev.seed,
+                        compile=cfg.sample.compile)
 
 
 def _generate(checkpoint: str | Path, cfg: Config, onnx_model: str | Path | None,
@@ -278,18 +281,18 @@ def _generate(checkpoint: str | Path, cfg: Config, onnx_model: str | Path | None
         run_cfg = _eval_config(model_cfg, cfg)
         from ddpm.schedule import Schedule
         images, _ = generate(model, Schedule.from_config(run_cfg.diffusion), run_cfg, ev.num_samples, seed=ev.seed,
-                             sample_cfg=run_cfg.sample)
+                             sample_cfg=evaluation_draw(run_cfg))
         return images, run_cfg, backend
     from ddpm import onnx_sampler  # lazily: onnxruntime is needed only here
 
     onnx_path = Path(onnx_model) if onnx_model is not None else Path(checkpoint).with_name("model.onnx")
     # The ONNX file carries its schedule; the checkpoint (if present) tells the dataset.
     run_cfg = _eval_config(_config_of_checkpoint(checkpoint), cfg) if Path(checkpoint).is_file() else cfg
-    sc = run_cfg.sample
-    options: dict[str, Any] = {"variance": sc.variance, "clip_denoised": sc.clip_denoised}
+    sp = run_cfg.sampler
+    options: dict[str, Any] = {"variance": sp.variance, "clip_denoised": sp.clip_denoised}
     if run_cfg.model.class_conditional:
-        options["guidance_scale"] = sc.guidance_scale
-    arr = onnx_sampler.sample(onnx_path, ev.num_samples, sampler=ev.sampler, steps=ev.steps, eta=sc.eta, seed=ev.seed,
+        options["guidance_scale"] = sp.guidance_scale
+    arr = onnx_sampler.sample(onnx_path, ev.num_samples, sampler=sp.name, steps=sp.steps, eta=sp.eta, seed=ev.seed,
                               batch_size=ev.batch_size, provider="cuda" if device.type == "cuda" else "cpu", **options)
     return torch.from_numpy(np.ascontiguousarray(arr)), run_cfg, backend
 
@@ -317,17 +320,17 @@ def evaluate_checkpoint(checkpoint: str | Path, cfg: Config, out_dir: str | Path
 
 def _evaluate_checkpoint(checkpoint: str | Path, cfg: Config, out: Path, onnx_model: str | Path | None,
                          feature_net: str | Path | None) -> dict[str, Any]:
-    ev = cfg.evaluate
-    device = resolve_device(ev.device)
+    ev, sp = cfg.evaluate, cfg.sampler
+    device = resolve_device(cfg.runtime.device)
     start = time.perf_counter()
     images, run_cfg, backend = _generate(checkpoint, cfg, onnx_model, device)
     sample_seconds = time.perf_counter() - start
-    log.info("sampled %d images with %s/%s in %.1f s", len(images), backend, ev.sampler, sample_seconds)
+    log.info("sampled %d images with %s/%s in %.1f s", len(images), backend, sp.name, sample_seconds)
     progress.advance("scoring the samples")
     fn_path = ensure_feature_net(run_cfg, feature_net, device)
     metrics, dists, idx = _score(images, run_cfg, fn_path, device)
-    steps = ev.steps if ev.sampler == "ddim" else run_cfg.diffusion.timesteps
-    result: dict[str, Any] = {**metrics, "sample_seconds": sample_seconds, "sampler": ev.sampler, "steps": steps,
+    steps = sp.steps if sp.name == "ddim" else run_cfg.diffusion.timesteps
+    result: dict[str, Any] = {**metrics, "sample_seconds": sample_seconds, "sampler": sp.name, "steps": steps,
                               "num_samples": len(images), "backend": backend,
                               "feature_net": describe(fn_path, run_cfg.data.dataset)}
     # One set: the old metrics.json goes first and the new one comes last, so metrics.json never stands beside

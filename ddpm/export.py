@@ -5,8 +5,10 @@ with `export.int8`, an int8 twin `<name>.int8.onnx` for the CPU, see ddpm.quanti
 (key "ddpm", JSON) holds everything `ddpm.onnx_sampler` needs. Nothing reaches
 `out_path` before onnx.checker and the parity check against PyTorch pass, and every file is written
 and fsynced in a temporary folder beside it before the first rename, so a full disk leaves the
-previous export as it was. `check_export` (ddpm.export_check) then samples from the same x_T with
-ddpm.samplers and with the onnxruntime loop and compares images.
+previous export as it was. The export gate (ddpm.export_check.gate_export: the sample check of
+onnxruntime against PyTorch from the same x_T, with its FID margins) runs on the files in the
+temporary folder when a `gate` is given, as `ddpm export` and the pipeline give it, so a rejected
+export never reaches `out_path`.
 
 Graph: inputs x float32 [B, C, H, W], t int64 [B] (indices in [0, T-1]), labels int64 [B] (only
 for class-conditional models; label num_classes is the null class); output "output" float32
@@ -24,7 +26,7 @@ import shutil
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import onnx
@@ -32,7 +34,7 @@ import torch
 from torch import nn
 
 from ddpm.checkpoint import load_model
-from ddpm.config import Config, ExportConfig, image_shape
+from ddpm.config import Config, ExportConfig, SamplerConfig, image_shape
 from ddpm.errors import ExportRejected, OnnxModelError
 from ddpm.export_check import check_export  # noqa: F401 (re-exported: the gate of an export)
 from ddpm.onnx_model import METADATA_KEY, METADATA_VERSION, OnnxDenoiser, no_spin_options
@@ -84,9 +86,15 @@ def export_metadata(cfg: Config, ckpt: dict[str, Any], checkpoint: Path, num_cla
     }
 
 
-def export_onnx(checkpoint: str | Path, out_path: str | Path, cfg: ExportConfig) -> Path:
+Gate = Callable[[Path, bool], dict[str, Any]]  # (model file, is the int8 twin) -> its check; ExportRejected if not
+
+
+def export_onnx(checkpoint: str | Path, out_path: str | Path, cfg: ExportConfig, sampler: SamplerConfig | None = None,
+                gate: Gate | None = None) -> Path:
     """Export the checkpoint's EMA U-Net to `out_path` (and `<name>.fp16.onnx` with cfg.fp16, `<name>.int8.onnx`
-    with cfg.int8); returns out_path.
+    with cfg.int8); returns out_path. `sampler` (None: the defaults): the DDIM steps of int8 calibration and
+    of the int8 twin's check. `gate`: called on the float32 model, then on the int8 twin when one is written,
+    before anything is renamed into place; its ExportRejected rejects the whole export.
 
     Raises ExportRejected, with the measured difference, when onnxruntime and PyTorch disagree by
     more than cfg.parity_atol (float32) or cfg.fp16_atol (float16); then no model is left at out_path.
@@ -100,10 +108,10 @@ def export_onnx(checkpoint: str | Path, out_path: str | Path, cfg: ExportConfig)
     The folder of out_path is held for the export (ddpm.run_folder.owned).
     """
     with owned(Path(out_path).parent, "ddpm export"):
-        return _export_onnx(Path(checkpoint), Path(out_path), cfg)
+        return _export_onnx(Path(checkpoint), Path(out_path), cfg, (sampler or SamplerConfig()).steps, gate)
 
 
-def _export_onnx(checkpoint: Path, out: Path, cfg: ExportConfig) -> Path:
+def _export_onnx(checkpoint: Path, out: Path, cfg: ExportConfig, steps: int, gate: Gate | None) -> Path:
     model, full_cfg, ckpt = load_model(checkpoint, "cpu", use_ema=True)
     meta = export_metadata(full_cfg, ckpt, checkpoint, model.num_classes)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -128,9 +136,11 @@ def _export_onnx(checkpoint: Path, out: Path, cfg: ExportConfig) -> Path:
                 written[-1] = _save(half, tmp / fp16_path(out).name, {**meta16, "parity_max_abs_diff": worst16},
                                     cfg.model_name)
             if cfg.int8:
-                if twin := _int8_twin(tmp / out.name, tmp / int8_path(out).name, meta, cfg):
+                if twin := _int8_twin(tmp / out.name, tmp / int8_path(out).name, meta, cfg, steps):
                     written.append(twin)
             written[0] = _save(proto, tmp / out.name, meta, cfg.model_name)  # with the measured figure
+            if gate is not None:
+                _run_gate(gate, tmp, out, meta.get("int8", {}).get("written", False))
             for f in (f for files in written for f in files):
                 _fsync(f)  # a full disk shows here at the latest, before anything at out_path is replaced
         except ExportRejected:
@@ -148,7 +158,16 @@ def _export_onnx(checkpoint: Path, out: Path, cfg: ExportConfig) -> Path:
     return out
 
 
-def _int8_twin(fp32: Path, dest: Path, meta: dict[str, Any], cfg: ExportConfig) -> list[Path]:
+def _run_gate(gate: Gate, tmp: Path, out: Path, int8: bool) -> None:
+    """`gate` on the float32 model and the int8 twin in `tmp`; its rejection names the files at `out`."""
+    for name, is_int8 in [(out.name, False)] + ([(int8_path(out).name, True)] if int8 else []):
+        try:
+            gate(tmp / name, is_int8)
+        except ExportRejected as exc:
+            raise ExportRejected(str(exc).replace(str(tmp / name), str(out.parent / name))) from None
+
+
+def _int8_twin(fp32: Path, dest: Path, meta: dict[str, Any], cfg: ExportConfig, steps: int) -> list[Path]:
     """Quantize the float32 model at `fp32` to `dest` (ddpm.quantize), check it (int8_check), save it with its
     metadata; returns its files, or none when the scheme cannot run on this CPU or the twin fails its gate.
 
@@ -157,21 +176,21 @@ def _int8_twin(fp32: Path, dest: Path, meta: dict[str, Any], cfg: ExportConfig) 
     try:
         scheme = int8_scheme_record(cfg.int8_scheme)
         den32 = OnnxDenoiser(fp32, "cpu", session_options=no_spin_options())
-        feeds = calibration_feeds(den32, cfg.int8_calibration_images, cfg.int8_calibration_steps)
+        feeds = calibration_feeds(den32, cfg.int8_calibration_images, steps)
         with _quiet("root"):  # onnxruntime.quantization warns through the root logger (per-channel axes, ...)
             quantize_int8(fp32, dest, feeds, cfg.int8_scheme)
         log.info("int8 (%s scheme): convolutions quantized, calibrated on %d calls (%d images, DDIM-%d)",
-                 cfg.int8_scheme, len(feeds), cfg.int8_calibration_images, cfg.int8_calibration_steps)
+                 cfg.int8_scheme, len(feeds), cfg.int8_calibration_images, steps)
         check = int8_check(den32, OnnxDenoiser(dest, "cpu", session_options=no_spin_options()),
-                           n=cfg.check_samples, steps=cfg.check_steps, mean_atol=cfg.int8_mean_atol)
+                           n=cfg.check_samples, steps=steps, mean_atol=cfg.int8_mean_atol)
     except ExportRejected as exc:
         dest.unlink(missing_ok=True)
         log.warning("int8 twin not written, the float32 export goes on: %s", exc)
         meta["int8"] = {"written": False, "scheme": cfg.int8_scheme, "reason": str(exc)}
         return []
-    log.info("int8 DDIM-%d samples vs float32: mean |diff| %.3g (allowed %.3g), max %.3g", cfg.check_steps,
+    log.info("int8 DDIM-%d samples vs float32: mean |diff| %.3g (allowed %.3g), max %.3g", steps,
              check["mean_abs_diff"], cfg.int8_mean_atol, check["max_abs_diff"])
-    calibration = {"images": cfg.int8_calibration_images, "ddim_steps": cfg.int8_calibration_steps,
+    calibration = {"images": cfg.int8_calibration_images, "ddim_steps": steps,
                    "calls": len(feeds)}
     meta8 = {**meta, "precision": "int8", "parity_max_abs_diff": None, "int8_calibration": calibration,
              "int8_scheme": scheme, "int8_check": check}

@@ -4,6 +4,10 @@
 model (diffusion, image shape, labels, step), samples n images with ddpm.samplers (float32, TF32
 off) and with ddpm.onnx_sampler, and accepts the export when the images agree within the given
 tolerances and, with a score function such as FID, when the scores agree.
+
+`gate_export` is that check with the configured bounds (export.check_*, the FID margins, the int8
+twin's own bounds), the sampler block's DDIM settings and the runtime block's device: the one gate
+of `ddpm export` and of the pipeline's export stage.
 """
 
 from __future__ import annotations
@@ -40,8 +44,8 @@ def _strict_fp32(device: torch.device) -> Iterator[None]:
 def check_export(onnx_path: str | Path, checkpoint: str | Path, n: int = 256, steps: int = 20, seed: int = 0,
                  score_fn: Callable[[np.ndarray], float] | None = None, fid_margin: float = 0.05, *,
                  fid_abs_floor: float = 0.5, atol: float | None = 0.02, mean_atol: float | None = None,
-                 eta: float = 0.0, batch_size: int = 256, guidance_scale: float = 1.0, device: str = "cpu",
-                 provider: str = "cpu") -> dict[str, Any]:
+                 eta: float = 0.0, batch_size: int = 256, guidance_scale: float = 1.0, clip_denoised: bool = True,
+                 device: str = "cpu", provider: str = "cpu") -> dict[str, Any]:
     """Sample n images by DDIM (`steps`, `eta`) from the same x_T with PyTorch float32 and with onnxruntime.
 
     Accepts when max |x_onnx - x_torch| in [-1, 1] space <= atol (None: not checked), the mean
@@ -60,7 +64,8 @@ def check_export(onnx_path: str | Path, checkpoint: str | Path, n: int = 256, st
     x_T = rng.standard_normal((n, *den.image_shape), dtype=np.float32)
     noise = rng.standard_normal((max(steps - 1, 1), n, *den.image_shape), dtype=np.float32) if eta > 0 else None
     labels = class_labels(n, None, den.num_classes) if den.class_conditional else None
-    common = dict(guidance_scale=guidance_scale, prediction=den.prediction, clip_denoised=True, steps=steps, eta=eta)
+    common = dict(guidance_scale=guidance_scale, prediction=den.prediction, clip_denoised=clip_denoised, steps=steps,
+                  eta=eta)
     batches = [slice(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
     x_onnx = [ddim_sample_loop(den, den.schedule, x_T[sl], labels=None if labels is None else labels[sl],
                                step_noise=None if noise is None else noise[:, sl], **common) for sl in batches]
@@ -97,6 +102,35 @@ def check_export(onnx_path: str | Path, checkpoint: str | Path, n: int = 256, st
     if problems:
         raise ExportRejected(f"{onnx_path}: {'; '.join(problems)} ({json.dumps(result)})")
     return result
+
+
+def gate_export(onnx_path: str | Path, checkpoint: str | Path, cfg: Config,
+                score_fn: Callable[[np.ndarray], float] | None = None, int8: bool = False) -> dict[str, Any]:
+    """check_export as `cfg` configures it: export.check_samples images by DDIM with sampler.steps, eta,
+    clip_denoised and guidance_scale from noise seeded by sample.seed, PyTorch on runtime.device.
+
+    The float32 model (onnxruntime on CUDA when runtime.device resolves to it) must match within
+    export.check_atol and its score within export.fid_margin; the int8 twin (`int8`, a different
+    network, always on the CPU provider) within export.int8_mean_atol on average and export.int8_fid_margin.
+    """
+    ec, sp = cfg.export, cfg.sampler
+    bounds: dict[str, Any] = (dict(atol=None, mean_atol=ec.int8_mean_atol, fid_margin=ec.int8_fid_margin) if int8
+                              else dict(atol=ec.check_atol, fid_margin=ec.fid_margin))
+    return check_export(onnx_path, checkpoint, n=ec.check_samples, steps=sp.steps, seed=cfg.sample.seed,
+                        score_fn=score_fn, fid_abs_floor=ec.fid_abs_floor, eta=sp.eta,
+                        guidance_scale=sp.guidance_scale, clip_denoised=sp.clip_denoised, device=cfg.runtime.device,
+                        provider="cpu" if int8 else ort_provider(cfg.runtime.device), **bounds)
+
+
+def ort_provider(device: str) -> str:
+    """The onnxruntime provider for runtime.device: CUDA when asked for (or auto and present), else the CPU."""
+    import onnxruntime as ort
+
+    from ddpm.train import resolve_device
+
+    # onnxruntime-gpu lists the CUDA provider even on a machine without a GPU: ask torch instead.
+    wants_cuda = resolve_device(device).type == "cuda"
+    return "cuda" if wants_cuda and "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
 
 
 def _check_same_model(den: OnnxDenoiser, cfg: Config, ckpt: dict[str, Any], checkpoint: Path) -> None:

@@ -16,7 +16,7 @@ from torchvision.transforms.functional import to_pil_image
 
 from ddpm import progress
 from ddpm.checkpoint import atomic_write_bytes
-from ddpm.config import Config, SampleConfig, image_shape
+from ddpm.config import Config, SampleConfig, SamplerConfig, image_shape
 from ddpm.data import from_model_range
 from ddpm.graphed import GraphedDenoiser
 from ddpm.layers import use_per_channel_group_norm
@@ -66,11 +66,11 @@ def sampling_network(model: torch.nn.Module, device: torch.device, cuda_graphs: 
     return GraphedDenoiser(model) if cuda_graphs else model
 
 
-def sampler_options(sc: SampleConfig) -> dict[str, object]:
-    """The sampler-specific keyword arguments that `sc` asks for."""
-    if sc.sampler == "ddim":
-        return {"steps": sc.steps, "eta": sc.eta}
-    return {"variance": sc.variance}
+def sampler_options(sp: SamplerConfig) -> dict[str, object]:
+    """The sampler-specific keyword arguments that `sp` asks for."""
+    if sp.name == "ddim":
+        return {"steps": sp.steps, "eta": sp.eta}
+    return {"variance": sp.variance}
 
 
 @torch.no_grad()
@@ -101,31 +101,32 @@ def generate(model: torch.nn.Module, schedule: Schedule, cfg: Config, n: int, se
     """Generate n images in batches; returns (uint8 [n, C, H, W] on the CPU, labels [n] or None[, trajectory]).
 
     The starting noise of image i depends only on `seed` and i's batch, so results are reproducible.
-    A conditional model without `label` gets its classes in turn (an even class mix). On CUDA the
-    network runs as replayed CUDA graphs (`cuda_graphs`), in bf16 when cfg.train.bf16, compiled when
+    How they are drawn is cfg.sampler; how many per batch, which label and whether compiled, `sample_cfg`
+    (None: cfg.sample). A conditional model without `label` gets its classes in turn (an even class mix).
+    On CUDA the network runs as replayed CUDA graphs (`cuda_graphs`), in bf16 when cfg.runtime.bf16, compiled when
     `compile` (None: `sample.compile`; see sampling_network; a short last batch is then zero-padded to the batch size,
     so that one compiled shape serves every batch: its starting noise is unchanged, the step noise of
     DDPM or DDIM with eta > 0 is drawn for the padded shape).
     """
-    sc = sample_cfg or cfg.sample
+    sc, sp = sample_cfg or cfg.sample, cfg.sampler
     label = sc.label if label is None else label
     device = next(model.parameters()).device
     schedule = schedule.to(device)
-    sample_fn = get_sampler(sc.sampler)
+    sample_fn = get_sampler(sp.name)
     shape = image_shape(cfg)
     gen = torch.Generator(device=device).manual_seed(seed)
     outs, all_labels, traj = [], [], None
     was_training = model.training
     model.eval()
     # The cache must be off for CUDA-graph capture under autocast.
-    bf16 = device.type == "cuda" and cfg.train.bf16
+    bf16 = device.type == "cuda" and cfg.runtime.bf16
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=False)
     compiled = sc.compile if compile is None else compile
     if compiled and device.type != "cuda":
         log.warning("sample.compile applies on CUDA only; sampling on %s uncompiled", device)
         compiled = False
     net = sampling_network(model, device, cuda_graphs, compiled, torch.bfloat16 if bf16 else None)
-    calls = sc.steps if sc.sampler == "ddim" else schedule.num_timesteps
+    calls = sp.steps if sp.name == "ddim" else schedule.num_timesteps
     net, bar = _counted(net, total=-(-n // sc.batch_size) * calls)
     try:
         for start in range(0, n, sc.batch_size):
@@ -140,10 +141,10 @@ def generate(model: torch.nn.Module, schedule: Schedule, cfg: Config, n: int, se
                 x_T = F.pad(x_T, (0, 0) * len(shape) + (0, sc.batch_size - b))
                 labels = None if labels is None else F.pad(labels, (0, sc.batch_size - b))
             with autocast:
-                result = sample_fn(net, schedule, x_T, labels=labels, guidance_scale=sc.guidance_scale,
-                                   prediction=cfg.diffusion.prediction, clip_denoised=sc.clip_denoised,
+                result = sample_fn(net, schedule, x_T, labels=labels, guidance_scale=sp.guidance_scale,
+                                   prediction=cfg.diffusion.prediction, clip_denoised=sp.clip_denoised,
                                    generator=gen, return_trajectory=return_trajectory and start == 0,
-                                   **sampler_options(sc))
+                                   **sampler_options(sp))
             if return_trajectory and start == 0:
                 result, traj = result
                 traj = [x[:b] for x in traj]

@@ -73,7 +73,7 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device: 'cuda' was asked for, but no CUDA device is available; use 'cpu' or 'auto'")
+        raise ConfigError("runtime.device: 'cuda' was asked for, but no CUDA device is available; use 'cpu' or 'auto'")
     return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
 
 
@@ -145,8 +145,8 @@ def train(cfg: Config, resume: bool = False, on_log: Callable[[int, dict[str, fl
     `on_step(step)` after every step. Raises TrainingDivergedError on a non-finite loss and
     TrainingInterrupted on SIGINT/SIGTERM, after saving what is worth keeping.
     """
-    rank = init_distributed(cfg.train.device)
-    device = resolve_device(cfg.train.device, rank.local_rank)
+    rank = init_distributed(cfg.runtime.device)
+    device = resolve_device(cfg.runtime.device, rank.local_rank)
     check_training_fits(cfg, device)  # before the folder is taken or anything is allocated
     out_dir = Path(cfg.train.out_dir)
     with owned(out_dir, "ddpm train") if rank.is_main else contextlib.nullcontext():

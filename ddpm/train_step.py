@@ -135,7 +135,7 @@ class TrainStep:
         self.device = data.images.device
         self.null_label = getattr(state.model, "num_classes", None)
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
-                                       enabled=cfg.train.bf16 and self.device.type == "cuda",
+                                       enabled=cfg.runtime.bf16 and self.device.type == "cuda",
                                        cache_enabled=not state.graphed)
         self.graph: Captured | None = None
         self.capture_at = state.step + EAGER_STEPS_BEFORE_CAPTURE

@@ -31,14 +31,15 @@ def export_model(checkpoint: str, cfg: Any, onnx_path: str, force: bool = False)
 
     out = Path(onnx_path)
     files = [out] + ([fp16_path(out)] if cfg.export.fp16 else [])
-    stamp = Stamp(out.parent, "export", {"checkpoint": file_sha256(checkpoint), "export": cfg.to_dict()["export"]})
+    stamp = Stamp(out.parent, "export", {"checkpoint": file_sha256(checkpoint), "export": cfg.to_dict()["export"],
+                                         "sampler.steps": cfg.sampler.steps})
     if not force and stamp.fresh(files):
         log.info("%s is current for this checkpoint; export skipped", out)
         return str(out)
     stamp.clear()
     from ddpm.export import export_onnx
 
-    export_onnx(checkpoint, out, cfg.export)
+    export_onnx(checkpoint, out, cfg.export, cfg.sampler)
     stamp.write(files + [p for p in [int8_path(out)] if cfg.export.int8 and p.is_file()])
     return str(out)
 
@@ -46,38 +47,31 @@ def export_model(checkpoint: str, cfg: Any, onnx_path: str, force: bool = False)
 @task(name="check-export", cache_policy=NO_CACHE)
 def check_model(onnx_path: str, checkpoint: str, cfg: Any, feature_net: str, report: str,
                 force: bool = False, int8: bool = False) -> dict[str, Any]:
-    """ddpm.export.check_export: onnxruntime samples against PyTorch's, and their FIDs. Writes `report`
-    either way; raises ExportRejected (with the measured differences) when the export is not accepted.
+    """ddpm.export_check.gate_export, the gate `ddpm export` applies too: onnxruntime samples against
+    PyTorch's, and their FIDs. Writes `report` either way; raises ExportRejected (with the measured
+    differences) when the export is not accepted.
 
-    `int8`: the int8 twin (ddpm.quantize), a different network: gated by the mean pixel difference
-    (export.int8_mean_atol) and the FID margin export.int8_fid_margin instead of the float32 bounds,
-    always on the CPU provider; a rejected twin is deleted (the export stage then fails, and a rerun
-    exports it again, since the export's record lists it).
+    `int8`: the int8 twin (ddpm.quantize), gated by its own bounds (gate_export); a rejected twin is
+    deleted (the export stage then fails, and a rerun exports it again, since the export's record lists it).
     """
     from ddpm.errors import ExportRejected
 
-    ec = cfg.export
+    settings = cfg.to_dict()
     stamp = Stamp(Path(report).parent, "check-export-int8" if int8 else "check-export", {
         "onnx": file_sha256(onnx_path), "checkpoint": file_sha256(checkpoint), "feature_net": file_sha256(feature_net),
-        "export": cfg.to_dict()["export"], "seed": cfg.sample.seed})
+        "export": settings["export"], "sampler": settings["sampler"], "device": settings["runtime"]["device"],
+        "seed": cfg.sample.seed})
     if not force and stamp.fresh([Path(report)]):
         result = json.loads(Path(report).read_text())
         if result.get("accepted"):
             log.info("%s: the export was already accepted; check skipped", report)
             return result
     stamp.clear()
-    from ddpm.evaluate import score_images
-    from ddpm.export import check_export
-
-    def fid(images: Any) -> float:
-        return float(score_images(images, cfg, feature_net)["fid"])
+    from ddpm.evaluate import fid_score
+    from ddpm.export_check import gate_export
 
     try:
-        bounds = (dict(atol=None, mean_atol=ec.int8_mean_atol, fid_margin=ec.int8_fid_margin) if int8 else
-                  dict(atol=ec.check_atol, fid_margin=ec.fid_margin))
-        result = check_export(onnx_path, checkpoint, n=ec.check_samples, steps=ec.check_steps, seed=cfg.sample.seed,
-                              score_fn=fid, fid_abs_floor=ec.fid_abs_floor, device=_torch_device(cfg),
-                              provider="cpu" if int8 else _ort_provider(cfg), **bounds)
+        result = gate_export(onnx_path, checkpoint, cfg, fid_score(cfg, feature_net), int8=int8)
     except ExportRejected as exc:
         write_json(Path(report), {"accepted": False, "error": str(exc)})
         if int8:  # an optional twin that failed its check must not be picked up; a rerun exports it again
@@ -102,30 +96,16 @@ def int8_twin_written(onnx_path: str, report: str) -> bool:
     return False
 
 
-def _torch_device(cfg: Any) -> str:
-    return cfg.train.device if cfg.train.device != "auto" else "auto"
-
-
-def _ort_provider(cfg: Any) -> str:
-    """onnxruntime provider matching train.device: CUDA when asked for (or auto and present), else CPU."""
-    import onnxruntime as ort
-
-    from ddpm.train import resolve_device
-
-    # onnxruntime-gpu lists the CUDA provider even on a machine without a GPU: ask torch instead.
-    wants_cuda = resolve_device(cfg.train.device).type == "cuda"
-    return "cuda" if wants_cuda and "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
-
-
 @task(name="onnx-sample", cache_policy=NO_CACHE)
 def sample_onnx(onnx_path: str, cfg: Any, out_png: str) -> str:
     """Sample with onnxruntime alone (ddpm.onnx_sampler, no PyTorch) and save the grid."""
+    from ddpm.export_check import ort_provider
     from ddpm.onnx_sampler import grid_png, sample
 
-    sc = cfg.sample
-    images = sample(onnx_path, sc.num_images, sc.sampler, sc.steps, sc.eta, sc.seed, sc.batch_size, sc.label,
-                    sc.guidance_scale, provider=_ort_provider(cfg), variance=sc.variance,
-                    clip_denoised=sc.clip_denoised)
+    sc, sp = cfg.sample, cfg.sampler
+    images = sample(onnx_path, sc.num_images, sp.name, sp.steps, sp.eta, sc.seed, sc.batch_size, sc.label,
+                    sp.guidance_scale, provider=ort_provider(cfg.runtime.device), variance=sp.variance,
+                    clip_denoised=sp.clip_denoised)
     png = grid_png(images)
     if png is None:
         raise RuntimeError("Pillow is needed to write the sample grid")

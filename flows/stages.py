@@ -55,7 +55,8 @@ def data_flow(params_path: str = "params.yaml", profile: str | None = None, over
 def _feature_net(s: Settings, force: bool) -> dict[str, Any]:
     ev = s.cfg.evaluate
     return tasks.ensure_feature_net(s.cfg.data.dataset, s.cfg.data.root, str(s.feature_net), ev.feature_epochs,
-                                    ev.feature_batch_size, ev.feature_lr, ev.seed, ev.device, force)
+                                    ev.feature_batch_size, ev.feature_lr, ev.feature_seed, s.cfg.runtime.device,
+                                    force)
 
 
 @flow(name="ddpm-features", on_failure=[log_failure])

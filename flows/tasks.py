@@ -29,8 +29,8 @@ from flows.tracking import LiveMetrics, RunRef, backfill_loss_csv, write_json
 log = logging.getLogger(__name__)
 
 # Settings a run may change and still resume from a checkpoint: they do not change what is learned.
-RESUMABLE_TRAIN_KEYS = {"steps", "log_every", "sample_every", "checkpoint_every", "out_dir", "device", "compile",
-                        "nproc"}
+RESUMABLE_TRAIN_KEYS = {"steps", "log_every", "sample_every", "checkpoint_every", "out_dir", "compile", "nproc"}
+LEARNING_RUNTIME_KEYS = {"bf16"}  # runtime settings that change what is learned (runtime.device does not)
 
 
 class CheckpointMismatch(RuntimeError):
@@ -171,7 +171,8 @@ def _checkpoint_differences(saved: dict[str, Any], wanted: dict[str, Any], step:
     for key, old, new in setting_changes(saved, wanted):
         section, name = key.split(".", 1)
         if section in ("diffusion", "model") or key == "data.dataset" or (
-                section == "train" and name not in RESUMABLE_TRAIN_KEYS):
+                section == "train" and name not in RESUMABLE_TRAIN_KEYS) or (
+                section == "runtime" and name in LEARNING_RUNTIME_KEYS):
             diffs.append(f"{key}: {old!r} -> {new!r}")
     if step > steps:
         diffs.append(f"the checkpoint is at step {step}, past train.steps={steps}")
@@ -270,7 +271,7 @@ def render_trajectory(checkpoint: str, cfg: Any, out_png: str, n: int, frames: i
     from ddpm.schedule import Schedule
     from ddpm.train import resolve_device
 
-    model, _, _ = load_model(checkpoint, resolve_device(cfg.train.device))
+    model, _, _ = load_model(checkpoint, resolve_device(cfg.runtime.device))
     _, _, trajectory = generate(model, Schedule.from_config(cfg.diffusion), cfg, n, seed=cfg.sample.seed,
                                 return_trajectory=True, compile=False)
     if len(trajectory) > frames:  # evenly spaced, first and last included
@@ -318,7 +319,7 @@ def evaluate_model(checkpoint: str, cfg: Any, out_dir: str, feature_net: str, fo
     metrics_json = out / "metrics.json"
     stamp = Stamp(out.parent, "evaluate", {
         "checkpoint": file_sha256(checkpoint), "feature_net": file_sha256(feature_net),
-        "evaluate": cfg.to_dict()["evaluate"], "sample": cfg.to_dict()["sample"]})
+        **{k: cfg.to_dict()[k] for k in ("evaluate", "sampler", "runtime")}, "sample.compile": cfg.sample.compile})
     if not force and stamp.fresh([metrics_json]):
         log.info("%s is current for this checkpoint; evaluation skipped", metrics_json)
         return {"metrics": json.loads(metrics_json.read_text()), "skipped": True}
