@@ -45,7 +45,7 @@ from torch import nn
 
 from bench.models import randomize_zero_layers
 from ddpm.checkpoint import load_model, save_checkpoint
-from ddpm.config import ExportConfig, config_from_dict, image_shape
+from ddpm.config import ExportConfig, SamplerConfig, config_from_dict, image_shape
 from ddpm.export import export_onnx, fp16_path
 from ddpm.onnx_model import OnnxDenoiser
 from ddpm.onnx_sampler import ddim_sample_loop as ort_ddim
@@ -58,7 +58,7 @@ DDIM_STEPS = 50
 # --smoke: a small two-level U-Net and a short schedule, so that a CPU runs every CPU case in seconds
 SMOKE_OVERRIDES = ("model.base_channels=8", "model.channel_mult=[1,2]", "model.num_res_blocks=1",
                    "model.attention_levels=[1]", "model.num_heads=2", "model.norm_groups=4", "diffusion.timesteps=20",
-                   "sample.steps=5", "evaluate.steps=5", "export.check_steps=5", "export.int8_calibration_steps=5")
+                   "sampler.steps=5")
 
 
 class _Stop(Exception):
@@ -217,7 +217,7 @@ def cpu_rows(args: argparse.Namespace, model: nn.Module, cfg: Any, onnx_path: Pa
     if args.int8:
         ec = ExportConfig()
         t0 = time.perf_counter()
-        feeds = calibration_feeds(den, ec.int8_calibration_images, ec.int8_calibration_steps)
+        feeds = calibration_feeds(den, ec.int8_calibration_images, SamplerConfig().steps)
         quantize_int8(onnx_path, int8_path(onnx_path), feeds)
         result["int8_quantize_s"] = time.perf_counter() - t0
         den8 = OnnxDenoiser(int8_path(onnx_path), "cpu", session_options=cpu_options)

@@ -40,8 +40,7 @@ from bench import harness as H
 from bench.models import MODEL_NAMES, Spec, specs
 from bench.sampling_cases import Bench
 from bench.sampling_loops import MODES, TORCH_COMPILE_MODE, Runner
-SMOKE_OVERRIDES = ("model.base_channels=32", "model.num_res_blocks=1", "diffusion.timesteps=20", "sample.steps=5",
-                   "evaluate.steps=5")
+SMOKE_OVERRIDES = ("model.base_channels=32", "model.num_res_blocks=1", "diffusion.timesteps=20", "sampler.steps=5")
 
 
 # ------------------------------------------------------------------------------------------- samplers

@@ -51,7 +51,7 @@ def train_once(setting: str, steps: int, log_every: int, out: Path, data_root: s
     env.update(SETTINGS[setting])
     cmd = [sys.executable, "-m", "ddpm.cli", "train", "--profile", "cpu", f"train.steps={steps}",
            f"train.log_every={log_every}", f"train.checkpoint_every={steps}", f"train.out_dir={out}",
-           "sample.sampler=ddim", "sample.steps=2",  # the final grid: seconds, not minutes
+           "sampler.name=ddim", "sampler.steps=2",  # the final grid: seconds, not minutes
            *([f"data.root={data_root}"] if data_root else []), "--overwrite"]
     done = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     if done.returncode != 0:

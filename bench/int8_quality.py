@@ -71,15 +71,15 @@ def main() -> None:
     p.add_argument("--variants", nargs="+", default=["shipped"], choices=list(VARIANTS))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    cfg = load_config("params.yaml", None, ["evaluate.device=cpu"])
+    cfg = load_config("params.yaml", None, ["runtime.device=cpu", "sampler.steps=50"])
     ec = cfg.export
     work = Path(tempfile.mkdtemp(prefix="int8-quality-"))
     fp32 = export_onnx(args.checkpoint, work / "model.onnx", ExportConfig())
     den32 = OnnxDenoiser(fp32, "cpu", session_options=options(args.threads))
-    feeds = calibration_feeds(den32, ec.int8_calibration_images, ec.int8_calibration_steps)
+    feeds = calibration_feeds(den32, ec.int8_calibration_images, cfg.sampler.steps)
     x_T = np.random.default_rng(0).standard_normal((args.n, *den32.image_shape), dtype=np.float32)
     result: dict = {"checkpoint": args.checkpoint, "n": args.n, "sampler": "ddim", "steps": 50,
-                    "calibration": {"images": ec.int8_calibration_images, "ddim_steps": ec.int8_calibration_steps},
+                    "calibration": {"images": ec.int8_calibration_images, "ddim_steps": cfg.sampler.steps},
                     "env": {"python": platform.python_version(), "torch": torch.__version__,
                             "onnxruntime": ort.__version__, "platform": platform.platform(),
                             "threads": args.threads, "argv": sys.argv}, "models": {}}

@@ -58,7 +58,7 @@ def main() -> None:
             runs = [("ddim", 50)] + ([("ddpm", 1000)] if step == args.ddpm_at else [])
             for sampler, steps in runs:
                 ev = load_config("params.yaml", args.profile, ["evaluate.num_samples=10000", "evaluate.batch_size=1000",
-                                                               f"evaluate.sampler={sampler}", f"evaluate.steps={steps}",
+                                                               f"sampler.name={sampler}", f"sampler.steps={steps}",
                                                                *args.overrides])
                 m = evaluate_checkpoint(ckpt, ev, out / f"eval_{step:06d}_{sampler}")
                 record["milestones"].setdefault(str(step), {})[f"{sampler}{steps}"] = m

@@ -63,8 +63,7 @@ def _cfg(out_dir: str, steps: int):
     return load_config("params.yaml", "cpu", [
         f"train.out_dir={out_dir}", f"train.steps={steps}", "train.batch_size=4", "train.log_every=2",
         "train.checkpoint_every=2", "diffusion.timesteps=20", "model.base_channels=8", "model.channel_mult=[1,2]",
-        "model.attention_levels=[1]", "model.num_heads=2", "model.norm_groups=4", "sample.steps=2",
-        "evaluate.steps=2"])
+        "model.attention_levels=[1]", "model.num_heads=2", "model.norm_groups=4", "sampler.steps=2"])
 
 
 def _train_worker(rank: int, world: int, port: int, out_dir: str) -> None:

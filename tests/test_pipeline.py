@@ -40,10 +40,10 @@ TINY = [
     "model.base_channels=8", "model.channel_mult=[1,2]", "model.attention_levels=[1]", "model.num_res_blocks=1",
     "model.num_heads=2", "model.norm_groups=4", "model.dropout=0.0", "diffusion.timesteps=50",
     "train.steps=12", "train.batch_size=8", "train.log_every=4", "train.checkpoint_every=4", "train.warmup_steps=2",
-    "train.sample_every=8", "train.device=cpu", "sample.steps=5", "sample.num_images=16", "sample.batch_size=16",
-    "evaluate.num_samples=48", "evaluate.steps=5", "evaluate.batch_size=48", "evaluate.device=cpu",
-    "evaluate.feature_epochs=1", "evaluate.feature_batch_size=64", "export.check_samples=8", "export.check_steps=5",
-    "export.int8=true", "export.int8_calibration_images=4", "export.int8_calibration_steps=5",
+    "train.sample_every=8", "runtime.device=cpu", "sampler.steps=5", "sample.num_images=16", "sample.batch_size=16",
+    "evaluate.num_samples=48", "evaluate.batch_size=48",
+    "evaluate.feature_epochs=1", "evaluate.feature_batch_size=64", "export.check_samples=8",
+    "export.int8=true", "export.int8_calibration_images=4",
     "pipeline.experiment=ddpm-test", "pipeline.registered_model=ddpm-unet-test",
     "pipeline.feature_net=retrain",  # the data are a look-alike: a net trained on them, not the pinned one
 ]
@@ -291,7 +291,7 @@ def failed(project, second):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(ddpm.export, "check_export", reject)
         before = sha256(project / "runs" / "default" / "checkpoint.pt")
-        state = run_pipeline(project, "export.check_steps=4", return_state=True)
+        state = run_pipeline(project, return_state=True)
     return state, before
 
 
@@ -317,7 +317,7 @@ def test_failed_stage_is_failed_in_prefect_and_mlflow(project, failed):
 
 
 def test_rerun_after_a_failure_resumes_from_earlier_outputs(project, failed):
-    result = run_pipeline(project, "export.check_steps=4")
+    result = run_pipeline(project)
     runs = pipeline_runs(result["run_id"])
     assert all(r.info.status == "FINISHED" for r in runs.values())
     assert runs["train"].data.tags["train.skipped"] == "true"

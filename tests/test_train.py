@@ -26,7 +26,7 @@ def cfg_for(tmp_path, monkeypatch):
             f"train.out_dir={tmp_path / out}", f"train.steps={steps}", "train.batch_size=4", "train.log_every=2",
             "train.checkpoint_every=3", "train.warmup_steps=2", "diffusion.timesteps=20", "model.base_channels=8",
             "model.channel_mult=[1,2]", "model.attention_levels=[1]", "model.num_heads=2", "model.norm_groups=4",
-            "model.dropout=0.1", "sample.steps=2", "sample.num_images=4", "evaluate.steps=2", *extra])
+            "model.dropout=0.1", "sampler.steps=2", "sample.num_images=4", *extra])
     return make
 
 
@@ -195,7 +195,7 @@ def test_on_step_sees_every_step_and_the_final_grid_reports_its_sampling(cfg_for
 
     steps, seen = [], []
     with progress.reporting(lambda phase, done, total: seen.append((phase, done, total))):
-        cfg = cfg_for("a", 5, "sample.sampler=ddim", "sample.batch_size=32")
+        cfg = cfg_for("a", 5, "sampler.name=ddim", "sample.batch_size=32")
         train_mod.train(cfg, on_step=steps.append)
     assert steps == [1, 2, 3, 4, 5]
     sampling = [(done, total) for phase, done, total in seen if phase.startswith("sampling")]

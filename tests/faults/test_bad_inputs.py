@@ -33,10 +33,10 @@ pytestmark = [pytest.mark.faults, pytest.mark.usefixtures("one_torch_thread")]
 TINY = {"data": {"dataset": "mnist"}, "diffusion": {"timesteps": 20},
         "model": {"base_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_levels": [1],
                   "num_heads": 2, "dropout": 0.0, "norm_groups": 4},
-        "sample": {"steps": 2}, "evaluate": {"steps": 2}, "export": {"check_steps": 2}}
+        "sampler": {"steps": 2}}
 TRAIN = ["--params", "params.yaml", "--profile", "cpu", "train.steps=4", "train.batch_size=4", "diffusion.timesteps=20",
          "model.base_channels=8", "model.channel_mult=[1,2]", "model.attention_levels=[1]", "model.num_heads=2",
-         "model.norm_groups=4", "sample.steps=2", "evaluate.steps=2", "export.check_steps=2"]
+         "model.norm_groups=4", "sampler.steps=2"]
 
 
 @pytest.fixture(autouse=True)

@@ -31,7 +31,7 @@ pytestmark = [pytest.mark.faults, pytest.mark.usefixtures("one_torch_thread")]
 TINY = {"data": {"dataset": "mnist"}, "diffusion": {"timesteps": 20},
         "model": {"base_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_levels": [1],
                   "num_heads": 2, "dropout": 0.0, "norm_groups": 4},
-        "sample": {"steps": 2}, "evaluate": {"steps": 2}, "export": {"check_steps": 2}}
+        "sampler": {"steps": 2}}
 
 
 def _payload() -> dict:

@@ -37,10 +37,10 @@ BIN = Path(sys.executable).parent
 TINY = [
     "model.base_channels=8", "model.channel_mult=[1,2]", "model.attention_levels=[1]", "model.num_res_blocks=1",
     "model.num_heads=2", "model.norm_groups=4", "model.dropout=0.0", "diffusion.timesteps=50",
-    "train.batch_size=8", "train.log_every=1", "train.warmup_steps=2", "train.sample_every=0", "train.device=cpu",
-    "sample.steps=5", "sample.num_images=16", "sample.batch_size=16", "evaluate.num_samples=48", "evaluate.steps=5",
-    "evaluate.batch_size=48", "evaluate.device=cpu", "evaluate.feature_epochs=1", "evaluate.feature_batch_size=64",
-    "export.check_samples=8", "export.check_steps=5", "pipeline.registered_model=ddpm-unet-faults",
+    "train.batch_size=8", "train.log_every=1", "train.warmup_steps=2", "train.sample_every=0", "runtime.device=cpu",
+    "sampler.steps=5", "sample.num_images=16", "sample.batch_size=16", "evaluate.num_samples=48",
+    "evaluate.batch_size=48", "evaluate.feature_epochs=1", "evaluate.feature_batch_size=64",
+    "export.check_samples=8", "pipeline.registered_model=ddpm-unet-faults",
 ]
 FOREVER = 100_000  # train.steps of a run that only a fault ends
 STEPS = 60  # train.steps of the runs whose tracking server is killed

@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--params", "params.yaml", "--profile", "cpu", "train.batch_size=4", "train.lr=0.001", "train.log_every=1",
         "train.checkpoint_every=2", "train.warmup_steps=2", "diffusion.timesteps=20", "model.base_channels=8",
         "model.channel_mult=[1,2]", "model.attention_levels=[1]", "model.num_heads=2", "model.norm_groups=4",
-        "sample.steps=2", "evaluate.steps=2", "export.check_steps=2"]
+        "sampler.steps=2"]
 
 # The CLI, with FAULT set: the 3rd loss computation raises MemoryError or torch.OutOfMemoryError, or the
 # evaluation is sent SIGTERM right after it wrote samples.png.
@@ -132,15 +132,15 @@ def test_sigterm_between_the_files_of_an_evaluation_leaves_no_old_metrics_beside
     (out / "samples.png").write_bytes(b"the old grid")
     (out / "metrics.json").write_text(json.dumps({"fid": 1.0}))
     result = _ddpm("evaluate", "--checkpoint", str(_checkpoint(tmp_path / "checkpoint.pt")), "--out", str(out),
-                   f"data.root={data_root}", "evaluate.num_samples=8", "evaluate.batch_size=8", "evaluate.steps=2",
-                   "evaluate.device=cpu", FAULT="sigterm")
+                   f"data.root={data_root}", "evaluate.num_samples=8", "evaluate.batch_size=8",
+                   "runtime.device=cpu", FAULT="sigterm")
     assert result.returncode == -signal.SIGTERM, result.stderr[-3000:]
     assert (out / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the new grid was written
     assert not (out / "metrics.json").exists()  # and the old scores went before it
 
     result = _ddpm("evaluate", "--checkpoint", str(tmp_path / "checkpoint.pt"), "--out", str(out),
-                   f"data.root={data_root}", "evaluate.num_samples=8", "evaluate.batch_size=8", "evaluate.steps=2",
-                   "evaluate.device=cpu")
+                   f"data.root={data_root}", "evaluate.num_samples=8", "evaluate.batch_size=8",
+                   "runtime.device=cpu")
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((out / "metrics.json").read_text())["num_samples"] == 8
 

@@ -40,7 +40,7 @@ def _args(data_root: Path, out_dir: Path, *extra: str) -> list[str]:
             f"train.steps={STEPS}", "train.batch_size=4", "train.lr=0.001", "train.log_every=1",
             "train.checkpoint_every=2", "train.warmup_steps=2", "diffusion.timesteps=20", "model.base_channels=8",
             "model.channel_mult=[1,2]", "model.attention_levels=[1]", "model.num_heads=2", "model.norm_groups=4",
-            "sample.steps=2", "evaluate.steps=2", "export.check_steps=2", *extra]
+            "sampler.steps=2", *extra]
 
 
 # The CLI; with HOLD_FILE set, the third training step waits while that file exists, so that the
@@ -157,7 +157,7 @@ def test_evaluate_and_export_fail_at_once_on_a_held_folder(run, tmp_path):
         before = _snapshot(target)
         export = _ddpm("export", "--checkpoint", str(run / "checkpoint.pt"), "--out", str(target / "model.onnx"))
         evaluate = _ddpm("evaluate", "--checkpoint", str(run / "checkpoint.pt"), "--out", str(target),
-                         "evaluate.num_samples=8", "evaluate.steps=2")
+                         "evaluate.num_samples=8")
         for result, command in ((export, "export"), (evaluate, "evaluate")):
             assert f"{target} is in use by ddpm train (pid {os.getpid()} on host" in _error_line(result, command)
         assert _snapshot(target) == before

@@ -34,7 +34,7 @@ def _args(data_root: Path, out_dir: Path) -> list[str]:
             f"train.steps={STEPS}", "train.batch_size=4", "train.log_every=1", "train.checkpoint_every=2",
             "train.warmup_steps=2", "diffusion.timesteps=20", "model.base_channels=8", "model.channel_mult=[1,2]",
             "model.attention_levels=[1]", "model.num_heads=2", "model.norm_groups=4", "model.dropout=0.1",
-            "sample.steps=2", "evaluate.steps=2",
+            "sampler.steps=2",
             "train.lr_decay=none"]  # a constant rate: some cases resume with other train.steps
 
 
