@@ -25,6 +25,21 @@ def test_invalid_settings_fail_before_any_work(override, key, tmp_path):
     assert not out.exists()  # nothing was written
 
 
+@pytest.mark.parametrize("command, override, says", [
+    ("train", "train.device=cpu", "train.device has moved to runtime.device"),
+    ("sample", "sample.steps=5", "sample.steps has moved to sampler.steps"),
+    ("evaluate", "evaluate.steps=5", "evaluate.steps has moved to sampler.steps"),
+    ("export", "export.check_steps=5", "export.check_steps has moved to sampler.steps"),
+])
+def test_a_moved_setting_is_one_line_naming_its_new_home(command, override, says, tmp_path):
+    out = tmp_path / "run"
+    result = _ddpm(command, override, f"train.out_dir={out}", *(["--out", str(out)] if command != "train" else []))
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [f"ddpm {command}: error: {says}; set it there (one block serves every "
+                                          f"stage that reads it)"]
+    assert not out.exists()
+
+
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     result = _ddpm("sample", "--checkpoint", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "s"))
     assert result.returncode == 2 and "does not exist" in result.stderr
@@ -41,9 +56,9 @@ def test_make_pipeline_picks_the_gpu_profile_only_where_torch_sees_a_cuda_device
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Test GPU")
     profile, said = pick_profile("auto")
     assert profile == GPU_PROFILE and "Test GPU" in said and "PROFILE=cpu forces the CPU" in said
-    assert load_config("params.yaml", profile).train.device == "cuda"
+    assert load_config("params.yaml", profile).runtime.device == "cuda"
     assert pick_profile("cpu")[0] == "cpu"  # PROFILE=cpu wins on a GPU machine
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     profile, said = pick_profile("auto")
     assert profile is None and "no CUDA device" in said
-    assert load_config("params.yaml", profile).train.device == "cpu"
+    assert load_config("params.yaml", profile).runtime.device == "cpu"

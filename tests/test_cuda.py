@@ -43,7 +43,8 @@ def test_compiled_generate_matches_graph_mode_and_pads_the_last_batch(monkeypatc
     torch.manual_seed(0)
     cfg = config_from_dict({"model": {"base_channels": 16, "channel_mult": [1, 2], "attention_levels": [1],
                                       "norm_groups": 8, "num_heads": 2, "class_conditional": True},
-                            "train": {"bf16": False}, "sample": {"batch_size": 4, "steps": 4}})
+                            "runtime": {"bf16": False}, "sample": {"batch_size": 4},
+                            "sampler": {"steps": 4}})
     model = UNet(cfg.model).cuda()
     for mod in model.modules():  # zero-initialised output layers would make every network output 0
         if isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear)) and not mod.weight.any():
@@ -247,7 +248,8 @@ def test_graphed_training_step_matches_the_eager_step():
     cfg = config_from_dict({"model": {"base_channels": 16, "channel_mult": [1, 2], "attention_levels": [1],
                                       "norm_groups": 8, "num_heads": 2, "dropout": 0.0, "class_conditional": True},
                             "diffusion": {"timesteps": 100},
-                            "train": {"batch_size": 8, "bf16": False, "warmup_steps": 4, "ema_decay": 0.99,
+                            "runtime": {"bf16": False},
+                            "train": {"batch_size": 8, "warmup_steps": 4, "ema_decay": 0.99,
                                       "label_dropout": 0.5}})
     gen = torch.Generator().manual_seed(0)
     data = TrainData(torch.randint(0, 256, (64, 1, 28, 28), generator=gen, dtype=torch.uint8).cuda(),

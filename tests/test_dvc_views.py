@@ -87,12 +87,16 @@ def test_each_stage_reruns_only_for_the_values_it_reads_under_the_active_profile
     resolved, params = yaml.safe_load((repo / RESOLVED).read_text()), yaml.safe_load((repo / "params.yaml").read_text())
     assert resolved["profile"] == "cpu" and resolved["train"]["steps"] == params["profiles"]["cpu"]["train"]["steps"]
     for key, value, stale in [
-        ("profiles.cpu.evaluate.steps", 20, {"evaluate"}),        # a value the profile sets, read by evaluate
+        ("profiles.cpu.evaluate.num_samples", 500, {"evaluate"}),  # a value the profile sets, read by evaluate
+        ("profiles.cpu.sampler.steps", 20, {"train", "evaluate", "export"}),  # the sampler block: all three
+        ("profiles.cpu.sample.num_images", 32, {"export"}),       # the onnxruntime grid; previews use 64
+        ("runtime.bf16", False, {"train", "evaluate", "export"}),  # a base value of the runtime block
         ("profiles.cpu.train.log_every", 10, {"train"}),
         ("export.check_atol", 0.03, {"export"}),                  # a base value, read by export alone
         ("evaluate.feature_lr", 0.001, {"features", "evaluate"}),
+        ("evaluate.feature_seed", 1, {"features", "evaluate"}),
         ("profiles.gpu.train.steps", 10, set()),                  # an inactive profile: nothing
-        ("sample.steps", 40, set()),                              # the cpu profile sets it: the base value is unused
+        ("sampler.steps", 40, set()),                             # the cpu profile sets it: the base value is unused
     ]:
         _set(repo, key, value)
         assert _stale(repo) == stale, key

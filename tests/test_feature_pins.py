@@ -48,7 +48,7 @@ def test_shipped_nets_load_and_were_trained_on_the_pinned_data_with_the_defaults
     assert ckpt["config"]["dataset"] == dataset and ckpt["test_accuracy"] >= MIN_ACCURACY[dataset]
     assert ckpt["dataset_hashes"] == SHA256[dataset]
     assert ckpt["train"] == {"epochs": ev.feature_epochs, "batch_size": ev.feature_batch_size, "lr": ev.feature_lr,
-                             "seed": ev.seed, "device": "cpu"}
+                             "seed": ev.feature_seed, "device": "cpu"}
     feats, logits = load_feature_net(path)(torch.zeros(3, 1, 28, 28))
     assert feats.shape == (3, 128) and logits.shape == (3, 10)
 

@@ -47,11 +47,12 @@ TINY = {
               "num_heads": 2, "norm_groups": 4, "dropout": 0.0},
     "diffusion": {"timesteps": 50},
     "train": {"steps": 12, "batch_size": 8, "log_every": 4, "checkpoint_every": 4, "warmup_steps": 2,
-              "sample_every": 0, "device": "cpu"},
-    "sample": {"steps": 5, "num_images": 16, "batch_size": 16},
-    "evaluate": {"num_samples": 48, "steps": 5, "batch_size": 48, "device": "cpu", "feature_epochs": 1,
-                 "feature_batch_size": 64},
-    "export": {"check_samples": 8, "check_steps": 5},
+              "sample_every": 0},
+    "runtime": {"device": "cpu"},
+    "sampler": {"steps": 5},
+    "sample": {"num_images": 16, "batch_size": 16},
+    "evaluate": {"num_samples": 48, "batch_size": 48, "feature_epochs": 1, "feature_batch_size": 64},
+    "export": {"check_samples": 8},
 }
 TINY_OVERRIDES = [f"{s}.{k}={json.dumps(v)}" for s, values in TINY.items() for k, v in values.items()]
 FEATURE_SUBSET = {"train": 2000, "test": 500}

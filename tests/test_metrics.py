@@ -23,7 +23,7 @@ import torch
 from torchvision.transforms.functional import gaussian_blur
 
 from ddpm import metrics
-from ddpm.config import Config, DataConfig, DiffusionConfig, EvaluateConfig, config_from_dict
+from ddpm.config import Config, DataConfig, DiffusionConfig, EvaluateConfig, RuntimeConfig, config_from_dict
 from ddpm.errors import CheckpointError
 from testkit import idx_bytes
 
@@ -381,8 +381,8 @@ def test_evaluate_checkpoint_writes_metrics(trained: dict, tmp_path: Path, tiny_
                              "diffusion": {"timesteps": 100}, "model": dataclasses.asdict(tiny_model_cfg)})
     model = build_unet(base.model, (1, 28, 28))
     save_checkpoint(tmp_path / "checkpoint.pt", {"model": model.state_dict(), "config": base.to_dict(), "step": 0})
-    cfg = config_from_dict({**base.to_dict(), "evaluate": {"num_samples": 24, "steps": 2, "batch_size": 12,
-                                                           "device": "cpu"}})
+    cfg = config_from_dict({**base.to_dict(), "evaluate": {"num_samples": 24, "batch_size": 12},
+                            "sampler": {"steps": 2}, "runtime": {"device": "cpu"}})
     out = evaluate_checkpoint(tmp_path / "checkpoint.pt", cfg, tmp_path / "eval", feature_net=trained["path"])
     written = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert written == out
@@ -411,7 +411,8 @@ def test_the_shipped_net_is_the_default_labelled_pinned_and_its_reference_cache_
     shipped_before = sorted(p.name for p in SHIPPED_DIR.iterdir())
     cfg = config_from_dict({"data": {"dataset": "mnist", "root": str(trained["root"])}, "diffusion": {"timesteps": 100},
                             "model": dataclasses.asdict(tiny_model_cfg),
-                            "evaluate": {"num_samples": 24, "steps": 2, "batch_size": 12, "device": "cpu"}})
+                            "evaluate": {"num_samples": 24, "batch_size": 12}, "sampler": {"steps": 2},
+                            "runtime": {"device": "cpu"}})
     model = build_unet(cfg.model, (1, 28, 28))
     save_checkpoint(tmp_path / "checkpoint.pt", {"model": model.state_dict(), "config": cfg.to_dict(), "step": 0})
     out = evaluate_checkpoint(tmp_path / "checkpoint.pt", cfg, tmp_path / "eval")  # no feature net given
@@ -426,7 +427,7 @@ def test_evaluate_rejects_a_feature_net_of_another_dataset(trained: dict, tmp_pa
     from ddpm.evaluate import score_images
 
     cfg = Config(data=DataConfig("fashion_mnist", str(trained["root"])), diffusion=DiffusionConfig(),
-                 evaluate=EvaluateConfig(device="cpu"))
+                 evaluate=EvaluateConfig(), runtime=RuntimeConfig(device="cpu"))
     with pytest.raises(CheckpointError, match="trained on 'mnist'"):
         score_images(torch.zeros((10, 1, 28, 28), dtype=torch.uint8), cfg, trained["path"])
 
@@ -458,8 +459,9 @@ def test_onnx_backend_and_missing_feature_net(trained: dict, tmp_path: Path, mon
     monkeypatch.setattr(ddpm.onnx_sampler, "sample", fake_sample)
     monkeypatch.setattr(evaluate, "train_feature_net", fake_train)
     cfg = config_from_dict({"data": {"dataset": "mnist", "root": str(trained["root"])},
-                            "evaluate": {"backend": "onnx", "num_samples": 200, "steps": 7, "seed": 3,
-                                         "batch_size": 100, "device": "cpu", "feature_epochs": 1}})
+                            "evaluate": {"backend": "onnx", "num_samples": 200, "seed": 3, "feature_seed": 5,
+                                         "batch_size": 100, "feature_epochs": 1},
+                            "sampler": {"steps": 7}, "runtime": {"device": "cpu"}})
     feature_net = tmp_path / "features" / "mnist.pt"
     with caplog.at_level(logging.WARNING, logger="ddpm.evaluate"):
         out = evaluate.evaluate_checkpoint(tmp_path / "no-checkpoint.pt", cfg, tmp_path / "eval",
@@ -467,7 +469,7 @@ def test_onnx_backend_and_missing_feature_net(trained: dict, tmp_path: Path, mon
     assert feature_net.is_file() and "not found: training it" in caplog.text
     (path, n, kw), (what, dataset, train_kw) = calls  # sampling comes first
     assert what == "train" and dataset == "mnist"
-    assert train_kw == {"epochs": 1, "batch_size": 128, "lr": 2e-3, "seed": 3, "device": torch.device("cpu")}
+    assert train_kw == {"epochs": 1, "batch_size": 128, "lr": 2e-3, "seed": 5, "device": torch.device("cpu")}
     assert path == tmp_path / "m.onnx" and n == 200
     assert kw["sampler"] == "ddim" and kw["steps"] == 7 and kw["seed"] == 3 and kw["batch_size"] == 100
     assert kw["provider"] == "cpu" and "guidance_scale" not in kw  # unconditional model

@@ -22,7 +22,7 @@ import torch
 from onnx import TensorProto, helper
 
 from ddpm.checkpoint import save_checkpoint
-from ddpm.config import ExportConfig, ModelConfig, config_from_dict, image_shape
+from ddpm.config import ExportConfig, ModelConfig, SamplerConfig, config_from_dict, image_shape
 from ddpm.errors import ExportRejected, OnnxModelError
 from ddpm.export import check_export, export_onnx, fp16_path
 from ddpm.layers import GroupNorm
@@ -41,7 +41,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 ROOT = Path(__file__).resolve().parents[1]
 PARITY_ATOL = 1e-4  # the network, float32 (measured: about 2e-6)
 LOOP_ATOL = 1e-4  # whole sampling loops from the same random numbers (measured: about 1e-6)
-INT8_CHECK = {"int8_calibration_images": 8, "int8_calibration_steps": 10, "check_samples": 16, "check_steps": 10}
+INT8_CHECK = {"int8_calibration_images": 8, "check_samples": 16}
+DDIM10 = SamplerConfig(steps=10)  # int8 calibration and the int8 check
 # The tiny conditional model (8 channels, random weights, v-prediction) quantizes worse than a trained
 # U-Net: its int8 DDIM samples differ from float32 by about 0.03 on average (the unconditional one's
 # by about 0.01; the trained default U-Net's by 0.006-0.007), so its gate is wider than the default 0.02.
@@ -57,7 +58,7 @@ def _tiny(conditional: bool) -> dict:
                  else {"timesteps": 50, "schedule": "linear", "prediction": "eps"})
     raw = {"data": {"dataset": "mnist"}, "diffusion": diffusion, "model": {
         k: list(v) if isinstance(v, tuple) else v for k, v in model.__dict__.items()},
-        "sample": {"steps": 10}, "evaluate": {"steps": 10}}
+        "sampler": {"steps": 10}}
     return raw
 
 
@@ -81,7 +82,7 @@ def models(tmp_path_factory):
     for name, cond, fp16 in (("uncond", False, False), ("cond", True, True)):
         ckpt = _write_checkpoint(d / f"{name}.pt", cond, seed=int(cond))
         int8 = {**INT8_CHECK, "int8_mean_atol": INT8_COND_MEAN_ATOL if cond else ExportConfig().int8_mean_atol}
-        path = export_onnx(ckpt, d / name / "model.onnx", ExportConfig(fp16=fp16, int8=True, **int8))
+        path = export_onnx(ckpt, d / name / "model.onnx", ExportConfig(fp16=fp16, int8=True, **int8), DDIM10)
         out[name] = (ckpt, path)
     return out
 
@@ -200,7 +201,7 @@ def test_calibration_covers_the_null_class_and_every_ddim_step(models):
 def test_an_int8_twin_that_drifts_is_not_written_and_the_float32_export_stands(models, tmp_path, caplog):
     ckpt, _ = models["uncond"]
     out = tmp_path / "model.onnx"
-    export_onnx(ckpt, out, ExportConfig(int8=True, **{**INT8_CHECK, "int8_mean_atol": 1e-7}))
+    export_onnx(ckpt, out, ExportConfig(int8=True, **{**INT8_CHECK, "int8_mean_atol": 1e-7}), DDIM10)
     assert os.listdir(tmp_path) == ["model.onnx"]  # no int8 file, no temporary folder
     record = OnnxDenoiser(out).metadata["int8"]
     assert record["written"] is False and record["scheme"] == "portable"
@@ -240,7 +241,7 @@ def vnni_export(models, tmp_path_factory):
     """The unconditional model's export with an 8-bit (vnni scheme) int8 twin, made as if on a VNNI CPU."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DDPM_CPU_INT8_DOT_PRODUCT", "1")
-        return export_onnx(models["uncond"][0], tmp_path_factory.mktemp("vnni") / "model.onnx", VNNI_UNGATED)
+        return export_onnx(models["uncond"][0], tmp_path_factory.mktemp("vnni") / "model.onnx", VNNI_UNGATED, DDIM10)
 
 
 def test_the_vnni_scheme_is_refused_on_a_cpu_without_vnni_and_used_with_it(models, vnni_export, tmp_path,
@@ -248,7 +249,7 @@ def test_the_vnni_scheme_is_refused_on_a_cpu_without_vnni_and_used_with_it(model
     ckpt, _ = models["uncond"]
     cfg = VNNI_UNGATED
     monkeypatch.setenv("DDPM_CPU_INT8_DOT_PRODUCT", "0")  # an AVX2-only CPU, whatever this one is
-    export_onnx(ckpt, tmp_path / "a" / "model.onnx", cfg)
+    export_onnx(ckpt, tmp_path / "a" / "model.onnx", cfg, DDIM10)
     assert os.listdir(tmp_path / "a") == ["model.onnx"]
     reason = OnnxDenoiser(tmp_path / "a" / "model.onnx").metadata["int8"]["reason"]
     assert reason.startswith("export.int8_scheme=vnni needs a CPU with AVX-512 VNNI or AVX-VNNI and this one has "
@@ -263,7 +264,7 @@ def test_the_vnni_scheme_is_refused_on_a_cpu_without_vnni_and_used_with_it(model
     assert any("lacks" in r.getMessage() and "int8_scheme=portable" in r.getMessage() for r in caplog.records)
     monkeypatch.setenv("DDPM_CPU_INT8_DOT_PRODUCT", "yes")
     with pytest.raises(ValueError, match="DDPM_CPU_INT8_DOT_PRODUCT='yes': set it to 0 or 1"):
-        export_onnx(ckpt, tmp_path / "c" / "model.onnx", cfg)
+        export_onnx(ckpt, tmp_path / "c" / "model.onnx", cfg, DDIM10)
 
 
 # Runs under qemu-user emulating an AMD EPYC (Zen 1: AVX2, no AVX-512, no VNNI), so that onnxruntime
@@ -394,6 +395,28 @@ def test_check_export_accepts_a_faithful_export_and_rejects_another(models, tmp_
     onnx.save(broken, str(tmp_path / "broken.onnx"))
     with pytest.raises(ExportRejected, match=r"max \|x_onnx - x_torch\|"):
         check_export(tmp_path / "broken.onnx", ckpt, n=4, steps=5, atol=1e-3)
+
+
+def test_ddpm_export_gates_the_files_before_they_replace_anything(models, tmp_path, monkeypatch, capsys):
+    """`ddpm export` applies the pipeline's gate (gate_export) with the configured bounds and the sampler block:
+    accepted, it says so; rejected (export.check_atol below any float32 difference), exit 2 with one line and
+    no model at --out. The FID is replaced by the images' mean, since the tiny model has no dataset here."""
+    import ddpm.evaluate
+    from ddpm import cli
+
+    monkeypatch.setattr(ddpm.evaluate, "fid_score", lambda cfg, net=None: lambda u8: float(u8.mean()))
+    ckpt, _ = models["uncond"]
+    out = tmp_path / "ok" / "model.onnx"
+    assert cli.main(["export", "--checkpoint", str(ckpt), "--out", str(out), "--params", "params.yaml",
+                     "--profile", "cpu", "sampler.steps=3", "export.check_samples=4", "runtime.device=cpu"]) == 0
+    said = capsys.readouterr().out
+    assert f"exported {out}" in said and "model accepted: 4 DDIM-3 samples" in said and out.is_file()
+    rejected = tmp_path / "no" / "model.onnx"
+    assert cli.main(["export", "--checkpoint", str(ckpt), "--out", str(rejected), "--params", "params.yaml",
+                     "--profile", "cpu", "sampler.steps=3", "export.check_samples=4", "export.check_atol=1e-12"]) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"ddpm export: error: {rejected}: max |x_onnx - x_torch| = ") and "> 1e-12" in line
+    assert sorted(p.name for p in rejected.parent.iterdir()) == []  # nothing written, no temporary folder left
 
 
 # ---- torch-free ----

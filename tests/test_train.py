@@ -199,5 +199,5 @@ def test_on_step_sees_every_step_and_the_final_grid_reports_its_sampling(cfg_for
         train_mod.train(cfg, on_step=steps.append)
     assert steps == [1, 2, 3, 4, 5]
     sampling = [(done, total) for phase, done, total in seen if phase.startswith("sampling")]
-    calls = 2 * 2  # the 64-image grid: two batches of 32, DDIM with sample.steps=2
+    calls = 2 * 2  # the 64-image grid: two batches of 32, DDIM with sampler.steps=2
     assert sampling == [(k, calls) for k in range(1, calls + 1)]

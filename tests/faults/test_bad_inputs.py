@@ -87,9 +87,9 @@ def _error_line(capsys, argv: list[str]) -> str:
 
 
 @pytest.mark.parametrize("args, says", [
-    (["--eta", "nan"], "sample.eta: nan is not a finite number"),
-    (["--eta=-inf"], "sample.eta: -inf is not a finite number"),
-    (["--guidance", "inf"], "sample.guidance_scale: inf is not a finite number"),
+    (["--eta", "nan"], "sampler.eta: nan is not a finite number"),
+    (["--eta=-inf"], "sampler.eta: -inf is not a finite number"),
+    (["--guidance", "inf"], "sampler.guidance_scale: inf is not a finite number"),
     (["--seed", "-1"], "sample.seed: -1 is out of range; allowed: an integer in [0, 4294967295]"),
     (["--seed", "99999999999999999999"], "sample.seed: 99999999999999999999 is out of range"),
 ])

@@ -108,7 +108,8 @@ def test_an_altered_reference_cache_is_recomputed_never_used(tmp_path, caplog):
     root = random_mnist(tmp_path / "data")
     net_path = tmp_path / "features" / "mnist.pt"
     train_feature_net("mnist", root, net_path, epochs=1, batch_size=32)
-    cfg = config_from_dict({"data": {"root": str(root)}, "evaluate": {"device": "cpu", "batch_size": 32}})
+    cfg = config_from_dict({"data": {"root": str(root)}, "runtime": {"device": "cpu"},
+                            "evaluate": {"batch_size": 32}})
     first = evaluate.reference_stats(cfg, net_path)
     assert first.path.parent == tmp_path / "runs" / "fid_reference"
 

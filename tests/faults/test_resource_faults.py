@@ -116,8 +116,7 @@ def test_a_loss_that_diverges_before_any_checkpoint_does_not_claim_one(data_root
 
 
 def _checkpoint(path: Path) -> Path:
-    cfg = config_from_dict({"diffusion": {"timesteps": 20}, "sample": {"steps": 2}, "evaluate": {"steps": 2},
-                            "export": {"check_steps": 2},
+    cfg = config_from_dict({"diffusion": {"timesteps": 20}, "sampler": {"steps": 2},
                             "model": {"base_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1,
                                       "attention_levels": [1], "num_heads": 2, "dropout": 0.0, "norm_groups": 4}})
     torch.manual_seed(0)
@@ -162,7 +161,7 @@ def test_a_killed_exports_temporary_folder_is_removed_at_the_next_export(tmp_pat
         raise Stop
     monkeypatch.setattr(export, "_to_onnx", stop)  # the export stops right after taking its folder
     with caplog.at_level("WARNING", logger="ddpm.export"), pytest.raises(Stop):
-        export.export_onnx(_checkpoint(tmp_path / "checkpoint.pt"), out, ExportConfig(check_steps=2))
+        export.export_onnx(_checkpoint(tmp_path / "checkpoint.pt"), out, ExportConfig())
     assert f"removing {stale}, left by an export that was killed" in caplog.text
     assert sorted(p.name for p in out.parent.iterdir()) == [".other.onnx.tmp-k1ll3d"]
 
