@@ -3,9 +3,10 @@
 `params.yaml` is keyed by stage (data, diffusion, model, train, sample, evaluate, export) as DVC
 expects, plus two blocks that several stages read: `sampler` (how images are drawn, for `ddpm sample`,
 evaluation, the export check and int8 calibration) and `runtime` (device and precision, for every
-stage). Settings that moved to them are refused with their new home (ddpm.config_moves). A profile (`profiles.<name>` in the same file) overlays the base values; command-line
-overrides (`train.steps=200`) come last. Every value is checked against the dataclass field's
-type and range here, so that the rest of the code can trust its config.
+stage). Settings that moved to them are refused with their new home (ddpm.config_moves).
+A profile (`profiles.<name>` in the same file) overlays the base values; command-line overrides
+(`train.steps=200`) come last. Every value is checked against the dataclass field's type and range
+here, so that the rest of the code can trust its config.
 """
 
 from __future__ import annotations
@@ -158,8 +159,9 @@ class SampleConfig:
 class EvaluateConfig:
     """Scoring samples (ddpm.evaluate), drawn as `sampler` says. `seed` seeds the samples' noise.
 
-    `feature_*` (and `feature_seed`) train an FID feature net that does not ship (ddpm.features.train_feature_net): asked for
-    with pipeline.feature_net=retrain, a missing path, or a dataset without a pinned net (ddpm.feature_pins).
+    `feature_*` train an FID feature net that does not ship (ddpm.features.train_feature_net), from
+    `feature_seed`: asked for with pipeline.feature_net=retrain, a missing path, or a dataset without a
+    pinned net (ddpm.feature_pins).
     """
 
     num_samples: int = _f(10000, _positive, "an integer > 0")

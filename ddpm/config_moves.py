@@ -28,17 +28,10 @@ MOVED: dict[tuple[str, str], tuple[str, str]] = {
     ("train", "bf16"): ("runtime", "bf16"),
     ("evaluate", "device"): ("runtime", "device"),
 }
-# Where a stored config's value of a new key comes from, first match first: what the run itself used.
-_STORED_SOURCES = {
-    ("sampler", "name"): [("sample", "sampler")],
-    ("sampler", "steps"): [("sample", "steps")],
-    ("sampler", "eta"): [("sample", "eta")],
-    ("sampler", "variance"): [("sample", "variance")],
-    ("sampler", "clip_denoised"): [("sample", "clip_denoised")],
-    ("sampler", "guidance_scale"): [("sample", "guidance_scale")],
-    ("runtime", "device"): [("train", "device"), ("evaluate", "device")],
-    ("runtime", "bf16"): [("train", "bf16")],
-}
+# The old keys whose value a stored config keeps, in order of precedence: what its run itself sampled and
+# trained with (evaluate.device only where train.device is missing). The evaluation's and the export
+# check's own step counts were never the run's sampling, so they are dropped.
+_KEPT = [old for old in MOVED if old[0] in ("sample", "train") or old == ("evaluate", "device")]
 
 
 def refuse_moved(raw: dict[str, Any], prefix: str = "") -> None:
@@ -63,11 +56,12 @@ def migrate_stored(raw: dict[str, Any]) -> dict[str, Any]:
     if not any(isinstance(v, dict) and any((s, k) in MOVED for k in v) for s, v in raw.items()):
         return raw
     out = {s: dict(v) if isinstance(v, dict) else v for s, v in raw.items()}
-    for (new_section, new_key), sources in _STORED_SOURCES.items():
-        found = [out[s][k] for s, k in sources if isinstance(out.get(s), dict) and k in out[s]]
+    for section, key in _KEPT:
+        new_section, new_key = MOVED[(section, key)]
         target = out.setdefault(new_section, {})
-        if found and isinstance(target, dict) and new_key not in target:
-            target[new_key] = found[0]
+        if isinstance(out.get(section), dict) and key in out[section] and isinstance(target, dict) \
+                and new_key not in target:
+            target[new_key] = out[section][key]
     for section, key in MOVED:
         if isinstance(out.get(section), dict):
             out[section].pop(key, None)

@@ -320,7 +320,7 @@ def evaluate_checkpoint(checkpoint: str | Path, cfg: Config, out_dir: str | Path
 
 def _evaluate_checkpoint(checkpoint: str | Path, cfg: Config, out: Path, onnx_model: str | Path | None,
                          feature_net: str | Path | None) -> dict[str, Any]:
-    ev, sp = cfg.evaluate, cfg.sampler
+    sp = cfg.sampler
     device = resolve_device(cfg.runtime.device)
     start = time.perf_counter()
     images, run_cfg, backend = _generate(checkpoint, cfg, onnx_model, device)

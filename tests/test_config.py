@@ -55,8 +55,9 @@ def test_sampler_steps_are_checked_against_the_timesteps():
     assert load_config("params.yaml", "cpu", ["sampler.steps=1000"]).sampler.steps == 1000
 
 
-MOVED = [("sample.sampler=ddpm", "sampler.name"), ("sample.steps=5", "sampler.steps"), ("sample.eta=0.5", "sampler.eta"),
-         ("sample.variance=beta", "sampler.variance"), ("sample.clip_denoised=false", "sampler.clip_denoised"),
+MOVED = [("sample.sampler=ddpm", "sampler.name"), ("sample.steps=5", "sampler.steps"),
+         ("sample.eta=0.5", "sampler.eta"), ("sample.variance=beta", "sampler.variance"),
+         ("sample.clip_denoised=false", "sampler.clip_denoised"),
          ("sample.guidance_scale=2", "sampler.guidance_scale"), ("evaluate.sampler=ddim", "sampler.name"),
          ("evaluate.steps=5", "sampler.steps"), ("export.check_steps=5", "sampler.steps"),
          ("export.int8_calibration_steps=5", "sampler.steps"), ("train.device=cpu", "runtime.device"),
@@ -88,7 +89,8 @@ def test_a_checkpoint_config_written_before_the_move_is_migrated_silently(tmp_pa
     from ddpm.checkpoint import config_of, load_checkpoint, save_checkpoint
 
     old = load_config("params.yaml", "cpu").to_dict()
-    sampler, runtime = old.pop("sampler"), old.pop("runtime")
+    sampler = old.pop("sampler")
+    del old["runtime"]
     old["sample"].update(sampler=sampler["name"], steps=7, eta=0.5, variance="beta", clip_denoised=False,
                          guidance_scale=2.0)
     old["train"].update(device="cpu", bf16=False)
