@@ -643,7 +643,7 @@ def test_the_train_stage_depends_on_every_module_the_network_is_built_from():
     import yaml
 
     deps = set(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["train"]["deps"])
-    settings = {"ddpm.config", "ddpm.config_values", "ddpm.errors"}  # settings: the stage's params
+    settings = {"ddpm.config", "ddpm.config_moves", "ddpm.config_values", "ddpm.errors"}  # settings: the stage's params
     network = (_ddpm_imports("ddpm.unet", set()) | _ddpm_imports("ddpm.train_step", set())) - settings
     files = {m.replace(".", "/") + ".py" for m in network}
     assert files >= {"ddpm/unet.py", "ddpm/layers.py"} and files <= deps, sorted(files - deps)
