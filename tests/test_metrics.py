@@ -250,7 +250,7 @@ def trained(small_data: tuple[Path, str], tmp_path_factory: pytest.TempPathFacto
     path = tmp_path_factory.mktemp("features") / "mnist.pt"
     result = train_feature_net("mnist", root, path, epochs=2, batch_size=64, lr=2e-3, seed=0, device="cpu")
     cfg = Config(data=DataConfig("mnist", str(root)),
-                 evaluate=EvaluateConfig(num_samples=500, batch_size=500, device="cpu"))
+                 evaluate=EvaluateConfig(num_samples=500, batch_size=500), runtime=RuntimeConfig(device="cpu"))
     return {**result, "root": root, "kind": kind, "heldout": heldout, "path": path, "cfg": cfg}
 
 
