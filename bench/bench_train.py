@@ -213,9 +213,9 @@ class Trainee:
 
 def case_config(cfg: Config, batch: int, mode: str, args: argparse.Namespace) -> Config:
     """The spec's settings with this case's batch, precision, layout, compile and CUDA-graph choices."""
-    tc = dataclasses.replace(cfg.train, batch_size=batch, bf16=args.bf16, channels_last=args.channels_last,
+    tc = dataclasses.replace(cfg.train, batch_size=batch, channels_last=args.channels_last,
                              compile=mode in TORCH_COMPILE_MODE, cuda_graphs=mode in GRAPH_MODES)
-    return dataclasses.replace(cfg, train=tc)
+    return dataclasses.replace(cfg, train=tc, runtime=dataclasses.replace(cfg.runtime, bf16=args.bf16))
 
 
 def run_case(tr: Trainee, batch: int, mode: str, args: argparse.Namespace, device: torch.device,
