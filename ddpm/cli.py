@@ -1,4 +1,4 @@
-"""The `ddpm` command line: data, train, sample, evaluate, export, onnx-sample.
+"""The `ddpm` command line: data, train, sample, evaluate, export, onnx-sample, web.
 
 Settings come from params.yaml (`--params`), an optional profile (`--profile gpu`) and overrides
 given as `section.key=value` arguments, e.g. `ddpm train train.steps=500 model.base_channels=32`.
@@ -128,6 +128,17 @@ def cmd_onnx_sample(args: argparse.Namespace) -> int:
     return onnx_main(args)
 
 
+def cmd_web(args: argparse.Namespace) -> int:
+    from ddpm.web import main as web_main
+    model = args.model
+    if args.registered:
+        from flows.registry import fetch_onnx  # as for onnx-sample: ddpm itself never imports MLflow
+        found = fetch_onnx(f"models:/{args.registered}", args.params, cache=args.cache)
+        print(f"{args.registered}: version {found.version} of {found.name!r} in {found.store} -> {found.path}")
+        model = str(found.path)
+    return web_main(model or "runs/default/model.onnx", args.port)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ddpm", description="Train and sample a DDPM on small images.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
@@ -202,7 +213,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (default: %(default)s)")
     p.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="cpu",
                    help="execution provider; cuda fails loudly if CUDA is unavailable (default: %(default)s)")
+    p.add_argument("--noise", choices=["pcg64", "counter"], default="pcg64",
+                   help="random numbers: pcg64 (numpy's, drawn batch by batch) or counter (ddpm/counter_noise.py, "
+                        "the web page's: the same images as `ddpm web` from the same seed) (default: %(default)s)")
     p.set_defaults(func=cmd_onnx_sample)
+
+    p = sub.add_parser("web", help="serve the sampling page with an exported model on 127.0.0.1")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--model", default=None, help="the exported .onnx file (default: runs/default/model.onnx)")
+    which.add_argument("--registered", default=None, metavar="NAME@ALIAS",
+                       help="a registered version instead: NAME@ALIAS or NAME/VERSION, e.g. ddpm-unet@challenger")
+    p.add_argument("--port", type=int, default=8000, help="port on 127.0.0.1; 0: any free one (default: %(default)s)")
+    p.add_argument("--params", default="params.yaml",
+                   help="for --registered: the settings whose MLflow store holds the registry (default: %(default)s)")
+    p.add_argument("--cache", default=None,
+                   help="for --registered: where downloaded versions are kept (default: ~/.cache/ddpm/models)")
+    p.set_defaults(func=cmd_web)
     return parser
 
 

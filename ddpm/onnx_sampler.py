@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ddpm import progress
+from ddpm import counter_noise, progress
 from ddpm.fileio import atomic_write_bytes
 from ddpm.errors import ConfigError, OnnxModelError
 from ddpm.onnx_model import Array, NumpySchedule, OnnxDenoiser, resolve_provider
@@ -30,6 +30,7 @@ from ddpm.schedule_math import check_eta, check_guidance_scale, ddim_timesteps
 # ---- The samplers: numpy mirrors of ddpm.samplers, with the same signature and float32 arithmetic. ----
 
 Denoiser = Callable[..., Array]
+NOISE_SOURCES = ("pcg64", "counter")  # numpy's seeded PCG64 drawn in order, or ddpm.counter_noise (the web page's)
 
 
 def guided(model: Denoiser, null_label: int, guidance_scale: float) -> Denoiser:
@@ -163,16 +164,20 @@ def class_labels(n: int, label: int | None, num_classes: int) -> Array:
 def sample_model_range(model: str | Path | OnnxDenoiser, n: int, sampler: str = "ddim", steps: int = 50,
                        eta: float = 0.0, seed: int = 0, batch_size: int = 256, label: int | None = None,
                        guidance_scale: float = 1.0, provider: str = "cpu", step_noise: Sequence[Array] | None = None,
-                       x_T: Array | None = None, variance: str = "beta_tilde", clip_denoised: bool = True) -> Array:
+                       x_T: Array | None = None, variance: str = "beta_tilde", clip_denoised: bool = True,
+                       noise: str = "pcg64") -> Array:
     """Generate n images as float32 [n, C, H, W] in [-1, 1] (x_0 before quantisation).
 
-    Without `x_T`, batch k's starting noise and step noise come from numpy's PCG64 seeded with `seed`,
-    drawn in order. `x_T` [n, C, H, W] and `step_noise` (indexable by step, each [n, C, H, W])
-    replace them, e.g. to compare with ddpm.samplers from the same random numbers.
+    Without `x_T`, the starting noise and step noise come from `noise`: "pcg64", numpy's PCG64 seeded
+    with `seed`, drawn in order batch by batch; "counter", ddpm.counter_noise (the web page's source),
+    the same numbers whatever batch_size. `x_T` [n, C, H, W] and `step_noise` (indexable by step,
+    each [n, C, H, W]) replace them, e.g. to compare with ddpm.samplers from the same random numbers.
     """
     den = model if isinstance(model, OnnxDenoiser) else OnnxDenoiser(model, provider)
     if sampler not in ("ddpm", "ddim"):
         raise ConfigError(f"sampler: {sampler!r} is not allowed; choose 'ddpm' or 'ddim'")
+    if noise not in NOISE_SOURCES:
+        raise ConfigError(f"noise: {noise!r} is not allowed; choose {' or '.join(map(repr, NOISE_SOURCES))}")
     if n <= 0 or batch_size <= 0:
         raise ConfigError(f"n ({n}) and batch_size ({batch_size}) must be > 0")
     check_eta(eta)
@@ -193,11 +198,9 @@ def sample_model_range(model: str | Path | OnnxDenoiser, n: int, sampler: str = 
     outs = []
     for start in range(0, n, batch_size):
         sl = slice(start, min(start + batch_size, n))
-        b = sl.stop - sl.start
-        xb = (x_T[sl] if x_T is not None else rng.standard_normal((b, *den.image_shape), dtype=np.float32))
-        noise = _BatchNoise(step_noise, sl) if step_noise is not None else None
+        xb, batch_noise = _batch_noise(noise, seed, rng, sl, den.image_shape, x_T, step_noise)
         common = dict(labels=None if labels is None else labels[sl], guidance_scale=guidance_scale,
-                      prediction=den.prediction, clip_denoised=clip_denoised, step_noise=noise, generator=rng)
+                      prediction=den.prediction, clip_denoised=clip_denoised, step_noise=batch_noise, generator=rng)
         if sampler == "ddim":
             outs.append(ddim_sample_loop(den, den.schedule, xb, steps=steps, eta=eta, **common))
         else:
@@ -213,6 +216,21 @@ def sample(model: str | Path | OnnxDenoiser, n: int, sampler: str = "ddim", step
     """Generate n images: uint8 [n, C, H, W]. Arguments as `sample_model_range`."""
     return to_uint8(sample_model_range(model, n, sampler, steps, eta, seed, batch_size, label, guidance_scale,
                                        provider, step_noise, x_T, **options))
+
+
+def _batch_noise(noise: str, seed: int, rng: np.random.Generator, sl: slice, image_shape: tuple[int, ...],
+                 x_T: Array | None, step_noise: Sequence[Array] | None) -> tuple[Array, Any]:
+    """One batch's starting noise [b, C, H, W] and step noise: given ones sliced, else drawn from `noise`."""
+    shape = (sl.stop - sl.start, *image_shape)
+    if x_T is not None:
+        xb = x_T[sl]
+    elif noise == "counter":
+        xb = counter_noise.gaussian(seed, counter_noise.X_T_STREAM, shape, first_image=sl.start)
+    else:
+        xb = rng.standard_normal(shape, dtype=np.float32)
+    if step_noise is not None:
+        return xb, _BatchNoise(step_noise, sl)
+    return xb, counter_noise.StepNoise(seed, image_shape, sl) if noise == "counter" else None
 
 
 class _BatchNoise:
@@ -259,7 +277,7 @@ def main(args: Any) -> int:
         print("provider auto: CUDA did not start, using the CPU", file=sys.stderr)
         den = OnnxDenoiser(args.model, "cpu")
     images = sample(den, args.num_images, args.sampler, args.steps, args.eta, args.seed, args.batch_size,
-                    args.label, args.guidance)
+                    args.label, args.guidance, noise=args.noise)
     out = Path(args.out)
     arrays = {"images": images}
     if den.class_conditional:
@@ -271,6 +289,7 @@ def main(args: Any) -> int:
     if png is not None:
         atomic_write_bytes(out / "samples.png", png)
     steps = args.steps if args.sampler == "ddim" else den.schedule.num_timesteps
-    print(f"{len(images)} images ({args.sampler}, {steps} steps, seed {args.seed}) on {den.provider} -> "
+    print(f"{len(images)} images ({args.sampler}, {steps} steps, seed {args.seed}, {args.noise} noise) on "
+          f"{den.provider} -> "
           f"{out / 'samples.npz'}{' and ' + str(out / 'samples.png') if png is not None else ''}")
     return 0
