@@ -13,6 +13,7 @@ import errno
 import http.server
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -118,6 +119,10 @@ def serve(files: dict[str, Path], port: int) -> http.server.ThreadingHTTPServer:
         raise
 
 
+def _stop(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def main(model: str | Path, port: int) -> int:
     """`ddpm web`: check the model, serve the page until Ctrl-C; prints the URL."""
     from ddpm.onnx_model import OnnxDenoiser
@@ -129,6 +134,8 @@ def main(model: str | Path, port: int) -> int:
     kind = f"class-conditional, {den.num_classes} classes" if den.class_conditional else "unconditional"
     print(f"serving {den.path} ({kind}, T = {den.schedule.num_timesteps}) at http://{host}:{bound}/ "
           f"- press Ctrl-C to stop", flush=True)
+    for sig in (signal.SIGINT, signal.SIGTERM):  # also when started in the background, where SIGINT is ignored
+        signal.signal(sig, _stop)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -191,6 +191,25 @@ def log_export(run: RunRef, onnx_path: str, report: str, onnx_samples: str, regi
             "promotion_table": table}
 
 
+@task(name="log-web-page", cache_policy=NO_CACHE)
+def log_web_page(run: RunRef, onnx_path: str) -> bool:
+    """Log the sampling page with the model (ddpm.web's layout) as the run's artifact folder web/, to be served
+    as it is (`ddpm web --registered` does it for a registered version). Without onnxruntime-web installed
+    (web/node_modules) a warning says why and nothing is logged: the registered model stands without it."""
+    import tempfile
+
+    from ddpm.web import WebError, write_site
+
+    with tempfile.TemporaryDirectory(prefix="ddpm-web-") as tmp:
+        try:
+            folder = write_site(onnx_path, Path(tmp) / "web")
+        except WebError as exc:
+            log.warning("the sampling page was not logged: %s", exc)
+            return False
+        run.logger().artifact_folder(folder, "web")
+    return True
+
+
 def _promote(client: Any, logger: Any, name: str, version: str, champion_alias: str, margin: float,
              quality: dict[str, Any]) -> tuple[bool, str]:
     """Tag `version` with its quality, move `champion_alias` to it if it beats the champion; returns whether it

@@ -11,7 +11,7 @@ and `force`. Each reloads and validates the settings itself, so a stage runs the
     train     train the U-Net (resuming), render the denoising trajectory
     evaluate  the feature net (reused when current), then sample and score the checkpoint
     export    ONNX export with parity check, onnxruntime-vs-PyTorch check, onnxruntime samples,
-              log the model and register it under an alias when accepted
+              log the model and register it under an alias when accepted, log the sampling page with it
 """
 
 from __future__ import annotations
@@ -142,6 +142,7 @@ def export_flow(params_path: str = "params.yaml", profile: str | None = None, ov
         registered = export_tasks.log_export(run, onnx_path, str(s.export_report), samples, pc.registered_model,
                                              pc.model_alias, _step(str(s.checkpoint)), int8, quality,
                                              pc.champion_alias, pc.promotion_margin)
+        export_tasks.log_web_page(run, onnx_path)
         if registered["promotion_table"]:
             from prefect.artifacts import create_markdown_artifact
 

@@ -172,6 +172,10 @@ class RunLogger:
     def artifact(self, path: str | Path, folder: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), folder)
 
+    def artifact_folder(self, path: str | Path, folder: str) -> None:
+        """Every file under `path`, as the run's artifact folder `folder` (subfolders kept)."""
+        self.client.log_artifacts(self.run_id, str(path), folder)
+
     def image(self, png: str | Path, key: str, step: int) -> None:
         """A PNG as a step-indexed image (MLflow's image panel), besides `artifact`."""
         from PIL import Image

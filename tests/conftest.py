@@ -23,3 +23,24 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(saved)
+
+
+@pytest.fixture(scope="session")
+def tiny_exports(tmp_path_factory):
+    """{'uncond': model.onnx, 'cond': model.onnx}: testkit's tiny random-weight U-Nets exported with the default
+    export settings (float32 only)."""
+    import torch
+
+    from ddpm.config import ExportConfig
+    from ddpm.export import export_onnx
+    from testkit import tiny_checkpoint
+
+    d = tmp_path_factory.mktemp("tiny-exports")
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return {name: export_onnx(tiny_checkpoint(d / f"{name}.pt", name == "cond", seed=int(name == "cond")),
+                                  d / name / "model.onnx", ExportConfig())
+                for name in ("uncond", "cond")}
+    finally:
+        torch.set_num_threads(saved)

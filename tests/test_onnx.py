@@ -21,8 +21,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from ddpm.checkpoint import save_checkpoint
-from ddpm.config import ExportConfig, ModelConfig, SamplerConfig, config_from_dict, image_shape
+from ddpm.config import ExportConfig, SamplerConfig, config_from_dict
 from ddpm.errors import ExportRejected, OnnxModelError
 from ddpm.export import check_export, export_onnx, fp16_path
 from ddpm.layers import GroupNorm
@@ -34,7 +33,8 @@ from ddpm.onnx_sampler import p_sample_loop as ort_ddpm
 from ddpm.quantize import calibration_feeds, int8_path
 from ddpm.samplers import ddim_sample_loop, p_sample_loop
 from ddpm.schedule import Schedule
-from ddpm.unet import build_unet
+from testkit import tiny_checkpoint as _write_checkpoint
+from testkit import tiny_config as _tiny
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -47,31 +47,6 @@ DDIM10 = SamplerConfig(steps=10)  # int8 calibration and the int8 check
 # U-Net: its int8 DDIM samples differ from float32 by about 0.03 on average (the unconditional one's
 # by about 0.01; the trained default U-Net's by 0.006-0.007), so its gate is wider than the default 0.02.
 INT8_COND_MEAN_ATOL = 0.06
-
-
-def _tiny(conditional: bool) -> dict:
-    model = ModelConfig(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,), num_heads=2,
-                        dropout=0.0, norm_groups=4, class_conditional=conditional)
-    # The unconditional model predicts eps on the linear schedule, the conditional one v on the cosine
-    # schedule, so that both prediction paths and both schedules are exercised.
-    diffusion = ({"timesteps": 50, "schedule": "cosine", "prediction": "v"} if conditional
-                 else {"timesteps": 50, "schedule": "linear", "prediction": "eps"})
-    raw = {"data": {"dataset": "mnist"}, "diffusion": diffusion, "model": {
-        k: list(v) if isinstance(v, tuple) else v for k, v in model.__dict__.items()},
-        "sampler": {"steps": 10}}
-    return raw
-
-
-def _write_checkpoint(path: Path, conditional: bool, seed: int) -> Path:
-    cfg = config_from_dict(_tiny(conditional))
-    torch.manual_seed(seed)
-    net = build_unet(cfg.model, image_shape(cfg))
-    with torch.no_grad():  # the zero-initialised output layers would make every prediction 0
-        for p in net.parameters():
-            p.add_(0.2 * torch.randn_like(p))
-    ema = {k: v + 0.01 for k, v in net.state_dict().items()}  # differs from `model`: export must take the EMA
-    save_checkpoint(path, {"model": net.state_dict(), "ema": ema, "config": cfg.to_dict(), "step": 1234 + seed})
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
 """Helpers that several test modules share: IDX files written by hand, a learnable MNIST look-alike,
-a free loopback port.
+a free loopback port, tiny random-weight checkpoints to export.
 
 Importable as `testkit` from every test module: pytest puts tests/ (the first folder up without an
 __init__.py, also for tests/faults/) on sys.path.
@@ -55,3 +55,38 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def tiny_config(conditional: bool) -> dict:
+    """The settings of a tiny U-Net (8 channels) as params.yaml's dict. The unconditional model predicts eps on
+    the linear schedule, the conditional one v on the cosine schedule, so that both prediction paths and both
+    schedules are exercised."""
+    from ddpm.config import ModelConfig
+
+    model = ModelConfig(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,), num_heads=2,
+                        dropout=0.0, norm_groups=4, class_conditional=conditional)
+    diffusion = ({"timesteps": 50, "schedule": "cosine", "prediction": "v"} if conditional
+                 else {"timesteps": 50, "schedule": "linear", "prediction": "eps"})
+    return {"data": {"dataset": "mnist"}, "diffusion": diffusion, "model": {
+        k: list(v) if isinstance(v, tuple) else v for k, v in model.__dict__.items()},
+        "sampler": {"steps": 10}}
+
+
+def tiny_checkpoint(path: Path, conditional: bool, seed: int) -> Path:
+    """A checkpoint of the tiny U-Net with random weights (step 1234 + seed); its EMA weights differ from its
+    model weights, so an export that took the wrong ones would show."""
+    import torch
+
+    from ddpm.checkpoint import save_checkpoint
+    from ddpm.config import config_from_dict, image_shape
+    from ddpm.unet import build_unet
+
+    cfg = config_from_dict(tiny_config(conditional))
+    torch.manual_seed(seed)
+    net = build_unet(cfg.model, image_shape(cfg))
+    with torch.no_grad():  # the zero-initialised output layers would make every prediction 0
+        for p in net.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    ema = {k: v + 0.01 for k, v in net.state_dict().items()}
+    save_checkpoint(path, {"model": net.state_dict(), "ema": ema, "config": cfg.to_dict(), "step": 1234 + seed})
+    return path
