@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh machine (Python 3.11+, npm and apt):
-#   make pipeline   install, fetch the data, run the whole pipeline (the GPU profile where a CUDA
-#                   device is found, else the CPU profile)
+#   make pipeline   install (the venv, and web/'s npm packages), fetch the data, run the whole pipeline
+#                   (the GPU profile where a CUDA device is found, else the CPU profile); then `ddpm web`
 #   make test       install, run the test suite (what CI runs through .ci/run)
 PYTHON ?= python3
 VENV ?= .venv
@@ -33,7 +33,13 @@ $(STAMP): $(LOCK) pyproject.toml
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-install: $(STAMP)
+# The sampling page's onnxruntime-web (`ddpm web`), exactly as web/package-lock.json pins it.
+WEB_STAMP := web/node_modules/.installed
+$(WEB_STAMP): web/package-lock.json web/package.json
+	cd web && npm ci --no-audit --no-fund --loglevel=error
+	touch $(WEB_STAMP)
+
+install: $(STAMP) $(WEB_STAMP)
 
 requirements/linux-py%.lock:
 	@echo "no lock for Python $*: run 'make lock LOCK_PYTHONS=$*' (or use Python $(LOCK_PYTHONS))" >&2; exit 1
@@ -75,7 +81,7 @@ data: $(STAMP)
 # $$MLFLOW_TRACKING_URI). A rerun resumes. `make pipeline PROFILE=gpu ARGS="train.steps=40000"`.
 PROFILE ?= auto
 ARGS ?=
-pipeline: $(STAMP)
+pipeline: $(STAMP) $(WEB_STAMP)
 	$(PY) -m flows.pipeline $(if $(PROFILE),--profile $(PROFILE)) $(ARGS)
 
 # A Prefect server on loopback; prefect.toml (read from this folder) makes it stream flow-run logs to
@@ -92,7 +98,7 @@ deploy: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
-test: $(STAMP) env-info
+test: $(STAMP) $(WEB_STAMP) env-info
 	$(PY) -m pytest -q
 
 clean:
