@@ -52,3 +52,15 @@ def test_bench_onnx_sampling_smoke_times_torch_and_onnxruntime(tmp_path):
     assert cases == {(b, s) for b in ("torch eager, CPU", "onnxruntime, CPU") for s in ("ddpm", "ddim")}
     assert all(r["timed_steps"] == 2 and r["images_per_s"] > 0 for r in doc["rows"])
     assert doc["timesteps"] == 20 and Path(doc["onnx_path"]).name == "model.onnx"
+
+
+@pytest.mark.browser
+def test_bench_browser_smoke_times_the_page_and_python_on_the_same_samples(tmp_path):
+    if not Path("/usr/bin/chromium").is_file() or not (ROOT / "web" / "node_modules").is_dir():
+        pytest.skip("chromium or web/node_modules is missing (.ci/run and `make install` bring them)")
+    doc = _run("bench_browser.py", tmp_path / "browser.json")
+    [row] = doc["rows"]
+    assert (row["threads"], row["batch"], row["steps"]) == (1, 1, 2)
+    assert row["browser_ms_per_step"] > 0 and row["python_ms_per_step"] > 0
+    assert row["max_abs_diff_x0"] <= 1e-3  # the page computed the same samples as onnxruntime in Python
+    assert doc["by_case"]["t1_b1"] == row and "onnxruntime-web" in doc["environment"]["page"]

@@ -59,20 +59,28 @@ function toUint8(v) {
   return r - y === 0.5 && r % 2 === 1 ? r - 1 : r;
 }
 
-function readOptions() {
-  const meta = state.model.meta, T = meta.diffusion.timesteps, sampler = $('sampler').value;
-  const int = (id, lo, hi, what) => {
-    const v = Number($(id).value);
-    if (!Number.isInteger(v) || v < lo || v > hi) throw new ModelError(`${what}: ${$(id).value || '(empty)'} is not allowed; use an integer from ${lo} to ${hi}`);
+/** The form's settings, `overrides` taking precedence, checked; a ModelError names a bad one. */
+function readOptions(overrides) {
+  const meta = state.model.meta, T = meta.diffusion.timesteps, cond = meta.class_conditional;
+  const form = { sampler: $('sampler').value, steps: $('steps').value, seed: $('seed').value, batch: $('batch').value,
+    label: cond && $('digit').value !== '' ? $('digit').value : null, guidance: cond ? $('guidance').value : 1 };
+  const raw = { ...form, ...overrides };
+  const number = (v) => (v === null || v === '' ? NaN : Number(v));
+  const int = (key, lo, hi, what) => {
+    const v = number(raw[key]);
+    if (!Number.isInteger(v) || v < lo || v > hi) {
+      throw new ModelError(`${what}: ${raw[key] === '' ? '(empty)' : raw[key]} is not allowed; use an integer from ${lo} to ${hi}`);
+    }
     return v;
   };
-  const opts = { sampler, steps: sampler === 'ddim' ? int('steps', 1, T, 'steps') : T, seed: int('seed', 0, MAX_SEED, 'seed'),
-    batch: int('batch', 1, MAX_BATCH, 'batch size'), label: null, guidance: 1 };
-  if (meta.class_conditional) {
-    opts.label = $('digit').value === '' ? null : Number($('digit').value);
-    opts.guidance = Number($('guidance').value);
-    if (!Number.isFinite(opts.guidance) || opts.guidance < 0 || $('guidance').value === '') {
-      throw new ModelError(`guidance scale: ${$('guidance').value || '(empty)'} is not allowed; use a number >= 0 (1: none)`);
+  if (!['ddim', 'ddpm'].includes(raw.sampler)) throw new ModelError(`sampler: ${raw.sampler} is not allowed; choose ddim or ddpm`);
+  const opts = { sampler: raw.sampler, steps: raw.sampler === 'ddim' ? int('steps', 1, T, 'steps') : T,
+    seed: int('seed', 0, MAX_SEED, 'seed'), batch: int('batch', 1, MAX_BATCH, 'batch size'), label: null, guidance: 1 };
+  if (cond) {
+    opts.label = raw.label === null ? null : int('label', 0, meta.num_classes - 1, 'digit');
+    opts.guidance = number(raw.guidance);
+    if (!Number.isFinite(opts.guidance) || opts.guidance < 0) {
+      throw new ModelError(`guidance scale: ${raw.guidance === '' ? '(empty)' : raw.guidance} is not allowed; use a number >= 0 (1: none)`);
     }
   }
   return opts;
@@ -83,7 +91,7 @@ async function run(overrides = {}, stopAfter = Infinity) {
   if (state.running) return null;
   $('error').hidden = true;
   let opts;
-  try { opts = { ...readOptions(), ...overrides }; } catch (e) { showError(e.message); return null; }
+  try { opts = readOptions(overrides); } catch (e) { showError(e.message); return null; }
   state.running = true;
   state.stop = false;
   $('sample').disabled = true;
