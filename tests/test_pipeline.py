@@ -228,6 +228,10 @@ def test_artifacts_hold_the_files(project, first, tmp_path):
     table = Path(c.download_artifacts(runs["export"].info.run_id, "export/promotion.md", str(tmp_path))).read_text()
     assert "**promoted**: no champion yet" in table and "| fid_num_samples |" in table
     assert sha256(got) == sha256(run_dir / "model.int8.onnx")
+    web_files = {a.path for a in c.list_artifacts(runs["export"].info.run_id, "web")}  # the page with the model
+    assert {"web/index.html", "web/app.js", "web/noise.js", "web/model.onnx", "web/ort"} <= web_files
+    page_model = Path(c.download_artifacts(runs["export"].info.run_id, "web/model.onnx", str(tmp_path / "web")))
+    assert sha256(page_model) == sha256(run_dir / "model.onnx")
     int8_check = json.loads((run_dir / "export_int8.json").read_text())
     assert int8_check["accepted"] is True and int8_check["provider"] == "CPUExecutionProvider"
     assert int8_check["atol"] is None and int8_check["mean_atol"] == 0.02  # the int8 bounds, not float32's
