@@ -79,8 +79,9 @@ def test_out_of_range_seed_or_images_are_refused():
 def test_web_noise_js_gives_the_same_float32_numbers(tmp_path):
     script = tmp_path / "draw.mjs"
     script.write_text(f"import {{ gaussian }} from {json.dumps((ROOT / 'web' / 'noise.js').as_uri())};\n"
-                      "for (const [seed, stream, first] of [[0, 0, 0], [4294967295, 12, 3], [123456789, 1, 1000]])\n"
-                      "  process.stdout.write(JSON.stringify(Array.from(gaussian(seed, stream, 3, 784, first))) + '\\n');\n")
+                      "for (const [seed, stream, first] of [[0, 0, 0], [4294967295, 12, 3], [123456789, 1, 1000]]) {\n"
+                      "  const z = gaussian(seed, stream, 3, 784, first);\n"
+                      "  process.stdout.write(JSON.stringify(Array.from(z)) + '\\n');\n}\n")
     lines = subprocess.run(["node", str(script)], capture_output=True, text=True, check=True, timeout=60).stdout.split()
     for line, (seed, stream, first) in zip(lines, [(0, 0, 0), (2**32 - 1, 12, 3), (123456789, 1, 1000)]):
         js = np.array(json.loads(line), dtype=np.float32)
