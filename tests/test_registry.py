@@ -177,3 +177,26 @@ def test_a_missing_store_is_reported_and_not_created(cwd, capsys, tmp_path):
     err = capsys.readouterr().err
     assert f"there is no MLflow store at {fresh / 'mlflow' / 'mlflow.db'}: run the pipeline" in err
     assert sorted(os.listdir(fresh)) == ["params.yaml"] and os.listdir(cwd) == []
+
+
+def test_ddpm_web_serves_the_registered_version_an_alias_names(project, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    root, files = project
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.Popen([sys.executable, "-m", "ddpm.cli", "web", "--registered", f"{NAME}@challenger", "--params",
+                             str(root / "params.yaml"), "--port", "0"], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**env, "XDG_CACHE_HOME": str(tmp_path / "xdg")})
+    try:
+        resolved, serving = proc.stdout.readline(), proc.stdout.readline()
+        assert f"{NAME}@challenger: version 2 of '{NAME}'" in resolved, (resolved, proc.stderr.read()[-2000:])
+        url = serving.split(" at ")[1].split()[0]
+        with urllib.request.urlopen(url + "model.onnx") as r:
+            assert r.read() == files["2"].read_bytes()  # the alias's version, not the champion's
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=30)
+    assert proc.returncode == 0
