@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import tempfile
 import threading
@@ -34,7 +33,6 @@ from ddpm.fileio import atomic_write_bytes
 from ddpm.onnx_model import OnnxDenoiser
 from ddpm.onnx_sampler import sample_model_range
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 WARMUP_STEPS = 2
 SEED = 0
 
@@ -63,7 +61,7 @@ def browser_case(page: Any, batch: int, steps: int, shape: tuple[int, ...]) -> t
 def run_cases(model: Path, threads_list: list[int], batches: list[int], steps: int) -> tuple[list[dict], dict]:
     from playwright.sync_api import sync_playwright
 
-    from ddpm.web import serve, site_files
+    from ddpm.web import CHROMIUM, CHROMIUM_ARGS, serve, site_files
 
     shape = OnnxDenoiser(model, "cpu").image_shape
     server = serve(site_files(model), 0)
@@ -72,7 +70,7 @@ def run_cases(model: Path, threads_list: list[int], batches: list[int], steps: i
     rows, about = [], {}
     try:
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             about["chromium"] = browser.version
             for threads in threads_list:
                 page = browser.new_page()

@@ -31,6 +31,10 @@ HOST = "127.0.0.1"
 CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
                  ".mjs": "text/javascript; charset=utf-8", ".wasm": "application/wasm",
                  ".onnx": "application/octet-stream"}
+# How the tests and bench/bench_browser.py start Debian's chromium headless: as root (no sandbox) and in
+# containers whose /dev/shm is small.
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-dev-shm-usage"]
 ISOLATION_HEADERS = {"Cross-Origin-Opener-Policy": "same-origin", "Cross-Origin-Embedder-Policy": "require-corp",
                      "Cross-Origin-Resource-Policy": "same-origin"}
 

@@ -56,7 +56,9 @@ def test_bench_onnx_sampling_smoke_times_torch_and_onnxruntime(tmp_path):
 
 @pytest.mark.browser
 def test_bench_browser_smoke_times_the_page_and_python_on_the_same_samples(tmp_path):
-    if not Path("/usr/bin/chromium").is_file() or not (ROOT / "web" / "node_modules").is_dir():
+    from ddpm.web import CHROMIUM
+
+    if not Path(CHROMIUM).is_file() or not (ROOT / "web" / "node_modules").is_dir():
         pytest.skip("chromium or web/node_modules is missing (.ci/run and `make install` bring them)")
     doc = _run("bench_browser.py", tmp_path / "browser.json")
     [row] = doc["rows"]

@@ -2,8 +2,7 @@
 
 The page must draw what `ddpm onnx-sample --noise counter` draws from the same seed: the same counter-based
 noise (web/noise.js, ddpm/counter_noise.py), the same schedule from the model's metadata and the same float32
-arithmetic, on onnxruntime-web's WASM kernels instead of onnxruntime's CPU ones. Measured on the tiny models:
-x_0 within 2e-6 of onnxruntime in Python.
+arithmetic, on onnxruntime-web's WASM kernels instead of onnxruntime's CPU ones.
 """
 
 from __future__ import annotations
@@ -25,9 +24,9 @@ import pytest
 from onnx import TensorProto, helper
 
 from ddpm.onnx_sampler import grid_png, sample_model_range
+from ddpm.web import CHROMIUM, CHROMIUM_ARGS
 
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 X0_ATOL = 1e-3  # x_0 in [-1, 1], page against onnxruntime in Python from the same seed
 STATUS_DONE = "document.getElementById('status').textContent.startsWith('done')"
 SETTLED = f"{STATUS_DONE} || !document.getElementById('error').hidden"
@@ -58,7 +57,7 @@ def browser():
     if not Path(CHROMIUM).is_file() or not (ROOT / "web" / "node_modules").is_dir():
         pytest.skip("chromium or web/node_modules is missing (.ci/run and `make install` bring them)")
     with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield b
         b.close()
 
