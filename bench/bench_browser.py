@@ -104,7 +104,7 @@ def smoke_model(folder: Path) -> Path:
     from ddpm.export import export_onnx
     from ddpm.unet import build_unet
 
-    cfg = config_from_dict({"diffusion": {"timesteps": 20}, "sample": {"steps": 5}, "evaluate": {"steps": 5},
+    cfg = config_from_dict({"diffusion": {"timesteps": 20}, "sampler": {"steps": 5},
                             "model": {"base_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1,
                                       "attention_levels": [1], "num_heads": 2, "norm_groups": 4}})
     torch.manual_seed(0)
