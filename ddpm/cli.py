@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any, Callable
 
 
 def _add_settings(p: argparse.ArgumentParser) -> None:
@@ -26,6 +27,16 @@ def _config(args: argparse.Namespace):
     from ddpm.config import load_config
     params = args.params if Path(args.params).exists() or args.params != "params.yaml" else None
     return load_config(params, args.profile, args.overrides)
+
+
+def _run_paths(args: argparse.Namespace, cfg, **defaults: Callable[[Any], Path]) -> None:
+    """Set each path argument that the user left out to its path in the run of train.out_dir:
+    `defaults` maps the argument's name to that path's place in the run's ddpm.layout.RunLayout."""
+    from ddpm.layout import RunLayout
+    layout = RunLayout(cfg.train.out_dir)
+    for name, place in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, str(place(layout)))
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -49,8 +60,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = train(cfg, resume=args.resume, overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
+    from ddpm.layout import RunLayout
     print(f"trained to step {result.step}: loss {result.loss:.4f}, {result.images_per_sec:,.0f} img/s; "
-          f"checkpoint {result.checkpoint}; samples {Path(cfg.train.out_dir) / 'samples_final.png'}")
+          f"checkpoint {result.checkpoint}; samples {RunLayout(cfg.train.out_dir).samples_final}")
     return 0
 
 
@@ -58,11 +70,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from ddpm.checkpoint import load_model
     from ddpm.config import config_from_dict
     from ddpm.generate import generate, save_array, save_grid
+    from ddpm.layout import SampleFiles
     from ddpm.run_folder import check_writable
     from ddpm.schedule import Schedule
     from ddpm.train import resolve_device
 
     settings = _config(args)
+    _run_paths(args, settings, checkpoint=lambda run: run.checkpoint)
     check_writable(args.out)  # before the model is loaded or an image sampled
     model, cfg, _ = load_model(args.checkpoint, resolve_device(args.device or settings.runtime.device))
     given = {"sampler": dict(name=args.sampler, steps=args.steps, eta=args.eta, guidance_scale=args.guidance),
@@ -74,8 +88,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     full = config_from_dict({**cfg.to_dict(), **{k: ours[k] for k in ("sampler", "runtime", "sample")}})
     sc, sp = full.sample, full.sampler
     images, labels = generate(model, Schedule.from_config(cfg.diffusion), full, sc.num_images, seed=sc.seed)
-    out = Path(args.out)
-    grid, arr = save_grid(images, out / "samples.png"), save_array(images, labels, out / "samples.npz")
+    out = SampleFiles(args.out)
+    grid, arr = save_grid(images, out.grid), save_array(images, labels, out.array)
     print(f"{len(images)} images ({sp.name}, {sp.steps if sp.name == 'ddim' else cfg.diffusion.timesteps} steps, "
           f"seed {sc.seed}) -> {grid} and {arr}")
     return 0
@@ -84,6 +98,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from ddpm.evaluate import evaluate_checkpoint
     cfg = _config(args)
+    _run_paths(args, cfg, checkpoint=lambda run: run.checkpoint, out=lambda run: run.eval.folder)
     metrics = evaluate_checkpoint(args.checkpoint, cfg, out_dir=args.out, onnx_model=args.onnx,
                                   feature_net=args.feature_net)
     for k, v in metrics.items():
@@ -96,6 +111,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from ddpm.export import export_onnx
     from ddpm.export_check import gate_export
     cfg = _config(args)
+    _run_paths(args, cfg, checkpoint=lambda run: run.checkpoint, out=lambda run: run.onnx_model)
     checks: list[tuple[bool, dict]] = []
 
     def gate(model: Path, int8: bool) -> dict:
@@ -161,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="sample images from a checkpoint: a PNG grid and an .npz array")
     _add_settings(p)
-    p.add_argument("--checkpoint", default="runs/default/checkpoint.pt", help="(default: %(default)s)")
+    p.add_argument("--checkpoint", default=None, help="(default: <train.out_dir>/checkpoint.pt)")
     p.add_argument("--out", default="samples", help="output folder (default: %(default)s)")
     p.add_argument("--sampler", choices=["ddpm", "ddim"], help="default: sampler.name")
     p.add_argument("--steps", type=int, help="DDIM steps (default: sampler.steps)")
@@ -175,9 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="score generated samples: FID, precision/recall, IS, memorisation")
     _add_settings(p)
-    p.add_argument("--checkpoint", default="runs/default/checkpoint.pt", help="(default: %(default)s)")
+    p.add_argument("--checkpoint", default=None, help="(default: <train.out_dir>/checkpoint.pt)")
     p.add_argument("--onnx", default=None, help="score the onnxruntime sampler of this ONNX model instead")
-    p.add_argument("--out", default="runs/default/eval", help="output folder (default: %(default)s)")
+    p.add_argument("--out", default=None, help="output folder (default: <train.out_dir>/eval)")
     p.add_argument("--feature-net", default="pinned",
                    help="FID's feature net: pinned (the shipped net, checked against its SHA-256), retrain "
                         "(runs/features/<dataset>.pt, trained here if missing; its FIDs are not comparable with "
@@ -187,8 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export the EMA U-Net to ONNX and gate it: parity, then samples and FID "
                                       "against PyTorch (export.check_*, the FID margins)")
     _add_settings(p)
-    p.add_argument("--checkpoint", default="runs/default/checkpoint.pt", help="(default: %(default)s)")
-    p.add_argument("--out", default="runs/default/model.onnx", help="(default: %(default)s)")
+    p.add_argument("--checkpoint", default=None, help="(default: <train.out_dir>/checkpoint.pt)")
+    p.add_argument("--out", default=None, help="(default: <train.out_dir>/model.onnx)")
     p.add_argument("--feature-net", default="pinned",
                    help="the gate's FID feature net: pinned, retrain or a path, as for evaluate (default: %(default)s)")
     p.set_defaults(func=cmd_export)

@@ -50,6 +50,7 @@ from ddpm.fileio import file_sha256, fsync_dir
 from ddpm.features import (FeatureNet, dataset_hashes, extract, load_feature_net,
                            read_feature_checkpoint, train_feature_net)
 from ddpm.generate import generate, save_grid
+from ddpm.layout import EvalFiles, RunLayout
 from ddpm.metrics import (class_entropy, confident_fraction, feature_stats, frechet_distance, inception_score,
                           manifold_metrics, nearest_neighbours)
 from ddpm.run_folder import owned
@@ -285,7 +286,7 @@ def _generate(checkpoint: str | Path, cfg: Config, onnx_model: str | Path | None
         return images, run_cfg, backend
     from ddpm import onnx_sampler  # lazily: onnxruntime is needed only here
 
-    onnx_path = Path(onnx_model) if onnx_model is not None else Path(checkpoint).with_name("model.onnx")
+    onnx_path = Path(onnx_model) if onnx_model is not None else RunLayout(Path(checkpoint).parent).onnx_model
     # The ONNX file carries its schedule; the checkpoint (if present) tells the dataset.
     run_cfg = _eval_config(_config_of_checkpoint(checkpoint), cfg) if Path(checkpoint).is_file() else cfg
     sp = run_cfg.sampler
@@ -335,12 +336,13 @@ def _evaluate_checkpoint(checkpoint: str | Path, cfg: Config, out: Path, onnx_mo
                               "feature_net": describe(fn_path, run_cfg.data.dataset)}
     # One set: the old metrics.json goes first and the new one comes last, so metrics.json never stands beside
     # grids of another run, whatever moment a signal or a crash strikes.
-    (out / "metrics.json").unlink(missing_ok=True)
+    files = EvalFiles(out)
+    files.metrics.unlink(missing_ok=True)
     fsync_dir(out)
-    save_grid(images[:GRID_IMAGES], out / "samples.png", nrow=8)
+    save_grid(images[:GRID_IMAGES], files.samples, nrow=8)
     closest = np.argsort(dists, kind="stable")[:NEAREST_PAIRS]
     x_train, _ = load_images(run_cfg.data.dataset, run_cfg.data.root, "train")
     pairs = torch.stack([torch.stack([images[i], x_train[idx[i]]]) for i in closest]).flatten(0, 1)
-    save_grid(pairs, out / "nearest.png", nrow=8)  # 4 (sample, nearest training image) pairs per row
-    atomic_write_bytes(out / "metrics.json", (json.dumps(result, indent=2, sort_keys=True) + "\n").encode())
+    save_grid(pairs, files.nearest, nrow=8)  # 4 (sample, nearest training image) pairs per row
+    atomic_write_bytes(files.metrics, (json.dumps(result, indent=2, sort_keys=True) + "\n").encode())
     return result

@@ -22,6 +22,7 @@ import numpy as np
 
 from ddpm import counter_noise, progress
 from ddpm.fileio import atomic_write_bytes
+from ddpm.layout import SampleFiles
 from ddpm.errors import ConfigError, OnnxModelError
 from ddpm.onnx_model import Array, NumpySchedule, OnnxDenoiser, resolve_provider
 from ddpm.config import MAX_SEED
@@ -278,18 +279,18 @@ def main(args: Any) -> int:
         den = OnnxDenoiser(args.model, "cpu")
     images = sample(den, args.num_images, args.sampler, args.steps, args.eta, args.seed, args.batch_size,
                     args.label, args.guidance, noise=args.noise)
-    out = Path(args.out)
+    out = SampleFiles(args.out)
     arrays = {"images": images}
     if den.class_conditional:
         arrays["labels"] = class_labels(args.num_images, args.label, den.num_classes)
     buf = io.BytesIO()
     np.savez(buf, **arrays)
-    atomic_write_bytes(out / "samples.npz", buf.getvalue())
+    atomic_write_bytes(out.array, buf.getvalue())
     png = grid_png(images)
     if png is not None:
-        atomic_write_bytes(out / "samples.png", png)
+        atomic_write_bytes(out.grid, png)
     steps = args.steps if args.sampler == "ddim" else den.schedule.num_timesteps
     print(f"{len(images)} images ({args.sampler}, {steps} steps, seed {args.seed}, {args.noise} noise) on "
           f"{den.provider} -> "
-          f"{out / 'samples.npz'}{' and ' + str(out / 'samples.png') if png is not None else ''}")
+          f"{out.array}{' and ' + str(out.grid) if png is not None else ''}")
     return 0

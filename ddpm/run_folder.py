@@ -8,7 +8,7 @@ A lock file that nobody holds was left by a killed process: it is taken over wit
 
 Replacing a run. A folder with a checkpoint is continued with --resume, whose settings may not change
 the model, the diffusion or the data (`resume_changes`), or started over with --overwrite, which moves
-the previous run's files (RUN_FILES) to the sibling folder `<folder>.replaced-<UTC time>/`
+the previous run's files (RunLayout.training_files) to the sibling folder `<folder>.replaced-<UTC time>/`
 (`set_aside`); other files there (eval/, model.onnx) stay. `RunFiles` writes nothing until the
 first training step has finished, so a run that fails at start-up leaves the folder as it was.
 
@@ -36,14 +36,11 @@ from typing import Any, Iterator, Sequence
 
 from ddpm.errors import RunFolderError, RunFolderLocked
 from ddpm.fileio import atomic_write_bytes, fsync_dir
+from ddpm.layout import RunLayout
 
 log = logging.getLogger(__name__)
 
-LOCK_NAME = ".ddpm.lock"
-CHECKPOINT_NAME = "checkpoint.pt"
-LOSS_LOG_NAME = "loss.csv"
-CONFIG_NAME = "config.yaml"
-RUN_FILES = (CHECKPOINT_NAME, LOSS_LOG_NAME, CONFIG_NAME, "samples_*.png")  # what `ddpm train` writes
+LOCK_NAME = ".ddpm.lock"  # in any folder a command holds, not only run folders
 # Settings a resumed run must share with its checkpoint: they decide what the weights mean.
 FIXED_SECTIONS = ("data", "diffusion", "model")
 FREE_KEYS = frozenset({"data.root"})  # where the dataset's files are, not which files
@@ -192,7 +189,7 @@ def _show(changes: list[tuple[str, Any, Any]]) -> str:
 
 
 def set_aside(folder: Path) -> Path:
-    """Move the run's files (RUN_FILES) to a new sibling `<folder>.replaced-<UTC time>/`; returns it."""
+    """Move the run's files (RunLayout.training_files) to a new sibling `<folder>.replaced-<UTC time>/`; returns it."""
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     for n in range(1, 1000):
         dest = folder.with_name(f"{folder.name}.replaced-{stamp}" + (f"-{n}" if n > 1 else ""))
@@ -201,37 +198,39 @@ def set_aside(folder: Path) -> Path:
             break
         except FileExistsError:
             continue
-    for pattern in RUN_FILES:
-        for path in sorted(folder.glob(pattern)):
-            shutil.move(path, dest / path.name)  # a rename on one file system
+    for path in RunLayout(folder).training_files():
+        shutil.move(path, dest / path.name)  # a rename on one file system
     fsync_dir(folder)
     fsync_dir(dest)
     return dest
 
 
 class RunFiles:
-    """A training run's config.yaml and loss.csv in `folder`, created at the first write (`start`).
+    """A training run's config.yaml and loss.csv (in the run folder of `layout`), created at the first write
+    (`start`).
 
     Until `start` the folder is as it was, so settings that fail at start-up (an allocation, a device)
     cost nothing. `start` moves the previous run aside when asked (set_aside), writes config.yaml,
     and opens loss.csv keeping its rows up to `resume_step`.
     """
 
-    def __init__(self, folder: Path, config_yaml: bytes, fields: Sequence[str], resume_step: int, replace: bool):
-        self.folder, self.config_yaml, self.fields = folder, config_yaml, tuple(fields)
+    def __init__(self, layout: RunLayout, config_yaml: bytes, fields: Sequence[str], resume_step: int,
+                 replace: bool):
+        self.layout, self.config_yaml, self.fields = layout, config_yaml, tuple(fields)
         self.resume_step, self.replace = resume_step, replace
         self.loss_log: LossLog | None = None
 
     def start(self) -> "LossLog":
         if self.loss_log is None:
             if self.replace:
-                log.warning("%s held a run; --overwrite moved its files to %s", self.folder, set_aside(self.folder))
-            for path in (self.folder / CONFIG_NAME, self.folder / LOSS_LOG_NAME):
+                folder = self.layout.out_dir
+                log.warning("%s held a run; --overwrite moved its files to %s", folder, set_aside(folder))
+            for path in (self.layout.config_yaml, self.layout.loss_csv):
                 if path.is_symlink():
                     log.warning("%s was a symbolic link to %s, which is left as it was; a file replaces the link",
                                 path, os.readlink(path))
-            atomic_write_bytes(self.folder / CONFIG_NAME, self.config_yaml)
-            self.loss_log = LossLog(self.folder / LOSS_LOG_NAME, self.fields, self.resume_step)
+            atomic_write_bytes(self.layout.config_yaml, self.config_yaml)
+            self.loss_log = LossLog(self.layout.loss_csv, self.fields, self.resume_step)
         return self.loss_log
 
     def close(self) -> None:

@@ -37,9 +37,10 @@ from ddpm.data import load_images
 from ddpm.distributed import DistInfo, any_rank, gather_states, init_distributed
 from ddpm.errors import ConfigError, RunFolderError, TrainingDivergedError, TrainingInterrupted
 from ddpm.generate import generate, save_grid
+from ddpm.layout import RunLayout
 from ddpm.layers import use_hashed_dropout, use_padded_image_convs, use_per_channel_group_norm
 from ddpm.resources import check_training_fits
-from ddpm.run_folder import CHECKPOINT_NAME, LOSS_LOG_NAME, RunFiles, owned, resume_changes  # noqa: F401 (re-exported)
+from ddpm.run_folder import RunFiles, owned, resume_changes
 from ddpm.schedule import Schedule
 from ddpm.train_step import TrainData, TrainState, TrainStep, make_train_step
 from ddpm.unet import build_unet
@@ -148,12 +149,11 @@ def train(cfg: Config, resume: bool = False, on_log: Callable[[int, dict[str, fl
     rank = init_distributed(cfg.runtime.device)
     device = resolve_device(cfg.runtime.device, rank.local_rank)
     check_training_fits(cfg, device)  # before the folder is taken or anything is allocated
-    out_dir = Path(cfg.train.out_dir)
-    with owned(out_dir, "ddpm train") if rank.is_main else contextlib.nullcontext():
-        ckpt = _checkpoint_to_resume(cfg, out_dir / CHECKPOINT_NAME, resume, overwrite)
-        # config.yaml: the resolved settings beside the run, readable without loading the checkpoint
-        files = RunFiles(out_dir, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode(), LOSS_FIELDS,
-                         int(ckpt["step"]) if ckpt else 0, replace=overwrite and (out_dir / CHECKPOINT_NAME).exists())
+    layout = RunLayout(cfg.train.out_dir)
+    with owned(layout.out_dir, "ddpm train") if rank.is_main else contextlib.nullcontext():
+        ckpt = _checkpoint_to_resume(cfg, layout.checkpoint, resume, overwrite)
+        files = RunFiles(layout, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode(), LOSS_FIELDS,
+                         int(ckpt["step"]) if ckpt else 0, replace=overwrite and layout.checkpoint.exists())
         step = _start(cfg, rank, device, ckpt)
         return _Run(cfg, rank, step, files, TrainHooks(on_log, on_sample, on_checkpoint, on_step)).run()
 
@@ -219,7 +219,7 @@ def _restore(state: TrainState, ckpt: dict[str, Any], cfg: Config, rank: DistInf
     else:
         torch.manual_seed(seed + rank.rank + 7919 * state.step)
         state.gen.manual_seed(seed + 1_000_003 * rank.rank + 7919 * state.step)
-    log.info("resumed from %s at step %d (written by %d rank(s), now %d)", Path(cfg.train.out_dir) / CHECKPOINT_NAME,
+    log.info("resumed from %s at step %d (written by %d rank(s), now %d)", RunLayout(cfg.train.out_dir).checkpoint,
              state.step, rng.get("world_size", 1), rank.world_size)
 
 
@@ -246,8 +246,8 @@ class _Run:
     def __init__(self, cfg: Config, rank: DistInfo, step: TrainStep, files: RunFiles, hooks: TrainHooks):
         self.cfg, self.rank, self.step, self.files, self.hooks = cfg, rank, step, files, hooks
         self.state = step.state
-        self.out_dir = Path(cfg.train.out_dir)
-        self.ckpt_path = self.out_dir / CHECKPOINT_NAME
+        self.layout = files.layout
+        self.ckpt_path = self.layout.checkpoint
         self.loss_sum = torch.zeros((), device=step.device)
         self.progress = _progress(cfg.train.steps, self.state.step, enabled=rank.is_main)
         self.last_loss, self.ips, self.t0, self.since = float("nan"), 0.0, time.perf_counter(), self.state.step
@@ -335,7 +335,7 @@ class _Run:
             return
         step = self.state.step
         self.files.start()
-        grid = save_sample_grid(self.state.ema, self.step.schedule, self.cfg, self.out_dir / f"samples_{step:07d}.png")
+        grid = save_sample_grid(self.state.ema, self.step.schedule, self.cfg, self.layout.preview(step))
         self.hooks.on_sample(step, grid)
 
     def _finish(self) -> TrainResult:
@@ -344,7 +344,7 @@ class _Run:
         if self.rank.is_main:
             self.files.start()  # a resume at its last step has written nothing yet
             self.files.close()
-            grid = save_sample_grid(self.state.ema, self.step.schedule, self.cfg, self.out_dir / "samples_final.png")
+            grid = save_sample_grid(self.state.ema, self.step.schedule, self.cfg, self.layout.samples_final)
             if self.hooks.on_sample is not None:
                 self.hooks.on_sample(self.state.step, grid)
         return TrainResult(checkpoint=self.ckpt_path, step=self.state.step, loss=self.last_loss,

@@ -49,7 +49,7 @@ def ddpm_pipeline(profile: str | None = None, overrides: list[str] | None = None
     result = {
         "tracking_uri": tracker.uri, "experiment_id": tracker.experiment_id, "run_id": parent.run_id,
         "checkpoint": trained["checkpoint"], "step": trained["step"], "samples": trained["samples"],
-        "trajectory": trained["trajectory"], "metrics": metrics, "eval_samples": str(s.eval_dir / "samples.png"),
+        "trajectory": trained["trajectory"], "metrics": metrics, "eval_samples": str(s.layout.eval.samples),
         **{k: exported[k] for k in (
             "onnx_model", "onnx_samples", "model_uri", "registered_model", "version", "alias", "champion_alias",
             "promoted")},

@@ -41,8 +41,8 @@ def write_resolved(settings: Settings) -> str:
     text = ("# Written by `python -m flows.resolved_params` (dvc.yaml's settings stage): params.yaml with the "
             "active profile\n# applied. Edit params.yaml, not this file.\n"
             + yaml.safe_dump(resolved(settings), sort_keys=False, default_flow_style=False))
-    atomic_write_bytes(settings.resolved_params, text.encode())
-    return str(settings.resolved_params)
+    atomic_write_bytes(settings.layout.resolved_params, text.encode())
+    return str(settings.layout.resolved_params)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,6 +27,7 @@ import yaml
 from ddpm.fileio import file_sha256  # noqa: F401  (used by flows.tasks too)
 from ddpm.config import Config, load_config
 from ddpm.errors import ConfigError
+from ddpm.layout import RunLayout
 from ddpm.threads import apply_thread_defaults, cpu_threads
 from ddpm.feature_pins import resolve_feature_net
 
@@ -83,60 +84,13 @@ class Settings:
         return self.params_path.parent
 
     @property
-    def out_dir(self) -> Path:
-        return Path(self.cfg.train.out_dir)
-
-    @property
-    def checkpoint(self) -> Path:
-        return self.out_dir / "checkpoint.pt"
-
-    @property
-    def loss_csv(self) -> Path:
-        return self.out_dir / "loss.csv"
-
-    @property
-    def samples(self) -> Path:
-        return self.out_dir / "samples_final.png"
-
-    @property
-    def trajectory(self) -> Path:
-        return self.out_dir / "trajectory.png"
-
-    @property
-    def resolved_params(self) -> Path:
-        return self.out_dir / "resolved_params.yaml"
-
-    @property
-    def dataset_manifest(self) -> Path:
-        return self.out_dir / "dataset.json"
-
-    @property
-    def eval_dir(self) -> Path:
-        return self.out_dir / "eval"
-
-    @property
-    def onnx_model(self) -> Path:
-        return self.out_dir / "model.onnx"
-
-    @property
-    def export_report(self) -> Path:
-        return self.out_dir / "export.json"
-
-    @property
-    def export_int8_report(self) -> Path:
-        return self.out_dir / "export_int8.json"
-
-    @property
-    def onnx_samples(self) -> Path:
-        return self.out_dir / "samples_onnx" / "samples.png"
+    def layout(self) -> RunLayout:
+        """Every path of the run, in train.out_dir (absolute)."""
+        return RunLayout(self.cfg.train.out_dir)
 
     @property
     def feature_net(self) -> Path:
         return Path(self.cfg.pipeline.feature_net)
-
-    @property
-    def feature_net_record(self) -> Path:
-        return self.out_dir / "feature_net.json"
 
     def params(self) -> dict[str, str]:
         """Every setting as `section.key` -> string, as configured (relative paths stay relative)."""
@@ -286,18 +240,19 @@ def dvc_dataset_version(project: Path, data_root: str | Path) -> str:
     return "untracked"
 
 
-# --- freshness of a stage's outputs, for reruns that resume -------------------------------------
+# --- freshness of a stage's outputs on the Prefect path (dvc repro has dvc.lock: flows/README.md) -----
 
 class Stamp:
-    """A record, beside a stage's outputs, of the inputs they were made from and of their hashes.
+    """A record, beside a stage's outputs (RunLayout.stamp), of the inputs they were made from and of their hashes.
 
     `fresh()` is true only when the inputs key is unchanged and every output (those asked for and those
     recorded) still has the recorded hash, so a rerun of the pipeline skips a finished stage and redoes
-    one whose outputs changed. DVC keeps its own record (dvc.lock); a stage run by DVC ignores stamps (force).
+    one whose outputs changed. The train stage's record is its checkpoint (CheckpointStamp). A stage run
+    by DVC ignores stamps (force).
     """
 
     def __init__(self, out_dir: Path, stage: str, inputs: dict[str, Any]):
-        self.path = out_dir / ".stamps" / f"{stage}.json"
+        self.path = RunLayout(out_dir).stamp(stage)
         self.key = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
 
     def fresh(self, outputs: Sequence[Path]) -> bool:
@@ -318,3 +273,61 @@ class Stamp:
 
     def clear(self) -> None:
         self.path.unlink(missing_ok=True)
+
+
+# Settings a run may change and still resume from a checkpoint: they do not change what is learned.
+RESUMABLE_TRAIN_KEYS = {"steps", "log_every", "sample_every", "checkpoint_every", "out_dir", "compile", "nproc"}
+LEARNING_RUNTIME_KEYS = {"bf16"}  # runtime settings that change what is learned (runtime.device does not)
+
+
+class CheckpointMismatch(RuntimeError):
+    """A checkpoint in train.out_dir was trained with other settings; it is kept, not resumed."""
+
+
+def checkpoint_differences(saved: dict[str, Any], wanted: dict[str, Any], step: int, steps: int) -> list[str]:
+    """Settings that make a saved checkpoint unusable for resuming the wanted run.
+
+    Stricter than `ddpm train --resume` (ddpm.run_folder.resume_changes), which also lets train.lr and
+    the other train settings change: a pipeline run is defined by its settings, so it resumes only its own.
+    """
+    from ddpm.run_folder import setting_changes
+
+    diffs = []
+    for key, old, new in setting_changes(saved, wanted):
+        section, name = key.split(".", 1)
+        if section in ("diffusion", "model") or key == "data.dataset" or (
+                section == "train" and name not in RESUMABLE_TRAIN_KEYS) or (
+                section == "runtime" and name in LEARNING_RUNTIME_KEYS):
+            diffs.append(f"{key}: {old!r} -> {new!r}")
+    if step > steps:
+        diffs.append(f"the checkpoint is at step {step}, past train.steps={steps}")
+    return diffs
+
+
+class CheckpointStamp:
+    """The train stage's record: its checkpoint, which ddpm.train writes with the settings and the step at every
+    checkpoint, so that it describes a run stopped halfway too (a Stamp is written only when a stage ends).
+
+    `check()` refuses a checkpoint of other settings (checkpoint_differences); `fresh()` is true when the
+    checkpoint is at train.steps and every output exists: the stage is skipped. Otherwise it resumes.
+    """
+
+    def __init__(self, layout: RunLayout, wanted: Config):
+        self.path, self.steps = layout.checkpoint, wanted.train.steps
+        self.step: int | None = None
+        self.differences: list[str] = []
+        if self.path.is_file():
+            from ddpm.checkpoint import load_checkpoint
+
+            ckpt = load_checkpoint(self.path)
+            self.step = int(ckpt["step"])
+            self.differences = checkpoint_differences(ckpt["config"], wanted.to_dict(), self.step, self.steps)
+
+    def check(self) -> None:
+        if self.differences:
+            raise CheckpointMismatch(
+                f"{self.path} was trained with other settings ({'; '.join(self.differences)}); it was kept. Set "
+                f"train.out_dir to a new folder, or rerun with force (--force) to train from scratch over it.")
+
+    def fresh(self, outputs: Sequence[Path]) -> bool:
+        return self.step == self.steps and not self.differences and all(Path(p).is_file() for p in outputs)

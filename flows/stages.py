@@ -27,7 +27,8 @@ from prefect import flow
 
 from flows import artifacts, export_tasks, tasks
 from flows.observe import StageProgress, bridge_library_logs, log_failure
-from flows.runtime import Settings, ServiceUnavailable, check_prefect_api, check_tracking_uri, load_settings
+from flows.runtime import (CheckpointMismatch, Settings, ServiceUnavailable, check_prefect_api, check_tracking_uri,
+                           load_settings)
 from flows.tracking import Tracker, sigterm_count, tracking_uri_for
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ def data_flow(params_path: str = "params.yaml", profile: str | None = None, over
     s, tracker = _open(params_path, profile, overrides)
     with tracker.stage("data", parent_run_id) as run:
         tasks.fetch_data(s.cfg.data.dataset, s.cfg.data.root)
-        manifest = tasks.describe_dataset(s.cfg.data.dataset, s.cfg.data.root, str(s.dataset_manifest),
+        manifest = tasks.describe_dataset(s.cfg.data.dataset, s.cfg.data.root, str(s.layout.dataset_manifest),
                                           str(s.project))
         tasks.log_data(run, manifest)
     return manifest
@@ -67,7 +68,7 @@ def features_flow(params_path: str = "params.yaml", profile: str | None = None, 
     s, tracker = _open(params_path, profile, overrides)
     with tracker.stage("features", parent_run_id) as run:
         info = _feature_net(s, force)
-        tasks.record_feature_net(info, str(s.feature_net_record), str(s.project))
+        tasks.record_feature_net(info, str(s.layout.feature_net_record), str(s.project))
         tasks.log_feature_net(run, info)
     return info["path"]
 
@@ -77,18 +78,19 @@ def train_flow(params_path: str = "params.yaml", profile: str | None = None, ove
                parent_run_id: str | None = None, force: bool = False) -> dict[str, Any]:
     """Train (resuming from a compatible checkpoint), render the trajectory, log; returns the checkpoint and step."""
     s, tracker = _open(params_path, profile, overrides)
+    run_files = s.layout
+    samples, trajectory = str(run_files.samples_final), str(run_files.trajectory)
     with tracker.stage("train", parent_run_id) as run, StageProgress("train") as progress:
         result = tasks.train_model(s.cfg, run, force)
         progress("rendering the denoising trajectory")
-        tasks.render_trajectory(result["checkpoint"], s.cfg, str(s.trajectory), s.cfg.pipeline.trajectory_images)
+        tasks.render_trajectory(result["checkpoint"], s.cfg, trajectory, s.cfg.pipeline.trajectory_images)
         progress("logging to MLflow")
-        tasks.log_training(run, result, str(s.loss_csv), str(s.samples), str(s.trajectory),
-                           s.cfg.pipeline.log_checkpoint)
+        tasks.log_training(run, result, str(run_files.loss_csv), samples, trajectory, s.cfg.pipeline.log_checkpoint)
         artifacts.publish("train", f"ddpm-train: step {result['step']}", artifacts.train_summary(
-            result, progress.seconds), tasks.last_loss_row(s.loss_csv),
-            {"samples": str(s.samples), "trajectory": str(s.trajectory)})
+            result, progress.seconds), tasks.last_loss_row(run_files.loss_csv),
+            {"samples": samples, "trajectory": trajectory})
     return {"checkpoint": result["checkpoint"], "step": result["step"], "loss": result["loss"],
-            "images_per_sec": result["images_per_sec"], "samples": str(s.samples), "trajectory": str(s.trajectory),
+            "images_per_sec": result["images_per_sec"], "samples": samples, "trajectory": trajectory,
             "run_id": run.run_id}
 
 
@@ -103,17 +105,18 @@ def evaluate_flow(params_path: str = "params.yaml", profile: str | None = None, 
                   parent_run_id: str | None = None, force: bool = False) -> dict[str, float]:
     """Make sure the feature net is current, then evaluate the checkpoint; returns the metrics."""
     s, tracker = _open(params_path, profile, overrides)
+    checkpoint, evaluation = str(s.layout.checkpoint), s.layout.eval
     with tracker.stage("evaluate", parent_run_id) as run, StageProgress("evaluate") as progress:
         progress("checking the feature net")
         info = _feature_net(s, force=False)  # a forced evaluation need not retrain the feature net
         tasks.log_feature_net(run, info)
-        result = tasks.evaluate_model(str(s.checkpoint), s.cfg, str(s.eval_dir), info["path"], force)
+        result = tasks.evaluate_model(checkpoint, s.cfg, str(evaluation.folder), info["path"], force)
         progress("logging to MLflow")
-        metrics = tasks.log_evaluation(run, result, str(s.eval_dir), _step(str(s.checkpoint)))
+        metrics = tasks.log_evaluation(run, result, str(evaluation.folder), _step(checkpoint))
         fid = result["metrics"].get("fid", float("nan"))
         artifacts.publish("evaluate", f"ddpm-evaluate: FID {fid:.1f}", artifacts.evaluate_summary(
             result["metrics"], result["skipped"], progress.seconds), metrics,
-            {"samples": str(s.eval_dir / "samples.png"), "nearest": str(s.eval_dir / "nearest.png")})
+            {"samples": str(evaluation.samples), "nearest": str(evaluation.nearest)})
     return metrics
 
 
@@ -123,24 +126,26 @@ def export_flow(params_path: str = "params.yaml", profile: str | None = None, ov
     """Export to ONNX, check it against PyTorch, sample with onnxruntime, log and register; returns paths and the
     registered version. A rejected export fails the stage and is not registered."""
     s, tracker = _open(params_path, profile, overrides)
+    run_files, checkpoint = s.layout, str(s.layout.checkpoint)
     with tracker.stage("export", parent_run_id) as run, StageProgress("export") as progress:
         info = _feature_net(s, force=False)
         progress("exporting to ONNX")
-        onnx_path = export_tasks.export_model(str(s.checkpoint), s.cfg, str(s.onnx_model), force)
+        onnx_path = export_tasks.export_model(checkpoint, s.cfg, str(run_files.onnx_model), force)
         progress("checking onnxruntime against PyTorch")
-        export_tasks.check_model(onnx_path, str(s.checkpoint), s.cfg, info["path"], str(s.export_report), force)
+        export_tasks.check_model(onnx_path, checkpoint, s.cfg, info["path"], str(run_files.export_report), force)
         int8 = None
-        if s.cfg.export.int8 and export_tasks.int8_twin_written(onnx_path, str(s.export_int8_report)):
+        if s.cfg.export.int8 and export_tasks.int8_twin_written(onnx_path, str(run_files.export_int8_report)):
             from ddpm.quantize import int8_path
-            int8 = (str(int8_path(onnx_path)), str(s.export_int8_report))
-            export_tasks.check_model(int8[0], str(s.checkpoint), s.cfg, info["path"], int8[1], force, int8=True)
-        samples = export_tasks.sample_onnx(onnx_path, s.cfg, str(s.onnx_samples))
+            int8 = (str(int8_path(onnx_path)), str(run_files.export_int8_report))
+            export_tasks.check_model(int8[0], checkpoint, s.cfg, info["path"], int8[1], force, int8=True)
+        samples = export_tasks.sample_onnx(onnx_path, s.cfg, str(run_files.onnx_samples.grid))
         progress("logging to MLflow and the registry")
-        quality = json.loads((s.eval_dir / "metrics.json").read_text()) if (s.eval_dir / "metrics.json").is_file() \
+        metrics_json = run_files.eval.metrics
+        quality = json.loads(metrics_json.read_text()) if metrics_json.is_file() \
             else None  # a model exported before any evaluation is registered as a challenger, never champion
         pc = s.cfg.pipeline
-        registered = export_tasks.log_export(run, onnx_path, str(s.export_report), samples, pc.registered_model,
-                                             pc.model_alias, _step(str(s.checkpoint)), int8, quality,
+        registered = export_tasks.log_export(run, onnx_path, str(run_files.export_report), samples, pc.registered_model,
+                                             pc.model_alias, _step(checkpoint), int8, quality,
                                              pc.champion_alias, pc.promotion_margin)
         export_tasks.log_web_page(run, onnx_path)
         if registered["promotion_table"]:
@@ -149,11 +154,11 @@ def export_flow(params_path: str = "params.yaml", profile: str | None = None, ov
             create_markdown_artifact(markdown=registered["promotion_table"], key="promotion",
                                      description=f"{pc.registered_model} version {registered['version']}: "
                                                  f"{pc.champion_alias} {'moved' if registered['promoted'] else 'kept'}")
-        report = json.loads(s.export_report.read_text())
+        report = json.loads(run_files.export_report.read_text())
         artifacts.publish("export", f"ddpm-export: version {registered['version']}", artifacts.export_summary(
-            report, registered, progress.seconds), artifacts.read_numbers(s.export_report),
+            report, registered, progress.seconds), artifacts.read_numbers(run_files.export_report),
             {"samples": samples})
-    return {"onnx_model": onnx_path, "onnx_samples": samples, "report": str(s.export_report), **registered,
+    return {"onnx_model": onnx_path, "onnx_samples": samples, "report": str(run_files.export_report), **registered,
             "run_id": run.run_id}
 
 
@@ -230,7 +235,7 @@ def run_cli(main: Any, argv: list[str] | None, prog: str) -> int:
         return main(argv)
     except Exception as exc:
         signalled = sigterm_count() != noted  # then exc may be what became of Prefect's exception
-        message = str(exc) if isinstance(exc, (DDPMError, ServiceUnavailable, tasks.CheckpointMismatch)) else (
+        message = str(exc) if isinstance(exc, (DDPMError, ServiceUnavailable, CheckpointMismatch)) else (
             None if signalled else user_error(exc))  # user_error: as the `ddpm` command reports it
         if message is not None:
             print(f"{prog}: error: {message}", file=sys.stderr)

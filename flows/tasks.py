@@ -7,7 +7,8 @@ The export stage's tasks are in flows.export_tasks.
 Every ddpm import happens inside a task, so importing the flows does not import torch.
 
 No Prefect result caching (NO_CACHE): whether a stage's outputs are current is decided from the
-files themselves (flows.runtime.Stamp, the checkpoint's own config), which Prefect cannot see.
+files themselves (flows.runtime.Stamp and CheckpointStamp: flows/README.md, "Freshness"), which
+Prefect cannot see. Paths come from the run's ddpm.layout.RunLayout.
 """
 
 from __future__ import annotations
@@ -23,19 +24,11 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from flows.runtime import Stamp, dvc_dataset_version, file_sha256
+from ddpm.layout import EvalFiles, RunLayout
+from flows.runtime import CheckpointStamp, Stamp, dvc_dataset_version, file_sha256
 from flows.tracking import LiveMetrics, RunRef, backfill_loss_csv, write_json
 
 log = logging.getLogger(__name__)
-
-# Settings a run may change and still resume from a checkpoint: they do not change what is learned.
-RESUMABLE_TRAIN_KEYS = {"steps", "log_every", "sample_every", "checkpoint_every", "out_dir", "compile", "nproc"}
-LEARNING_RUNTIME_KEYS = {"bf16"}  # runtime settings that change what is learned (runtime.device does not)
-
-
-class CheckpointMismatch(RuntimeError):
-    """A checkpoint in train.out_dir was trained with other settings; it is kept, not resumed."""
-
 
 # --- data -----------------------------------------------------------------------------------------
 
@@ -159,26 +152,6 @@ def log_feature_net(run: RunRef, info: dict[str, Any]) -> None:
 
 # --- training -----------------------------------------------------------------------------------
 
-def _checkpoint_differences(saved: dict[str, Any], wanted: dict[str, Any], step: int, steps: int) -> list[str]:
-    """Settings that make a saved checkpoint unusable for resuming the wanted run.
-
-    Stricter than `ddpm train --resume` (ddpm.run_folder.resume_changes), which also lets train.lr and
-    the other train settings change: a pipeline run is defined by its settings, so it resumes only its own.
-    """
-    from ddpm.run_folder import setting_changes
-
-    diffs = []
-    for key, old, new in setting_changes(saved, wanted):
-        section, name = key.split(".", 1)
-        if section in ("diffusion", "model") or key == "data.dataset" or (
-                section == "train" and name not in RESUMABLE_TRAIN_KEYS) or (
-                section == "runtime" and name in LEARNING_RUNTIME_KEYS):
-            diffs.append(f"{key}: {old!r} -> {new!r}")
-    if step > steps:
-        diffs.append(f"the checkpoint is at step {step}, past train.steps={steps}")
-    return diffs
-
-
 def last_loss_row(loss_csv: Path) -> dict[str, float]:
     import csv
 
@@ -196,25 +169,18 @@ def train_model(cfg: Any, run: RunRef | None = None, force: bool = False) -> dic
     `<train.out_dir>.replaced-<UTC time>/`, ddpm.run_folder).
     """
     from ddpm import progress
-    from ddpm.checkpoint import load_checkpoint
     from ddpm.errors import TrainingInterrupted
-    from ddpm.train import CHECKPOINT_NAME, LOSS_LOG_NAME, train
+    from ddpm.train import train
 
-    out = Path(cfg.train.out_dir)
-    ckpt_path, loss_csv, samples = out / CHECKPOINT_NAME, out / LOSS_LOG_NAME, out / "samples_final.png"
+    run_files = RunLayout(cfg.train.out_dir)
     resume = not force
-    if resume and ckpt_path.is_file():
-        ckpt = load_checkpoint(ckpt_path)
-        step = int(ckpt["step"])
-        diffs = _checkpoint_differences(ckpt["config"], cfg.to_dict(), step, cfg.train.steps)
-        if diffs:
-            raise CheckpointMismatch(
-                f"{ckpt_path} was trained with other settings ({'; '.join(diffs)}); it was kept. Set train.out_dir "
-                f"to a new folder, or rerun with force (--force) to train from scratch over it.")
-        if step == cfg.train.steps and loss_csv.is_file() and samples.is_file():
-            last = last_loss_row(loss_csv)
-            log.info("%s is already at step %d; training skipped", ckpt_path, step)
-            return {"checkpoint": str(ckpt_path), "step": step, "loss": last.get("loss", float("nan")),
+    if resume:
+        stamp = CheckpointStamp(run_files, cfg)
+        stamp.check()
+        if stamp.fresh([run_files.checkpoint, run_files.loss_csv, run_files.samples_final]):
+            last = last_loss_row(run_files.loss_csv)
+            log.info("%s is already at step %d; training skipped", run_files.checkpoint, stamp.step)
+            return {"checkpoint": str(run_files.checkpoint), "step": stamp.step, "loss": last.get("loss", float("nan")),
                     "images_per_sec": last.get("images_per_sec", 0.0), "sent_steps": [], "skipped": True}
     if cfg.train.nproc > 1:
         return _train_distributed(cfg, resume)
@@ -245,9 +211,10 @@ def _train_distributed(cfg: Any, resume: bool) -> dict[str, Any]:
 
     from ddpm.checkpoint import load_checkpoint
 
-    out = Path(cfg.train.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", dir=out, prefix=".params-", delete=False) as f:
+    run_files = RunLayout(cfg.train.out_dir)
+    run_files.out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", dir=run_files.out_dir, prefix=".params-",
+                                     delete=False) as f:
         yaml.safe_dump(cfg.to_dict(), f)  # the resolved settings: no profile left to apply
     try:
         cmd = [sys.executable, "-m", "ddpm.cli", "train", "--params", f.name, "--resume" if resume else "--overwrite"]
@@ -255,8 +222,8 @@ def _train_distributed(cfg: Any, resume: bool) -> dict[str, Any]:
             raise RuntimeError(f"`{' '.join(cmd)}` exited with status {code}")
     finally:
         Path(f.name).unlink(missing_ok=True)
-    ckpt = out / "checkpoint.pt"
-    last = last_loss_row(out / "loss.csv")
+    ckpt = run_files.checkpoint
+    last = last_loss_row(run_files.loss_csv)
     return {"checkpoint": str(ckpt), "step": int(load_checkpoint(ckpt)["step"]), "loss": last.get("loss", float("nan")),
             "images_per_sec": last.get("images_per_sec", 0.0), "sent_steps": [], "skipped": False}
 
@@ -316,7 +283,7 @@ def flat_numbers(d: dict[str, Any], prefix: str = "") -> dict[str, float]:
 def evaluate_model(checkpoint: str, cfg: Any, out_dir: str, feature_net: str, force: bool = False) -> dict[str, Any]:
     """ddpm.evaluate.evaluate_checkpoint unless metrics.json is current for this checkpoint and settings."""
     out = Path(out_dir)
-    metrics_json = out / "metrics.json"
+    metrics_json = EvalFiles(out).metrics
     stamp = Stamp(out.parent, "evaluate", {
         "checkpoint": file_sha256(checkpoint), "feature_net": file_sha256(feature_net),
         **{k: cfg.to_dict()[k] for k in ("evaluate", "sampler", "runtime")}, "sample.compile": cfg.sample.compile})

@@ -50,7 +50,6 @@ log = logging.getLogger(__name__)
 MAX_TAG_CHARS = 5000
 METRICS_PER_BATCH = 1000  # MLflow's limit per log_batch request
 PARAMS_PER_BATCH = 100
-UNENDED_RUNS = ".mlflow-unended.json"
 
 
 class TrackingUnavailable(ServiceUnavailable):
@@ -286,7 +285,7 @@ class Tracker:
             self._leave_unended(ref, status, message)
 
     def _leave_unended(self, ref: RunRef, status: str, message: str) -> None:
-        path = self.settings.out_dir / UNENDED_RUNS
+        path = self.settings.layout.unended_runs
         runs = json.loads(path.read_text()) if path.is_file() else []
         runs.append({"uri": ref.uri, "run_id": ref.run_id, "status": status, "error": message})
         write_json(path, runs)
@@ -294,7 +293,7 @@ class Tracker:
 
     def _end_unended(self) -> None:
         """End the runs that an earlier run could not end (its tracking server was down)."""
-        path = self.settings.out_dir / UNENDED_RUNS
+        path = self.settings.layout.unended_runs
         if not path.is_file():
             return
         left = []
@@ -329,8 +328,8 @@ class Tracker:
             reason = (str(innermost).splitlines() or [type(innermost).__name__])[0][:200]
             raise TrackingUnavailable(
                 f"the MLflow tracking server at {self.uri} stopped answering ({reason}). What finished is on disk "
-                f"in {self.settings.out_dir}. Start the server again on the same backend store and rerun: finished "
-                f"stages are skipped and their records sent then.") from exc
+                f"in {self.settings.layout.out_dir}. Start the server again on the same backend store and rerun: "
+                f"finished stages are skipped and their records sent then.") from exc
 
     @contextlib.contextmanager
     def _reaching_about(self, ref: RunRef) -> Iterator[None]:

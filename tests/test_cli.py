@@ -62,3 +62,12 @@ def test_make_pipeline_picks_the_gpu_profile_only_where_torch_sees_a_cuda_device
     profile, said = pick_profile("auto")
     assert profile is None and "no CUDA device" in said
     assert load_config("params.yaml", profile).runtime.device == "cpu"
+
+
+@pytest.mark.parametrize("command", ["sample", "evaluate", "export"])
+def test_default_paths_follow_train_out_dir(command, tmp_path):
+    run = tmp_path / "elsewhere"
+    result = _ddpm(command, f"train.out_dir={run}", *(["--out", str(tmp_path / "s")] if command == "sample" else []))
+    assert result.returncode == 2
+    assert f"checkpoint {run / 'checkpoint.pt'} does not exist" in result.stderr, result.stderr
+    assert not (tmp_path / "s").exists() and not (run / "model.onnx").exists()

@@ -530,10 +530,10 @@ def test_checkpoint_from_other_settings_is_not_resumed():
              "train": {"lr": 0.001, "steps": 100, "out_dir": "a"}}
     wanted = {"data": {"dataset": "mnist"}, "diffusion": {"timesteps": 50}, "model": {"base_channels": 16},
               "train": {"lr": 0.001, "steps": 200, "out_dir": "b"}}
-    assert tasks._checkpoint_differences(saved, wanted, 100, 200) == ["model.base_channels: 8 -> 16"]
+    assert runtime.checkpoint_differences(saved, wanted, 100, 200) == ["model.base_channels: 8 -> 16"]
     wanted["model"]["base_channels"] = 8
-    assert tasks._checkpoint_differences(saved, wanted, 100, 200) == []
-    assert tasks._checkpoint_differences(saved, wanted, 300, 200) == [
+    assert runtime.checkpoint_differences(saved, wanted, 100, 200) == []
+    assert runtime.checkpoint_differences(saved, wanted, 300, 200) == [
         "the checkpoint is at step 300, past train.steps=200"]
 
 
