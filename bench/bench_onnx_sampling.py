@@ -44,6 +44,7 @@ import onnxruntime as ort
 from torch import nn
 
 from bench.models import randomize_zero_layers
+from bench.smoke import SMOKE_OVERRIDES  # --smoke: a CPU runs every CPU case in seconds
 from ddpm.checkpoint import load_model, save_checkpoint
 from ddpm.config import ExportConfig, SamplerConfig, config_from_dict, image_shape
 from ddpm.export import export_onnx, fp16_path
@@ -55,10 +56,6 @@ from ddpm.samplers import ddim_sample_loop, p_sample_loop
 from ddpm.schedule import Schedule
 
 DDIM_STEPS = 50
-# --smoke: a small two-level U-Net and a short schedule, so that a CPU runs every CPU case in seconds
-SMOKE_OVERRIDES = ("model.base_channels=8", "model.channel_mult=[1,2]", "model.num_res_blocks=1",
-                   "model.attention_levels=[1]", "model.num_heads=2", "model.norm_groups=4", "diffusion.timesteps=20",
-                   "sampler.steps=5")
 
 
 class _Stop(Exception):

@@ -2,6 +2,10 @@
 
     PYTHONPATH=. python bench/groupnorm_conditioning.py --checkpoint runs/q8/ema.pt [--images 64]
         [--timesteps 0,10,100,500,999] [--out bench/results/groupnorm_conditioning.json]
+    PYTHONPATH=. python bench/groupnorm_conditioning.py --smoke [--data-root DIR] [--out FILE]   # seconds
+
+With --smoke a small model (bench.smoke) is trained for a few steps in a temporary folder and 8 test
+images are noised to timesteps 0, 10 and 19 of its 20.
 
 Compiled, ddpm.layers.GroupNorm takes a group's statistics from sums of values and of squares in
 float32 (E[x^2] - E[x]^2), which loses digits where a group's mean is large against its spread. This
@@ -16,25 +20,40 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from bench.harness import environment
+from bench.smoke import SMOKE_TIMESTEPS, tiny_checkpoint
 from ddpm.checkpoint import load_model
 from ddpm.data import load_images, to_model_range
 from ddpm.schedule import Schedule, q_sample
 from ddpm.layers import GroupNorm, per_channel_group_norm
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--images", type=int, default=64)
-    p.add_argument("--timesteps", default="0,10,100,500,999")
+    p.add_argument("--checkpoint", default=None, help="(required; --smoke trains its own)")
+    p.add_argument("--images", type=int, default=None, help="(default: 64; with --smoke: 8)")
+    p.add_argument("--timesteps", default=None, help="(default: 0,10,100,500,999; with --smoke: 0,10,19)")
     p.add_argument("--data-root", default="data")
     p.add_argument("--out", default=None)
-    args = p.parse_args()
+    p.add_argument("--smoke", action="store_true", help="a small model trained here for a few steps, in seconds")
+    args = p.parse_args(argv)
+    if args.smoke == (args.checkpoint is not None):
+        p.error("give --checkpoint, or --smoke (which trains a small model)")
+    args.images = args.images or (8 if args.smoke else 64)
+    args.timesteps = args.timesteps or (f"0,10,{SMOKE_TIMESTEPS - 1}" if args.smoke else "0,10,100,500,999")
+    if args.smoke:
+        args.checkpoint = str(tiny_checkpoint(Path(tempfile.mkdtemp(prefix="gn-smoke-")) / "run", args.data_root))
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     model, cfg, ckpt = load_model(args.checkpoint)
     schedule = Schedule.from_config(cfg.diffusion)
     images, _ = load_images(cfg.data.dataset, args.data_root, "test")

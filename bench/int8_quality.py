@@ -2,6 +2,10 @@
 
     python bench/int8_quality.py --checkpoint runs/q8/ema.pt --out bench/results/int8_quality.json \
         [--n 500] [--variants shipped all-convs all-ops]
+    python bench/int8_quality.py --smoke --out /tmp/int8_smoke.json [--data-root DIR]   # seconds, CPU
+
+With --smoke a small model (bench.smoke) is trained for a few steps in a temporary folder and 32
+images are sampled by 5-step DDIM, scored with the pinned feature net.
 
 Exports the checkpoint's EMA U-Net to float32 ONNX, quantizes it per variant with the calibration
 of `ddpm export` (export.int8_calibration_images/steps), then samples n images by DDIM-50 from the
@@ -36,6 +40,7 @@ import onnxruntime as ort
 import torch
 
 from bench import harness as H
+from bench.smoke import SMOKE_DDIM_STEPS, SMOKE_OVERRIDES, tiny_checkpoint
 from ddpm.config import ExportConfig, load_config
 from ddpm.evaluate import score_images
 from ddpm.export import export_onnx
@@ -54,31 +59,49 @@ def options(threads: int) -> ort.SessionOptions:
 
 
 def network_ms(den: OnnxDenoiser, batch: int = 16) -> float:
-    """Best of 5 single calls at `batch`, after one warm-up call."""
+    """Best of 5 single calls at `batch` at the middle timestep (500 of 1000), after one warm-up call."""
     rng = np.random.default_rng(1)
-    x, t = rng.standard_normal((batch, *den.image_shape), dtype=np.float32), np.full(batch, 500, np.int64)
+    t = np.full(batch, den.schedule.num_timesteps // 2, np.int64)
+    x = rng.standard_normal((batch, *den.image_shape), dtype=np.float32)
     den(x, t)
     return 1e3 * H.time_windows(lambda: den(x, t), lambda: None, iters=1, windows=5).min_s
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", default=None, help="(required; --smoke trains its own)")
     p.add_argument("--out", required=True)
-    p.add_argument("--n", type=int, default=500)
+    p.add_argument("--n", type=int, default=None, help="images per model (default: 500; with --smoke: 32)")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default: %(default)s)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--feature-net", default="runs/features/mnist.pt")
+    p.add_argument("--feature-net", default=None, help="(default: runs/features/mnist.pt; with --smoke: pinned)")
+    p.add_argument("--data-root", default=None, help="where the dataset is (default: data.root)")
     p.add_argument("--variants", nargs="+", default=["shipped"], choices=list(VARIANTS))
-    args = p.parse_args()
+    p.add_argument("--smoke", action="store_true", help="a small model trained here for a few steps, in seconds")
+    args = p.parse_args(argv)
+    if args.smoke == (args.checkpoint is not None):
+        p.error("give --checkpoint, or --smoke (which trains a small model)")
+    args.n = args.n or (32 if args.smoke else 500)
+    args.steps = SMOKE_DDIM_STEPS if args.smoke else args.steps
+    args.feature_net = args.feature_net or ("pinned" if args.smoke else "runs/features/mnist.pt")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    cfg = load_config("params.yaml", None, ["runtime.device=cpu", "sampler.steps=50"])
-    ec = cfg.export
     work = Path(tempfile.mkdtemp(prefix="int8-quality-"))
+    data_root = [f"data.root={args.data_root}"] if args.data_root else []
+    cfg = load_config("params.yaml", None, ["runtime.device=cpu", "sampler.steps=50", *data_root,
+                                            *(SMOKE_OVERRIDES if args.smoke else ())])
+    if args.smoke:
+        args.checkpoint = str(tiny_checkpoint(work / "run", args.data_root or cfg.data.root))
+    ec = cfg.export
     fp32 = export_onnx(args.checkpoint, work / "model.onnx", ExportConfig())
     den32 = OnnxDenoiser(fp32, "cpu", session_options=options(args.threads))
     feeds = calibration_feeds(den32, ec.int8_calibration_images, cfg.sampler.steps)
     x_T = np.random.default_rng(0).standard_normal((args.n, *den32.image_shape), dtype=np.float32)
-    result: dict = {"checkpoint": args.checkpoint, "n": args.n, "sampler": "ddim", "steps": 50,
+    result: dict = {"checkpoint": args.checkpoint, "n": args.n, "sampler": "ddim", "steps": args.steps,
                     "calibration": {"images": ec.int8_calibration_images, "ddim_steps": cfg.sampler.steps},
                     "env": {"python": platform.python_version(), "torch": torch.__version__,
                             "onnxruntime": ort.__version__, "platform": platform.platform(),
@@ -86,7 +109,7 @@ def main() -> None:
 
     def run(name: str, den: OnnxDenoiser, ref: np.ndarray | None) -> np.ndarray:
         t0 = time.perf_counter()
-        x = sample_model_range(den, args.n, "ddim", 50, x_T=x_T, batch_size=250)
+        x = sample_model_range(den, args.n, "ddim", args.steps, x_T=x_T, batch_size=250)
         sample_s = time.perf_counter() - t0
         scores = score_images(to_uint8(x), cfg, args.feature_net, "cpu")
         row = {k: scores[k] for k in ("fid", "fid_floor", "precision", "recall")}

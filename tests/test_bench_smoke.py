@@ -1,9 +1,12 @@
 """The maintained benchmarks run on the CPU with --smoke: the same code as on the GPU, a small model.
 
 Each runs as a subprocess, as on the GPU machine, so that a renamed or removed import in ddpm/ fails
-here rather than in the next device call. The checks are what a CPU can say about the results:
-every case finished, the losses are finite, and the benchmark's sampling loops give exactly what
-ddpm.samplers gives from the same x_T.
+here rather than in the next device call; all of them start at once, one thread each. The checks
+are what a CPU can say about the results: every case finished, the losses are finite, the
+benchmark's sampling loops give exactly what ddpm.samplers gives from the same x_T, and the
+GroupNorm forms agree with float64. The benchmarks that need a trained model and a dataset
+(time_to_quality, int8_quality, groupnorm_conditioning) train a small one for a few steps on an
+MNIST look-alike (testkit.fake_mnist).
 """
 
 import json
@@ -18,25 +21,69 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
+# name -> (script, its arguments after --smoke, where its JSON lands); {out} is the run's own folder,
+# {data} an MNIST look-alike for the benchmarks that train and score a model.
+RUNS = {
+    "train": ("bench_train.py", ["--out", "{out}/train.json", "--device", "cpu", "--models", "mnist",
+                                 "--no-reference"], "train.json"),
+    "sampling": ("bench_sampling.py", ["--out", "{out}/sampling.json", "--device", "cpu", "--no-reference"],
+                 "sampling.json"),
+    "onnx": ("bench_onnx_sampling.py", ["--out", "{out}/onnx.json"], "onnx.json"),
+    "ttq": ("time_to_quality.py", ["--out", "{out}", "--data-root", "{data}"], "ttq.json"),
+    "int8": ("int8_quality.py", ["--out", "{out}/int8.json", "--data-root", "{data}", "--threads", "1"],
+             "int8.json"),
+    "groupnorm": ("groupnorm_conditioning.py", ["--out", "{out}/gn.json", "--data-root", "{data}"], "gn.json"),
+}
 
-def _run(script: str, out: Path, *args: str) -> dict:
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """Every smoke run, started at once, each on one thread (a 2-core machine runs two at a time);
+    `smoke(name)` waits for one and returns (the JSON it wrote, its folder)."""
+    from testkit import fake_mnist
+
+    data = tmp_path_factory.mktemp("data")
+    fake_mnist(data)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, f"bench/{script}", "--smoke", "--out", str(out), *args], cwd=ROOT,
+    procs = {}
+    for name, (script, args, _) in RUNS.items():
+        out = tmp_path_factory.mktemp(name)
+        cmd = [sys.executable, f"bench/{script}", "--smoke", *(a.format(out=out, data=data) for a in args)]
+        with open(out / "output.log", "w") as log:  # a file, not a pipe: a full pipe would stall the run
+            procs[name] = (subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), out)
+
+    def result(name: str) -> tuple[dict, Path]:
+        proc, out = procs[name]
+        proc.wait(timeout=600)
+        assert proc.returncode == 0, (out / "output.log").read_text()[-5000:]
+        return json.loads((out / RUNS[name][2]).read_text()), out
+
+    yield result
+    for proc, _ in procs.values():
+        if proc.poll() is None:  # a test failed before waiting for it
+            proc.kill()
+            proc.wait()
+
+
+def _run_alone(script: str, out: Path) -> dict:
+    """One smoke run on its own, for a benchmark that needs what not every machine has."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, f"bench/{script}", "--smoke", "--out", str(out)], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     return json.loads(out.read_text())
 
 
-def test_bench_train_smoke_times_the_training_step(tmp_path):
-    doc = _run("bench_train.py", tmp_path / "train.json", "--device", "cpu", "--models", "mnist", "--no-reference")
+def test_bench_train_smoke_times_the_training_step(smoke):
+    doc, out = smoke("train")
     rows = doc["results"]
     assert [(r["model"], r["mode"], r["batch"]) for r in rows] == [("mnist", "eager", 2), ("mnist", "graph", 2)]
     assert all(r["status"] == "ok" and math.isfinite(r["loss"]) and r["ms_per_step"] > 0 for r in rows), rows
-    assert (tmp_path / "train.json").stat().st_size > 0
+    assert (out / "train.json").stat().st_size > 0
 
 
-def test_bench_sampling_smoke_loops_equal_the_library_samplers(tmp_path):
-    doc = _run("bench_sampling.py", tmp_path / "sampling.json", "--device", "cpu", "--no-reference")
+def test_bench_sampling_smoke_loops_equal_the_library_samplers(smoke):
+    doc, _ = smoke("sampling")
     rows = doc["results"]
     assert rows and all(r["status"] == "ok" for r in rows), rows
     checked = [r for r in rows if "ddim_max_abs_diff_vs_library" in r]
@@ -46,12 +93,52 @@ def test_bench_sampling_smoke_loops_equal_the_library_samplers(tmp_path):
     assert doc["fastest"]["status"] == "ok" and doc["fastest"]["images"] == 10
 
 
-def test_bench_onnx_sampling_smoke_times_torch_and_onnxruntime(tmp_path):
-    doc = _run("bench_onnx_sampling.py", tmp_path / "onnx.json")
+def test_bench_onnx_sampling_smoke_times_torch_and_onnxruntime(smoke):
+    doc, _ = smoke("onnx")
     cases = {(r["backend"], r["sampler"]) for r in doc["rows"]}
     assert cases == {(b, s) for b in ("torch eager, CPU", "onnxruntime, CPU") for s in ("ddpm", "ddim")}
     assert all(r["timed_steps"] == 2 and r["images_per_s"] > 0 for r in doc["rows"])
     assert doc["timesteps"] == 20 and Path(doc["onnx_path"]).name == "model.onnx"
+
+
+def test_time_to_quality_smoke_trains_to_each_milestone_and_scores_it(smoke):
+    from ddpm.checkpoint import load_checkpoint
+
+    doc, out = smoke("ttq")
+    milestones = doc["milestones"]
+    assert {step: sorted(m) for step, m in milestones.items()} == {
+        "2": ["ddim5", "train_minutes"], "4": ["ddim5", "ddpm20", "train_minutes"]}
+    for step in (2, 4):  # the copy kept at each milestone is the checkpoint of that step
+        assert load_checkpoint(out / f"checkpoint_{step:06d}.pt")["step"] == step
+    assert 0 < milestones["2"]["train_minutes"] <= milestones["4"]["train_minutes"]
+    scores = [m[k] for m in milestones.values() for k in m if k != "train_minutes"]
+    assert [(s["sampler"], s["steps"], s["num_samples"]) for s in scores] == [
+        ("ddim", 5, 32), ("ddim", 5, 32), ("ddpm", 20, 32)]
+    assert all(math.isfinite(s["fid"]) and s["fid"] >= 0 and 0 <= s["precision"] <= 1 for s in scores)
+    assert math.isfinite(doc["final_loss"]) and math.isfinite(doc["fid_floor_10k"])
+
+
+def test_int8_quality_smoke_scores_float32_and_int8_from_the_same_noise(smoke):
+    doc, _ = smoke("int8")
+    assert (doc["n"], doc["steps"], doc["calibration"]["ddim_steps"]) == (32, 5, 5)
+    models = doc["models"]
+    assert list(models) == ["float32", "int8 shipped"]
+    assert all(math.isfinite(m["fid"]) and m["network_ms_batch16"] > 0 for m in models.values())
+    int8 = models["int8 shipped"]
+    assert 0 <= int8["mean_abs_diff"] <= int8["max_abs_diff"] <= 2  # images in [-1, 1]
+
+
+def test_groupnorm_conditioning_smoke_matches_float64_group_norm(smoke):
+    from ddpm.checkpoint import load_model
+    from ddpm.layers import GroupNorm
+
+    doc, _ = smoke("groupnorm")
+    assert doc["step"] == 4 and doc["images"] == 8 and doc["timesteps"] == [0, 10, 19]
+    model, _, _ = load_model(doc["checkpoint"], "cpu")  # the small model it trained
+    assert set(doc["per_groupnorm"]) == {name for name, m in model.named_modules() if isinstance(m, GroupNorm)}
+    # Small means against spreads: the sums form and aten agree with float64 to float32 rounding.
+    assert doc["worst"]["max_err_sums"] < 1e-4 and doc["worst"]["max_err_aten"] < 1e-4
+    assert len(doc["synthetic"]) == 3
 
 
 @pytest.mark.browser
@@ -60,7 +147,7 @@ def test_bench_browser_smoke_times_the_page_and_python_on_the_same_samples(tmp_p
 
     if not Path(CHROMIUM).is_file() or not (ROOT / "web" / "node_modules").is_dir():
         pytest.skip("chromium or web/node_modules is missing (.ci/run and `make install` bring them)")
-    doc = _run("bench_browser.py", tmp_path / "browser.json")
+    doc = _run_alone("bench_browser.py", tmp_path / "browser.json")
     [row] = doc["rows"]
     assert (row["threads"], row["batch"], row["steps"]) == (1, 1, 2)
     assert row["browser_ms_per_step"] > 0 and row["python_ms_per_step"] > 0
