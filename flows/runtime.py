@@ -247,8 +247,8 @@ class Stamp:
 
     `fresh()` is true only when the inputs key is unchanged and every output (those asked for and those
     recorded) still has the recorded hash, so a rerun of the pipeline skips a finished stage and redoes
-    one whose outputs changed. The train stage's record is its checkpoint (CheckpointStamp). A stage run
-    by DVC ignores stamps (force).
+    one whose outputs changed. The train stage's record is its checkpoint (CheckpointStamp). A stage that
+    DVC runs is forced: it does not read its stamp, but writes it.
     """
 
     def __init__(self, out_dir: Path, stage: str, inputs: dict[str, Any]):
