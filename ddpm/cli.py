@@ -152,7 +152,12 @@ def cmd_web(args: argparse.Namespace) -> int:
         found = fetch_onnx(f"models:/{args.registered}", args.params, cache=args.cache)
         print(f"{args.registered}: version {found.version} of {found.name!r} in {found.store} -> {found.path}")
         model = str(found.path)
-    return web_main(model or "runs/default/model.onnx", args.port)
+    if model is None:
+        from ddpm.config import load_config
+        from ddpm.layout import RunLayout
+        params = args.params if Path(args.params).exists() or args.params != "params.yaml" else None
+        model = str(RunLayout(load_config(params).train.out_dir).onnx_model)
+    return web_main(model, args.port)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -236,12 +241,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("web", help="serve the sampling page with an exported model on 127.0.0.1")
     which = p.add_mutually_exclusive_group()
-    which.add_argument("--model", default=None, help="the exported .onnx file (default: runs/default/model.onnx)")
+    which.add_argument("--model", default=None, help="the exported .onnx file (default: <train.out_dir>/model.onnx)")
     which.add_argument("--registered", default=None, metavar="NAME@ALIAS",
                        help="a registered version instead: NAME@ALIAS or NAME/VERSION, e.g. ddpm-unet@challenger")
     p.add_argument("--port", type=int, default=8000, help="port on 127.0.0.1; 0: any free one (default: %(default)s)")
     p.add_argument("--params", default="params.yaml",
-                   help="for --registered: the settings whose MLflow store holds the registry (default: %(default)s)")
+                   help="the settings: train.out_dir for the default model; for --registered, the MLflow "
+                        "store that holds the registry (default: %(default)s)")
     p.add_argument("--cache", default=None,
                    help="for --registered: where downloaded versions are kept (default: ~/.cache/ddpm/models)")
     p.set_defaults(func=cmd_web)
