@@ -68,9 +68,10 @@ def _stand_in_outputs(repo: Path) -> None:
 
 
 def _set(repo: Path, key: str, value: object) -> None:
-    """`dvc exp run -S`'s own edit of params.yaml (hydra overrides through ruamel.yaml)."""
-    run(repo, str(BIN / "python"), "-c", f"from dvc.utils.hydra import apply_overrides; "
-                                         f"apply_overrides('params.yaml', ['{key}={value}'])")
+    """`dvc exp run -S`'s own edit of params.yaml (hydra overrides through ruamel.yaml), called in this process."""
+    from dvc.utils.hydra import apply_overrides
+
+    apply_overrides(str(repo / "params.yaml"), [f"{key}={value}"])
 
 
 def _stale(repo: Path) -> set[str]:

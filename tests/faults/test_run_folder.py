@@ -2,8 +2,10 @@
 locks, reruns without --resume, resumes with changed settings, start-up crashes, symlinked log files,
 and numbers written as 1e-3.
 
-Each case runs `ddpm train` (or evaluate, export) as a subprocess on a tiny synthetic dataset and
-compares the folder's files, byte for byte, with what was there before.
+Each case runs `ddpm train` (or evaluate, export) on a tiny synthetic dataset and compares the folder's
+files, byte for byte, with what was there before: as a subprocess where a second process, a memory limit
+or a log line on stderr is part of the case, else through `ddpm.cli.main` in this process (a refusal
+that stops before any work: the same error line and exit status, without an interpreter start-up).
 """
 
 import hashlib
@@ -21,6 +23,7 @@ import pytest
 import yaml
 
 from ddpm.checkpoint import load_checkpoint
+from ddpm.cli import main
 from ddpm.config import ConfigError, load_config
 from ddpm.run_folder import LOCK_NAME, LossLog, owned
 from testkit import random_mnist
@@ -76,6 +79,19 @@ def _ddpm(*args: str, **kw) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(p.args, p.returncode, out, err)
 
 
+@pytest.fixture
+def ddpm_here(capsys, monkeypatch):
+    """`ddpm ARGS` through ddpm.cli.main in this process, as a CompletedProcess (status, stdout, stderr)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # as the subprocesses have it; the CLI then adds nothing
+
+    def call(*args: str) -> subprocess.CompletedProcess:
+        capsys.readouterr()
+        status = main(list(args))
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(["ddpm", *args], status, out, err)
+    return call
+
+
 def _error_line(result: subprocess.CompletedProcess, command: str = "train") -> str:
     """The one-line error of an expected failure: exit status 2, no traceback."""
     assert result.returncode == 2, result.stderr[-3000:]
@@ -114,7 +130,7 @@ def run(finished, tmp_path) -> Path:
     return out
 
 
-def test_a_second_train_on_a_held_folder_fails_at_once_naming_the_holder(data_root, tmp_path):
+def test_a_second_train_on_a_held_folder_fails_at_once_naming_the_holder(data_root, tmp_path, ddpm_here):
     out, hold = tmp_path / "run", tmp_path / "hold"
     hold.touch()
     first = _start(["train", *_args(data_root, out)], HOLD_FILE=str(hold))
@@ -124,7 +140,7 @@ def test_a_second_train_on_a_held_folder_fails_at_once_naming_the_holder(data_ro
     assert first.poll() is None, first.communicate()[1][-3000:]
     before = _snapshot(out)
     started = time.perf_counter()
-    second = _ddpm("train", *_args(data_root, out, "train.steps=2"))
+    second = ddpm_here("train", *_args(data_root, out, "train.steps=2"))
     line = _error_line(second)
     assert f"{out} is in use by ddpm train (pid {first.pid} on host {socket.gethostname()}" in line
     assert time.perf_counter() - started < 60  # at once: no training, no wait for the holder
@@ -163,9 +179,9 @@ def test_evaluate_and_export_fail_at_once_on_a_held_folder(run, tmp_path):
         assert _snapshot(target) == before
 
 
-def test_train_over_a_run_needs_resume_or_overwrite(data_root, run):
+def test_train_over_a_run_needs_resume_or_overwrite(data_root, run, ddpm_here):
     before = _snapshot(run)
-    line = _error_line(_ddpm("train", *_args(data_root, run, "train.steps=2")))
+    line = _error_line(ddpm_here("train", *_args(data_root, run, "train.steps=2")))
     assert f"{run} already holds a run (checkpoint.pt)" in line and "--resume" in line and "--overwrite" in line
     assert _snapshot(run) == before
 
@@ -196,9 +212,9 @@ def test_a_start_up_crash_leaves_the_folder_as_it_was(data_root, run, flag):
     ("data.dataset=fashion_mnist", "data.dataset 'mnist' -> 'fashion_mnist'"),
     ("train.steps=2", "train.steps=2 is below its checkpoint's step 4"),
 ])
-def test_resume_refuses_settings_that_change_what_was_trained(data_root, run, change, key):
+def test_resume_refuses_settings_that_change_what_was_trained(data_root, run, change, key, ddpm_here):
     before = _snapshot(run)
-    line = _error_line(_ddpm("train", *_args(data_root, run, "train.steps=6", change, "--resume")))
+    line = _error_line(ddpm_here("train", *_args(data_root, run, "train.steps=6", change, "--resume")))
     assert line.startswith(f"ddpm train: error: cannot resume {run}: ") and key in line
     assert _snapshot(run) == before
 
