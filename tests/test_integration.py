@@ -182,6 +182,15 @@ def mlflow_server(tmp_path_factory):
 
 # --- Prefect deployment -> MLflow server ---------------------------------------------------------------
 
+def deployment_exists(api: str, flow: str, name: str) -> bool:
+    """Whether the Prefect API at `api` answers for the deployment `flow/name` (GET /deployments/name/...)."""
+    try:
+        with urllib.request.urlopen(f"{api}/deployments/name/{flow}/{name}", timeout=10) as r:
+            return r.status == 200
+    except OSError:  # 404 (HTTPError) until it is registered, or no answer yet
+        return False
+
+
 @pytest.fixture(scope="module")
 def deployment_run(prefect_server, mlflow_server, mnist_root, feature_net, tmp_path_factory):
     api, home = prefect_server
@@ -191,10 +200,8 @@ def deployment_run(prefect_server, mlflow_server, mnist_root, feature_net, tmp_p
     serve = start([sys.executable, "-m", "flows.serve", "--only", "cpu"], serve_log, env)
     try:
         deadline = time.monotonic() + 120
-        while True:  # the deployment exists once serve has registered it
-            probe = subprocess.run([str(BIN / "prefect"), "deployment", "inspect", "ddpm-pipeline/cpu"], env=env,
-                                   capture_output=True, text=True, timeout=60)
-            if probe.returncode == 0:
+        while True:  # the deployment exists once serve has registered it (asked of the API, not a CLI process)
+            if deployment_exists(api, "ddpm-pipeline", "cpu"):
                 break
             if time.monotonic() > deadline or serve.poll() is not None:
                 pytest.fail(f"the deployment was not served:\n{serve_log.read_text()[-3000:]}")
