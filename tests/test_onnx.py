@@ -49,6 +49,31 @@ DDIM10 = SamplerConfig(steps=10)  # int8 calibration and the int8 check
 INT8_COND_MEAN_ATOL = 0.06
 
 
+@pytest.fixture(scope="module", autouse=True)
+def export_each_network_once():
+    """torch.onnx.export (ddpm.export._to_onnx) runs once per network of this module: a later export of the same
+    weights, settings and opset gets a copy of the graph it made then. Everything an export does with the graph
+    (parity, twins, checks, files) runs every time; the exporter's graph is checked by the tests of `models`."""
+    import hashlib
+
+    import ddpm.export as export
+
+    real, made = export._to_onnx, {}
+
+    def once(model, cfg, ecfg):
+        weights = hashlib.sha256()
+        for name, tensor in model.state_dict().items():
+            weights.update(name.encode() + tensor.detach().cpu().numpy().tobytes())
+        key = (weights.hexdigest(), json.dumps(cfg.to_dict(), sort_keys=True), ecfg.opset)
+        if key not in made:
+            made[key] = real(model, cfg, ecfg).SerializeToString()
+        return onnx.ModelProto.FromString(made[key])  # a fresh copy: the export adds its metadata to it
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(export, "_to_onnx", once)
+        yield
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """{'uncond': (checkpoint, onnx with an int8 twin), 'cond': (checkpoint, onnx with fp16 and int8 twins)}."""
