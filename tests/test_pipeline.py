@@ -407,18 +407,19 @@ def test_unreachable_mlflow_fails_fast_before_any_stage(project, silent_server, 
     start = time.monotonic()
     with pytest.raises(runtime.ServiceUnavailable, match="did not answer"):
         run_pipeline(project)
-    assert time.monotonic() - start < 15
+    # Not a speed check: without the probe, MLflow's own retries against a silent server take minutes.
+    assert time.monotonic() - start < 120
 
 
 @pytest.mark.parametrize("url", ["http://127.0.0.1:9/api", "silent"])
 def test_unreachable_prefect_api_is_a_clear_error_in_seconds(project, silent_server, url):
     env = {**os.environ, "PREFECT_API_URL": f"{silent_server}/api" if url == "silent" else url}
-    start, wall = time.monotonic(), time.time()
+    wall = time.time()
+    # The probe's own timeout ends it (the message names it); a hang would end in TimeoutExpired.
     proc = subprocess.run([sys.executable, "-m", "flows.pipeline", "--params", str(project / "params.yaml"), *TINY],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 2
-    assert "Prefect API" in proc.stderr and "did not answer" in proc.stderr
-    assert time.monotonic() - start < 30  # the interpreter and imports take most of it
+    assert "Prefect API" in proc.stderr and "did not answer within" in proc.stderr
     manifest = project / "runs" / "default" / "dataset.json"
     assert not manifest.exists() or manifest.stat().st_mtime < wall  # no stage ran
 
