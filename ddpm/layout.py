@@ -133,6 +133,22 @@ class RunLayout:
         return self.out_dir / "model.onnx"
 
     @property
+    def aot_package(self) -> Path:
+        """The sampling network compiled ahead of time for one GPU (ddpm.aot_package; `--aot auto` looks here)."""
+        return self.out_dir / "model.pt2"
+
+    @property
+    def aot_report(self) -> Path:
+        """What the AOT package is (GPU, torch, parity), or why there is none."""
+        return self.out_dir / "aot_package.json"
+
+    @property
+    def compile_cache(self) -> Path:
+        """torch.compile's work for the training step, one file per key (ddpm.compile_cache); an --overwrite
+        leaves it: it stays valid."""
+        return self.out_dir / "compile_cache"
+
+    @property
     def export_report(self) -> Path:
         return self.out_dir / "export.json"
 

@@ -32,6 +32,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ddpm.checkpoint import config_of, load_checkpoint, save_checkpoint
+from ddpm.compile_cache import CompileCache, training_cache_key
 from ddpm.config import Config, image_shape
 from ddpm.data import load_images
 from ddpm.distributed import DistInfo, any_rank, gather_states, init_distributed
@@ -68,6 +69,7 @@ class TrainResult:
     step: int
     loss: float
     images_per_sec: float
+    compile_cache: dict[str, Any] | None = None  # ddpm.compile_cache's record: the artifact used, or why not
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -154,8 +156,8 @@ def train(cfg: Config, resume: bool = False, on_log: Callable[[int, dict[str, fl
         ckpt = _checkpoint_to_resume(cfg, layout.checkpoint, resume, overwrite)
         files = RunFiles(layout, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode(), LOSS_FIELDS,
                          int(ckpt["step"]) if ckpt else 0, replace=overwrite and layout.checkpoint.exists())
-        step = _start(cfg, rank, device, ckpt)
-        return _Run(cfg, rank, step, files, TrainHooks(on_log, on_sample, on_checkpoint, on_step)).run()
+        step, cache = _start(cfg, rank, device, ckpt)
+        return _Run(cfg, rank, step, files, TrainHooks(on_log, on_sample, on_checkpoint, on_step), cache).run()
 
 
 def _checkpoint_to_resume(cfg: Config, ckpt_path: Path, resume: bool, overwrite: bool) -> dict[str, Any] | None:
@@ -180,8 +182,10 @@ def _checkpoint_to_resume(cfg: Config, ckpt_path: Path, resume: bool, overwrite:
 
 # --- start-up: data, model, state, network ---------------------------------------------------------
 
-def _start(cfg: Config, rank: DistInfo, device: torch.device, ckpt: dict[str, Any] | None) -> TrainStep:
-    """This rank's training step, with its state fresh from the seed or restored from `ckpt`."""
+def _start(cfg: Config, rank: DistInfo, device: torch.device,
+           ckpt: dict[str, Any] | None) -> tuple[TrainStep, CompileCache | None]:
+    """This rank's training step, with its state fresh from the seed or restored from `ckpt`, and its compile
+    cache (None when train.compile is off)."""
     tc = cfg.train
     torch.manual_seed(tc.seed + rank.rank)
     data = _load_shard(cfg, rank, device)
@@ -196,8 +200,8 @@ def _start(cfg: Config, rank: DistInfo, device: torch.device, ckpt: dict[str, An
     state = TrainState.create(model, tc, device, graphed=graphed, seed=tc.seed + 1_000_003 * rank.rank)
     if ckpt is not None:
         _restore(state, ckpt, cfg, rank)
-    net = _network(model, cfg, rank, device, graphed)
-    return make_train_step(state, cfg, data, schedule, net=net, update_ema=rank.is_main)
+    net, cache = _network(model, cfg, rank, device, graphed)
+    return make_train_step(state, cfg, data, schedule, net=net, update_ema=rank.is_main), cache
 
 
 def _load_shard(cfg: Config, rank: DistInfo, device: torch.device) -> TrainData:
@@ -224,18 +228,21 @@ def _restore(state: TrainState, ckpt: dict[str, Any], cfg: Config, rank: DistInf
 
 
 def _network(model: nn.Module, cfg: Config, rank: DistInfo, device: torch.device,
-             graphed: bool) -> Callable[..., torch.Tensor]:
+             graphed: bool) -> tuple[Callable[..., torch.Tensor], CompileCache | None]:
     """What the loss calls: the model, wrapped in DistributedDataParallel on several ranks, compiled with
     train.compile (then GroupNorm statistics from per-channel sums, dropout masks from a hash, and with
-    train.channels_last image-channel convolutions in channels-last kernels: ddpm.layers)."""
+    train.channels_last image-channel convolutions in channels-last kernels: ddpm.layers), and its compile cache."""
     tc = cfg.train
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if rank.world_size > 1 else model
     if not tc.compile:
-        return ddp
+        return ddp, None
     use_hashed_dropout(use_per_channel_group_norm(model))
     use_padded_image_convs(model, tc.channels_last)
-    return torch.compile(ddp, options=compile_options(graphed))
+    options = compile_options(graphed)
+    cache = CompileCache(RunLayout(tc.out_dir).compile_cache, training_cache_key(cfg, rank.world_size, device,
+                                                                                  graphed, options)).loaded()
+    return torch.compile(ddp, options=options), cache
 
 
 # --- the loop and its hooks --------------------------------------------------------------------------
@@ -243,8 +250,10 @@ def _network(model: nn.Module, cfg: Config, rank: DistInfo, device: torch.device
 class _Run:
     """The loop around the training step, with its hooks: log, checkpoint, preview grid, stop."""
 
-    def __init__(self, cfg: Config, rank: DistInfo, step: TrainStep, files: RunFiles, hooks: TrainHooks):
+    def __init__(self, cfg: Config, rank: DistInfo, step: TrainStep, files: RunFiles, hooks: TrainHooks,
+                 compile_cache: CompileCache | None = None):
         self.cfg, self.rank, self.step, self.files, self.hooks = cfg, rank, step, files, hooks
+        self.compile_cache = compile_cache
         self.state = step.state
         self.layout = files.layout
         self.ckpt_path = self.layout.checkpoint
@@ -325,6 +334,8 @@ class _Run:
                 "model": s.model.state_dict(), "ema": s.ema.state_dict(), "optimizer": s.opt.state_dict(),
                 "step": s.step, "config": self.cfg.to_dict(), "rng": rng,
             })
+            if self.compile_cache is not None:
+                self.compile_cache.save()  # once: the step has compiled by the first checkpoint
             if self.hooks.on_checkpoint is not None:
                 self.hooks.on_checkpoint(s.step, self.ckpt_path)
         if rank.world_size > 1:
@@ -348,7 +359,8 @@ class _Run:
             if self.hooks.on_sample is not None:
                 self.hooks.on_sample(self.state.step, grid)
         return TrainResult(checkpoint=self.ckpt_path, step=self.state.step, loss=self.last_loss,
-                           images_per_sec=self.ips)
+                           images_per_sec=self.ips,
+                           compile_cache=None if self.compile_cache is None else dict(self.compile_cache.record))
 
 
 @torch.no_grad()

@@ -1,0 +1,198 @@
+"""The compiled training step as a file: torch.compile's work saved once and loaded by the next run.
+
+A fresh machine (an empty inductor and triton cache) spends most of a short `ddpm train` compiling.
+PyTorch's portable cache (`torch.compiler.save_cache_artifacts` / `load_cache_artifacts`) turns
+that work into bytes; this module keeps them in `<train.out_dir>/compile_cache/<key>.bin`, one
+file per key. The key holds everything that makes the bytes valid: the torch and triton versions,
+the GPU model, the model settings, the image shape, the batch size, the number of processes and the
+compile options (bf16, channels-last, CUDA graphs, inductor's options). A run loads the file of its
+key before the first step and writes it once, at its first checkpoint, when it compiled anew.
+
+A file is a header line, a JSON line (the key, its digest, the payload's SHA-256 and size) and the
+payload. A missing file, another key's file or a corrupt one (wrong header, wrong checksum, bytes
+torch cannot read) means compiling as usual, with one log line that says why. What happened is
+returned as a record for the run's tracking: {"status" (loaded, missing, mismatch: only other keys' files,
+or corrupt), "key", "file", "reason"[, "saved"]}.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ddpm.config import Config, image_shape
+from ddpm.fileio import atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"ddpm-compile-cache 1\n"
+SUFFIX = ".bin"
+
+
+@dataclass(frozen=True)
+class CacheKey:
+    """What a compiled training step depends on; `digest` names its file."""
+
+    torch: str
+    triton: str | None
+    device: str  # the GPU's name ("cpu" on the CPU)
+    model: dict[str, Any]
+    image_shape: tuple[int, ...]
+    batch_size: int
+    world_size: int
+    options: dict[str, Any]  # bf16, channels_last, cuda_graphs and torch.compile's inductor options
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(asdict(self), sort_keys=True))  # tuples as lists: as read back from a file
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:20]
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+def triton_version() -> str | None:
+    try:
+        import triton
+    except ImportError:
+        return None
+    return str(triton.__version__)
+
+
+def cache_key(model: dict[str, Any], image_shape: tuple[int, ...], batch_size: int, world_size: int,
+              device: torch.device, options: dict[str, Any]) -> CacheKey:
+    """The key of a training step compiled here (this torch, triton and GPU) for these settings."""
+    return CacheKey(torch.__version__, triton_version(), device_name(device), dict(model), tuple(image_shape),
+                    int(batch_size), int(world_size), dict(options))
+
+
+class CompileCache:
+    """The cache file of one key in `folder`: `load()` before the first compile, `save()` after it (once)."""
+
+    def __init__(self, folder: Path, key: CacheKey):
+        self.folder, self.key = Path(folder), key
+        self.path = self.folder / f"{key.digest}{SUFFIX}"
+        self.record: dict[str, Any] = {"status": "not loaded", "key": key.digest, "file": None, "reason": ""}
+
+    def load(self) -> dict[str, Any]:
+        """Fill torch's compile caches from the file of this key, if it is there and sound; returns the record."""
+        reason = self._load()
+        if reason is None:
+            self.record.update(status="loaded", file=str(self.path), reason="")
+            log.info("compile cache: loaded %s; the training step compiles from it", self.path)
+        else:
+            status, why = reason
+            self.record.update(status=status, reason=why)
+            (log.info if status == "missing" else log.warning)("compile cache: %s; compiling", why)
+        return self.record
+
+    def loaded(self) -> "CompileCache":
+        self.load()
+        return self
+
+    def _load(self) -> tuple[str, str] | None:
+        if not self.path.is_file():
+            return self._why_missing()
+        try:
+            header, payload = read_cache_file(self.path)
+        except (OSError, ValueError) as exc:
+            return "corrupt", f"{self.path} is unusable ({exc})"
+        if header["key"] != self.key.to_dict():
+            fields = ", ".join(differing_fields(header["key"], self.key.to_dict()))
+            return "mismatch", f"{self.path} was saved for another key (differs in {fields})"
+        if not _load_artifacts(payload):
+            return "corrupt", f"{self.path} passed its checksum but torch could not read it (torch {torch.__version__})"
+        return None
+
+    def _why_missing(self) -> tuple[str, str]:
+        """("mismatch", naming what differs) when the folder holds another key's file, else ("missing", ...)."""
+        here = self.key.to_dict()
+        for other in sorted(self.folder.glob(f"*{SUFFIX}")) if self.folder.is_dir() else []:
+            try:
+                theirs = read_cache_file(other)[0]["key"]
+            except (OSError, ValueError):
+                continue
+            fields = differing_fields(theirs, here)
+            shown = "; ".join(f"{f}: {_short(theirs.get(f))} there, {_short(here.get(f))} here" for f in fields)
+            return "mismatch", (f"no artifact for key {self.key.digest} in {self.folder} ({other.name} differs in "
+                                f"{shown})")
+        return "missing", f"no artifact for key {self.key.digest} in {self.folder}"
+
+    def save(self) -> dict[str, Any]:
+        """Write what this process compiled to the file of its key, once, unless it was loaded from there."""
+        if self.record["status"] == "loaded" or self.record.get("saved"):
+            return self.record
+        saved = torch.compiler.save_cache_artifacts()
+        if saved is None or not saved[0]:
+            log.info("compile cache: torch returned no artifacts to save")
+            return self.record
+        write_cache_file(self.path, self.key, saved[0])
+        self.record["saved"] = str(self.path)
+        log.info("compile cache: saved %s (%d bytes) for the next run of key %s", self.path, len(saved[0]),
+                 self.key.digest)
+        return self.record
+
+
+def differing_fields(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def write_cache_file(path: Path, key: CacheKey, payload: bytes) -> Path:
+    """The header, the key line and `payload`, written atomically (a crash leaves the previous file)."""
+    meta = {"key": key.to_dict(), "digest": key.digest, "sha256": hashlib.sha256(payload).hexdigest(),
+            "bytes": len(payload)}
+    atomic_write_bytes(path, MAGIC + json.dumps(meta, sort_keys=True).encode() + b"\n" + payload)
+    return path
+
+
+def read_cache_file(path: Path) -> tuple[dict[str, Any], bytes]:
+    """(the header, the payload) of a cache file; ValueError naming what is wrong with it."""
+    data = Path(path).read_bytes()
+    if not data.startswith(MAGIC):
+        raise ValueError("not a ddpm compile-cache file")
+    line, sep, payload = data[len(MAGIC):].partition(b"\n")
+    try:
+        meta = json.loads(line) if sep else None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        meta = None
+    if not isinstance(meta, dict) or not isinstance(meta.get("key"), dict):
+        raise ValueError("its header line is not the JSON of a key")
+    if len(payload) != meta.get("bytes") or hashlib.sha256(payload).hexdigest() != meta.get("sha256"):
+        raise ValueError(f"its payload ({len(payload)} bytes) does not match its checksum: truncated or altered")
+    return meta, payload
+
+
+def _load_artifacts(payload: bytes) -> bool:
+    """torch.compiler.load_cache_artifacts, quietly: False when torch cannot read the bytes."""
+    quiet = logging.getLogger("torch.compiler._cache")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)  # torch logs its own traceback for bytes it cannot read; ours is one line
+    try:
+        return torch.compiler.load_cache_artifacts(payload) is not None
+    except Exception:  # noqa: BLE001 - any failure to read the artifacts means compiling as usual
+        return False
+    finally:
+        quiet.setLevel(level)
+
+
+def training_cache_key(cfg: Config, world_size: int, device: torch.device, graphed: bool,
+                       options: dict[str, Any]) -> CacheKey:
+    """The key of `ddpm train`'s compiled step: `options` are torch.compile's, `graphed` whether it is captured."""
+    tc = cfg.train
+    return cache_key(cfg.to_dict()["model"], image_shape(cfg), tc.batch_size, world_size, device,
+                     {"bf16": cfg.runtime.bf16, "channels_last": tc.channels_last, "cuda_graphs": graphed,
+                      "inductor": options})

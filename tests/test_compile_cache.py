@@ -1,0 +1,178 @@
+"""The compile cache of `ddpm train`: its key, its file, and compiling as usual (one log line) when it is unusable."""
+
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import ddpm.compile_cache as cc
+import ddpm.train as train_mod
+from ddpm.config import load_config
+
+KEY = cc.CacheKey(torch="2.11.0+cu130", triton="3.6.0", device="NVIDIA H200", model={"base_channels": 64},
+                  image_shape=(1, 28, 28), batch_size=256, world_size=1,
+                  options={"bf16": True, "channels_last": True, "cuda_graphs": True, "inductor": {"a": 1}})
+
+
+def _other(**changes):
+    import dataclasses
+    return dataclasses.replace(KEY, **changes)
+
+
+def test_the_digest_is_the_sha256_of_the_sorted_key_and_changes_with_every_field():
+    expected = hashlib.sha256(json.dumps(KEY.to_dict(), sort_keys=True).encode()).hexdigest()[:20]
+    assert KEY.digest == expected
+    assert _other().digest == KEY.digest  # equal keys, equal files
+    changed = [_other(torch="2.14.1"), _other(triton="3.8.0"), _other(triton=None), _other(device="NVIDIA H100"),
+               _other(model={"base_channels": 32}), _other(image_shape=(3, 32, 32)), _other(batch_size=128),
+               _other(world_size=2), _other(options={**KEY.options, "bf16": False}),
+               _other(options={**KEY.options, "inductor": {"a": 2}})]
+    assert len({k.digest for k in changed} | {KEY.digest}) == len(changed) + 1
+
+
+def test_the_training_key_holds_what_the_compiled_step_depends_on():
+    cfg = load_config("params.yaml", "gpu-fast", ["runtime.device=cpu"])
+    options = train_mod.compile_options(False)
+    key = cc.training_cache_key(cfg, 1, torch.device("cpu"), False, options)
+    assert key.torch == torch.__version__ and key.device == "cpu" and key.batch_size == 256
+    assert key.model == cfg.to_dict()["model"] and key.image_shape == (1, 28, 28)
+    assert key.options == {"bf16": True, "channels_last": True, "cuda_graphs": False, "inductor": options}
+    smaller = load_config("params.yaml", "gpu-fast", ["runtime.device=cpu", "train.batch_size=128"])
+    assert cc.training_cache_key(smaller, 1, torch.device("cpu"), False, options).digest != key.digest
+    longer = load_config("params.yaml", "gpu-fast", ["runtime.device=cpu", "train.steps=9000", "train.lr=0.001"])
+    assert cc.training_cache_key(longer, 1, torch.device("cpu"), False, options).digest == key.digest
+
+
+@pytest.fixture
+def torch_loads(monkeypatch):
+    """What torch.compiler.load_cache_artifacts was given, with torch's own answer for readable bytes."""
+    given = []
+    monkeypatch.setattr(torch.compiler, "load_cache_artifacts", lambda payload: given.append(payload) or object())
+    return given
+
+
+def test_a_saved_artifact_is_loaded_by_the_next_run_of_its_key(tmp_path, monkeypatch, torch_loads, caplog):
+    monkeypatch.setattr(torch.compiler, "save_cache_artifacts", lambda: (b"compiled step", None))
+    first = cc.CompileCache(tmp_path, KEY)
+    assert first.load()["status"] == "missing"
+    record = first.save()
+    assert record["saved"] == str(tmp_path / f"{KEY.digest}.bin")
+    header, payload = cc.read_cache_file(Path(record["saved"]))
+    assert payload == b"compiled step" and header["key"] == KEY.to_dict()
+    with caplog.at_level(logging.INFO, logger="ddpm.compile_cache"):
+        second = cc.CompileCache(tmp_path, KEY).load()
+    assert second["status"] == "loaded" and second["file"] == record["saved"] and torch_loads == [b"compiled step"]
+    assert len(caplog.records) == 1
+
+
+def test_an_artifact_of_another_gpu_or_torch_is_not_loaded_and_the_log_says_what_differs(tmp_path, torch_loads,
+                                                                                         caplog):
+    cc.write_cache_file(tmp_path / f"{KEY.digest}.bin", KEY, b"compiled on an H200")
+    here = _other(device="NVIDIA H100 80GB HBM3", torch="2.14.1")
+    with caplog.at_level(logging.INFO, logger="ddpm.compile_cache"):
+        record = cc.CompileCache(tmp_path, here).load()
+    assert record["status"] == "mismatch" and record["file"] is None and torch_loads == []
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+    line = caplog.records[0].getMessage()
+    assert "NVIDIA H200" in line and "NVIDIA H100 80GB HBM3" in line and "torch" in line and "compiling" in line
+    # A file under this key's name that holds another key is refused too.
+    (tmp_path / f"{here.digest}.bin").write_bytes((tmp_path / f"{KEY.digest}.bin").read_bytes())
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="ddpm.compile_cache"):
+        record = cc.CompileCache(tmp_path, here).load()
+    assert record["status"] == "mismatch" and "device" in record["reason"] and torch_loads == []
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped", "header", "empty"])
+def test_a_corrupt_artifact_falls_back_to_compiling_with_one_warning(tmp_path, torch_loads, caplog, damage):
+    path = cc.write_cache_file(tmp_path / f"{KEY.digest}.bin", KEY, b"x" * 1000)
+    data = path.read_bytes()
+    path.write_bytes({"truncated": data[:-10], "flipped": data[:-1] + b"y", "header": b"garbage" + data,
+                      "empty": b""}[damage])
+    with caplog.at_level(logging.INFO):
+        record = cc.CompileCache(tmp_path, KEY).load()
+    assert record["status"] == "corrupt" and torch_loads == []
+    assert [r.levelname for r in caplog.records] == ["WARNING"] and "compiling" in caplog.records[0].getMessage()
+
+
+def test_bytes_with_a_sound_checksum_that_torch_cannot_read_fall_back_with_one_warning(tmp_path, caplog):
+    cc.write_cache_file(tmp_path / f"{KEY.digest}.bin", KEY, b"not torch's serialization")
+    with caplog.at_level(logging.INFO):
+        record = cc.CompileCache(tmp_path, KEY).load()  # the real torch.compiler.load_cache_artifacts
+    assert record["status"] == "corrupt" and "could not read" in record["reason"]
+    assert [r.levelname for r in caplog.records] == ["WARNING"]  # torch's own traceback kept out of the log
+
+
+def test_save_writes_once_and_never_over_the_file_it_loaded(tmp_path, monkeypatch, torch_loads):
+    calls = []
+    monkeypatch.setattr(torch.compiler, "save_cache_artifacts", lambda: calls.append(1) or (b"v1", None))
+    cache = cc.CompileCache(tmp_path, KEY)
+    cache.load()
+    cache.save()
+    cache.save()
+    assert calls == [1]
+    loaded = cc.CompileCache(tmp_path, KEY)
+    loaded.load()
+    assert "saved" not in loaded.save() and calls == [1]
+    monkeypatch.setattr(torch.compiler, "save_cache_artifacts", lambda: None)  # nothing was compiled
+    assert "saved" not in cc.CompileCache(tmp_path / "other", KEY).save()
+    assert not (tmp_path / "other").exists()
+
+
+def test_ddpm_train_saves_at_its_first_checkpoint_and_the_next_run_loads_it(tmp_path, monkeypatch, torch_loads):
+    """train.compile: the record of each run (for MLflow) and the file in <out_dir>/compile_cache/, which an
+    --overwrite leaves in place. torch.compile itself is replaced by the model: the CPU would compile for minutes."""
+    monkeypatch.setattr(train_mod, "load_images", lambda *a, **k: (
+        torch.randint(0, 256, (16, 1, 28, 28), generator=torch.Generator().manual_seed(0), dtype=torch.uint8),
+        torch.arange(16) % 10))
+    monkeypatch.setattr(train_mod.torch, "compile", lambda net, **kwargs: net)
+    monkeypatch.setattr(torch.compiler, "save_cache_artifacts", lambda: (b"the compiled step", None))
+    cfg = load_config("params.yaml", "cpu", [
+        f"train.out_dir={tmp_path / 'run'}", "train.steps=2", "train.batch_size=2", "train.checkpoint_every=1",
+        "train.compile=true", "diffusion.timesteps=20", "sampler.steps=2", "sample.num_images=2"])
+    first = train_mod.train(cfg)
+    folder = tmp_path / "run" / "compile_cache"
+    assert first.compile_cache["status"] == "missing" and [p.name for p in folder.iterdir()] == [
+        f"{first.compile_cache['key']}.bin"]
+    assert first.compile_cache["saved"] == str(folder / f"{first.compile_cache['key']}.bin")
+    second = train_mod.train(cfg, overwrite=True)
+    assert second.compile_cache["status"] == "loaded" and torch_loads == [b"the compiled step"]
+    assert "saved" not in second.compile_cache and folder.is_dir()
+
+
+_TINY_COMPILE = """
+import json, sys, torch
+from torch._dynamo.utils import counters
+import ddpm.compile_cache as cc
+key = cc.cache_key({"tiny": 1}, (4,), 4, 1, torch.device("cpu"), {})
+cache = cc.CompileCache(sys.argv[1], key)
+cache.load()
+f = torch.compile(lambda x: torch.sin(x) * 2 + 1)
+y = f(torch.arange(4.0))
+cache.save()
+print(json.dumps({"status": cache.record["status"], "hits": counters["inductor"]["fxgraph_cache_hit"],
+                  "y": y.tolist()}))
+"""
+
+
+@pytest.mark.slow
+def test_a_real_cpu_compile_is_served_from_the_artifact_in_a_fresh_process(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    runs = []
+    for i in range(2):  # each process with empty inductor and triton caches of its own
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"inductor{i}"), "OMP_NUM_THREADS": "1",
+               "TRITON_CACHE_DIR": str(tmp_path / f"triton{i}"), "PYTHONPATH": str(root)}
+        done = subprocess.run([sys.executable, "-c", _TINY_COMPILE, str(tmp_path / "cache")], env=env, cwd=root,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    assert runs[0]["status"] == "missing" and runs[0]["hits"] == 0
+    assert runs[1]["status"] == "loaded" and runs[1]["hits"] > 0
+    assert runs[0]["y"] == runs[1]["y"] == pytest.approx([1.0, 2.682942, 2.818595, 1.28224])  # 2 sin(x) + 1
