@@ -78,7 +78,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     settings = _config(args)
     _run_paths(args, settings, checkpoint=lambda run: run.checkpoint)
     check_writable(args.out)  # before the model is loaded or an image sampled
-    model, cfg, _ = load_model(args.checkpoint, resolve_device(args.device or settings.runtime.device))
+    device = resolve_device(args.device or settings.runtime.device)
+    model, cfg, _ = load_model(args.checkpoint, device)
     given = {"sampler": dict(name=args.sampler, steps=args.steps, eta=args.eta, guidance_scale=args.guidance),
              "sample": dict(num_images=args.num_images, seed=args.seed, label=args.label)}
     ours = settings.to_dict()
@@ -87,11 +88,15 @@ def cmd_sample(args: argparse.Namespace) -> int:
     # The sampling settings, validated again against the checkpoint's own model and diffusion.
     full = config_from_dict({**cfg.to_dict(), **{k: ours[k] for k in ("sampler", "runtime", "sample")}})
     sc, sp = full.sample, full.sampler
-    images, labels = generate(model, Schedule.from_config(cfg.diffusion), full, sc.num_images, seed=sc.seed)
+    from ddpm.aot_package import choose_package
+    from ddpm.generate import samples_in_bf16
+    network, used = choose_package(args.aot, args.checkpoint, device, samples_in_bf16(full, device))
+    images, labels = generate(model, Schedule.from_config(cfg.diffusion), full, sc.num_images, seed=sc.seed,
+                              network=network)
     out = SampleFiles(args.out)
     grid, arr = save_grid(images, out.grid), save_array(images, labels, out.array)
     print(f"{len(images)} images ({sp.name}, {sp.steps if sp.name == 'ddim' else cfg.diffusion.timesteps} steps, "
-          f"seed {sc.seed}) -> {grid} and {arr}")
+          f"seed {sc.seed}, {used.get('package') or 'eager network'}) -> {grid} and {arr}")
     return 0
 
 
@@ -100,7 +105,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     cfg = _config(args)
     _run_paths(args, cfg, checkpoint=lambda run: run.checkpoint, out=lambda run: run.eval.folder)
     metrics = evaluate_checkpoint(args.checkpoint, cfg, out_dir=args.out, onnx_model=args.onnx,
-                                  feature_net=args.feature_net)
+                                  feature_net=args.feature_net, aot=args.aot)
     for k, v in metrics.items():
         print(f"{k}: {v}")
     return 0
@@ -123,6 +128,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     for int8, check in checks:
         print(f"{'int8 twin' if int8 else 'model'} accepted: {check['n']} DDIM-{check['steps']} samples, max |diff| "
               f"{check['max_abs_diff']:.3g}, FID {check['score_onnx']:.4g} (onnxruntime) vs {check['score_torch']:.4g}")
+    from ddpm.aot_package import export_package, package_path
+    aot = export_package(args.checkpoint, package_path(path), cfg)
+    print(f"exported {aot['file']} (the sampling network compiled for {aot['machine']['device']})" if aot["written"]
+          else f"no AOT package was written: {aot['reason']}")
     if cfg.export.int8:
         from ddpm.quantize import int8_path
         if int8_path(path).is_file():
@@ -192,6 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", type=int, help="class to draw (conditional models only)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: sampler.guidance_scale)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: runtime.device")
+    p.add_argument("--aot", default="auto",
+                   help="the AOT package to sample with (ddpm export writes it on CUDA): a .pt2 path, auto "
+                        "(model.pt2 beside the checkpoint, if there) or off; one that does not match this GPU, "
+                        "torch or checkpoint is refused (default: %(default)s)")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("evaluate", help="score generated samples: FID, precision/recall, IS, memorisation")
@@ -203,6 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="FID's feature net: pinned (the shipped net, checked against its SHA-256), retrain "
                         "(runs/features/<dataset>.pt, trained here if missing; its FIDs are not comparable with "
                         "pinned ones) or a path (default: %(default)s)")
+    p.add_argument("--aot", default="auto",
+                   help="the AOT package to sample with (ddpm export writes it on CUDA): a .pt2 path, auto "
+                        "(model.pt2 beside the checkpoint, if there) or off; one that does not match this GPU, "
+                        "torch or checkpoint is refused (default: %(default)s)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("export", help="export the EMA U-Net to ONNX and gate it: parity, then samples and FID "

@@ -272,18 +272,22 @@ def evaluation_draw(cfg: Config) -> SampleConfig:
                         compile=cfg.sample.compile)
 
 
-def _generate(checkpoint: str | Path, cfg: Config, onnx_model: str | Path | None,
-              device: torch.device) -> tuple[torch.Tensor, Config, str]:
-    """Sample evaluate.num_samples uint8 images; returns (images [N, C, H, W], the evaluation config, backend)."""
+def _generate(checkpoint: str | Path, cfg: Config, onnx_model: str | Path | None, device: torch.device,
+              aot: str | Path | None) -> tuple[torch.Tensor, Config, str, dict[str, Any] | None]:
+    """Sample evaluate.num_samples uint8 images; returns (images [N, C, H, W], the evaluation config, backend,
+    the torch backend's network: ddpm.aot_package.choose_package's record)."""
     ev = cfg.evaluate
     backend = "onnx" if onnx_model is not None or ev.backend == "onnx" else "torch"
     if backend == "torch":
         model, model_cfg, _ = load_model(checkpoint, device)
         run_cfg = _eval_config(model_cfg, cfg)
+        from ddpm.aot_package import choose_package
+        from ddpm.generate import samples_in_bf16
         from ddpm.schedule import Schedule
+        network, used = choose_package(aot, checkpoint, device, samples_in_bf16(run_cfg, device))
         images, _ = generate(model, Schedule.from_config(run_cfg.diffusion), run_cfg, ev.num_samples, seed=ev.seed,
-                             sample_cfg=evaluation_draw(run_cfg))
-        return images, run_cfg, backend
+                             sample_cfg=evaluation_draw(run_cfg), network=network)
+        return images, run_cfg, backend, used
     from ddpm import onnx_sampler  # lazily: onnxruntime is needed only here
 
     onnx_path = Path(onnx_model) if onnx_model is not None else RunLayout(Path(checkpoint).parent).onnx_model
@@ -295,7 +299,7 @@ def _generate(checkpoint: str | Path, cfg: Config, onnx_model: str | Path | None
         options["guidance_scale"] = sp.guidance_scale
     arr = onnx_sampler.sample(onnx_path, ev.num_samples, sampler=sp.name, steps=sp.steps, eta=sp.eta, seed=ev.seed,
                               batch_size=ev.batch_size, provider="cuda" if device.type == "cuda" else "cpu", **options)
-    return torch.from_numpy(np.ascontiguousarray(arr)), run_cfg, backend
+    return torch.from_numpy(np.ascontiguousarray(arr)), run_cfg, backend, None
 
 
 def _config_of_checkpoint(checkpoint: str | Path) -> Config:
@@ -304,11 +308,13 @@ def _config_of_checkpoint(checkpoint: str | Path) -> Config:
 
 
 def evaluate_checkpoint(checkpoint: str | Path, cfg: Config, out_dir: str | Path, onnx_model: str | Path | None = None,
-                        feature_net: str | Path | None = None) -> dict[str, Any]:
+                        feature_net: str | Path | None = None, aot: str | Path | None = "auto") -> dict[str, Any]:
     """Sample evaluate.num_samples images from `checkpoint` (or from `onnx_model` with onnxruntime) and score them.
 
     Writes out_dir/metrics.json (the returned dict: floats plus sampler, steps, num_samples, backend,
-    and feature_net: {"path", "sha256", "pinned"}, the net that measured the FIDs), out_dir/samples.png
+    feature_net: {"path", "sha256", "pinned"}, the net that measured the FIDs, and with the torch backend
+    sampling: {"network": "aot", "package", "device"} or {"network": "eager", "reason"}, whether the AOT
+    package `aot` (ddpm.aot_package.choose_package: a path, "auto" or None) sampled), out_dir/samples.png
     (64 samples) and out_dir/nearest.png (the samples closest to a training image, each followed by
     that training image). `out_dir` is held for the run (ddpm.run_folder.owned). The three files are one set:
     metrics.json is removed before the grids are written and written last, so a metrics.json is always
@@ -316,15 +322,15 @@ def evaluate_checkpoint(checkpoint: str | Path, cfg: Config, out_dir: str | Path
     """
     verify_shipped(feature_net_path(cfg, feature_net))  # an altered pinned net fails now: no folder, no sampling
     with owned(out_dir, "ddpm evaluate"):
-        return _evaluate_checkpoint(checkpoint, cfg, Path(out_dir), onnx_model, feature_net)
+        return _evaluate_checkpoint(checkpoint, cfg, Path(out_dir), onnx_model, feature_net, aot)
 
 
 def _evaluate_checkpoint(checkpoint: str | Path, cfg: Config, out: Path, onnx_model: str | Path | None,
-                         feature_net: str | Path | None) -> dict[str, Any]:
+                         feature_net: str | Path | None, aot: str | Path | None) -> dict[str, Any]:
     sp = cfg.sampler
     device = resolve_device(cfg.runtime.device)
     start = time.perf_counter()
-    images, run_cfg, backend = _generate(checkpoint, cfg, onnx_model, device)
+    images, run_cfg, backend, network = _generate(checkpoint, cfg, onnx_model, device, aot)
     sample_seconds = time.perf_counter() - start
     log.info("sampled %d images with %s/%s in %.1f s", len(images), backend, sp.name, sample_seconds)
     progress.advance("scoring the samples")
@@ -334,6 +340,8 @@ def _evaluate_checkpoint(checkpoint: str | Path, cfg: Config, out: Path, onnx_mo
     result: dict[str, Any] = {**metrics, "sample_seconds": sample_seconds, "sampler": sp.name, "steps": steps,
                               "num_samples": len(images), "backend": backend,
                               "feature_net": describe(fn_path, run_cfg.data.dataset)}
+    if network is not None:
+        result["sampling"] = network
     # One set: the old metrics.json goes first and the new one comes last, so metrics.json never stands beside
     # grids of another run, whatever moment a signal or a crash strikes.
     files = EvalFiles(out)

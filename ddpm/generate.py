@@ -56,14 +56,26 @@ def sampling_network(model: torch.nn.Module, device: torch.device, cuda_graphs: 
     if device.type != "cuda":
         return model
     if compile:
-        model = copy.deepcopy(model)
-        if isinstance(model, UNet):  # see ChannelPaddedConv2d: 1 or 3 channels get no fast kernel
-            model = pad_image_channels(model)
-        model = use_per_channel_group_norm(model.to(memory_format=torch.channels_last))
-        if autocast_dtype is not None:
-            model = cast_weights_for_autocast(model, autocast_dtype)
-        model = torch.compile(model, dynamic=False, options={"coordinate_descent_tuning": True})
+        model = torch.compile(sampling_copy(model, autocast_dtype), dynamic=False,
+                              options={"coordinate_descent_tuning": True})
     return GraphedDenoiser(model) if cuda_graphs else model
+
+
+def sampling_copy(model: torch.nn.Module, autocast_dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """The copy of `model` that sampling compiles (sampling_network, ddpm.aot_package): channels-last, per-channel
+    GroupNorm statistics, image-channel convolutions padded, weights cast once to `autocast_dtype` (if any)."""
+    model = copy.deepcopy(model)
+    if isinstance(model, UNet):  # see ChannelPaddedConv2d: 1 or 3 channels get no fast kernel
+        model = pad_image_channels(model)
+    model = use_per_channel_group_norm(model.to(memory_format=torch.channels_last))
+    if autocast_dtype is not None:
+        model = cast_weights_for_autocast(model, autocast_dtype)
+    return model
+
+
+def samples_in_bf16(cfg: Config, device: torch.device) -> bool:
+    """Whether sampling on `device` runs the network under bf16 autocast: on CUDA, with runtime.bf16."""
+    return device.type == "cuda" and cfg.runtime.bf16
 
 
 def sampler_options(sp: SamplerConfig) -> dict[str, object]:
@@ -95,8 +107,8 @@ def _counted(net: Callable[..., torch.Tensor], total: int) -> tuple[Callable[...
 
 def generate(model: torch.nn.Module, schedule: Schedule, cfg: Config, n: int, seed: int = 0,
              sample_cfg: SampleConfig | None = None, label: int | None = None,
-             return_trajectory: bool = False, cuda_graphs: bool = True,
-             compile: bool | None = None) -> (tuple[torch.Tensor, torch.Tensor | None]
+             return_trajectory: bool = False, cuda_graphs: bool = True, compile: bool | None = None,
+             network: Callable[..., torch.Tensor] | None = None) -> (tuple[torch.Tensor, torch.Tensor | None]
                                               | tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]):
     """Generate n images in batches; returns (uint8 [n, C, H, W] on the CPU, labels [n] or None[, trajectory]).
 
@@ -106,7 +118,8 @@ def generate(model: torch.nn.Module, schedule: Schedule, cfg: Config, n: int, se
     On CUDA the network runs as replayed CUDA graphs (`cuda_graphs`), in bf16 when cfg.runtime.bf16, compiled when
     `compile` (None: `sample.compile`; see sampling_network; a short last batch is then zero-padded to the batch size,
     so that one compiled shape serves every batch: its starting noise is unchanged, the step noise of
-    DDPM or DDIM with eta > 0 is drawn for the padded shape).
+    DDPM or DDIM with eta > 0 is drawn for the padded shape). `network`: a compiled network that replaces
+    the model's, for any batch size (ddpm.aot_package's), run as CUDA graphs on CUDA; `compile` is then ignored.
     """
     sc, sp = sample_cfg or cfg.sample, cfg.sampler
     label = sc.label if label is None else label
@@ -119,13 +132,16 @@ def generate(model: torch.nn.Module, schedule: Schedule, cfg: Config, n: int, se
     was_training = model.training
     model.eval()
     # The cache must be off for CUDA-graph capture under autocast.
-    bf16 = device.type == "cuda" and cfg.runtime.bf16
+    bf16 = samples_in_bf16(cfg, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=False)
-    compiled = sc.compile if compile is None else compile
+    compiled = (sc.compile if compile is None else compile) and network is None
     if compiled and device.type != "cuda":
         log.warning("sample.compile applies on CUDA only; sampling on %s uncompiled", device)
         compiled = False
-    net = sampling_network(model, device, cuda_graphs, compiled, torch.bfloat16 if bf16 else None)
+    if network is not None:
+        net = GraphedDenoiser(network) if cuda_graphs and device.type == "cuda" else network
+    else:
+        net = sampling_network(model, device, cuda_graphs, compiled, torch.bfloat16 if bf16 else None)
     calls = sp.steps if sp.name == "ddim" else schedule.num_timesteps
     net, bar = _counted(net, total=-(-n // sc.batch_size) * calls)
     try:

@@ -275,3 +275,88 @@ def test_graphed_training_step_matches_the_eager_step():
     assert graph_losses == pytest.approx(eager_losses, rel=1e-4)
     for got, want in zip(graph_weights, eager_weights):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_aot_package_on_cuda_samples_what_the_eager_network_samples_in_bf16(tmp_path):
+    """`ddpm export`'s package for this GPU: written after its gate, chosen for its checkpoint, and replayed as CUDA
+    graphs by generate at any batch size, with samples within bf16's rounding of the eager network's."""
+    import ddpm.aot_package as aot
+    from ddpm.checkpoint import load_model, save_checkpoint
+    from ddpm.config import config_from_dict, image_shape
+    from ddpm.generate import generate
+    from ddpm.unet import build_unet
+
+    cfg = config_from_dict({"diffusion": {"timesteps": 100}, "sampler": {"steps": 10}, "sample": {"batch_size": 96},
+                            "model": {"base_channels": 32, "norm_groups": 8, "class_conditional": True}})
+    torch.manual_seed(0)
+    net = build_unet(cfg.model, image_shape(cfg))
+    for p in net.parameters():  # zero-initialised layers would hide most of the network
+        torch.nn.init.normal_(p, std=0.05)
+    ckpt = tmp_path / "checkpoint.pt"
+    save_checkpoint(ckpt, {"model": net.state_dict(), "ema": net.state_dict(), "config": cfg.to_dict(), "step": 1})
+    record = aot.export_package(ckpt, tmp_path / "model.pt2", cfg)
+    assert record["written"], record
+    assert record["machine"]["device"] == torch.cuda.get_device_name() and record["bf16"] is True
+    package, used = aot.choose_package("auto", ckpt, torch.device("cuda"), True)
+    assert used["network"] == "aot" and used["package"] == str(tmp_path / "model.pt2")
+    model, _, _ = load_model(ckpt, "cuda")
+    s = Schedule.from_config(cfg.diffusion)
+    packaged, labels = generate(model, s, cfg, 200, seed=1, network=package)  # batches of 96, 96 and 8
+    eager, eager_labels = generate(model, s, cfg, 200, seed=1)
+    assert torch.equal(labels, eager_labels)
+    diff = (packaged.float() - eager.float()).abs() / 255 * 2  # in [-1, 1]
+    assert diff.mean().item() <= cfg.export.aot_mean_atol, diff.mean().item()
+    refused, why = aot.choose_package("auto", ckpt, torch.device("cuda"), False)  # float32 asked for: not this one
+    assert refused is None and "bf16" in why["reason"]
+
+
+_CACHED_STEP = """
+import json, sys, torch
+from torch._dynamo.utils import counters
+from ddpm.compile_cache import CompileCache, cache_key
+from ddpm.config import DiffusionConfig, ModelConfig
+from ddpm.losses import p_losses
+from ddpm.schedule import Schedule
+from ddpm.train import compile_options
+from ddpm.unet import UNet
+torch.manual_seed(0)
+model = UNet(ModelConfig(base_channels=16, channel_mult=(1, 2), attention_levels=(1,), norm_groups=8, num_heads=2,
+                         dropout=0.0)).cuda().train()
+options = compile_options(False)
+cache = CompileCache(sys.argv[1], cache_key({"tiny": 1}, (1, 28, 28), 8, 1, torch.device("cuda"), options))
+cache.load()
+net = torch.compile(model, options=options)
+s = Schedule.from_config(DiffusionConfig()).to("cuda")
+x0 = torch.rand(8, 1, 28, 28, device="cuda") * 2 - 1
+t, noise = torch.randint(0, 1000, (8,), device="cuda"), torch.randn_like(x0)
+with torch.autocast("cuda", dtype=torch.bfloat16):
+    loss = p_losses(net, s, x0, t, noise)
+loss.backward()
+cache.save()
+print(json.dumps({"loss": loss.item(), "hits": counters["inductor"]["fxgraph_cache_hit"],
+                  "status": cache.record["status"]}))
+"""
+
+
+def test_compile_cache_serves_a_fresh_process_with_empty_inductor_and_triton_caches(tmp_path):
+    """The first process compiles and saves <key>.bin; the second, with caches of its own and empty, loads it and
+    inductor serves the compiled graphs from it, with the same loss."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    runs = []
+    for i in range(2):
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"inductor{i}"),
+               "TRITON_CACHE_DIR": str(tmp_path / f"triton{i}"),
+               "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+        done = subprocess.run([sys.executable, "-c", _CACHED_STEP, str(tmp_path / "cache")], env=env, cwd=root,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    assert runs[0]["status"] == "missing" and runs[0]["hits"] == 0 and len(list((tmp_path / "cache").iterdir())) == 1
+    assert runs[1]["status"] == "loaded" and runs[1]["hits"] > 0
+    assert runs[1]["loss"] == pytest.approx(runs[0]["loss"], rel=1e-3)

@@ -1,0 +1,177 @@
+"""The AOT package of the sampling network: refused, before its code is loaded, for another GPU, torch or
+checkpoint; never built without CUDA by `ddpm export`; and (slow) a real CPU package that samples what the
+eager network samples. The CUDA load-and-run path is in tests/test_cuda.py."""
+
+import dataclasses
+import json
+import logging
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+import ddpm.aot_package as aot
+from ddpm.checkpoint import config_of, load_checkpoint, save_checkpoint
+from ddpm.config import config_from_dict, image_shape
+from ddpm.generate import generate
+from ddpm.schedule import Schedule
+from ddpm.unet import build_unet
+
+H200 = {"torch": "2.11.0+cu130", "cuda": "13.0", "device": "NVIDIA H200", "capability": [9, 0]}
+
+
+def _checkpoint(path: Path, conditional: bool = True) -> Path:
+    cfg = config_from_dict({"diffusion": {"timesteps": 20}, "sampler": {"steps": 4}, "sample": {"batch_size": 3},
+                            "export": {"check_samples": 4},
+                            "model": {"base_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1,
+                                      "attention_levels": [1], "num_heads": 2, "dropout": 0.0, "norm_groups": 4,
+                                      "class_conditional": conditional}})
+    torch.manual_seed(0)
+    net = build_unet(cfg.model, image_shape(cfg))
+    with torch.no_grad():  # the zero-initialised output layers would make every prediction 0
+        for p in net.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    save_checkpoint(path, {"model": net.state_dict(), "ema": net.state_dict(), "config": cfg.to_dict(), "step": 7})
+    return path
+
+
+def _fake_package(path: Path, **record) -> Path:
+    """A zip laid out as aoti_compile_and_package's, whose code is not there: loading it would fail."""
+    full = {"format": aot.FORMAT, "machine": H200, "checkpoint_sha256": "0" * 64, "bf16": True,
+            "class_conditional": True, "num_classes": 10, **record}
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("model/archive_format", "pt2")
+        z.writestr(f"model/{aot.RECORD_ENTRY}", json.dumps(full))
+    return path
+
+
+@pytest.fixture
+def no_load(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a refused package was loaded")
+    monkeypatch.setattr(torch._inductor, "aoti_load_package", refuse)
+
+
+def test_a_package_for_another_gpu_or_torch_is_refused_without_loading_it(tmp_path, no_load):
+    here = aot.machine(torch.device("cpu"))
+    pkg = _fake_package(tmp_path / "model.pt2", machine=H200)
+    why = aot.refusal(pkg, torch.device("cpu"), "0" * 64, True)
+    assert "NVIDIA H200" in why and "torch 2.11.0+cu130" in why and f"torch {here['torch']}" in why
+    other_torch = _fake_package(tmp_path / "torch.pt2", machine={**here, "torch": "2.11.0+cu130"})
+    assert "torch 2.11.0+cu130" in aot.refusal(other_torch, torch.device("cpu"), "0" * 64, True)
+    other_gpu = {"torch": torch.__version__, "cuda": "13.0", "device": "NVIDIA H100 80GB HBM3", "capability": [9, 0]}
+    assert "NVIDIA H100 80GB HBM3" in aot.refusal(_fake_package(tmp_path / "gpu.pt2", machine=other_gpu),
+                                                  torch.device("cpu"), "0" * 64, True)
+
+
+def test_a_package_of_another_checkpoint_or_precision_is_refused(tmp_path, no_load):
+    here = aot.machine(torch.device("cpu"))
+    pkg = _fake_package(tmp_path / "model.pt2", machine=here, checkpoint_sha256="a" * 64, bf16=False)
+    assert "another checkpoint" in aot.refusal(pkg, torch.device("cpu"), "b" * 64, False)
+    assert "bf16" in aot.refusal(pkg, torch.device("cpu"), "a" * 64, True)
+    assert aot.refusal(pkg, torch.device("cpu"), "a" * 64, False) is None  # the only match
+
+
+@pytest.mark.parametrize("content", [b"", b"not a zip", "no record"])
+def test_a_file_that_is_no_package_is_refused(tmp_path, no_load, content):
+    path = tmp_path / "model.pt2"
+    if content == "no record":
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("model/archive_format", "pt2")
+    else:
+        path.write_bytes(content)
+    assert "unusable" in aot.refusal(path, torch.device("cpu"), "0" * 64, True)
+    assert "no AOT package" in aot.refusal(tmp_path / "missing.pt2", torch.device("cpu"), "0" * 64, True)
+
+
+def test_sampling_falls_back_to_the_eager_network_with_one_log_line(tmp_path, no_load, caplog):
+    ckpt = _checkpoint(tmp_path / "checkpoint.pt")
+    pkg = _fake_package(tmp_path / "model.pt2", checkpoint_sha256=aot.file_sha256(ckpt))
+    with caplog.at_level(logging.INFO, logger="ddpm.aot_package"):
+        net, used = aot.choose_package(str(pkg), ckpt, torch.device("cpu"), False)
+    assert net is None and used["network"] == "eager" and "NVIDIA H200" in used["reason"]
+    assert [r.levelname for r in caplog.records] == ["WARNING"] and used["reason"] in caplog.records[0].getMessage()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="ddpm.aot_package"):  # auto: packages are for CUDA, quietly
+        net, used = aot.choose_package("auto", ckpt, torch.device("cpu"), False)
+        assert aot.choose_package(None, ckpt, torch.device("cpu"), False)[0] is None
+    assert net is None and used["network"] == "eager" and not caplog.records
+
+
+def test_ddpm_sample_with_a_package_path_that_is_no_file_is_one_line_and_exit_status_2(tmp_path, capsys):
+    from ddpm.cli import main
+
+    ckpt = _checkpoint(tmp_path / "checkpoint.pt")
+    code = main(["sample", "--checkpoint", str(ckpt), "--device", "cpu", "-n", "2", "--steps", "2", "--aot",
+                 str(tmp_path / "x.pt2"), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "x.pt2: no such file" in err[0]
+    assert not (tmp_path / "out" / "samples.npz").exists()
+
+
+def test_ddpm_sample_with_a_package_of_another_gpu_samples_eagerly_and_says_why(tmp_path, capsys, no_load, caplog):
+    from ddpm.cli import main
+
+    ckpt = _checkpoint(tmp_path / "checkpoint.pt")
+    pkg = _fake_package(tmp_path / "model.pt2", checkpoint_sha256=aot.file_sha256(ckpt))
+    with caplog.at_level(logging.WARNING, logger="ddpm.aot_package"):
+        code = main(["sample", "--checkpoint", str(ckpt), "--device", "cpu", "-n", "2", "--steps", "2", "--aot",
+                     str(pkg), "--out", str(tmp_path / "out")])
+    assert code == 0 and (tmp_path / "out" / "samples.npz").is_file() and "eager network" in capsys.readouterr().out
+    assert [r.getMessage() for r in caplog.records if "refused" in r.getMessage()][0].count("NVIDIA H200") == 1
+
+
+def test_export_builds_no_package_without_cuda_and_leaves_the_folder_alone(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    ckpt = _checkpoint(tmp_path / "checkpoint.pt")
+    cfg = config_of(load_checkpoint(ckpt))
+    record = aot.export_package(ckpt, tmp_path / "model.pt2", cfg)
+    assert record["written"] is False and "CUDA" in record["reason"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+    off = dataclasses.replace(cfg, export=dataclasses.replace(cfg.export, aot=False))
+    assert aot.export_package(ckpt, tmp_path / "model.pt2", off)["written"] is False
+
+
+def test_generate_runs_a_given_network_in_place_of_the_model(tmp_path):
+    """The network that replaces the model (a package's) gets every call, at the batch size asked for."""
+    from ddpm.checkpoint import load_model
+
+    model, cfg, _ = load_model(_checkpoint(tmp_path / "checkpoint.pt"), "cpu")
+    batches = []
+
+    def network(x, t, labels=None):
+        batches.append(x.shape[0])
+        return model(x, t, labels)
+    s = Schedule.from_config(cfg.diffusion)
+    via, via_labels = generate(model, s, cfg, 5, seed=3, network=network)
+    eager, eager_labels = generate(model, s, cfg, 5, seed=3)
+    assert batches == [3] * 4 + [2] * 4  # DDIM-4 over batches of 3 and 2: no padding
+    assert torch.equal(via, eager) and torch.equal(via_labels, eager_labels)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("conditional", [True, False])
+def test_a_real_cpu_package_samples_what_the_eager_network_samples(tmp_path, monkeypatch, conditional):
+    """The whole path on the CPU (AOTInductor compiles C++ there): build, parity gate, record, load, sample."""
+    from ddpm.checkpoint import load_model
+
+    ckpt = _checkpoint(tmp_path / "checkpoint.pt", conditional)
+    model, cfg, _ = load_model(ckpt, "cpu")
+    ecfg = dataclasses.replace(cfg, export=dataclasses.replace(cfg.export, aot_mean_atol=1e-3))
+    record = aot.export_package(ckpt, tmp_path / "model.pt2", ecfg, device=torch.device("cpu"))
+    assert record["written"], record
+    assert record["machine"] == aot.machine(torch.device("cpu")) and record["parity"]["mean_abs_diff"] <= 1e-3
+    assert aot.read_record(tmp_path / "model.pt2")["checkpoint_sha256"] == aot.file_sha256(ckpt)
+    assert not list(tmp_path.glob(".model.tmp-*"))
+    net, used = aot.choose_package(str(tmp_path / "model.pt2"), ckpt, torch.device("cpu"), False)
+    assert used == {"network": "aot", "package": str(tmp_path / "model.pt2"), "device": "cpu"}
+    s = Schedule.from_config(cfg.diffusion)
+    packaged, _ = generate(model, s, cfg, 5, seed=3, network=net)
+    eager, _ = generate(model, s, cfg, 5, seed=3)
+    assert (packaged.int() - eager.int()).abs().max().item() <= 2  # float32 on both sides: rounding only
+    # A package whose samples differ is not written, and one already there is removed.
+    monkeypatch.setattr(aot, "sample_parity", lambda *a, **k: {"steps": 4, "mean_abs_diff": 0.5, "max_abs_diff": 1.0})
+    refused = aot.export_package(ckpt, tmp_path / "model.pt2", ecfg, device=torch.device("cpu"))
+    assert not refused["written"] and "aot_mean_atol" in refused["reason"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
