@@ -44,6 +44,41 @@ def export_model(checkpoint: str, cfg: Any, onnx_path: str, force: bool = False)
     return str(out)
 
 
+@task(name="export-aot", cache_policy=NO_CACHE)
+def export_aot(checkpoint: str, cfg: Any, package: str, report: str, force: bool = False) -> dict[str, Any]:
+    """ddpm.aot_package.export_package: the sampling network compiled for this GPU, beside the ONNX model, unless
+    the package there is already this checkpoint's for this machine. Optional: without CUDA, or when its
+    samples differ from the eager network's, none is written and `report` says why."""
+    import torch
+
+    from ddpm.aot_package import export_package, read_record, refusal
+    from ddpm.generate import samples_in_bf16
+
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    if not force and device.type == "cuda" and refusal(Path(package), device, file_sha256(checkpoint),
+                                                       samples_in_bf16(cfg, device)) is None:
+        log.info("%s is current for this checkpoint and GPU; AOT compile skipped", package)
+        record = {"written": True, "file": package, "reused": True, **read_record(Path(package))}
+    else:
+        record = export_package(checkpoint, package, cfg)
+    write_json(Path(report), record)
+    return record
+
+
+@task(name="log-aot", cache_policy=NO_CACHE)
+def log_aot(run: RunRef, record: dict[str, Any], step: int) -> None:
+    """The AOT package (artifact under aot/) and its record as tags and parity metrics, or why there is none."""
+    logger = run.logger()
+    logger.tags({"export.aot.written": str(record["written"]).lower(),
+                 "export.aot.reason": record.get("reason", "")[:4000],
+                 "export.aot.device": (record.get("machine") or {}).get("device", "")})
+    if record.get("parity"):
+        logger.metrics({f"aot_parity_{k}": float(v) for k, v in record["parity"].items()
+                        if k.endswith("abs_diff")}, step)
+    if record["written"]:
+        logger.artifact(record["file"], "aot")
+
+
 @task(name="check-export", cache_policy=NO_CACHE)
 def check_model(onnx_path: str, checkpoint: str, cfg: Any, feature_net: str, report: str,
                 force: bool = False, int8: bool = False) -> dict[str, Any]:

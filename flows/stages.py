@@ -81,6 +81,8 @@ def train_flow(params_path: str = "params.yaml", profile: str | None = None, ove
     run_files = s.layout
     samples, trajectory = str(run_files.samples_final), str(run_files.trajectory)
     with tracker.stage("train", parent_run_id) as run, StageProgress("train") as progress:
+        if s.cfg.train.compile:  # a fresh machine: the compile work earlier runs logged (flows/README.md)
+            tasks.fetch_compile_caches(run, str(run_files.compile_cache))
         result = tasks.train_model(s.cfg, run, force)
         progress("rendering the denoising trajectory")
         tasks.render_trajectory(result["checkpoint"], s.cfg, trajectory, s.cfg.pipeline.trajectory_images)
@@ -139,7 +141,10 @@ def export_flow(params_path: str = "params.yaml", profile: str | None = None, ov
             int8 = (str(int8_path(onnx_path)), str(run_files.export_int8_report))
             export_tasks.check_model(int8[0], checkpoint, s.cfg, info["path"], int8[1], force, int8=True)
         samples = export_tasks.sample_onnx(onnx_path, s.cfg, str(run_files.onnx_samples.grid))
+        progress("compiling the sampling network ahead of time (CUDA only)")
+        aot = export_tasks.export_aot(checkpoint, s.cfg, str(run_files.aot_package), str(run_files.aot_report), force)
         progress("logging to MLflow and the registry")
+        export_tasks.log_aot(run, aot, _step(checkpoint))
         metrics_json = run_files.eval.metrics
         quality = json.loads(metrics_json.read_text()) if metrics_json.is_file() \
             else None  # a model exported before any evaluation is registered as a challenger, never champion

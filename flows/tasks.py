@@ -173,6 +173,7 @@ def train_model(cfg: Any, run: RunRef | None = None, force: bool = False) -> dic
     from ddpm.train import train
 
     run_files = RunLayout(cfg.train.out_dir)
+    run_files.compile_cache.mkdir(parents=True, exist_ok=True)  # a DVC output: there even when nothing compiles
     resume = not force
     if resume:
         stamp = CheckpointStamp(run_files, cfg)
@@ -198,7 +199,42 @@ def train_model(cfg: Any, run: RunRef | None = None, force: bool = False) -> dic
                             "`python -m flows.stages train --no-force`)") from None
     return {"checkpoint": str(result.checkpoint), "step": result.step, "loss": result.loss,
             "images_per_sec": result.images_per_sec, "sent_steps": sorted(live.sent) if live else [],
-            "samples": samples_logged, "skipped": False}
+            "samples": samples_logged, "skipped": False, "compile_cache": result.compile_cache}
+
+
+@task(name="fetch-compile-cache", cache_policy=NO_CACHE)
+def fetch_compile_caches(run: RunRef, folder: str, runs: int = 20) -> list[str]:
+    """Compile-cache files (ddpm.compile_cache) that the newest `runs` train runs of this experiment saved and
+    `folder` lacks, downloaded into it; returns their names. A fresh machine of a kind that trained before
+    then compiles from them (ddpm.train picks the file of its own key). A tracking failure is one warning:
+    training compiles as usual."""
+    import os
+    import tempfile
+
+    from mlflow.tracking import MlflowClient
+
+    target = Path(folder)
+    target.mkdir(parents=True, exist_ok=True)
+    have, fetched = {p.name for p in target.glob("*.bin")}, []
+    try:
+        client = MlflowClient(run.uri)
+        experiment = client.get_run(run.run_id).info.experiment_id
+        found = client.search_runs([experiment], "tags.`train.compile_cache.saved` = 'true'",
+                                   order_by=["attributes.start_time DESC"], max_results=runs)
+        for other in found:
+            for art in client.list_artifacts(other.info.run_id, "compile_cache"):
+                name = Path(art.path).name
+                if name.endswith(".bin") and name not in have:
+                    with tempfile.TemporaryDirectory(dir=target) as tmp:  # whole files only, by one rename
+                        os.replace(client.download_artifacts(other.info.run_id, art.path, tmp), target / name)
+                    have.add(name)
+                    fetched.append(name)
+    except Exception as exc:  # noqa: BLE001 - a cache we cannot fetch only costs the compile
+        log.warning("compile cache: could not fetch from MLflow (%s); training compiles as usual",
+                    " ".join(str(exc).split())[:300])
+    if fetched:
+        log.info("compile cache: fetched %s from MLflow into %s", ", ".join(fetched), target)
+    return fetched
 
 
 def _train_distributed(cfg: Any, resume: bool) -> dict[str, Any]:
@@ -264,7 +300,23 @@ def log_training(run: RunRef, result: dict[str, Any], loss_csv: str, samples: st
         logger.artifact(path, "train")
     if log_checkpoint:
         logger.artifact(result["checkpoint"], "checkpoint")
+    log_compile_cache(logger, result.get("compile_cache"))
     return sent
+
+
+def log_compile_cache(logger: Any, record: dict[str, Any] | None) -> None:
+    """Which compile-cache file the training step compiled from, or why none (ddpm.compile_cache's record), as
+    tags; the file itself under compile_cache/, so that a fresh machine of the same kind can fetch it
+    (flows/README.md, "Compile once")."""
+    if record is None:
+        logger.tags({"train.compile_cache": "off (train.compile is false, or training was skipped)"})
+        return
+    logger.tags({"train.compile_cache": record["status"], "train.compile_cache.key": record["key"],
+                 "train.compile_cache.reason": record.get("reason", "")[:4000],
+                 "train.compile_cache.saved": str(bool(record.get("saved"))).lower()})
+    file = record.get("saved") or record.get("file")
+    if file and Path(file).is_file():
+        logger.artifact(file, "compile_cache")
 
 
 # --- evaluation -----------------------------------------------------------------------------------
@@ -305,7 +357,9 @@ def log_evaluation(run: RunRef, result: dict[str, Any], out_dir: str, step: int)
     logger = run.logger()
     numbers = flat_numbers(result["metrics"])
     logger.metrics(numbers, step)
-    logger.tags({"evaluate.skipped": str(result["skipped"]).lower()})
+    sampling = result["metrics"].get("sampling") or {}  # the torch backend's network: the AOT package or why not
+    logger.tags({"evaluate.skipped": str(result["skipped"]).lower(),
+                 **{f"evaluate.sampling.{k}": str(v)[:4000] for k, v in sampling.items()}})
     for f in sorted(Path(out_dir).iterdir()):
         if f.is_file() and not f.name.startswith("."):
             logger.artifact(f, "evaluate")

@@ -240,6 +240,52 @@ def test_artifacts_hold_the_files(project, first, tmp_path):
     assert metrics["int8_score_onnx"] == pytest.approx(int8_check["score_onnx"])
 
 
+def test_compile_once_records_say_what_was_used_or_why_not(project, first):
+    """On the CPU nothing compiles: the train run says so, the export run why no AOT package was built (no CUDA),
+    the evaluate run that it sampled eagerly; the folder DVC tracks for the compile cache is there."""
+    runs = pipeline_runs(first["run_id"])
+    train, evaluate, export = (runs[name].data.tags for name in ("train", "evaluate", "export"))
+    assert train["train.compile_cache"].startswith("off")
+    assert export["export.aot.written"] == "false" and "no CUDA device" in export["export.aot.reason"]
+    assert evaluate["evaluate.sampling.network"] == "eager" and evaluate["evaluate.sampling.reason"]
+    run_dir = project / "runs" / "default"
+    assert (run_dir / "compile_cache").is_dir() and not list((run_dir / "compile_cache").iterdir())
+    record = json.loads((run_dir / "aot_package.json").read_text())
+    assert record["written"] is False and record["reason"] == export["export.aot.reason"]
+    assert not (run_dir / "model.pt2").exists()
+
+
+def test_a_fresh_machine_fetches_the_compile_caches_that_earlier_train_runs_saved(tmp_path):
+    """What flows.tasks.log_compile_cache logs, flows.tasks.fetch_compile_caches brings to a new run's folder:
+    the files of runs that saved one, once each; a store it cannot read costs a warning, not the run."""
+    from mlflow.tracking import MlflowClient
+
+    from flows.tasks import fetch_compile_caches, log_compile_cache
+    from flows.tracking import RunRef
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("cc", artifact_location=(tmp_path / "artifacts").as_uri())
+    made = tmp_path / "machine_a" / "compile_cache"
+    made.mkdir(parents=True)
+    for key in ("k1", "k2"):
+        (made / f"{key}.bin").write_bytes(key.encode())
+        saving = client.create_run(exp).info.run_id
+        log_compile_cache(RunRef(uri, saving).logger(), {"status": "missing", "key": key, "reason": "none yet",
+                                                         "file": None, "saved": str(made / f"{key}.bin")})
+    loading = client.create_run(exp).info.run_id  # loaded k1: it logs the file too, but saved nothing new
+    log_compile_cache(RunRef(uri, loading).logger(), {"status": "loaded", "key": "k1", "reason": "",
+                                                      "file": str(made / "k1.bin")})
+    assert client.get_run(loading).data.tags["train.compile_cache.saved"] == "false"
+    target = tmp_path / "machine_b" / "runs" / "default" / "compile_cache"
+    fresh = RunRef(uri, client.create_run(exp).info.run_id)
+    assert sorted(fetch_compile_caches.fn(fresh, str(target))) == ["k1.bin", "k2.bin"]
+    assert sorted(p.name for p in target.iterdir()) == ["k1.bin", "k2.bin"]  # no temporary folder left
+    assert (target / "k2.bin").read_bytes() == b"k2"
+    assert fetch_compile_caches.fn(fresh, str(target)) == []  # there already
+    assert fetch_compile_caches.fn(RunRef(f"sqlite:///{tmp_path / 'no' / 'such.db'}", "x"), str(target)) == []
+
+
 def test_registered_onnx_model_is_the_export(project, first):
     import mlflow
     import mlflow.onnx
