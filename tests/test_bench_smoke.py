@@ -153,3 +153,32 @@ def test_bench_browser_smoke_times_the_page_and_python_on_the_same_samples(tmp_p
     assert row["browser_ms_per_step"] > 0 and row["python_ms_per_step"] > 0
     assert row["max_abs_diff_x0"] <= 1e-3  # the page computed the same samples as onnxruntime in Python
     assert doc["by_case"]["t1_b1"] == row and "onnxruntime-web" in doc["environment"]["page"]
+
+
+def test_bench_compile_once_smoke_runs_every_command_and_writes_its_goal_file(tmp_path):
+    """Every step is a `ddpm` command that exits 0; on the CPU both sample commands run the eager network
+    (no package: those are built on CUDA) and so give the same images; the goal file's figures are the summary's."""
+    from testkit import fake_mnist
+
+    fake_mnist(tmp_path / "data", n_train=256, n_test=128)
+    goal = tmp_path / "goal.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "bench/compile_once.py", "--smoke", "--out", str(tmp_path / "co.json"),
+                           "--goal", str(goal), f"data.root={tmp_path / 'data'}"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    doc = json.loads((tmp_path / "co.json").read_text())
+    steps = doc["steps"]
+    assert set(steps) == {"train_cold", "train_warm", "sample_aot", "sample_eager"}
+    assert all(s["rc"] == 0 and s["wall_s"] > 0 for s in steps.values()), steps
+    assert steps["train_cold"]["compile_cache"] == steps["train_warm"]["compile_cache"] == "off"  # no compile
+    assert doc["samples_aot_vs_eager"]["max_abs_diff_uint8"] == 0
+    q = doc["quality"]
+    assert q["sampling"] == steps["sample_aot"]["network"] == "eager" and q["num_samples"] == 64
+    assert math.isfinite(q["fid"]) and q["fid_floor"] > 0 and q["fid_over_floor"] == q["fid"] / q["fid_floor"]
+    figures = {f["check"][0]["key"]: f["value"] for f in json.loads(goal.read_text())["figures"]}
+    assert figures["summary.train_warm_s"] == f"{doc['summary']['train_warm_s']:.1f} s"
+    assert figures["quality.fid"] == f"{q['fid']:.2f}"
+    from bench import report  # the goal file is one that `python -m bench.report` renders
+    rendered = "\n".join(report._render_goal(report.Goal(goal, report._read_goal(goal))))
+    assert "## Compile once: no compile wait on a fresh machine" in rendered and figures["quality.fid"] in rendered
