@@ -1,4 +1,4 @@
-"""BENCHMARKS.md and the README's results table, rendered from bench/results/current/*.json.
+"""BENCHMARKS.md, the README's results table and the goals' plots, rendered from bench/results/current/*.json.
 
 Each JSON holds one goal: its wording, its status, the current figure(s), and for every figure the
 run that measured it (card, date, commit, command, versions, result file). A figure may name the
@@ -22,6 +22,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench import plot_svg
 from ddpm.fileio import atomic_write_bytes
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -190,9 +191,25 @@ def _render_goal(goal: Goal) -> list[str]:
             lines.append(f"| {fig['what']} | {fig['value']} | {run['card']}; {run['versions']} | {run['date']} "
                          f"| {run['commit']} | `{run['command']}` | `{run['results']}` |")
         previous = fig["run"]
+    if "plot" in d:
+        lines += ["", f"![{d['plot']['title']}]({d['plot']['file']})"]
     pages = ", ".join(f"[{Path(p).stem}]({p})" for p in d["experiments"])
     lines += ["", f"Source: `bench/results/current/{goal.path.name}`. Experiments: {pages}."]
     return lines
+
+
+def render_plots(root: Path, goals: list[Goal]) -> dict[Path, str]:
+    """The SVG text of every goal's plot (bench.plot_svg), by file."""
+    out = {}
+    for g in goals:
+        if "plot" not in g.data:
+            continue
+        try:
+            out[root / g.data["plot"]["file"]] = plot_svg.render(root, g.data["plot"])
+        except (OSError, KeyError, TypeError, ValueError, json.JSONDecodeError) as e:
+            raise ReportError(f"{g.path}: its plot cannot be drawn ({type(e).__name__}: {e}); fix its 'plot' entry "
+                              f"(bench/plot_svg.py says what it needs)") from None
+    return out
 
 
 def render_readme_table(goals: list[Goal]) -> str:
@@ -231,8 +248,10 @@ def check(root: Path) -> list[str]:
     goals = load_goals(root)
     problems = check_figures(root, goals)
     bench_doc, readme = _read_doc(root / "BENCHMARKS.md"), _read_doc(root / "README.md")
-    for name, want, have in (("BENCHMARKS.md", render_benchmarks(goals), bench_doc),
-                             ("README.md", splice_readme(readme, render_readme_table(goals)), readme)):
+    pairs = [("BENCHMARKS.md", render_benchmarks(goals), bench_doc),
+             ("README.md", splice_readme(readme, render_readme_table(goals)), readme)]
+    pairs += [(str(path.relative_to(root)), svg, _read_doc(path)) for path, svg in render_plots(root, goals).items()]
+    for name, want, have in pairs:
         line = first_difference(name, want, have)
         if line:
             problems.append(line + "; run python -m bench.report to regenerate")
@@ -246,6 +265,9 @@ def write(root: Path) -> None:
     if problems:
         raise ReportError(problems[0])
     readme = splice_readme(_read_doc(root / "README.md"), render_readme_table(goals))
+    plots = render_plots(root, goals)
+    for path, svg in plots.items():
+        atomic_write_bytes(path, svg.encode("utf-8"))
     atomic_write_bytes(root / "BENCHMARKS.md", render_benchmarks(goals).encode("utf-8"))
     atomic_write_bytes(root / "README.md", readme.encode("utf-8"))
 

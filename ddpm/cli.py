@@ -1,4 +1,4 @@
-"""The `ddpm` command line: data, train, sample, evaluate, export, onnx-sample, web.
+"""The `ddpm` command line: data, train, distill, sample, evaluate, export, onnx-sample, web.
 
 Settings come from params.yaml (`--params`), an optional profile (`--profile gpu`) and overrides
 given as `section.key=value` arguments, e.g. `ddpm train train.steps=500 model.base_channels=32`.
@@ -66,6 +66,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_distill(args: argparse.Namespace) -> int:
+    from ddpm.distill import distill
+    cfg = _config(args)
+    result = distill(cfg, args.checkpoint, resume=args.resume, overwrite=args.overwrite)
+    for r in result.rounds:
+        print(f"{r.steps} steps: {'kept' if r.skipped else f'loss {r.loss:.4f}, {r.seconds:.0f} s'}; {r.checkpoint}")
+    print(f"student ({cfg.distill.steps} DDIM steps): {result.student}; sample it with "
+          f"`ddpm sample --checkpoint {result.student}`")
+    return 0
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     from ddpm.checkpoint import load_model
     from ddpm.config import config_from_dict
@@ -83,6 +94,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     given = {"sampler": dict(name=args.sampler, steps=args.steps, eta=args.eta, guidance_scale=args.guidance),
              "sample": dict(num_images=args.num_images, seed=args.seed, label=args.label)}
     ours = settings.to_dict()
+    if cfg.diffusion.distilled_steps:  # a student samples with its own steps unless asked otherwise (then refused)
+        ours["sampler"].update(name="ddim", steps=cfg.diffusion.distilled_steps)
     for section, values in given.items():
         ours[section].update({k: v for k, v in values.items() if v is not None})
     # The sampling settings, validated again against the checkpoint's own model and diffusion.
@@ -189,12 +202,25 @@ def build_parser() -> argparse.ArgumentParser:
                             "config.yaml, samples_*.png) move to <out_dir>.replaced-<UTC time>/")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("distill", help="progressive distillation of a trained checkpoint into a few-step student "
+                                       "(settings: the distill block); writes <train.out_dir>/distill/")
+    _add_settings(p)
+    p.add_argument("--checkpoint", default="runs/default/checkpoint.pt", help="the teacher (default: %(default)s)")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="keep the finished rounds of the same teacher and continue an interrupted one")
+    again.add_argument("--overwrite", action="store_true",
+                       help="distil every round again; each round's previous files move to "
+                            "<round>.replaced-<UTC time>/")
+    p.set_defaults(func=cmd_distill)
+
     p = sub.add_parser("sample", help="sample images from a checkpoint: a PNG grid and an .npz array")
     _add_settings(p)
     p.add_argument("--checkpoint", default=None, help="(default: <train.out_dir>/checkpoint.pt)")
     p.add_argument("--out", default="samples", help="output folder (default: %(default)s)")
     p.add_argument("--sampler", choices=["ddpm", "ddim"], help="default: sampler.name")
-    p.add_argument("--steps", type=int, help="DDIM steps (default: sampler.steps)")
+    p.add_argument("--steps", type=int,
+                   help="DDIM steps (default: a distilled student's own count, else sampler.steps)")
     p.add_argument("--eta", type=float, help="DDIM eta (default: sampler.eta)")
     p.add_argument("-n", "--num-images", type=int, help="default: sample.num_images")
     p.add_argument("--seed", type=int, help="default: sample.seed")
@@ -242,7 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="for models:/ URIs: where downloaded versions are kept (default: ~/.cache/ddpm/models)")
     p.add_argument("--out", default="samples_onnx", help="output folder (default: %(default)s)")
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddim", help="(default: %(default)s)")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="DDIM steps (default: a distilled student's own count, else 50)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default: %(default)s)")
     p.add_argument("-n", "--num-images", type=int, default=64, help="(default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=256, help="(default: %(default)s)")

@@ -1,6 +1,6 @@
 """Typed, frozen configuration, read once from `params.yaml` plus overrides.
 
-`params.yaml` is keyed by stage (data, diffusion, model, train, sample, evaluate, export) as DVC
+`params.yaml` is keyed by stage (data, diffusion, model, train, sample, evaluate, export, distill) as DVC
 expects, plus two blocks that several stages read: `sampler` (how images are drawn, for `ddpm sample`,
 evaluation, the export check and int8 calibration) and `runtime` (device and precision, for every
 stage). Settings that moved to them are refused with their new home (ddpm.config_moves).
@@ -77,6 +77,9 @@ class DiffusionConfig:
     prediction: Literal["eps", "v", "x0"] = "eps"
     loss_weighting: Literal["none", "min_snr"] = "none"
     min_snr_gamma: float = _f(5.0, _positive, "a float > 0")
+    # 0: a trained model, sampled with any step count. N: a student of ddpm.distill, which samples with N
+    # deterministic DDIM steps on the trailing grid (schedule_math.trailing_timesteps) and no other count.
+    distilled_steps: int = _f(0, _non_negative, "an integer >= 0 (0: not distilled)")
 
 
 @dataclass(frozen=True)
@@ -197,6 +200,23 @@ class ExportConfig:
 
 
 @dataclass(frozen=True)
+class DistillConfig:
+    """Progressive distillation (ddpm.distill): the trained checkpoint's EMA network, sampled with
+    `teacher_steps` DDIM steps, is distilled into students of half as many steps, round after round,
+    down to `steps`. Each round takes `round_steps` optimisation steps at `lr` (cosine-decayed to 0);
+    the other training settings (batch size, device, bf16, CUDA graphs, channels-last, clipping) are train's.
+    `enabled` turns the pipeline's distill stage on."""
+
+    enabled: bool = False
+    steps: int = _f(4, _positive, "an integer > 0 (the final student's DDIM steps)")
+    teacher_steps: int = _f(32, lambda v: v >= 2, "an integer >= 2 (steps times a power of 2)")
+    round_steps: int = _f(500, _positive, "an integer > 0")
+    lr: float = _f(2e-4, _positive, "a float > 0")
+    ema_decay: float = _f(0.999, _unit_closed, "a float in [0, 1]")
+    compile: bool = False  # torch.compile student and teacher; each round compiles anew, which short rounds repay badly
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     """Tracking and orchestration (flows/): read by the Prefect flows, never by the ddpm functions.
 
@@ -214,6 +234,8 @@ class PipelineConfig:
     champion_alias: str = _f("champion", lambda v: bool(v.strip()) and not (v[0] == "v" and v[1:].isdigit()),
                              "a non-empty string other than v<number> (reserved by MLflow)")
     promotion_margin: float = _f(0.0, lambda v: 0.0 <= v < 1.0, "a float in [0, 1) (relative FID improvement)")
+    student_alias: str = _f("student", lambda v: bool(v.strip()) and not (v[0] == "v" and v[1:].isdigit()),
+                            "a non-empty string other than v<number> (reserved by MLflow)")
     feature_net: str = _f("pinned", lambda v: bool(v.strip()), "pinned, retrain or a non-empty path")
     trajectory_images: int = _f(8, _positive, "an integer > 0")
     log_checkpoint: bool = True
@@ -230,6 +252,7 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -239,7 +262,7 @@ class Config:
 _SECTION_CLASSES = {
     "data": DataConfig, "diffusion": DiffusionConfig, "model": ModelConfig, "train": TrainConfig,
     "sampler": SamplerConfig, "runtime": RuntimeConfig, "sample": SampleConfig, "evaluate": EvaluateConfig,
-    "export": ExportConfig, "pipeline": PipelineConfig,
+    "export": ExportConfig, "distill": DistillConfig, "pipeline": PipelineConfig,
 }
 IMAGE_SHAPES = {"mnist": (1, 28, 28), "fashion_mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
 
@@ -282,12 +305,26 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"model.num_heads: {m.num_heads} does not divide {ch} channels")
     if cfg.sampler.steps > d.timesteps:
         raise ConfigError(f"sampler.steps: {cfg.sampler.steps} exceeds diffusion.timesteps ({d.timesteps})")
+    _validate_distill(cfg)
     if cfg.sample.label is not None:
         if not m.class_conditional:
             raise ConfigError("sample.label: the model is not class-conditional; set model.class_conditional: true "
                               "to train a model that can be asked for a class")
         if not 0 <= cfg.sample.label < 10:
             raise ConfigError(f"sample.label: {cfg.sample.label} is out of range; allowed: 0..9")
+
+
+def _validate_distill(cfg: Config) -> None:
+    """distill.teacher_steps must be distill.steps times a power of 2 (>= 2); (ddpm.distill checks it against
+    the teacher's T)."""
+    ds, T = cfg.distill, cfg.diffusion.timesteps
+    ratio = ds.teacher_steps // ds.steps
+    if ds.teacher_steps % ds.steps or ratio < 2 or ratio & (ratio - 1):
+        raise ConfigError(f"distill.teacher_steps: {ds.teacher_steps} must be distill.steps ({ds.steps}) times a "
+                          f"power of 2 (each round halves the steps), e.g. {ds.steps * 16}")
+    if cfg.diffusion.distilled_steps > T:
+        raise ConfigError(f"diffusion.distilled_steps: {cfg.diffusion.distilled_steps} exceeds diffusion.timesteps "
+                          f"({T})")
 
 
 def _max_levels(size: int) -> int:

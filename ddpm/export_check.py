@@ -27,6 +27,7 @@ from ddpm.onnx_model import OnnxDenoiser, no_spin_options
 from ddpm.onnx_sampler import class_labels, ddim_sample_loop, to_uint8
 from ddpm.samplers import ddim_sample_loop as torch_ddim_sample_loop
 from ddpm.schedule import Schedule
+from ddpm.schedule_math import sampling_timesteps
 
 
 @contextlib.contextmanager
@@ -65,7 +66,7 @@ def check_export(onnx_path: str | Path, checkpoint: str | Path, n: int = 256, st
     noise = rng.standard_normal((max(steps - 1, 1), n, *den.image_shape), dtype=np.float32) if eta > 0 else None
     labels = class_labels(n, None, den.num_classes) if den.class_conditional else None
     common = dict(guidance_scale=guidance_scale, prediction=den.prediction, clip_denoised=clip_denoised, steps=steps,
-                  eta=eta)
+                  eta=eta, timesteps=sampling_timesteps(cfg.diffusion.timesteps, steps, cfg.diffusion.distilled_steps))
     batches = [slice(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
     x_onnx = [ddim_sample_loop(den, den.schedule, x_T[sl], labels=None if labels is None else labels[sl],
                                step_noise=None if noise is None else noise[:, sl], **common) for sl in batches]

@@ -16,12 +16,13 @@ from torchvision.transforms.functional import to_pil_image
 
 from ddpm import progress
 from ddpm.checkpoint import atomic_write_bytes
-from ddpm.config import Config, SampleConfig, SamplerConfig, image_shape
+from ddpm.config import Config, ConfigError, DiffusionConfig, SampleConfig, SamplerConfig, image_shape
 from ddpm.data import from_model_range
 from ddpm.graphed import GraphedDenoiser
 from ddpm.layers import use_per_channel_group_norm
 from ddpm.samplers import get_sampler
 from ddpm.schedule import Schedule
+from ddpm.schedule_math import sampling_timesteps
 from ddpm.unet import UNet, pad_image_channels
 
 log = logging.getLogger(__name__)
@@ -78,10 +79,15 @@ def samples_in_bf16(cfg: Config, device: torch.device) -> bool:
     return device.type == "cuda" and cfg.runtime.bf16
 
 
-def sampler_options(sp: SamplerConfig) -> dict[str, object]:
-    """The sampler-specific keyword arguments that `sp` asks for."""
+def sampler_options(sp: SamplerConfig, diffusion: DiffusionConfig) -> dict[str, object]:
+    """The sampler-specific keyword arguments that `sp` asks for; a distilled student (diffusion.distilled_steps)
+    gets its own timestep grid, and ConfigError for another step count or sampler."""
     if sp.name == "ddim":
-        return {"steps": sp.steps, "eta": sp.eta}
+        return {"steps": sp.steps, "eta": sp.eta,
+                "timesteps": sampling_timesteps(diffusion.timesteps, sp.steps, diffusion.distilled_steps)}
+    if diffusion.distilled_steps:
+        raise ConfigError(f"sampler.name: 'ddpm' asked of a student distilled to {diffusion.distilled_steps} DDIM "
+                          f"steps; sample it with sampler 'ddim' and {diffusion.distilled_steps} steps")
     return {"variance": sp.variance}
 
 
@@ -138,6 +144,7 @@ def generate(model: torch.nn.Module, schedule: Schedule, cfg: Config, n: int, se
     if compiled and device.type != "cuda":
         log.warning("sample.compile applies on CUDA only; sampling on %s uncompiled", device)
         compiled = False
+    options = sampler_options(sp, cfg.diffusion)  # before any compile: a student asked for other steps fails now
     if network is not None:
         net = GraphedDenoiser(network) if cuda_graphs and device.type == "cuda" else network
     else:
@@ -160,7 +167,7 @@ def generate(model: torch.nn.Module, schedule: Schedule, cfg: Config, n: int, se
                 result = sample_fn(net, schedule, x_T, labels=labels, guidance_scale=sp.guidance_scale,
                                    prediction=cfg.diffusion.prediction, clip_denoised=sp.clip_denoised,
                                    generator=gen, return_trajectory=return_trajectory and start == 0,
-                                   **sampler_options(sp))
+                                   **options)
             if return_trajectory and start == 0:
                 result, traj = result
                 traj = [x[:b] for x in traj]

@@ -142,6 +142,37 @@ class RunLayout:
         """What the AOT package is (GPU, torch, parity), or why there is none."""
         return self.out_dir / "aot_package.json"
 
+    # --- what `ddpm distill` and the distill stage write (ddpm.distill) ------------------------------
+    @property
+    def distill_dir(self) -> Path:
+        return self.out_dir / "distill"
+
+    def distill_round(self, steps: int) -> Path:
+        """The run folder of the round whose student takes `steps` DDIM steps."""
+        return self.distill_dir / f"steps_{steps}"
+
+    @property
+    def student(self) -> Path:
+        """The last round's checkpoint: the distilled student."""
+        return self.distill_dir / "student.pt"
+
+    @property
+    def student_onnx(self) -> Path:
+        return self.distill_dir / "student.onnx"
+
+    @property
+    def student_export_report(self) -> Path:
+        return self.distill_dir / "export.json"
+
+    @property
+    def student_onnx_samples(self) -> SampleFiles:
+        return SampleFiles(self.distill_dir / "samples_onnx")
+
+    @property
+    def distill_record(self) -> Path:
+        """What the distill stage did (or that it is off): dvc.yaml orders export after it."""
+        return self.out_dir / "distill.json"
+
     @property
     def compile_cache(self) -> Path:
         """torch.compile's work for the training step, one file per key (ddpm.compile_cache); an --overwrite

@@ -138,6 +138,8 @@ class OnnxDenoiser:
         except (ValueError, TypeError) as exc:
             raise OnnxModelError(f"{self.path}: its {METADATA_KEY!r} metadata is invalid ({exc}); re-export the "
                                  f"model with `ddpm export`") from None
+        # a student of ddpm.distill samples with this many DDIM steps and no other count (0: any)
+        self.distilled_steps = int(meta["diffusion"].get("distilled_steps", 0))  # checked by _check_sizes
         self.prediction = str(meta["diffusion"]["prediction"])
         if self.prediction not in ("eps", "v", "x0"):
             raise OnnxModelError(f"{self.path}: unknown prediction {self.prediction!r} in its metadata")

@@ -26,12 +26,13 @@ from ddpm.layout import SampleFiles
 from ddpm.errors import ConfigError, OnnxModelError
 from ddpm.onnx_model import Array, NumpySchedule, OnnxDenoiser, resolve_provider
 from ddpm.config import MAX_SEED
-from ddpm.schedule_math import check_eta, check_guidance_scale, ddim_timesteps
+from ddpm.schedule_math import check_eta, check_guidance_scale, ddim_timesteps, sampling_timesteps
 
 # ---- The samplers: numpy mirrors of ddpm.samplers, with the same signature and float32 arithmetic. ----
 
 Denoiser = Callable[..., Array]
 NOISE_SOURCES = ("pcg64", "counter")  # numpy's seeded PCG64 drawn in order, or ddpm.counter_noise (the web page's)
+DEFAULT_STEPS = 50  # `ddpm onnx-sample` without --steps: 50 DDIM steps, or a distilled student's own count
 
 
 def guided(model: Denoiser, null_label: int, guidance_scale: float) -> Denoiser:
@@ -123,14 +124,15 @@ def p_sample_loop(model: Denoiser, s: NumpySchedule, x_T: Array, *, labels: Arra
 def ddim_sample_loop(model: Denoiser, s: NumpySchedule, x_T: Array, *, labels: Array | None = None,
                      guidance_scale: float = 1.0, prediction: str = "eps", clip_denoised: bool = True,
                      step_noise: Sequence[Array] | None = None, generator: np.random.Generator | None = None,
-                     steps: int = 50, eta: float = 0.0) -> Array:
+                     steps: int = 50, eta: float = 0.0, timesteps: Sequence[int] | None = None) -> Array:
     """DDIM sampling (Song et al. 2021, eq. 12) over `steps` timesteps; eta = 0 is deterministic. x_T [B, C, H, W].
 
+    `timesteps` (descending) replaces the uniform grid of `steps`, as in ddpm.samplers.ddim_sample_loop.
     step_noise[i] is the noise of the i-th step taken; only used when eta > 0.
     """
     check_eta(eta)
     model = _guided_if(model, labels, guidance_scale)
-    seq = ddim_timesteps(s.num_timesteps, steps)
+    seq = list(timesteps) if timesteps is not None else ddim_timesteps(s.num_timesteps, steps)
     acp = s.alphas_cumprod
     x = x_T.astype(np.float32, copy=False)
     for i, t_index in enumerate(seq):
@@ -185,8 +187,12 @@ def sample_model_range(model: str | Path | OnnxDenoiser, n: int, sampler: str = 
     check_guidance_scale(guidance_scale)
     if not 0 <= seed <= MAX_SEED:
         raise ConfigError(f"seed: {seed} is out of range; allowed: an integer in [0, {MAX_SEED}]")
-    if sampler == "ddim":
-        ddim_timesteps(den.schedule.num_timesteps, steps)  # validates steps
+    seq = None
+    if sampler == "ddim":  # validates steps; a student's own grid
+        seq = sampling_timesteps(den.schedule.num_timesteps, steps, den.distilled_steps)
+    elif den.distilled_steps:
+        raise ConfigError(f"sampler: {den.path} is a student distilled to {den.distilled_steps} DDIM steps; sample "
+                          f"it with sampler 'ddim' and {den.distilled_steps} steps")
     if x_T is not None and (x_T.shape != (n, *den.image_shape)):
         raise ConfigError(f"x_T has shape {list(x_T.shape)}; expected {[n, *den.image_shape]}")
     if label is not None and not den.class_conditional:
@@ -203,7 +209,7 @@ def sample_model_range(model: str | Path | OnnxDenoiser, n: int, sampler: str = 
         common = dict(labels=None if labels is None else labels[sl], guidance_scale=guidance_scale,
                       prediction=den.prediction, clip_denoised=clip_denoised, step_noise=batch_noise, generator=rng)
         if sampler == "ddim":
-            outs.append(ddim_sample_loop(den, den.schedule, xb, steps=steps, eta=eta, **common))
+            outs.append(ddim_sample_loop(den, den.schedule, xb, steps=steps, eta=eta, timesteps=seq, **common))
         else:
             outs.append(p_sample_loop(den, den.schedule, xb, variance=variance, **common))
         progress.advance("onnxruntime sampling (images)", sl.stop, n)
@@ -277,6 +283,7 @@ def main(args: Any) -> int:
             raise
         print("provider auto: CUDA did not start, using the CPU", file=sys.stderr)
         den = OnnxDenoiser(args.model, "cpu")
+    args.steps = args.steps if args.steps is not None else (den.distilled_steps or DEFAULT_STEPS)
     images = sample(den, args.num_images, args.sampler, args.steps, args.eta, args.seed, args.batch_size,
                     args.label, args.guidance, noise=args.noise)
     out = SampleFiles(args.out)

@@ -108,15 +108,18 @@ def ddim_sample_loop(model: Denoiser, schedule: Schedule, x_T: torch.Tensor, *, 
                      guidance_scale: float = 1.0, prediction: str = "eps", clip_denoised: bool = True,
                      step_noise: Sequence[torch.Tensor] | None = None, generator: torch.Generator | None = None,
                      return_trajectory: bool = False, steps: int = 50, eta: float = 0.0,
+                     timesteps: Sequence[int] | None = None,
                      ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
     """DDIM sampling (Song et al. 2021, eq. 12) over `steps` timesteps; eta = 0 is deterministic,
     eta = 1 with all T steps is DDPM with sigma^2 = beta_tilde. x_T: [B, C, H, W].
 
-    step_noise[i] is the noise of the i-th step taken; only used when eta > 0.
+    `timesteps` (descending, in [0, T-1]) replaces the uniform grid of `steps`, e.g. a distilled
+    student's (ddpm.schedule_math.sampling_timesteps). step_noise[i] is the noise of the i-th step
+    taken; only used when eta > 0.
     """
     check_eta(eta)
     model = _guided_if(model, labels, guidance_scale)
-    seq = ddim_timesteps(schedule.num_timesteps, steps)
+    seq = list(timesteps) if timesteps is not None else ddim_timesteps(schedule.num_timesteps, steps)
     acp = schedule.alphas_cumprod.to(x_T.device)
     x, traj = x_T, [x_T]
     for i, t_index in enumerate(seq):

@@ -85,6 +85,31 @@ def ddim_timesteps(num_timesteps: int, steps: int) -> list[int]:
     return list(range(0, stride * steps, stride))[::-1]
 
 
+def trailing_timesteps(num_timesteps: int, steps: int) -> list[int]:
+    """The `steps` timesteps of a distilled sampler, descending: round(k T / steps) - 1 for k = steps..1.
+
+    The grid starts at T-1, pure noise, and halving `steps` keeps every other point of it
+    (round(2k T / 2n) = round(k T / n)), so a student's grid is its teacher's every other step
+    (Salimans & Ho 2022, Algorithm 2, in discrete time). ConfigError for a count outside [1, T]."""
+    if not 0 < steps <= num_timesteps:
+        raise ConfigError(f"steps: {steps} must be in [1, {num_timesteps}] (the schedule's T)")
+    return [round(k * num_timesteps / steps) - 1 for k in range(steps, 0, -1)]
+
+
+def sampling_timesteps(num_timesteps: int, steps: int, distilled_steps: int = 0) -> list[int]:
+    """The DDIM timesteps of a `steps`-step sampler: the uniform grid of a trained model, the trailing grid of
+    a student distilled to `distilled_steps` (diffusion.distilled_steps; 0: not distilled).
+
+    A student was trained on its own grid alone, so another step count is refused (ConfigError)."""
+    if not distilled_steps:
+        return ddim_timesteps(num_timesteps, steps)
+    if steps != distilled_steps:
+        raise ConfigError(f"steps: {steps} asked of a student distilled to {distilled_steps} DDIM steps "
+                          f"(diffusion.distilled_steps); sample it with exactly {distilled_steps} steps "
+                          f"(--steps {distilled_steps}, sample.steps or evaluate.steps)")
+    return trailing_timesteps(num_timesteps, steps)
+
+
 def check_eta(eta: float) -> None:
     """DDIM's eta must be a finite number >= 0 (NaN would turn every image into NaN, then black)."""
     if not (math.isfinite(eta) and eta >= 0):

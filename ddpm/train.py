@@ -43,7 +43,7 @@ from ddpm.layers import use_hashed_dropout, use_padded_image_convs, use_per_chan
 from ddpm.resources import check_training_fits
 from ddpm.run_folder import RunFiles, owned, resume_changes
 from ddpm.schedule import Schedule
-from ddpm.train_step import TrainData, TrainState, TrainStep, make_train_step
+from ddpm.train_step import Objective, TrainData, TrainState, TrainStep, make_train_step  # noqa: F401 (Objective re-exported)
 from ddpm.unet import build_unet
 
 log = logging.getLogger(__name__)
@@ -136,7 +136,7 @@ class _StopFlag:
 def train(cfg: Config, resume: bool = False, on_log: Callable[[int, dict[str, float]], None] | None = None,
           on_sample: Callable[[int, Path], None] | None = None,
           on_checkpoint: Callable[[int, Path], None] | None = None, overwrite: bool = False,
-          on_step: Callable[[int], None] | None = None) -> TrainResult:
+          on_step: Callable[[int], None] | None = None, objective: Objective | None = None) -> TrainResult:
     """Train the U-Net described by `cfg`; write checkpoints, loss.csv and sample grids under cfg.train.out_dir.
 
     The folder is held by this run (ddpm.run_folder.owned: a second process fails at once). A folder
@@ -145,8 +145,9 @@ def train(cfg: Config, resume: bool = False, on_log: Callable[[int, dict[str, fl
     `<out_dir>.replaced-<UTC time>/`). Nothing in it is written before the first step has finished.
     `on_log(step, metrics)` receives loss, lr and images_per_sec every `log_every` steps;
     `on_sample(step, png_path)` every saved grid; `on_checkpoint(step, path)` after every checkpoint;
-    `on_step(step)` after every step. Raises TrainingDivergedError on a non-finite loss and
-    TrainingInterrupted on SIGINT/SIGTERM, after saving what is worth keeping.
+    `on_step(step)` after every step. `objective`: initial weights and a loss other than p_losses.
+    Raises TrainingDivergedError on a non-finite loss and TrainingInterrupted on SIGINT/SIGTERM, after
+    saving what is worth keeping.
     """
     rank = init_distributed(cfg.runtime.device)
     device = resolve_device(cfg.runtime.device, rank.local_rank)
@@ -156,7 +157,7 @@ def train(cfg: Config, resume: bool = False, on_log: Callable[[int, dict[str, fl
         ckpt = _checkpoint_to_resume(cfg, layout.checkpoint, resume, overwrite)
         files = RunFiles(layout, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode(), LOSS_FIELDS,
                          int(ckpt["step"]) if ckpt else 0, replace=overwrite and layout.checkpoint.exists())
-        step, cache = _start(cfg, rank, device, ckpt)
+        step, cache = _start(cfg, rank, device, ckpt, objective or Objective())
         return _Run(cfg, rank, step, files, TrainHooks(on_log, on_sample, on_checkpoint, on_step), cache).run()
 
 
@@ -182,26 +183,31 @@ def _checkpoint_to_resume(cfg: Config, ckpt_path: Path, resume: bool, overwrite:
 
 # --- start-up: data, model, state, network ---------------------------------------------------------
 
-def _start(cfg: Config, rank: DistInfo, device: torch.device,
-           ckpt: dict[str, Any] | None) -> tuple[TrainStep, CompileCache | None]:
-    """This rank's training step, with its state fresh from the seed or restored from `ckpt`, and its compile
-    cache (None when train.compile is off)."""
+def _start(cfg: Config, rank: DistInfo, device: torch.device, ckpt: dict[str, Any] | None,
+           objective: Objective) -> tuple[TrainStep, CompileCache | None]:
+    """This rank's training step, with its state fresh from the seed (or objective.init) or restored from `ckpt`,
+    and its compile cache (None when train.compile is off)."""
     tc = cfg.train
     torch.manual_seed(tc.seed + rank.rank)
     data = _load_shard(cfg, rank, device)
     schedule = Schedule.from_config(cfg.diffusion).to(device)
-    model = build_unet(cfg.model, image_shape(cfg)).to(device)
+    model = build_unet(cfg.model, image_shape(cfg))
+    if objective.init is not None and ckpt is None:
+        model.load_state_dict(objective.init)
+    model = model.to(device)
     if tc.channels_last:
         model = model.to(memory_format=torch.channels_last)
         data = TrainData(data.images.contiguous(memory_format=torch.channels_last), data.labels)
     graphed = tc.cuda_graphs and device.type == "cuda" and rank.world_size == 1
     if tc.cuda_graphs and not graphed:
         log.warning("train.cuda_graphs needs one CUDA process; running eagerly")
+    # before the RNG is restored: building the loss (a teacher network) may draw from it
+    loss_fn = objective.make_loss(device) if objective.make_loss is not None else None
     state = TrainState.create(model, tc, device, graphed=graphed, seed=tc.seed + 1_000_003 * rank.rank)
     if ckpt is not None:
         _restore(state, ckpt, cfg, rank)
     net, cache = _network(model, cfg, rank, device, graphed)
-    return make_train_step(state, cfg, data, schedule, net=net, update_ema=rank.is_main), cache
+    return make_train_step(state, cfg, data, schedule, net=net, update_ema=rank.is_main, loss_fn=loss_fn), cache
 
 
 def _load_shard(cfg: Config, rank: DistInfo, device: torch.device) -> TrainData:
@@ -237,12 +243,18 @@ def _network(model: nn.Module, cfg: Config, rank: DistInfo, device: torch.device
         if rank.world_size > 1 else model
     if not tc.compile:
         return ddp, None
-    use_hashed_dropout(use_per_channel_group_norm(model))
-    use_padded_image_convs(model, tc.channels_last)
     options = compile_options(graphed)
     cache = CompileCache(RunLayout(tc.out_dir).compile_cache, training_cache_key(cfg, rank.world_size, device,
                                                                                   graphed, options)).loaded()
-    return torch.compile(ddp, options=options), cache
+    return compile_for_training(ddp, model, tc.channels_last, graphed), cache
+
+
+def compile_for_training(net: Callable[..., torch.Tensor], model: nn.Module, channels_last: bool,
+                         graphed: bool) -> Callable[..., torch.Tensor]:
+    """torch.compile `net` (the model or its DDP wrapper) as training does, with the model's compiled layer forms."""
+    use_hashed_dropout(use_per_channel_group_norm(model))
+    use_padded_image_convs(model, channels_last)
+    return torch.compile(net, options=compile_options(graphed))
 
 
 # --- the loop and its hooks --------------------------------------------------------------------------

@@ -28,6 +28,9 @@ from ddpm.graphed import Captured, capture, on_side_stream
 from ddpm.losses import p_losses
 from ddpm.schedule import Schedule
 
+# loss_fn(net, schedule, x0 [B, C, H, W], t int64 [B], noise [B, C, H, W], labels [B] | None) -> 0-d loss
+LossFn = Callable[[Callable[..., torch.Tensor], Schedule, torch.Tensor, torch.Tensor, torch.Tensor,
+                   torch.Tensor | None], torch.Tensor]
 EAGER_STEPS_BEFORE_CAPTURE = 3  # a few eager steps first, as capture requires (lazy optimizer state, autotuning)
 NO_BAD_STEP = torch.iinfo(torch.long).max
 
@@ -69,6 +72,16 @@ class LRSchedule:
 
     def __call__(self, step: int) -> float:
         return lr_at_step(step, self.tc)
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What a run trains other than a DDPM from scratch (ddpm.distill): `init` is the state dict that the model
+    and its EMA start from (a resumed run keeps its checkpoint's), `make_loss(device)` the loss that
+    replaces p_losses (LossFn), built on the training device; see ddpm.train.train."""
+
+    init: dict[str, torch.Tensor] | None = None
+    make_loss: Callable[[torch.device], LossFn] | None = None
 
 
 @dataclass(frozen=True)
@@ -128,10 +141,12 @@ class TrainStep:
     """Callable: one step of `state`; returns the loss (0-d, on the device, a static buffer once graphed)."""
 
     def __init__(self, state: TrainState, cfg: Config, data: TrainData, schedule: Schedule,
-                 net: Callable[..., torch.Tensor] | None = None, update_ema: bool = True):
+                 net: Callable[..., torch.Tensor] | None = None, update_ema: bool = True,
+                 loss_fn: LossFn | None = None):
         self.state, self.cfg, self.data, self.schedule = state, cfg, data, schedule
         self.net = state.model if net is None else net  # the model, or its DDP / compiled wrapper
         self.update_ema = update_ema
+        self.loss_fn = loss_fn or self.p_losses
         self.device = data.images.device
         self.null_label = getattr(state.model, "num_classes", None)
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
@@ -155,12 +170,18 @@ class TrainStep:
             y = torch.where(drop, torch.full_like(labels[idx], self.null_label), labels[idx])
         return x0, t, noise, y
 
+    def p_losses(self, net: Callable[..., torch.Tensor], schedule: Schedule, x0: torch.Tensor, t: torch.Tensor,
+                 noise: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        """The default loss: ddpm.losses.p_losses with the diffusion settings."""
+        d = self.cfg.diffusion
+        return p_losses(net, schedule, x0, t, noise, labels=y, prediction=d.prediction, weighting=d.loss_weighting,
+                        min_snr_gamma=d.min_snr_gamma)
+
     def update(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         """One optimisation step (Algorithm 1, line 5) plus the EMA; returns the loss (0-d, on the device)."""
-        s, d, tc = self.state, self.cfg.diffusion, self.cfg.train
+        s, tc = self.state, self.cfg.train
         with self.autocast:
-            loss = p_losses(self.net, self.schedule, x0, t, noise, labels=y, prediction=d.prediction,
-                            weighting=d.loss_weighting, min_snr_gamma=d.min_snr_gamma)
+            loss = self.loss_fn(self.net, self.schedule, x0, t, noise, y)
         s.opt.zero_grad(set_to_none=not s.graphed)
         loss.backward()
         if tc.grad_clip > 0:
@@ -203,10 +224,12 @@ class TrainStep:
 
 
 def make_train_step(state: TrainState, cfg: Config, data: TrainData, schedule: Schedule,
-                    net: Callable[..., torch.Tensor] | None = None, update_ema: bool = True) -> TrainStep:
+                    net: Callable[..., torch.Tensor] | None = None, update_ema: bool = True,
+                    loss_fn: LossFn | None = None) -> TrainStep:
     """The training step of `state` on `data`: `loss = step()` takes one step and advances state.step.
 
     `net` is what the loss calls (default: state.model; a DistributedDataParallel or torch.compile
-    wrapper of it); `update_ema` is False on the ranks other than 0 of a distributed run.
+    wrapper of it); `update_ema` is False on the ranks other than 0 of a distributed run; `loss_fn`
+    replaces p_losses (e.g. ddpm.distill's), called under the step's autocast and CUDA graph.
     """
-    return TrainStep(state, cfg, data, schedule, net, update_ema)
+    return TrainStep(state, cfg, data, schedule, net, update_ema, loss_fn)

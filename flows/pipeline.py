@@ -1,4 +1,4 @@
-"""`ddpm-pipeline`: data -> train -> evaluate (with the feature net) -> export, as one Prefect flow.
+"""`ddpm-pipeline`: data -> train -> distill -> evaluate (with the feature net) -> export, as one Prefect flow.
 
     python -m flows.pipeline                      # params.yaml with its default profile (cpu)
     python -m flows.pipeline --profile auto       # gpu-fast where torch sees a CUDA device, else the default
@@ -42,6 +42,7 @@ def ddpm_pipeline(profile: str | None = None, overrides: list[str] | None = None
                       parent_run_id=parent.run_id, force=force)
         stages.data_flow(**common)
         trained = stages.train_flow(**common)
+        distilled = stages.distill_flow(**common)
         metrics = stages.evaluate_flow(**common)
         exported = stages.export_flow(**common)
         parent.logger().metrics({"train_loss": trained["loss"], "images_per_sec": trained["images_per_sec"],
@@ -53,6 +54,7 @@ def ddpm_pipeline(profile: str | None = None, overrides: list[str] | None = None
         **{k: exported[k] for k in (
             "onnx_model", "onnx_samples", "model_uri", "registered_model", "version", "alias", "champion_alias",
             "promoted")},
+        "distilled": distilled,
     }
     from prefect.artifacts import create_markdown_artifact
 
@@ -99,12 +101,22 @@ def summary(result: dict[str, Any]) -> str:
         f"  registered model       models:/{result['registered_model']}@{result['alias']} "
         f"(version {result['version']}); @{result['champion_alias']} "
         f"{'moved to it' if result['promoted'] else 'kept: see promotion.md in the export run'}",
+        *_student_lines(result.get("distilled") or {}),
         f"  MLflow run             {result['run_id']} (experiment {result['experiment_id']}) in {uri}",
         f"  MLflow UI              {ui}   then http://127.0.0.1:5000/#/experiments/{result['experiment_id']}"
         f"/runs/{result['run_id']}",
         f"  sample again           ddpm onnx-sample --model {result['onnx_model']} --out samples_onnx",
     ]
     return "\n".join(lines)
+
+
+def _student_lines(distilled: dict[str, Any]) -> list[str]:
+    if not distilled.get("enabled"):
+        return ["  distilled student      none (distill.enabled is false)"]
+    n = distilled["steps"]
+    return [f"  distilled student      {distilled['student']} ({n} DDIM steps, FID {distilled[f'fid_{n}_steps']:.1f})",
+            f"  registered student     models:/{distilled['registered_model']}@{distilled['alias']} "
+            f"(version {distilled['version']})"]
 
 
 def _main(argv: list[str] | None) -> int:

@@ -9,6 +9,8 @@ and `force`. Each reloads and validates the settings itself, so a stage runs the
     features  verify the shipped, pinned feature network that FID uses (or train one when asked:
               pipeline.feature_net=retrain), and record which one in feature_net.json
     train     train the U-Net (resuming), render the denoising trajectory
+    distill   with distill.enabled: progressive distillation into a few-step student, each round's FID,
+              the student's ONNX export, checked and registered under pipeline.student_alias
     evaluate  the feature net (reused when current), then sample and score the checkpoint
     export    ONNX export with parity check, onnxruntime-vs-PyTorch check, onnxruntime samples,
               log the model and register it under an alias when accepted, log the sampling page with it
@@ -21,11 +23,12 @@ import json
 import logging
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 from prefect import flow
 
-from flows import artifacts, export_tasks, tasks
+from flows import artifacts, distill_tasks, export_tasks, tasks, tracking
 from flows.observe import StageProgress, bridge_library_logs, log_failure
 from flows.runtime import (CheckpointMismatch, Settings, ServiceUnavailable, check_prefect_api, check_tracking_uri,
                            load_settings)
@@ -94,6 +97,45 @@ def train_flow(params_path: str = "params.yaml", profile: str | None = None, ove
     return {"checkpoint": result["checkpoint"], "step": result["step"], "loss": result["loss"],
             "images_per_sec": result["images_per_sec"], "samples": samples, "trajectory": trajectory,
             "run_id": run.run_id}
+
+
+@flow(name="ddpm-distill", on_failure=[log_failure])
+def distill_flow(params_path: str = "params.yaml", profile: str | None = None, overrides: list[str] | None = None,
+                 parent_run_id: str | None = None, force: bool = False) -> dict[str, Any]:
+    """With distill.enabled: distil the checkpoint round by round, score each round's student, export the final
+    student, check it against PyTorch and register it under pipeline.student_alias. Writes distill.json
+    (which says whether the stage was on) either way; returns it."""
+    s, tracker = _open(params_path, profile, overrides)
+    with tracker.stage("distill", parent_run_id) as run, StageProgress("distill") as progress:
+        run.logger().tags({"distill.enabled": str(s.cfg.distill.enabled).lower()})
+        s.layout.distill_dir.mkdir(parents=True, exist_ok=True)
+        if not s.cfg.distill.enabled:
+            log.info("distill.enabled is false (set it, or use a gpu profile, to distil the model)")
+            return _distill_record(s, {"enabled": False})
+        info = _feature_net(s, force=False)
+        result = distill_tasks.distill_model(s.cfg, str(s.checkpoint), run, force)
+        progress("scoring each round's student")
+        fids = {r["steps"]: tasks.evaluate_model(r["checkpoint"], distill_tasks.student_config(s.cfg, r["steps"]),
+                                                 str(Path(r["checkpoint"]).parent / "eval"), info["path"],
+                                                 force)["metrics"] for r in result["rounds"]}
+        numbers = distill_tasks.log_distillation(run, result, fids, s.cfg.distill.round_steps)
+        progress("exporting the student")
+        scfg = distill_tasks.student_config(s.cfg, s.cfg.distill.steps)
+        onnx_path = export_tasks.export_model(str(s.layout.student), scfg, str(s.layout.student_onnx), force)
+        export_tasks.check_model(onnx_path, str(s.layout.student), scfg, info["path"],
+                                 str(s.layout.student_export_report), force)
+        samples = export_tasks.sample_onnx(onnx_path, scfg, str(s.layout.student_onnx_samples.grid))
+        pc = s.cfg.pipeline
+        registered = export_tasks.log_export(run, onnx_path, str(s.layout.student_export_report), samples,
+                                             pc.registered_model, pc.student_alias, _step(str(s.layout.student)))
+    return _distill_record(s, {"enabled": True, "steps": s.cfg.distill.steps, "student": str(s.layout.student),
+                               "onnx_model": onnx_path, **numbers,
+                               **{k: registered[k] for k in ("registered_model", "version", "alias")}})
+
+
+def _distill_record(s: Settings, record: dict[str, Any]) -> dict[str, Any]:
+    tracking.write_json(s.layout.distill_record, record)
+    return record
 
 
 def _step(checkpoint: str) -> int:
@@ -167,8 +209,8 @@ def export_flow(params_path: str = "params.yaml", profile: str | None = None, ov
             "run_id": run.run_id}
 
 
-STAGES = {"data": data_flow, "features": features_flow, "train": train_flow, "evaluate": evaluate_flow,
-          "export": export_flow}
+STAGES = {"data": data_flow, "features": features_flow, "train": train_flow, "distill": distill_flow,
+          "evaluate": evaluate_flow, "export": export_flow}
 
 
 def add_settings_arguments(p: argparse.ArgumentParser) -> None:

@@ -65,10 +65,10 @@ def smoke(tmp_path_factory):
             proc.wait()
 
 
-def _run_alone(script: str, out: Path) -> dict:
-    """One smoke run on its own, for a benchmark that needs what not every machine has."""
+def _run_alone(script: str, out: Path, *args: str) -> dict:
+    """One smoke run on its own (a benchmark that needs what not every machine has, or its own data)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, f"bench/{script}", "--smoke", "--out", str(out)], cwd=ROOT,
+    done = subprocess.run([sys.executable, f"bench/{script}", "--smoke", "--out", str(out), *args], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     return json.loads(out.read_text())
@@ -182,3 +182,16 @@ def test_bench_compile_once_smoke_runs_every_command_and_writes_its_goal_file(tm
     from bench import report  # the goal file is one that `python -m bench.report` renders
     rendered = "\n".join(report._render_goal(report.Goal(goal, report._read_goal(goal))))
     assert "## Compile once: no compile wait on a fresh machine" in rendered and figures["quality.fid"] in rendered
+
+
+def test_bench_distill_quality_smoke_scores_every_student_and_times_onnxruntime(tmp_path):
+    from testkit import fake_mnist
+
+    fake_mnist(tmp_path / "data")
+    doc = _run_alone("distill_quality.py", tmp_path / "distill.json", f"data.root={tmp_path / 'data'}")
+    assert [r["steps"] for r in doc["distill"]["rounds"]] == [2, 1] and "errors" not in doc
+    fids = {(r["sampler"], r["network_calls"]): r["fid"] for r in doc["fid"]}
+    assert set(fids) == {("student", 2), ("student", 1), ("ddim", 2), ("ddim", 1), ("ddim", 50)}
+    assert all(math.isfinite(v) for v in fids.values())
+    assert [(r["model"], r["network_calls"]) for r in doc["onnx_cpu"]] == [("student", 2), ("ddim", 50)]
+    assert doc["distill"]["seconds_to_goal_steps"] <= doc["distill"]["seconds_all_rounds"]

@@ -123,3 +123,20 @@ def test_regenerating_from_the_json_restores_the_document(tmp_path):
     assert report.main(["--root", str(root)]) == 0
     assert (root / "BENCHMARKS.md").read_bytes() == (ROOT / "BENCHMARKS.md").read_bytes()
     assert (root / "README.md").read_bytes() == (ROOT / "README.md").read_bytes()
+
+
+def test_a_plot_draws_the_raw_results_and_a_stale_one_fails_the_check(tmp_path):
+    from bench import plot_svg
+
+    root = _copy_project(tmp_path)
+    goal = json.loads((root / "bench" / "results" / "current" / "distill.json").read_text())
+    plot = goal["plot"]
+    rows = json.loads((root / plot["source"]).read_text())[plot["rows"]]
+    series = dict(plot_svg.series_from(root, plot))
+    students = sorted((r["network_calls"], r["fid"]) for r in rows if r["sampler"] == "student")
+    assert series["distilled students"] == students and len(students) >= 4
+    svg = root / plot["file"]
+    assert svg.read_text() == plot_svg.render(root, plot)  # the file in git is what the data draw
+    svg.write_text(svg.read_text().replace("distilled students", "students"))
+    done = _run_check(root)
+    assert done.returncode == 1 and plot["file"] in done.stderr

@@ -27,7 +27,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-STAGES = ("data", "features", "train", "evaluate", "export")
+STAGES = ("data", "features", "train", "distill", "evaluate", "export")
 RESOLVED = "runs/default/resolved_params.yaml"
 
 
@@ -88,12 +88,14 @@ def test_each_stage_reruns_only_for_the_values_it_reads_under_the_active_profile
     resolved, params = yaml.safe_load((repo / RESOLVED).read_text()), yaml.safe_load((repo / "params.yaml").read_text())
     assert resolved["profile"] == "cpu" and resolved["train"]["steps"] == params["profiles"]["cpu"]["train"]["steps"]
     for key, value, stale in [
-        ("profiles.cpu.evaluate.num_samples", 500, {"evaluate"}),  # a value the profile sets, read by evaluate
-        ("profiles.cpu.sampler.steps", 20, {"train", "evaluate", "export"}),  # the sampler block: all three
-        ("profiles.cpu.sample.num_images", 32, {"export"}),       # the onnxruntime grid; previews use 64
-        ("runtime.bf16", False, {"train", "evaluate", "export"}),  # a base value of the runtime block
-        ("profiles.cpu.train.log_every", 10, {"train"}),
-        ("export.check_atol", 0.03, {"export"}),                  # a base value, read by export alone
+        ("profiles.cpu.evaluate.num_samples", 500, {"evaluate", "distill"}),  # the profile's, read by both
+        ("profiles.cpu.sampler.steps", 20, {"train", "evaluate", "export"}),  # students sample with their own steps
+        ("profiles.cpu.sample.num_images", 32, {"export", "distill"}),  # the onnxruntime grids; previews use 64
+        ("runtime.bf16", False, {"train", "distill", "evaluate", "export"}),  # a base value of the runtime block
+        ("profiles.cpu.train.log_every", 10, {"train", "distill"}),
+        ("export.check_atol", 0.03, {"export", "distill"}),       # a base value, read by the two exports
+        ("export.int8_mean_atol", 0.03, {"export"}),              # the student has no int8 twin
+        ("distill.round_steps", 300, {"distill"}),
         ("evaluate.feature_lr", 0.001, {"features", "evaluate"}),
         ("evaluate.feature_seed", 1, {"features", "evaluate"}),
         ("profiles.gpu.train.steps", 10, set()),                  # an inactive profile: nothing

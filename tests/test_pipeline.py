@@ -46,6 +46,7 @@ TINY = [
     "export.int8=true", "export.int8_calibration_images=4",
     "pipeline.experiment=ddpm-test", "pipeline.registered_model=ddpm-unet-test",
     "pipeline.feature_net=retrain",  # the data are a look-alike: a net trained on them, not the pinned one
+    "distill.enabled=true", "distill.steps=2", "distill.teacher_steps=8", "distill.round_steps=4",
 ]
 
 
@@ -151,13 +152,13 @@ def test_first_run_writes_every_output(project, first, fetch):
     assert first["step"] == 12
     assert (project / "runs" / "features" / "mnist.pt").is_file()
     assert json.loads((run / "export.json").read_text())["accepted"] is True
-    assert first["alias"] == "challenger" and first["version"] == "1"
+    assert first["alias"] == "challenger" and first["version"] == "2"  # 1: the distilled student (distill stage)
     assert first["promoted"] is True and first["champion_alias"] == "champion"  # the first evaluated model
 
 
 def test_runs_are_nested_and_finished(first):
     runs = pipeline_runs(first["run_id"])
-    assert set(runs) == {"pipeline", "data", "train", "evaluate", "export"}
+    assert set(runs) == {"pipeline", "data", "train", "distill", "evaluate", "export"}
     assert all(r.info.status == "FINISHED" for r in runs.values())
 
 
@@ -306,6 +307,27 @@ def test_registered_onnx_model_is_the_export(project, first):
     assert signature.inputs.inputs[0].shape == (-1, 1, 28, 28) and signature.inputs.inputs[1].shape == (-1,)
 
 
+def test_the_distill_stage_logs_each_round_and_registers_the_student(project, first):
+    from ddpm.onnx_model import OnnxDenoiser
+
+    run_dir, runs = project / "runs" / "default", pipeline_runs(first["run_id"])
+    record, stage = json.loads((run_dir / "distill.json").read_text()), runs["distill"]
+    assert record == first["distilled"] and record["enabled"] is True and record["alias"] == "student"
+    fid_history = {m.step: m.value for m in client().get_metric_history(stage.info.run_id, "fid")}
+    loss_history = {m.step: m.value for m in client().get_metric_history(stage.info.run_id, "loss")}
+    for i, n in enumerate((4, 2)):  # distill.teacher_steps=8: rounds to 4, then 2 steps
+        metrics = json.loads((run_dir / "distill" / f"steps_{n}" / "eval" / "metrics.json").read_text())
+        assert metrics["steps"] == n and fid_history[n] == pytest.approx(metrics["fid"]) == record[f"fid_{n}_steps"]
+        rows = (run_dir / "distill" / f"steps_{n}" / "loss.csv").read_text().splitlines()[1:]
+        on_disk = {4 * i + int(r.split(",")[0]): float(r.split(",")[1]) for r in rows}
+        assert {s: loss_history[s] for s in on_disk} == pytest.approx(on_disk)  # one curve over the rounds
+    version = client().get_model_version_by_alias("ddpm-unet-test", "student")
+    assert str(version.version) == record["version"] and version.run_id == stage.info.run_id
+    assert version.tags["onnx_sha256"] == sha256(run_dir / "distill" / "student.onnx")
+    assert OnnxDenoiser(run_dir / "distill" / "student.onnx").distilled_steps == 2
+    assert json.loads((run_dir / "distill" / "export.json").read_text())["accepted"] is True
+
+
 # --- reruns -----------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -341,7 +363,8 @@ def failed(project, second):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(ddpm.export_check, "check_export", reject)
         before = sha256(project / "runs" / "default" / "checkpoint.pt")
-        state = run_pipeline(project, "export.check_atol=0.03", return_state=True)
+        # distill off: its student's gate reads the same export settings and would be rejected first
+        state = run_pipeline(project, "export.check_atol=0.03", "distill.enabled=false", return_state=True)
     return state, before
 
 

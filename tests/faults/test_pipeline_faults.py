@@ -211,7 +211,7 @@ def test_rerun_after_sigterm_resumes_from_the_checkpoint_and_finishes(sigterm, r
     rows = loss_rows(out)
     assert [int(r["step"]) for r in rows] == list(range(1, step + 5))  # the interrupted run's rows, then 4 new
     runs = runs_between(sigterm["uri"], "faults-sigterm", resumed["started"])
-    assert set(runs) == {"pipeline", "data", "train", "evaluate", "export"}
+    assert set(runs) == {"pipeline", "data", "train", "distill", "evaluate", "export"}
     assert all(r.info.status == "FINISHED" for r in runs.values())
     assert loss_history(sigterm["uri"], runs["train"]) == [(int(r["step"]), float(r["loss"])) for r in rows]
     assert prefect_state(shared, runs["pipeline"]) == "COMPLETED"
@@ -351,7 +351,7 @@ def test_after_the_server_returns_a_rerun_ends_the_stale_runs_and_sends_the_whol
         assert "stopped answering" in first[stage].data.tags["error"]
     assert prefect_state(shared, first["pipeline"]) == "FAILED"
     rerun = runs_between(uri, "faults-server", server_back["started"])
-    assert set(rerun) == {"pipeline", "data", "train", "evaluate", "export"}
+    assert set(rerun) == {"pipeline", "data", "train", "distill", "evaluate", "export"}
     assert all(r.info.status == "FINISHED" for r in rerun.values())
     assert rerun["train"].data.tags["train.skipped"] == "true"
     rows = [(int(r["step"]), float(r["loss"])) for r in loss_rows(out)]

@@ -1,0 +1,281 @@
+"""Progressive distillation (Salimans & Ho 2022, Algorithm 2): a trained checkpoint into few-step students.
+
+Each round halves the DDIM steps. The teacher (round 1: the checkpoint's EMA network; later: the
+previous round's student, its EMA) samples with 2N deterministic DDIM steps on the trailing grid
+(ddpm.schedule_math.trailing_timesteps, which keeps every other point when N halves); the student,
+initialised from the teacher's weights, learns to take two of its steps in one on the grid of N
+steps. N runs from distill.teacher_steps / 2 down to distill.steps.
+
+Targets. At a student timestep t with teacher timesteps t' and t'' after it (t'' is "clean",
+alpha = 1 and sigma = 0, after the last), with alpha_t = sqrt(alpha_bar_t), sigma_t = sqrt(1 - alpha_bar_t):
+
+    z_t   = alpha_t x + sigma_t eps
+    z_t'  = alpha_t' x_T(z_t) + sigma_t' (z_t - alpha_t x_T(z_t)) / sigma_t        (teacher DDIM step)
+    z_t'' = alpha_t'' x_T(z_t') + sigma_t'' (z_t' - alpha_t' x_T(z_t')) / sigma_t'  (and another)
+    x~    = (z_t'' - (sigma_t'' / sigma_t) z_t) / (alpha_t'' - (sigma_t'' / sigma_t) alpha_t)
+
+x~ is the x that takes z_t to z_t'' in one DDIM step; x_T is the teacher's x0 prediction, clipped to
+[-1, 1] as our DDIM sampler does. The loss is x-space with the paper's truncated-SNR weighting,
+max(SNR_t, 1) * |x_S(z_t) - x~|^2, averaged over pixels and the batch.
+
+Parameterisation. The student predicts v (x_S = alpha_t z_t - sigma_t v, stable at every t),
+whatever the teacher predicts: an eps network's x0 = (z_t - sigma_t eps) / alpha_t multiplies its
+error by 1 / alpha_t, about 160 at t = T-1 of the linear schedule, which is where a 4-step sampler
+starts. Round 1 therefore also converts the teacher: its student starts from the eps network's
+weights and learns to read the same features as v. Later teachers are v networks themselves.
+
+Each round is an ordinary training run (ddpm.train.train with an Objective) in
+<train.out_dir>/distill/steps_<N>/: checkpoints, resume, the NaN guard, bf16, compile and CUDA
+graphs are training's. Its checkpoint is a model like any other, whose config records
+diffusion.prediction = v and diffusion.distilled_steps = N (the samplers then use its grid and
+refuse other step counts). The last round's checkpoint is copied to distill/student.pt.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ddpm.checkpoint import config_of, load_checkpoint, load_model
+from ddpm.config import Config, config_from_dict
+from ddpm.errors import ConfigError, RunFolderError
+from ddpm.fileio import atomic_write_bytes, file_sha256
+from ddpm.layout import RunLayout
+from ddpm.schedule import Schedule, split_prediction
+from ddpm.schedule_math import trailing_timesteps
+from ddpm.train import compile_for_training, resolve_device, train
+from ddpm.train_step import LossFn, Objective
+
+log = logging.getLogger(__name__)
+
+TEACHER_RECORD = "teacher.sha256"  # in each round's folder: which teacher it was distilled from
+
+
+@dataclass(frozen=True)
+class DistillLayout:
+    """Where distillation writes: the distill/ part of the run's ddpm.layout.RunLayout."""
+
+    run: RunLayout
+
+    @classmethod
+    def of(cls, cfg: Config) -> "DistillLayout":
+        return cls(RunLayout(cfg.train.out_dir))
+
+    @property
+    def root(self) -> Path:
+        return self.run.distill_dir
+
+    def round_dir(self, steps: int) -> Path:
+        return self.run.distill_round(steps)
+
+    def round_checkpoint(self, steps: int) -> Path:
+        return RunLayout(self.round_dir(steps)).checkpoint
+
+    @property
+    def student(self) -> Path:
+        return self.run.student
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    steps: int            # the student's DDIM steps
+    checkpoint: Path
+    loss: float           # mean over the round's last log window (NaN for a round finished earlier)
+    seconds: float        # wall-clock, loading and compiling included (0 for a round finished earlier)
+    skipped: bool
+
+
+@dataclass(frozen=True)
+class DistillResult:
+    student: Path
+    rounds: tuple[RoundResult, ...]
+
+
+def round_steps_of(cfg: Config) -> list[int]:
+    """The students' step counts, round by round: teacher_steps / 2, / 4, ... down to distill.steps."""
+    out, n = [], cfg.distill.teacher_steps // 2
+    while n >= cfg.distill.steps:
+        out.append(n)
+        n //= 2
+    return out
+
+
+def round_config(cfg: Config, teacher_cfg: Config, steps: int) -> Config:
+    """The training settings of the round whose student takes `steps` steps: the teacher's data, model and
+    diffusion (v-prediction, distilled_steps), cfg's train settings with the distill block's lr, steps, EMA
+    and compile."""
+    ds, raw = cfg.distill, cfg.to_dict()
+    teacher = teacher_cfg.to_dict()
+    raw["data"] = {**teacher["data"], "root": cfg.data.root}
+    raw["model"] = teacher["model"]
+    raw["diffusion"] = {**teacher["diffusion"], "prediction": "v", "distilled_steps": steps}
+    raw["train"] = {**raw["train"], "steps": ds.round_steps, "lr": ds.lr, "warmup_steps": 0, "lr_decay": "cosine",
+                    "ema_decay": ds.ema_decay, "sample_every": 0, "nproc": 1, "compile": ds.compile,
+                    "checkpoint_every": min(cfg.train.checkpoint_every, ds.round_steps),
+                    "out_dir": str(DistillLayout.of(cfg).round_dir(steps))}
+    raw["sampler"] = {**raw["sampler"], "name": "ddim", "steps": steps, "eta": 0.0}
+    return config_from_dict(raw)
+
+
+class DistillationLoss:
+    """LossFn of one round: the student (v-prediction) against two teacher DDIM steps, in x-space with
+    truncated-SNR weights. Called as `loss(student, schedule, x0, t, noise, labels)`, t drawn uniformly in
+    [0, T-1] and mapped to the student's grid point k = t * N // T, so each of the N points is drawn with a
+    probability within 1 / floor(T / N) of uniform. Everything it reads lives on the device, so the
+    training step's CUDA graph can capture it whole."""
+
+    def __init__(self, teacher: Callable[..., torch.Tensor], teacher_prediction: str, schedule: Schedule,
+                 steps: int, device: torch.device):
+        T = schedule.num_timesteps
+        grid = trailing_timesteps(T, 2 * steps)  # the teacher's; the student's is grid[::2]
+        acp = schedule.alphas_cumprod.to(torch.float64).cpu()
+        a_bar = torch.cat([acp[grid], torch.ones(1, dtype=torch.float64)])  # entry 2N: clean
+        self.teacher, self.teacher_prediction = teacher, teacher_prediction
+        self.schedule, self.steps, self.T = schedule, steps, T
+        self.t = torch.tensor(grid, dtype=torch.long, device=device)  # [2N]
+        self.alpha = a_bar.sqrt().float().to(device)                   # [2N + 1]
+        self.sigma = (1 - a_bar).clamp(min=0).sqrt().float().to(device)
+
+    def _coef(self, table: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+        return table[i].view(-1, 1, 1, 1)
+
+    @torch.no_grad()
+    def _teacher_x0(self, z: torch.Tensor, i: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        t = self.t[i]
+        out = self.teacher(z, t, labels) if labels is not None else self.teacher(z, t)
+        return split_prediction(self.schedule, z, t, out.float(), self.teacher_prediction)[1].clamp(-1.0, 1.0)
+
+    @torch.no_grad()
+    def target(self, z: torch.Tensor, i: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """x~ of the docstring for z_t [B, C, H, W] at teacher grid indices i [B] (even: student points)."""
+        a, s = self._coef(self.alpha, i), self._coef(self.sigma, i)
+        a1, s1 = self._coef(self.alpha, i + 1), self._coef(self.sigma, i + 1)
+        a2, s2 = self._coef(self.alpha, i + 2), self._coef(self.sigma, i + 2)
+        x = self._teacher_x0(z, i, labels)
+        z1 = a1 * x + s1 * (z - a * x) / s
+        x = self._teacher_x0(z1, i + 1, labels)
+        z2 = a2 * x + s2 * (z1 - a1 * x) / s1
+        return (z2 - (s2 / s) * z) / (a2 - (s2 / s) * a)
+
+    def __call__(self, student: Callable[..., torch.Tensor], schedule: Schedule, x0: torch.Tensor,
+                 t: torch.Tensor, noise: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        i = 2 * (t * self.steps // self.T)  # the student's grid point, as a teacher grid index
+        a, s = self._coef(self.alpha, i), self._coef(self.sigma, i)
+        z = a * x0 + s * noise
+        x_target = self.target(z, i, labels)
+        v = (student(z, self.t[i], labels) if labels is not None else student(z, self.t[i])).float()
+        x_student = a * z - s * v
+        weight = (a / s).pow(2).clamp(min=1.0).view(-1)  # truncated SNR: max(SNR_t, 1)
+        return (weight * (x_student - x_target).pow(2).mean(dim=(1, 2, 3))).mean()
+
+
+def _teacher_network(path: Path, cfg: Config, device: torch.device) -> tuple[torch.nn.Module, Config]:
+    """The teacher's EMA network on `device`, frozen; channels-last and compiled as the round's training is."""
+    model, teacher_cfg, _ = load_model(path, device, use_ema=True)
+    model.requires_grad_(False)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model, teacher_cfg
+
+
+def _objective(teacher_path: Path, cfg: Config, round_cfg: Config, steps: int) -> Objective:
+    """The round's initial weights (the teacher's EMA) and its loss, built on the training device."""
+    init = load_checkpoint(teacher_path)
+    init = init["ema"] if init.get("ema") is not None else init["model"]
+
+    def make_loss(device: torch.device) -> LossFn:
+        teacher, teacher_cfg = _teacher_network(teacher_path, cfg, device)
+        net: Callable[..., torch.Tensor] = teacher
+        if round_cfg.train.compile:
+            graphed = round_cfg.train.cuda_graphs and device.type == "cuda"
+            net = compile_for_training(teacher, teacher, round_cfg.train.channels_last, graphed)
+        schedule = Schedule.from_config(round_cfg.diffusion).to(device)
+        return DistillationLoss(net, teacher_cfg.diffusion.prediction, schedule, steps, device)
+
+    return Objective(init=init, make_loss=make_loss)
+
+
+def _check_teacher(cfg: Config, checkpoint: Path) -> Config:
+    teacher_cfg = config_of(load_checkpoint(checkpoint), checkpoint)
+    own, T = teacher_cfg.diffusion.distilled_steps, teacher_cfg.diffusion.timesteps
+    if cfg.distill.teacher_steps > T:
+        raise ConfigError(f"distill.teacher_steps: {cfg.distill.teacher_steps} exceeds the T of {checkpoint} ({T})")
+    if own and own != cfg.distill.teacher_steps:
+        raise ConfigError(f"distill.teacher_steps: {cfg.distill.teacher_steps}, but {checkpoint} is a student "
+                          f"distilled to {own} steps; set distill.teacher_steps={own} to distil it further")
+    return teacher_cfg
+
+
+def _round_is_finished(layout: DistillLayout, steps: int, teacher_sha: str, cfg: Config, resume: bool,
+                       overwrite: bool) -> bool:
+    """Whether the round's folder holds a finished student of this teacher. RunFolderError, before anything is
+    written, for a folder that holds a round without --resume or --overwrite, or one of another teacher."""
+    folder, ckpt = layout.round_dir(steps), layout.round_checkpoint(steps)
+    if overwrite or not ckpt.exists():
+        return False
+    if not resume:
+        raise RunFolderError(f"{folder} already holds a distillation round; pass --resume to continue it, or "
+                             f"--overwrite to distil again (its files move to {folder.name}.replaced-<UTC time>/)")
+    record = folder / TEACHER_RECORD
+    if not record.is_file() or record.read_text().strip() != teacher_sha:
+        raise RunFolderError(f"{folder} was distilled from another teacher than the current one; rerun with "
+                             f"--overwrite to distil again from the current checkpoint")
+    return int(load_checkpoint(ckpt)["step"]) >= cfg.distill.round_steps
+
+
+def distill(cfg: Config, checkpoint: str | Path, resume: bool = False, overwrite: bool = False,
+            on_log: Callable[[int, int, dict[str, float]], None] | None = None,
+            on_round: Callable[[RoundResult], None] | None = None,
+            on_step: Callable[[int, int], None] | None = None) -> DistillResult:
+    """Distil `checkpoint` round by round down to distill.steps; returns the student and each round's result.
+
+    `resume` continues (finished rounds of the same teacher are kept, an interrupted one resumes from
+    its checkpoint); `overwrite` redoes every round (each folder's previous files move aside, as
+    `ddpm train --overwrite` does). `on_log(student_steps, step, metrics)` every train.log_every steps
+    of a round, `on_round(result)` after each round, `on_step(student_steps, step)` after every step.
+    """
+    checkpoint = Path(checkpoint)
+    teacher_cfg = _check_teacher(cfg, checkpoint)
+    resolve_device(cfg.runtime.device)  # a missing CUDA device fails before any folder is made
+    layout, teacher, rounds = DistillLayout.of(cfg), checkpoint, []
+    for steps in round_steps_of(cfg):
+        result = _run_round(cfg, teacher_cfg, layout, teacher, steps, resume, overwrite, on_log, on_step)
+        rounds.append(result)
+        if on_round is not None:
+            on_round(result)
+        teacher, teacher_cfg = result.checkpoint, config_of(load_checkpoint(result.checkpoint), result.checkpoint)
+    atomic_write_bytes(layout.student, teacher.read_bytes())
+    log.info("distilled %s into %s (%d DDIM steps)", checkpoint, layout.student, cfg.distill.steps)
+    return DistillResult(layout.student, tuple(rounds))
+
+
+def _run_round(cfg: Config, teacher_cfg: Config, layout: DistillLayout, teacher: Path, steps: int, resume: bool,
+               overwrite: bool, on_log: Callable[[int, int, dict[str, float]], None] | None,
+               on_step: Callable[[int, int], None] | None) -> RoundResult:
+    sha = file_sha256(teacher)
+    if _round_is_finished(layout, steps, sha, cfg, resume, overwrite):
+        log.info("round to %d steps: %s is finished; kept", steps, layout.round_checkpoint(steps))
+        return RoundResult(steps, layout.round_checkpoint(steps), float("nan"), 0.0, True)
+    rc = round_config(cfg, teacher_cfg, steps)
+    layout.round_dir(steps).mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(layout.round_dir(steps) / TEACHER_RECORD, (sha + "\n").encode())
+    log.info("round to %d steps: teacher %s (%d steps), %d optimisation steps", steps, teacher, 2 * steps,
+             rc.train.steps)
+    start = time.perf_counter()
+    result = train(rc, resume=resume and not overwrite, overwrite=overwrite,
+                   on_log=None if on_log is None else (lambda step, m: on_log(steps, step, m)),
+                   on_step=None if on_step is None else (lambda step: on_step(steps, step)),
+                   objective=_objective(teacher, cfg, rc, steps))
+    return RoundResult(steps, Path(result.checkpoint), result.loss, time.perf_counter() - start, False)
+
+
+def describe(result: DistillResult) -> dict[str, Any]:
+    """The result as JSON-ready numbers and paths."""
+    return {"student": str(result.student), "rounds": [
+        {"steps": r.steps, "checkpoint": str(r.checkpoint), "loss": r.loss, "seconds": r.seconds, "skipped": r.skipped}
+        for r in result.rounds]}
