@@ -14,8 +14,11 @@ A hook must be cheap (it runs inside sampling loops) and must not raise.
 from __future__ import annotations
 
 import contextlib
+import logging
 from contextvars import ContextVar
 from typing import Callable, Iterator
+
+log = logging.getLogger(__name__)
 
 Hook = Callable[[str, int, int], None]  # (phase, done, total); total 0: a phase without a count
 _hook: ContextVar[Hook | None] = ContextVar("ddpm_progress_hook", default=None)
@@ -36,3 +39,29 @@ def advance(phase: str, done: int = 0, total: int = 0) -> None:
     hook = _hook.get()
     if hook is not None:
         hook(phase, done, total)
+
+
+class StepBar:
+    """Training's own progress on the console: a tqdm bar when tqdm is installed, else log lines."""
+
+    def __init__(self, total: int, start: int, enabled: bool = True):
+        self.bar = None
+        if not enabled:
+            return
+        try:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+        except ImportError:
+            pass
+
+    def __call__(self, step: int, loss: float, ips: float) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{ips:,.0f}")
+            self.bar.n = step
+            self.bar.refresh()
+        else:
+            log.info("step %d  loss %.4f  %.0f img/s", step, loss, ips)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

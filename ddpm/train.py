@@ -39,6 +39,7 @@ from ddpm.distributed import DistInfo, any_rank, gather_states, init_distributed
 from ddpm.errors import ConfigError, RunFolderError, TrainingDivergedError, TrainingInterrupted
 from ddpm.generate import generate, save_grid
 from ddpm.layout import RunLayout
+from ddpm.progress import StepBar
 from ddpm.layers import use_hashed_dropout, use_padded_image_convs, use_per_channel_group_norm
 from ddpm.resources import check_training_fits
 from ddpm.run_folder import RunFiles, owned, resume_changes
@@ -270,7 +271,7 @@ class _Run:
         self.layout = files.layout
         self.ckpt_path = self.layout.checkpoint
         self.loss_sum = torch.zeros((), device=step.device)
-        self.progress = _progress(cfg.train.steps, self.state.step, enabled=rank.is_main)
+        self.progress = StepBar(cfg.train.steps, self.state.step, enabled=rank.is_main)
         self.last_loss, self.ips, self.t0, self.since = float("nan"), 0.0, time.perf_counter(), self.state.step
 
     def run(self) -> TrainResult:
@@ -383,29 +384,3 @@ def save_sample_grid(model: nn.Module, schedule: Schedule, cfg: Config, path: Pa
     images, _ = generate(model, schedule, cfg, n, seed=cfg.sample.seed, compile=False)
     save_grid(images, path)
     return path
-
-
-class _progress:
-    """A tqdm bar when tqdm is installed and stderr is a terminal, else log lines."""
-
-    def __init__(self, total: int, start: int, enabled: bool = True):
-        self.bar = None
-        if not enabled:
-            return
-        try:
-            from tqdm import tqdm
-            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
-        except ImportError:
-            pass
-
-    def __call__(self, step: int, loss: float, ips: float) -> None:
-        if self.bar is not None:
-            self.bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{ips:,.0f}")
-            self.bar.n = step
-            self.bar.refresh()
-        else:
-            log.info("step %d  loss %.4f  %.0f img/s", step, loss, ips)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
