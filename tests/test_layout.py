@@ -58,12 +58,15 @@ def test_dvc_yaml_paths_are_the_run_layout_for_the_default_params():
         "settings": {"outs": [run.resolved_params]},
         "data": {"outs": [run.dataset_manifest]},
         "features": {"deps": [run.dataset_manifest], "outs": [run.feature_net_record]},
-        "train": {"deps": [run.dataset_manifest], "outs": [run.checkpoint, run.samples_final, run.trajectory],
+        "train": {"deps": [run.dataset_manifest], "outs": [run.checkpoint, run.samples_final, run.trajectory,
+                                                              run.compile_cache],
                   "plots": [run.loss_csv]},
         "evaluate": {"deps": [run.checkpoint, run.feature_net_record], "outs": [run.eval.samples, run.eval.nearest],
                      "metrics": [run.eval.metrics]},
-        "export": {"deps": [run.checkpoint, run.feature_net_record, run.eval.metrics],
-                   "outs": [run.onnx_model, run.onnx_samples.grid], "metrics": [run.export_report]},
+        "distill": {"deps": [run.checkpoint, run.feature_net_record], "outs": [run.distill_dir],
+                    "metrics": [run.distill_record]},
+        "export": {"deps": [run.checkpoint, run.feature_net_record, run.eval.metrics, run.distill_record],
+                   "outs": [run.onnx_model, run.onnx_samples.grid, run.aot_report], "metrics": [run.export_report]},
     }
     assert set(dvc["stages"]) == set(want)
     for name, stage in dvc["stages"].items():
