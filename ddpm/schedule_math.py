@@ -106,7 +106,7 @@ def sampling_timesteps(num_timesteps: int, steps: int, distilled_steps: int = 0)
     if steps != distilled_steps:
         raise ConfigError(f"steps: {steps} asked of a student distilled to {distilled_steps} DDIM steps "
                           f"(diffusion.distilled_steps); sample it with exactly {distilled_steps} steps "
-                          f"(--steps {distilled_steps}, sample.steps or evaluate.steps)")
+                          f"(--steps {distilled_steps} or sampler.steps)")
     return trailing_timesteps(num_timesteps, steps)
 
 

@@ -110,3 +110,25 @@ def test_onnx_sample_with_counter_noise_is_the_same_whatever_the_batch_size(tiny
     bad = subprocess.run([sys.executable, "-m", "ddpm.cli", "onnx-sample", "--model", str(model), "--noise", "philox",
                           "--out", str(tmp_path / "bad")], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "invalid choice: 'philox'" in bad.stderr and not (tmp_path / "bad").exists()
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
+def test_web_timestep_grids_are_the_python_samplers(tmp_path):
+    """The page's DDIM grids (web/model.js) against ddpm.schedule_math: the uniform grid of a trained model,
+    the trailing grid of a distilled student (whose k T / n can end in .5: Python rounds it to even)."""
+    from ddpm.errors import ConfigError
+    from ddpm.schedule_math import sampling_timesteps
+
+    cases = [(1000, 50, 0), (1000, 7, 0), (1000, 32, 32), (1000, 16, 16), (1000, 4, 4), (1000, 1, 1), (20, 8, 8)]
+    script = tmp_path / "grids.mjs"
+    script.write_text(f"import {{ samplingTimesteps }} from {json.dumps((ROOT / 'web' / 'model.js').as_uri())};\n"
+                      f"for (const [T, n, d] of {json.dumps(cases)}) "
+                      "process.stdout.write(JSON.stringify(samplingTimesteps(T, n, d)) + '\\n');\n"
+                      "try { samplingTimesteps(1000, 8, 4); } catch (e) { process.stdout.write(e.message + '\\n'); }\n")
+    done = subprocess.run(["node", str(script)], capture_output=True, text=True, check=True, timeout=60)
+    lines = done.stdout.splitlines()
+    for line, (T, n, d) in zip(lines, cases):
+        assert json.loads(line) == sampling_timesteps(T, n, d), (T, n, d)
+    with pytest.raises(ConfigError):
+        sampling_timesteps(1000, 8, 4)
+    assert "distilled to 4 DDIM steps" in lines[-1] and "exactly 4 steps" in lines[-1]

@@ -74,6 +74,10 @@ function readOptions(overrides) {
     return v;
   };
   if (!['ddim', 'ddpm'].includes(raw.sampler)) throw new ModelError(`sampler: ${raw.sampler} is not allowed; choose ddim or ddpm`);
+  const distilled = meta.diffusion.distilled_steps || 0;
+  if (distilled && raw.sampler !== 'ddim') {
+    throw new ModelError(`sampler: a student distilled to ${distilled} DDIM steps samples with ddim and ${distilled} steps only`);
+  }
   const opts = { sampler: raw.sampler, steps: raw.sampler === 'ddim' ? int('steps', 1, T, 'steps') : T,
     seed: int('seed', 0, MAX_SEED, 'seed'), batch: int('batch', 1, MAX_BATCH, 'batch size'), label: null, guidance: 1 };
   if (cond) {
@@ -123,7 +127,7 @@ function describe(meta, threads) {
   const d = meta.diffusion;
   const kind = meta.class_conditional ? `class-conditional (${meta.num_classes} classes)` : 'unconditional';
   return `${kind}, ${meta.image_shape.join('x')} images, T = ${d.timesteps} (${d.schedule}, predicts ${d.prediction}), ` +
-    `trained ${meta.step} steps; onnxruntime-web ${ort.env.versions.web}, WASM, ${threads} thread${threads > 1 ? 's' : ''}`;
+    `trained ${meta.step} steps${d.distilled_steps ? `, distilled to ${d.distilled_steps} DDIM steps` : ''}; onnxruntime-web ${ort.env.versions.web}, WASM, ${threads} thread${threads > 1 ? 's' : ''}`;
 }
 
 async function start() {
@@ -139,6 +143,7 @@ async function start() {
   }
   state.model = model;
   $('steps').max = model.meta.diffusion.timesteps;
+  if (model.meta.diffusion.distilled_steps) $('steps').value = model.meta.diffusion.distilled_steps;
   $('conditional').hidden = !model.meta.class_conditional;
   for (let k = 0; k < model.meta.num_classes; k++) $('digit').add(new Option(String(k), String(k)));
   $('model').textContent = `${url}: ${describe(model.meta, threads)}`;

@@ -188,6 +188,24 @@ export function ddimTimesteps(T, steps) {
   return Array.from({ length: steps }, (_, i) => (steps - 1 - i) * stride);
 }
 
+/** Python's round(): halves go to the even neighbour (62.5 -> 62), where Math.round goes up. */
+function roundHalfEven(v) {
+  const r = Math.round(v);
+  return Math.abs(v % 1) === 0.5 && r % 2 !== 0 ? r - 1 : r;
+}
+
+/** The DDIM timesteps of a `steps`-step sampler, as ddpm/schedule_math.py's sampling_timesteps: the
+ * uniform grid, or for a student distilled to `distilled` steps its trailing grid round(k T / n) - 1,
+ * which it alone was trained on (another step count is a ModelError). */
+export function samplingTimesteps(T, steps, distilled = 0) {
+  if (!distilled) return ddimTimesteps(T, steps);
+  if (steps !== distilled) {
+    throw new ModelError(`steps: ${steps} asked of a student distilled to ${distilled} DDIM steps; ` +
+      `sample it with exactly ${distilled} steps`);
+  }
+  return Array.from({ length: steps }, (_, i) => roundHalfEven(((steps - i) * T) / steps) - 1);
+}
+
 /** Fetch and check a model: {bytes, meta, schedule}; a ModelError says what is wrong with it. */
 export async function fetchModel(url) {
   let response;

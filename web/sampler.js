@@ -3,7 +3,7 @@
 // indices in [0, T-1]; the noise comes from noise.js: stream 0 is x_T, stream 1 + i the noise of step i.
 
 import { gaussian } from './noise.js';
-import { ddimTimesteps } from './model.js';
+import { samplingTimesteps } from './model.js';
 
 const f = Math.fround;
 
@@ -69,7 +69,8 @@ export async function sampleBatch(ort, session, model, opts, onStep) {
   const labels = classLabels(n, opts.label, meta.num_classes);
   const net = denoiser(ort, session, meta, labels, opts.guidance);
   const T = s.betas.length;
-  const seq = opts.sampler === 'ddim' ? ddimTimesteps(T, opts.steps) : Array.from({ length: T }, (_, i) => T - 1 - i);
+  const seq = opts.sampler === 'ddim' ? samplingTimesteps(T, opts.steps, meta.diffusion.distilled_steps || 0)
+    : Array.from({ length: T }, (_, i) => T - 1 - i);
   let x = gaussian(opts.seed, 0, n, perImage);
   const stepMs = [];
   for (let i = 0; i < seq.length; i++) {
