@@ -182,15 +182,15 @@ def _render_goal(goal: Goal) -> list[str]:
              f"Goal: {d['goal']}. **{d['status'][:1].upper()}{d['status'][1:]}.** {d['note']}", "",
              "| figure | value | card, versions | date | commit | command | result file |",
              "|---|---|---|---|---|---|---|"]
-    previous = None
+    previous: list[str] | None = None
     for fig in d["figures"]:
         run = d["runs"][fig["run"]]
-        if fig["run"] == previous:  # the run of the row above: its cells once, not again
-            lines.append(f"| {fig['what']} | {fig['value']} | same | same | same | same | same |")
-        else:
-            lines.append(f"| {fig['what']} | {fig['value']} | {run['card']}; {run['versions']} | {run['date']} "
-                         f"| {run['commit']} | `{run['command']}` | `{run['results']}` |")
-        previous = fig["run"]
+        cells = [f"{run['card']}; {run['versions']}", run["date"], run["commit"], f"`{run['command']}`",
+                 f"`{run['results']}`"]
+        # a cell equal to the one above it says "same", so a run's details are written once
+        shown = cells if previous is None else ["same" if c == p else c for c, p in zip(cells, previous)]
+        lines.append(f"| {fig['what']} | {fig['value']} | " + " | ".join(shown) + " |")
+        previous = cells
     if "plot" in d:
         lines += ["", f"![{d['plot']['title']}]({d['plot']['file']})"]
     pages = ", ".join(f"[{Path(p).stem}]({p})" for p in d["experiments"])
