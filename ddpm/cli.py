@@ -213,7 +213,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="distil every round again; each round's previous files move to "
                             "<round>.replaced-<UTC time>/")
     p.set_defaults(func=cmd_distill)
+    _add_torch_sampling_parsers(sub)
+    _add_onnx_parsers(sub)
+    return parser
 
+
+def _add_torch_sampling_parsers(sub: Any) -> None:
+    """`ddpm sample`, `ddpm evaluate` and `ddpm export`: the commands that load a checkpoint."""
     p = sub.add_parser("sample", help="sample images from a checkpoint: a PNG grid and an .npz array")
     _add_settings(p)
     p.add_argument("--checkpoint", default=None, help="(default: <train.out_dir>/checkpoint.pt)")
@@ -257,6 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the gate's FID feature net: pinned, retrain or a path, as for evaluate (default: %(default)s)")
     p.set_defaults(func=cmd_export)
 
+
+def _add_onnx_parsers(sub: Any) -> None:
+    """`ddpm onnx-sample` and `ddpm web`: the commands that need an exported model and no PyTorch."""
     p = sub.add_parser("onnx-sample", help="sample with onnxruntime alone (no PyTorch)")
     p.add_argument("--model", required=True,
                    help="the exported .onnx file (its schedule is read from its metadata), or a registered version: "
@@ -295,7 +304,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", default=None,
                    help="for --registered: where downloaded versions are kept (default: ~/.cache/ddpm/models)")
     p.set_defaults(func=cmd_web)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -201,11 +201,9 @@ class ExportConfig:
 
 @dataclass(frozen=True)
 class DistillConfig:
-    """Progressive distillation (ddpm.distill): the trained checkpoint's EMA network, sampled with
-    `teacher_steps` DDIM steps, is distilled into students of half as many steps, round after round,
-    down to `steps`. Each round takes `round_steps` optimisation steps at `lr` (cosine-decayed to 0);
-    the other training settings (batch size, device, bf16, CUDA graphs, channels-last, clipping) are train's.
-    `enabled` turns the pipeline's distill stage on."""
+    """Progressive distillation (ddpm.distill) of the checkpoint's EMA network at `teacher_steps` DDIM steps into
+    students of half as many steps, round after round, down to `steps`; each round `round_steps` steps at `lr`
+    (cosine-decayed), the other training settings train's. `enabled` turns the pipeline's distill stage on."""
 
     enabled: bool = False
     steps: int = _f(4, _positive, "an integer > 0 (the final student's DDIM steps)")
