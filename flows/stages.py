@@ -113,7 +113,7 @@ def distill_flow(params_path: str = "params.yaml", profile: str | None = None, o
             log.info("distill.enabled is false (set it, or use a gpu profile, to distil the model)")
             return _distill_record(s, {"enabled": False})
         info = _feature_net(s, force=False)
-        result = distill_tasks.distill_model(s.cfg, str(s.checkpoint), run, force)
+        result = distill_tasks.distill_model(s.cfg, str(s.layout.checkpoint), run, force)
         progress("scoring each round's student")
         fids = {r["steps"]: tasks.evaluate_model(r["checkpoint"], distill_tasks.student_config(s.cfg, r["steps"]),
                                                  str(Path(r["checkpoint"]).parent / "eval"), info["path"],
