@@ -13,6 +13,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from ddpm.layout import RunLayout
 from flows.tracking import LiveMetrics, RunRef, backfill_loss_csv
 
 log = logging.getLogger(__name__)
@@ -57,15 +58,16 @@ def log_distillation(run: RunRef, result: dict[str, Any], fids: dict[int, dict[s
     logger = run.logger()
     numbers: dict[str, float] = {}
     for i, r in enumerate(result["rounds"]):
-        n, folder = r["steps"], Path(r["checkpoint"]).parent
+        n, folder = r["steps"], RunLayout(Path(r["checkpoint"]).parent)
         offset = i * round_steps
         sent = {s - offset for s in result.get("sent_steps", ()) if offset < s <= offset + round_steps}
-        backfill_loss_csv(_Shifted(logger, offset), folder / "loss.csv", sent)
+        backfill_loss_csv(_Shifted(logger, offset), folder.loss_csv, sent)
         fid = fids[n]["fid"]
-        logger.metrics({"round_loss": _last_loss(folder / "loss.csv"), "fid": fid}, n)
-        numbers.update({f"fid_{n}_steps": fid, f"loss_{n}_steps": _last_loss(folder / "loss.csv")})
-        logger.artifact(folder / "loss.csv", f"distill/steps_{n}")
-        logger.image(folder / "eval" / "samples.png", f"distill_samples_{n}_steps", n)
+        loss = _last_loss(folder.loss_csv)
+        logger.metrics({"round_loss": loss, "fid": fid}, n)
+        numbers.update({f"fid_{n}_steps": fid, f"loss_{n}_steps": loss})
+        logger.artifact(folder.loss_csv, f"distill/steps_{n}")
+        logger.image(folder.eval.samples, f"distill_samples_{n}_steps", n)
     logger.metrics(numbers)
     return numbers
 

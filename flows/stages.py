@@ -28,6 +28,7 @@ from typing import Any
 
 from prefect import flow
 
+from ddpm.layout import RunLayout
 from flows import artifacts, distill_tasks, export_tasks, tasks, tracking
 from flows.observe import StageProgress, bridge_library_logs, log_failure
 from flows.runtime import (CheckpointMismatch, Settings, ServiceUnavailable, check_prefect_api, check_tracking_uri,
@@ -116,7 +117,7 @@ def distill_flow(params_path: str = "params.yaml", profile: str | None = None, o
         result = distill_tasks.distill_model(s.cfg, str(s.layout.checkpoint), run, force)
         progress("scoring each round's student")
         fids = {r["steps"]: tasks.evaluate_model(r["checkpoint"], distill_tasks.student_config(s.cfg, r["steps"]),
-                                                 str(Path(r["checkpoint"]).parent / "eval"), info["path"],
+                                                 str(RunLayout(Path(r["checkpoint"]).parent).eval.folder), info["path"],
                                                  force)["metrics"] for r in result["rounds"]}
         numbers = distill_tasks.log_distillation(run, result, fids, s.cfg.distill.round_steps)
         progress("exporting the student")
