@@ -65,6 +65,7 @@ def test_a_saved_artifact_is_loaded_by_the_next_run_of_its_key(tmp_path, monkeyp
     assert record["saved"] == str(tmp_path / f"{KEY.digest}.bin")
     header, payload = cc.read_cache_file(Path(record["saved"]))
     assert payload == b"compiled step" and header["key"] == KEY.to_dict()
+    caplog.clear()  # where an earlier test set the level to INFO, the first run's lines are captured too
     with caplog.at_level(logging.INFO, logger="ddpm.compile_cache"):
         second = cc.CompileCache(tmp_path, KEY).load()
     assert second["status"] == "loaded" and second["file"] == record["saved"] and torch_loads == [b"compiled step"]

@@ -234,7 +234,8 @@ def test_sigterm_outside_the_training_loop_ends_the_runs_killed_and_the_process_
                                  "--force resumes from it")
     runs = runs_between(sigterm["uri"], "faults-sigterm", started)
     assert {s: r.info.status for s, r in runs.items()} == {
-        "pipeline": "KILLED", "data": "FINISHED", "train": "FINISHED", "evaluate": "FINISHED", "export": "KILLED"}
+        "pipeline": "KILLED", "data": "FINISHED", "train": "FINISHED", "distill": "FINISHED",  # off in the cpu profile
+        "evaluate": "FINISHED", "export": "KILLED"}
     # Prefect's TerminationSignal; or, when the signal lands in the first import of a C extension (onnx),
     # what that import made of it: "stopped by SIGTERM, which surfaced as ImportError: ..."
     assert "stopped by SIGTERM" in runs["export"].data.tags["error"]
