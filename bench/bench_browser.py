@@ -10,6 +10,9 @@ the page's WASM threads. Guidance scale 1 (one network call per step).
 
     python bench/bench_browser.py --model runs/default/model.onnx --out bench/results/browser.json
     python bench/bench_browser.py --smoke --out /tmp/browser_smoke.json     # a tiny export, seconds
+
+--on-screen STUDENT.onnx adds a user's first visit: the page opened in a new browser context, Sample pressed with
+the form's defaults (16 images, the student's own DDIM steps), timed to the last step drawn.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ if __package__ in (None, ""):
 
 import numpy as np
 
-from ddpm.fileio import atomic_write_bytes
+from ddpm.fileio import atomic_write_bytes, file_sha256
 from ddpm.onnx_model import OnnxDenoiser
 from ddpm.onnx_sampler import sample_model_range
 
@@ -94,6 +97,49 @@ def run_cases(model: Path, threads_list: list[int], batches: list[int], steps: i
     return rows, about
 
 
+def on_screen_cases(model: Path, threads_list: list[int]) -> list[dict]:
+    """A first visit with the form's defaults (batch 16, the model's own DDIM steps for a distilled student): a new
+    browser context opens the page, waits until it is ready (WASM and model fetched and compiled), presses Sample
+    and waits for 'done', the last step drawn. Seconds from opening to ready and from the press to done."""
+    from playwright.sync_api import sync_playwright
+
+    from ddpm.web import CHROMIUM, CHROMIUM_ARGS, serve, site_files
+
+    server = serve(site_files(model), 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/"
+    rows = []
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            for threads in threads_list:
+                context = browser.new_context()
+                page = context.new_page()
+                opened = time.perf_counter()
+                page.goto(f"{url}?threads={threads}")
+                if page.evaluate("window.ddpm.ready") is None:
+                    raise SystemExit(f"bench_browser: the page did not load: {page.text_content('#error')}")
+                ready = time.perf_counter()
+                page.click("#sample")
+                page.wait_for_function("document.querySelector('#status').textContent.startsWith('done') || "
+                                       "!document.querySelector('#error').hidden", timeout=600_000)
+                if page.is_visible("#error"):
+                    raise SystemExit(f"bench_browser: sampling on the page failed: {page.text_content('#error')}")
+                done = time.perf_counter()
+                rows.append({"threads": threads, "batch": int(page.input_value("#batch")),
+                             "steps": int(page.input_value("#steps")), "open_to_ready_s": ready - opened,
+                             "press_to_done_s": done - ready, "open_to_done_s": done - opened,
+                             "status": page.text_content("#status")})
+                print(f"on screen, threads {threads}: ready after {ready - opened:.2f} s, {rows[-1]['batch']} "
+                      f"images in {rows[-1]['steps']} steps {done - ready:.2f} s after the press", flush=True)
+                context.close()
+            browser.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+    return rows
+
+
 def smoke_model(folder: Path) -> Path:
     """A tiny random-weight export (8 channels, T = 20) for --smoke."""
     import torch
@@ -122,8 +168,6 @@ def environment(model: Path) -> dict[str, Any]:
 
     import onnxruntime as ort
 
-    from ddpm.fileio import file_sha256
-
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
@@ -141,22 +185,35 @@ def main(argv: list[str] | None = None) -> int:
                     help="WASM threads = onnxruntime intra-op threads (default: %(default)s)")
     ap.add_argument("--batches", default="1,16", help="(default: %(default)s)")
     ap.add_argument("--steps", type=int, default=20, help="timed DDIM steps per case (default: %(default)s)")
-    ap.add_argument("--smoke", action="store_true", help="a tiny export, one thread, batch 1, 2 steps")
+    ap.add_argument("--on-screen", metavar="MODEL", help="also time a first visit to the page serving MODEL (a "
+                    "distilled student) with the form's defaults, from opening the page to its images drawn")
+    ap.add_argument("--smoke", action="store_true", help="a tiny export, one thread, batch 1, 2 steps; and a "
+                    "first visit to it")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-browser-") as tmp:
         if args.smoke:
             model, threads, batches, steps = smoke_model(Path(tmp)), [1], [1], 2
+            args.on_screen = str(model)
         else:
             model, steps = Path(args.model), args.steps
             threads, batches = [int(v) for v in args.threads.split(",")], [int(v) for v in args.batches.split(",")]
+            if args.on_screen and not Path(args.on_screen).is_file():
+                print(f"bench_browser: --on-screen {args.on_screen} does not exist; distil and export a student "
+                      "(`ddpm distill`, then `ddpm export --checkpoint <run>/distill/student.pt`)", file=sys.stderr)
+                return 2
             if not model.is_file():
                 print(f"bench_browser: {model} does not exist; export one (`make pipeline`) or pass --model",
                       file=sys.stderr)
                 return 2
         env = environment(model)
         rows, about = run_cases(model, threads, batches, steps)
+        screen = on_screen_cases(Path(args.on_screen), threads) if args.on_screen else []
+        screen_sha = file_sha256(Path(args.on_screen)) if args.on_screen else None
     doc = {"environment": {**env, **about}, "warmup_steps": WARMUP_STEPS, "seed": SEED, "rows": rows,
            "by_case": {f"t{r['threads']}_b{r['batch']}": r for r in rows}}
+    if screen:
+        doc["on_screen"] = {"model": args.on_screen, "model_sha256": screen_sha,
+                            "by_threads": {f"t{r['threads']}": r for r in screen}}
     atomic_write_bytes(Path(args.out), (json.dumps(doc, indent=1) + "\n").encode())
     print(f"-> {args.out}")
     return 0

@@ -153,6 +153,9 @@ def test_bench_browser_smoke_times_the_page_and_python_on_the_same_samples(tmp_p
     assert row["browser_ms_per_step"] > 0 and row["python_ms_per_step"] > 0
     assert row["max_abs_diff_x0"] <= 1e-3  # the page computed the same samples as onnxruntime in Python
     assert doc["by_case"]["t1_b1"] == row and "onnxruntime-web" in doc["environment"]["page"]
+    screen = doc["on_screen"]["by_threads"]["t1"]  # the form's defaults: 16 images, T = 20 of the tiny export
+    assert (screen["batch"], screen["steps"]) == (16, 20) and screen["status"].startswith("done: 20 steps")
+    assert 0 < screen["open_to_ready_s"] < screen["open_to_done_s"]
 
 
 def test_bench_compile_once_smoke_runs_every_command_and_writes_its_goal_file(tmp_path):

@@ -144,6 +144,7 @@ async function start() {
   state.model = model;
   $('steps').max = model.meta.diffusion.timesteps;
   if (model.meta.diffusion.distilled_steps) $('steps').value = model.meta.diffusion.distilled_steps;
+  else if (Number($('steps').value) > model.meta.diffusion.timesteps) $('steps').value = model.meta.diffusion.timesteps;
   $('conditional').hidden = !model.meta.class_conditional;
   for (let k = 0; k < model.meta.num_classes; k++) $('digit').add(new Option(String(k), String(k)));
   $('model').textContent = `${url}: ${describe(model.meta, threads)}`;
