@@ -39,6 +39,18 @@ def _run_paths(args: argparse.Namespace, cfg, **defaults: Callable[[Any], Path])
             setattr(args, name, str(place(layout)))
 
 
+def _student_sampling(cfg, checkpoint: str):
+    """cfg, or for a distilled student (diffusion.distilled_steps) cfg with DDIM at the student's own steps: the
+    only count it samples with, so its evaluation and its export's check use that."""
+    import dataclasses
+
+    from ddpm.checkpoint import config_of, load_checkpoint
+    steps = config_of(load_checkpoint(checkpoint), checkpoint).diffusion.distilled_steps
+    if not steps:
+        return cfg
+    return dataclasses.replace(cfg, sampler=dataclasses.replace(cfg.sampler, name="ddim", steps=steps))
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     from ddpm.data import fetch_dataset
     cfg = _config(args)
@@ -117,6 +129,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from ddpm.evaluate import evaluate_checkpoint
     cfg = _config(args)
     _run_paths(args, cfg, checkpoint=lambda run: run.checkpoint, out=lambda run: run.eval.folder)
+    cfg = _student_sampling(cfg, args.checkpoint)
     metrics = evaluate_checkpoint(args.checkpoint, cfg, out_dir=args.out, onnx_model=args.onnx,
                                   feature_net=args.feature_net, aot=args.aot)
     for k, v in metrics.items():
@@ -130,6 +143,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from ddpm.export_check import gate_export
     cfg = _config(args)
     _run_paths(args, cfg, checkpoint=lambda run: run.checkpoint, out=lambda run: run.onnx_model)
+    cfg = _student_sampling(cfg, args.checkpoint)
     checks: list[tuple[bool, dict]] = []
 
     def gate(model: Path, int8: bool) -> dict:
