@@ -45,6 +45,8 @@ def _student_sampling(cfg, checkpoint: str):
     import dataclasses
 
     from ddpm.checkpoint import config_of, load_checkpoint
+    if not Path(checkpoint).is_file():
+        return cfg  # the command's own load says so, after the checks that come first
     steps = config_of(load_checkpoint(checkpoint), checkpoint).diffusion.distilled_steps
     if not steps:
         return cfg
