@@ -22,10 +22,13 @@ log = logging.getLogger(__name__)
 
 
 @task(name="export-onnx", cache_policy=NO_CACHE)
-def export_model(checkpoint: str, cfg: Any, onnx_path: str, force: bool = False) -> str:
+def export_model(checkpoint: str, cfg: Any, onnx_path: str, feature_net: str, reports: tuple[str, str | None],
+                 force: bool = False) -> str:
     """ddpm.export.export_onnx (with its parity check, and the int8 twin with export.int8) unless the ONNX
-    files are current for this checkpoint. The int8 twin is optional (ddpm.export writes none when it fails
-    its gate or its scheme cannot run on this CPU): the record lists the files that were written."""
+    files are current for this checkpoint. The gate (check_model, writing `reports`: the float32 model's, the
+    int8 twin's or None to leave the twin unchecked) runs on the new files in the export's temporary folder,
+    as `ddpm export`'s does, so a rejected export replaces nothing. The int8 twin is optional (ddpm.export
+    writes none when its scheme cannot run on this CPU): the record lists the files that were written."""
     from ddpm.export import fp16_path
     from ddpm.quantize import int8_path
 
@@ -39,7 +42,12 @@ def export_model(checkpoint: str, cfg: Any, onnx_path: str, force: bool = False)
     stamp.clear()
     from ddpm.export import export_onnx
 
-    export_onnx(checkpoint, out, cfg.export, cfg.sampler)
+    def gate(model: Path, int8: bool) -> None:
+        if reports[int8] is not None:
+            check_model(str(model), checkpoint, cfg, feature_net, reports[int8], force, int8=int8,
+                        named=str(out.parent / model.name))
+
+    export_onnx(checkpoint, out, cfg.export, cfg.sampler, gate=gate)
     stamp.write(files + [p for p in [int8_path(out)] if cfg.export.int8 and p.is_file()])
     return str(out)
 
@@ -81,13 +89,14 @@ def log_aot(run: RunRef, record: dict[str, Any], step: int) -> None:
 
 @task(name="check-export", cache_policy=NO_CACHE)
 def check_model(onnx_path: str, checkpoint: str, cfg: Any, feature_net: str, report: str,
-                force: bool = False, int8: bool = False) -> dict[str, Any]:
+                force: bool = False, int8: bool = False, named: str | None = None) -> dict[str, Any]:
     """ddpm.export_check.gate_export, the gate `ddpm export` applies too: onnxruntime samples against
     PyTorch's, and their FIDs. Writes `report` either way; raises ExportRejected (with the measured
     differences) when the export is not accepted.
 
     `int8`: the int8 twin (ddpm.quantize), gated by its own bounds (gate_export); a rejected twin is
     deleted (the export stage then fails, and a rerun exports it again, since the export's record lists it).
+    `named`: the path the report's error gives the model (export_model checks it under a temporary name).
     """
     from ddpm.errors import ExportRejected
 
@@ -108,7 +117,7 @@ def check_model(onnx_path: str, checkpoint: str, cfg: Any, feature_net: str, rep
     try:
         result = gate_export(onnx_path, checkpoint, cfg, fid_score(cfg, feature_net), int8=int8)
     except ExportRejected as exc:
-        write_json(Path(report), {"accepted": False, "error": str(exc)})
+        write_json(Path(report), {"accepted": False, "error": str(exc).replace(onnx_path, named or onnx_path)})
         if int8:  # an optional twin that failed its check must not be picked up; a rerun exports it again
             Path(onnx_path).unlink(missing_ok=True)
         raise

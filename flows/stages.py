@@ -122,9 +122,10 @@ def distill_flow(params_path: str = "params.yaml", profile: str | None = None, o
         numbers = distill_tasks.log_distillation(run, result, fids, s.cfg.distill.round_steps)
         progress("exporting the student")
         scfg = distill_tasks.student_config(s.cfg, s.cfg.distill.steps)
-        onnx_path = export_tasks.export_model(str(s.layout.student), scfg, str(s.layout.student_onnx), force)
-        export_tasks.check_model(onnx_path, str(s.layout.student), scfg, info["path"],
-                                 str(s.layout.student_export_report), force)
+        report = str(s.layout.student_export_report)
+        onnx_path = export_tasks.export_model(str(s.layout.student), scfg, str(s.layout.student_onnx), info["path"],
+                                              (report, None), force)
+        export_tasks.check_model(onnx_path, str(s.layout.student), scfg, info["path"], report)  # current: skipped
         samples = export_tasks.sample_onnx(onnx_path, scfg, str(s.layout.student_onnx_samples.grid))
         pc = s.cfg.pipeline
         registered = export_tasks.log_export(run, onnx_path, str(s.layout.student_export_report), samples,
@@ -174,15 +175,18 @@ def export_flow(params_path: str = "params.yaml", profile: str | None = None, ov
     run_files, checkpoint = s.layout, str(s.layout.checkpoint)
     with tracker.stage("export", parent_run_id) as run, StageProgress("export") as progress:
         info = _feature_net(s, force=False)
-        progress("exporting to ONNX")
-        onnx_path = export_tasks.export_model(checkpoint, s.cfg, str(run_files.onnx_model), force)
-        progress("checking onnxruntime against PyTorch")
-        export_tasks.check_model(onnx_path, checkpoint, s.cfg, info["path"], str(run_files.export_report), force)
+        progress("exporting to ONNX and checking onnxruntime against PyTorch")
+        reports = (str(run_files.export_report), str(run_files.export_int8_report))
+        onnx_path = export_tasks.export_model(checkpoint, s.cfg, str(run_files.onnx_model), info["path"], reports,
+                                              force)
+        # The export checked what it wrote (its gate); the checks below are current then, and run only for an
+        # export that was itself current but checked with other settings.
+        export_tasks.check_model(onnx_path, checkpoint, s.cfg, info["path"], reports[0])
         int8 = None
-        if s.cfg.export.int8 and export_tasks.int8_twin_written(onnx_path, str(run_files.export_int8_report)):
+        if s.cfg.export.int8 and export_tasks.int8_twin_written(onnx_path, reports[1]):
             from ddpm.quantize import int8_path
-            int8 = (str(int8_path(onnx_path)), str(run_files.export_int8_report))
-            export_tasks.check_model(int8[0], checkpoint, s.cfg, info["path"], int8[1], force, int8=True)
+            int8 = (str(int8_path(onnx_path)), reports[1])
+            export_tasks.check_model(int8[0], checkpoint, s.cfg, info["path"], int8[1], int8=True)
         samples = export_tasks.sample_onnx(onnx_path, s.cfg, str(run_files.onnx_samples.grid))
         progress("compiling the sampling network ahead of time (CUDA only)")
         aot = export_tasks.export_aot(checkpoint, s.cfg, str(run_files.aot_package), str(run_files.aot_report), force)

@@ -362,6 +362,7 @@ def failed(project, second):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(ddpm.export_check, "check_export", reject)
+        assert (project / "runs" / "default" / "model.onnx").is_file()  # the second run's, accepted
         before = sha256(project / "runs" / "default" / "checkpoint.pt")
         # distill off: its student's gate reads the same export settings and would be rejected first
         state = run_pipeline(project, "export.check_atol=0.03", "distill.enabled=false", return_state=True)
@@ -386,7 +387,11 @@ def test_failed_stage_is_failed_in_prefect_and_mlflow(project, failed):
     assert "ExportRejected" in runs["export"].data.tags["error"] and "0.5 > 0.02" in runs["export"].data.tags["error"]
     assert all(runs[s].info.status == "FINISHED" for s in ("data", "train", "evaluate"))
     assert sha256(project / "runs" / "default" / "checkpoint.pt") == before
-    assert json.loads((project / "runs" / "default" / "export.json").read_text())["accepted"] is False
+    # As with `ddpm export`: the rejected model was never renamed into place, and the earlier one, which was not
+    # checked with these settings, is removed rather than left to pass for this export; no temporary folder is left.
+    assert sorted(p.name for p in (project / "runs" / "default").glob("*model*.onnx*")) == []
+    report = json.loads((project / "runs" / "default" / "export.json").read_text())
+    assert report["accepted"] is False and ".tmp-" not in report["error"]
 
 
 def test_rerun_after_a_failure_resumes_from_earlier_outputs(project, failed):
