@@ -160,18 +160,25 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, feeds: list[Feeds
     return out
 
 
+def int8_check_images(den: OnnxDenoiser, n: int, steps: int, seed: int = 0) -> np.ndarray:
+    """The images int8_check compares: DDIM (`steps`, eta 0) from n noise images seeded by `seed`, in [-1, 1]."""
+    x_T = np.random.default_rng(seed).standard_normal((n, *den.image_shape), dtype=np.float32)
+    labels = class_labels(n, None, den.num_classes) if den.class_conditional else None
+    return np.clip(ddim_sample_loop(den, den.schedule, x_T, labels=labels, prediction=den.prediction, steps=steps),
+                   -1, 1)
+
+
 def int8_check(den32: OnnxDenoiser, den8: OnnxDenoiser, n: int, steps: int, mean_atol: float,
-               seed: int = 0) -> dict[str, Any]:
+               seed: int = 0, reference: np.ndarray | None = None) -> dict[str, Any]:
     """DDIM (`steps`, eta 0) from the same n noise images with the float32 and the int8 model.
 
     Returns the mean and max |x_int8 - x_fp32| in [-1, 1]; raises ExportRejected when the mean
     exceeds `mean_atol`. The max is reported, not gated: a few images may settle on another mode
     (another digit) from the same noise, while the mean measures how far the int8 model drifts.
+    `reference`: the float32 model's images (int8_check_images of den32), when already computed.
     """
-    x_T = np.random.default_rng(seed).standard_normal((n, *den32.image_shape), dtype=np.float32)
-    labels = class_labels(n, None, den32.num_classes) if den32.class_conditional else None
-    a, b = (np.clip(ddim_sample_loop(d, d.schedule, x_T, labels=labels, prediction=d.prediction, steps=steps), -1, 1)
-            for d in (den8, den32))
+    a = int8_check_images(den8, n, steps, seed)
+    b = int8_check_images(den32, n, steps, seed) if reference is None else reference
     diff = np.abs(a - b)
     check = {"n": n, "steps": steps, "mean_abs_diff": float(diff.mean()), "max_abs_diff": float(diff.max()),
              "cpu_int8_dot_product": cpu_int8_dot_product()}
