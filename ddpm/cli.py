@@ -39,18 +39,24 @@ def _run_paths(args: argparse.Namespace, cfg, **defaults: Callable[[Any], Path])
             setattr(args, name, str(place(layout)))
 
 
-def _student_sampling(cfg, checkpoint: str):
-    """cfg, or for a distilled student (diffusion.distilled_steps) cfg with DDIM at the student's own steps: the
-    only count it samples with, so its evaluation and its export's check use that."""
+def _student_sampling(cfg, distilled_steps: int):
+    """cfg, or for a student distilled to `distilled_steps` DDIM steps (diffusion.distilled_steps; 0: not
+    distilled) cfg with DDIM at those steps: the only count it samples with, so its samples, its evaluation
+    and its export's check use that."""
     import dataclasses
 
+    if not distilled_steps:
+        return cfg
+    return dataclasses.replace(cfg, sampler=dataclasses.replace(cfg.sampler, name="ddim", steps=distilled_steps))
+
+
+def _distilled_steps(checkpoint: str) -> int:
+    """The checkpoint's diffusion.distilled_steps; 0 when there is no file (the command's own load says so, after
+    the checks that come first)."""
     from ddpm.checkpoint import config_of, load_checkpoint
     if not Path(checkpoint).is_file():
-        return cfg  # the command's own load says so, after the checks that come first
-    steps = config_of(load_checkpoint(checkpoint), checkpoint).diffusion.distilled_steps
-    if not steps:
-        return cfg
-    return dataclasses.replace(cfg, sampler=dataclasses.replace(cfg.sampler, name="ddim", steps=steps))
+        return 0
+    return config_of(load_checkpoint(checkpoint), checkpoint).diffusion.distilled_steps
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -107,9 +113,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     model, cfg, _ = load_model(args.checkpoint, device)
     given = {"sampler": dict(name=args.sampler, steps=args.steps, eta=args.eta, guidance_scale=args.guidance),
              "sample": dict(num_images=args.num_images, seed=args.seed, label=args.label)}
-    ours = settings.to_dict()
-    if cfg.diffusion.distilled_steps:  # a student samples with its own steps unless asked otherwise (then refused)
-        ours["sampler"].update(name="ddim", steps=cfg.diffusion.distilled_steps)
+    # A student samples with its own steps unless asked otherwise (then refused).
+    ours = _student_sampling(settings, cfg.diffusion.distilled_steps).to_dict()
     for section, values in given.items():
         ours[section].update({k: v for k, v in values.items() if v is not None})
     # The sampling settings, validated again against the checkpoint's own model and diffusion.
@@ -131,7 +136,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from ddpm.evaluate import evaluate_checkpoint
     cfg = _config(args)
     _run_paths(args, cfg, checkpoint=lambda run: run.checkpoint, out=lambda run: run.eval.folder)
-    cfg = _student_sampling(cfg, args.checkpoint)
+    cfg = _student_sampling(cfg, _distilled_steps(args.checkpoint))
     metrics = evaluate_checkpoint(args.checkpoint, cfg, out_dir=args.out, onnx_model=args.onnx,
                                   feature_net=args.feature_net, aot=args.aot)
     for k, v in metrics.items():
@@ -145,7 +150,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from ddpm.export_check import gate_export
     cfg = _config(args)
     _run_paths(args, cfg, checkpoint=lambda run: run.checkpoint, out=lambda run: run.onnx_model)
-    cfg = _student_sampling(cfg, args.checkpoint)
+    cfg = _student_sampling(cfg, _distilled_steps(args.checkpoint))
     checks: list[tuple[bool, dict]] = []
 
     def gate(model: Path, int8: bool) -> dict:

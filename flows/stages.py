@@ -128,7 +128,7 @@ def distill_flow(params_path: str = "params.yaml", profile: str | None = None, o
         export_tasks.check_model(onnx_path, str(s.layout.student), scfg, info["path"], report)  # current: skipped
         samples = export_tasks.sample_onnx(onnx_path, scfg, str(s.layout.student_onnx_samples.grid))
         pc = s.cfg.pipeline
-        registered = export_tasks.log_export(run, onnx_path, str(s.layout.student_export_report), samples,
+        registered = export_tasks.log_export(run, onnx_path, report, samples,
                                              pc.registered_model, pc.student_alias, _step(str(s.layout.student)))
     return _distill_record(s, {"enabled": True, "steps": s.cfg.distill.steps, "student": str(s.layout.student),
                                "onnx_model": onnx_path, **numbers,

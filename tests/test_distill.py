@@ -191,11 +191,11 @@ def test_the_student_samples_with_its_own_steps_in_torch_and_onnxruntime(teacher
     assert "(ddim, 2 steps" in capsys.readouterr().out  # its own count, though sample.steps is 50
     assert main(["sample", "--checkpoint", str(student), "--out", str(tmp_path / "t"), "--steps", "5"]) == 2
     assert "distilled to 2 DDIM steps" in capsys.readouterr().err and not (tmp_path / "t").exists()
-    from ddpm.cli import _student_sampling  # the settings `ddpm export` checks and `ddpm evaluate` scores with
+    from ddpm.cli import _distilled_steps, _student_sampling  # what `ddpm export` checks, `ddpm evaluate` scores
     plain = load_config(None, None, ["sampler.name=ddpm"])
-    assert _student_sampling(plain, str(teacher)) is plain
-    assert (_student_sampling(plain, str(student)).sampler.name, _student_sampling(plain, str(student)).sampler.steps
-            ) == ("ddim", 2)
+    assert _student_sampling(plain, _distilled_steps(str(teacher))) is plain
+    own = _student_sampling(plain, _distilled_steps(str(student))).sampler
+    assert (own.name, own.steps) == ("ddim", 2)
     onnx = export_onnx(student, tmp_path / "student.onnx", ExportConfig())
     den = OnnxDenoiser(onnx)
     assert (den.distilled_steps, den.prediction, den.metadata["diffusion"]["distilled_steps"]) == (2, "v", 2)
