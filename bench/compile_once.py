@@ -27,9 +27,11 @@ import argparse
 import datetime as _dt
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -45,23 +47,52 @@ SMOKE = ["runtime.device=cpu", "train.compile=false", "train.cuda_graphs=false",
 
 
 def run_step(name: str, argv: list[str], work: Path, timeout: float) -> dict[str, Any]:
-    """`argv` in a fresh process with empty inductor/triton caches of its own: wall time, status, log lines."""
+    """`argv` in a fresh process with empty inductor/triton caches of its own: wall time, status, log lines, and
+    a timeline (seconds from the start at which each log line and each new progress-bar count appeared)."""
     caches = work / "caches" / name
     shutil.rmtree(caches, ignore_errors=True)
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(caches / "inductor"),
            "TRITON_CACHE_DIR": str(caches / "triton"), "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
     start = time.perf_counter()
-    try:
-        done = subprocess.run(argv, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-        rc, out, err = done.returncode, done.stdout, done.stderr
-    except subprocess.TimeoutExpired as exc:
-        rc, out, err = "timeout", str(exc.stdout or ""), str(exc.stderr or "")
+    proc = subprocess.Popen(argv, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out: list[bytes] = []
+    reader = threading.Thread(target=lambda: out.append(proc.stdout.read()), daemon=True)  # type: ignore[union-attr]
+    reader.start()
+    killer = threading.Timer(timeout, proc.kill)  # a process past its time is killed, which ends its stderr
+    killer.start()
+    timeline, err = _read_timeline(proc, start)
+    rc: int | str = proc.wait()
+    killer.cancel()
+    if rc != 0 and time.perf_counter() - start >= timeout:
+        rc = "timeout"
     wall = time.perf_counter() - start
+    reader.join(timeout=10)
+    stdout = b"".join(out).decode(errors="replace")
     lines = [ln for ln in err.splitlines() if "compile cache:" in ln or "AOT package" in ln or "error" in ln.lower()]
     print(f"{name}: {wall:.1f} s, exit {rc}", flush=True)
-    return {"argv": argv[2:], "wall_s": wall, "rc": rc, "stdout_tail": out[-600:], "log": lines[-8:],
-            "stderr_tail": err[-1500:] if rc != 0 else ""}
+    return {"argv": argv[2:], "wall_s": wall, "rc": rc, "stdout_tail": stdout[-600:], "log": lines[-8:],
+            "timeline": timeline, "stderr_tail": err[-1500:] if rc != 0 else ""}
+
+
+def _read_timeline(proc: subprocess.Popen, start: float) -> tuple[list[list[Any]], str]:
+    """Read the process's stderr to its end: [[seconds, text]] for every log line and every progress-bar line
+    whose count changed (tqdm rewrites its line after a carriage return), and the whole text."""
+    timeline: list[list[Any]] = []
+    text, pending, last_count = [], b"", None
+    for chunk in iter(lambda: proc.stderr.read1(1 << 16), b""):  # type: ignore[union-attr]
+        now = round(time.perf_counter() - start, 2)
+        text.append(chunk)
+        *parts, pending = re.split(rb"[\r\n]", pending + chunk)
+        for part in parts:
+            line = part.decode(errors="replace").strip()
+            count = re.search(r"\| *(\d+)/(\d+) \[", line)
+            if count and count.group(1) != last_count:
+                last_count = count.group(1)
+                timeline.append([now, f"progress {count.group(1)}/{count.group(2)}"])
+            elif line and not count:
+                timeline.append([now, line[:160]])
+    return timeline[:200], b"".join(text).decode(errors="replace")
 
 
 def _cache_status(step: dict[str, Any]) -> str:
