@@ -6,6 +6,8 @@ trained in bf16, exported with a dynamic batch and compiled for this GPU by
 torch._inductor.aoti_compile_and_package. Before it is written, DDIM samples from the package and
 from the eager network, from the same noise at the same precision, must agree (mean |diff| at most
 export.aot_mean_atol), as the ONNX export is checked; else no package is written and a warning says why.
+That check loads the package in a process of its own (check_in_child), so a loader that crashes costs
+the package, never the export.
 
 The package's own record (the zip entry `ddpm.json`) names the GPU, torch, CUDA and the checkpoint's
 SHA-256. `ddpm sample` and `ddpm evaluate` use a package only when all of them match this machine
@@ -22,6 +24,9 @@ import hashlib
 import json
 import logging
 import os
+import signal
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -268,12 +273,16 @@ def _export(checkpoint: Path, out: Path, tmp: Path, settings: Config, device: to
               "image_shape": list(image_shape(cfg)), "step": int(ckpt["step"]), "batch": [1, MAX_BATCH]}
     try:
         build_package(model, cfg, device, tmp, bf16)
-        parity = sample_parity(AotDenoiser(tmp, record), model, cfg, device, bf16, ecfg.check_samples,
-                               settings.sampler.steps)
     except Exception as exc:  # noqa: BLE001 - the package is optional: a failed compile leaves the ONNX export
         reason = f"the AOT compile failed ({type(exc).__name__}: {' '.join(str(exc).split())[:300]})"
         log.warning("no AOT package: %s", reason)
         return {"written": False, "reason": reason}
+    del model  # the check process loads its own copy
+    try:
+        parity = check_in_child(tmp, checkpoint, record, device, ecfg.check_samples, settings.sampler.steps)
+    except PackageCheckFailed as exc:
+        log.warning("no AOT package: %s", exc)
+        return {"written": False, "reason": str(exc)}
     log.info("AOT package vs eager DDIM-%d samples: mean |diff| %.3g (allowed %.3g), max %.3g", parity["steps"],
              parity["mean_abs_diff"], ecfg.aot_mean_atol, parity["max_abs_diff"])
     if not parity["mean_abs_diff"] <= ecfg.aot_mean_atol:
@@ -288,3 +297,50 @@ def _export(checkpoint: Path, out: Path, tmp: Path, settings: Config, device: to
     os.replace(tmp, out)
     fsync_dir(out.parent)
     return {"written": True, "file": str(out), **record}
+
+
+class PackageCheckFailed(Exception):
+    """The package's check process did not report its samples: it crashed, failed or timed out."""
+
+
+CHECK_ENTRY = "from ddpm.aot_package import check_main; check_main()"
+RESULT_PREFIX = "ddpm-aot-check "
+CHECK_TIMEOUT_S = 900
+
+
+def check_in_child(package: Path, checkpoint: Path, record: dict[str, Any], device: torch.device, n: int,
+                   steps: int) -> dict[str, Any]:
+    """sample_parity of `package` against `checkpoint`'s EMA network, run in a process of its own: AOTInductor's
+    loader can crash the process that loads a package (docs/experiments/2026-12-03-aot-package-load-h200.md),
+    and an export must survive that with its ONNX files. PackageCheckFailed says why."""
+    args = {"package": str(package), "checkpoint": str(checkpoint), "record": record, "device": str(device),
+            "n": n, "steps": steps}
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    try:
+        done = subprocess.run([sys.executable, "-c", CHECK_ENTRY], input=json.dumps(args), capture_output=True,
+                              text=True, env=env, timeout=CHECK_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise PackageCheckFailed(f"its check did not finish in {CHECK_TIMEOUT_S} s") from None
+    if done.returncode < 0:
+        name = signal.Signals(-done.returncode).name if -done.returncode in signal.valid_signals() else "a signal"
+        raise PackageCheckFailed(
+            f"loading it crashed the check process ({name}): AOTInductor cannot load this package with torch "
+            f"{torch.__version__} on {record['machine']['device']}; sampling stays eager")
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
+    if done.returncode != 0 or not lines:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise PackageCheckFailed(f"its check process failed (exit status {done.returncode}: {last[:300]})")
+    return json.loads(lines[-1][len(RESULT_PREFIX):])
+
+
+def check_main() -> None:
+    """The check process of check_in_child: its arguments as JSON on stdin, the parity on one stdout line."""
+    args = json.loads(sys.stdin.read())
+    device = torch.device(args["device"])
+    model, cfg, _ = load_model(args["checkpoint"], device, use_ema=True)
+    den = AotDenoiser(Path(args["package"]), args["record"])
+    if device.type == "cuda":
+        _replays_in_a_cuda_graph(den, device)
+    parity = sample_parity(den, model, cfg, device, args["record"]["bf16"], args["n"], args["steps"])
+    print(RESULT_PREFIX + json.dumps(parity), flush=True)

@@ -23,7 +23,7 @@ H200 = {"torch": "2.11.0+cu130", "cuda": "13.0", "device": "NVIDIA H200", "capab
 
 def _checkpoint(path: Path, conditional: bool = True) -> Path:
     cfg = config_from_dict({"diffusion": {"timesteps": 20}, "sampler": {"steps": 4}, "sample": {"batch_size": 3},
-                            "export": {"check_samples": 4},
+                            "export": {"check_samples": 4, "aot": True},
                             "model": {"base_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1,
                                       "attention_levels": [1], "num_heads": 2, "dropout": 0.0, "norm_groups": 4,
                                       "class_conditional": conditional}})
@@ -150,6 +150,24 @@ def test_generate_runs_a_given_network_in_place_of_the_model(tmp_path):
     assert torch.equal(via, eager) and torch.equal(via_labels, eager_labels)
 
 
+def test_a_loader_that_crashes_its_check_process_costs_the_package_not_the_export(tmp_path, monkeypatch, caplog):
+    """AOTInductor's loader crashed (SIGSEGV) on every CUDA package on the H200 machine: the check runs in a process
+    of its own, so export_package returns, with the reason, and leaves no package and no temporary file."""
+    monkeypatch.setattr(aot, "build_package", lambda model, cfg, device, path, bf16: _fake_package(path))
+    monkeypatch.setattr(aot, "CHECK_ENTRY", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")
+    ckpt = _checkpoint(tmp_path / "checkpoint.pt")
+    cfg = config_of(load_checkpoint(ckpt), ckpt)
+    with caplog.at_level(logging.WARNING, logger="ddpm.aot_package"):
+        record = aot.export_package(ckpt, tmp_path / "model.pt2", cfg, device=torch.device("cpu"))
+    assert not record["written"] and "crashed the check process (SIGSEGV)" in record["reason"], record
+    assert "no AOT package: loading it crashed" in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+    monkeypatch.setattr(aot, "CHECK_ENTRY", "import sys; sys.exit('the package is unreadable')")
+    failed = aot.export_package(ckpt, tmp_path / "model.pt2", cfg, device=torch.device("cpu"))
+    assert not failed["written"] and "exit status 1: the package is unreadable" in failed["reason"], failed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("conditional", [True, False])
 def test_a_real_cpu_package_samples_what_the_eager_network_samples(tmp_path, tmp_path_factory, monkeypatch,
@@ -181,7 +199,7 @@ def test_a_real_cpu_package_samples_what_the_eager_network_samples(tmp_path, tmp
     eager, _ = generate(model, s, cfg, 5, seed=3)
     assert (packaged.int() - eager.int()).abs().max().item() <= 2  # float32 on both sides: rounding only
     # A package whose samples differ is not written, and one already there is removed.
-    monkeypatch.setattr(aot, "sample_parity", lambda *a, **k: {"steps": 4, "mean_abs_diff": 0.5, "max_abs_diff": 1.0})
+    monkeypatch.setattr(aot, "check_in_child", lambda *a, **k: {"steps": 4, "mean_abs_diff": 0.5, "max_abs_diff": 1.0})
     refused = aot.export_package(ckpt, tmp_path / "model.pt2", ecfg, device=torch.device("cpu"))
     assert not refused["written"] and "aot_mean_atol" in refused["reason"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
