@@ -198,3 +198,23 @@ def test_bench_distill_quality_smoke_scores_every_student_and_times_onnxruntime(
     assert all(math.isfinite(v) for v in fids.values())
     assert [(r["model"], r["network_calls"]) for r in doc["onnx_cpu"]] == [("student", 2), ("ddim", 50)]
     assert doc["distill"]["seconds_to_goal_steps"] <= doc["distill"]["seconds_all_rounds"]
+
+
+def test_compile_once_counts_no_sampling_time_as_the_package_s_when_sample_fell_back_to_eager():
+    """The H200 run whose package command died (SIGSEGV): `ddpm sample --aot auto` sampled eagerly, so the goal's
+    sampling figure is missing, with the reason, not the eager time under the package's name."""
+    from bench.compile_once import goal_status, summary_of
+
+    def step(wall, rc=0, **extra):
+        return {"wall_s": wall, "rc": rc, **extra}
+    doc = {"steps": {"train_cold": step(189.4), "train_warm": step(122.4), "package": step(123.1, rc=-11),
+                     "sample_aot": step(30.4, network="eager"), "sample_eager": step(30.1, network="eager")},
+           "quality": {"fid_over_floor": 1.88}}
+    s = summary_of(doc)
+    assert s["sample_aot_s"] is None and s["sample_eager_s"] == 30.1 and s["all_exit_0"] is False
+    assert s["aot_package"] == "not written: the package command exited with status -11"
+    assert goal_status(s) == "not met: training 122.4 s (goal 90 s), sampling not measured: no AOT package (goal 7 s)"
+    doc["steps"]["package"] = step(100.0, record={"written": True})
+    doc["steps"]["sample_aot"] = step(6.5, network="aot")
+    doc["steps"]["train_warm"] = step(88.0)
+    assert summary_of(doc)["sample_aot_s"] == 6.5 and goal_status(summary_of(doc)) == "met"
