@@ -40,14 +40,9 @@ def _run_paths(args: argparse.Namespace, cfg, **defaults: Callable[[Any], Path])
 
 
 def _student_sampling(cfg, distilled_steps: int):
-    """cfg, or for a student distilled to `distilled_steps` DDIM steps (diffusion.distilled_steps; 0: not
-    distilled) cfg with DDIM at those steps: the only count it samples with, so its samples, its evaluation
-    and its export's check use that."""
-    import dataclasses
-
-    if not distilled_steps:
-        return cfg
-    return dataclasses.replace(cfg, sampler=dataclasses.replace(cfg.sampler, name="ddim", steps=distilled_steps))
+    """ddpm.generate.student_sampling, imported when a command needs it."""
+    from ddpm.generate import student_sampling
+    return student_sampling(cfg, distilled_steps)
 
 
 def _distilled_steps(checkpoint: str) -> int:

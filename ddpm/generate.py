@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 import logging
 from pathlib import Path
@@ -77,6 +78,16 @@ def sampling_copy(model: torch.nn.Module, autocast_dtype: torch.dtype | None = N
 def samples_in_bf16(cfg: Config, device: torch.device) -> bool:
     """Whether sampling on `device` runs the network under bf16 autocast: on CUDA, with runtime.bf16."""
     return device.type == "cuda" and cfg.runtime.bf16
+
+
+def student_sampling(cfg: Config, distilled_steps: int) -> Config:
+    """cfg, or for a student distilled to `distilled_steps` DDIM steps (diffusion.distilled_steps; 0: not
+    distilled) cfg with the sampler it was distilled for: deterministic DDIM (eta 0) at those steps. Its samples,
+    its evaluation and its export's check use that, from the CLI and the pipeline alike."""
+    if not distilled_steps:
+        return cfg
+    return dataclasses.replace(cfg, sampler=dataclasses.replace(cfg.sampler, name="ddim", steps=distilled_steps,
+                                                                eta=0.0))
 
 
 def sampler_options(sp: SamplerConfig, diffusion: DiffusionConfig) -> dict[str, object]:

@@ -20,11 +20,13 @@ log = logging.getLogger(__name__)
 
 
 def student_config(cfg: Any, steps: int) -> Any:
-    """cfg for sampling, scoring and exporting a student of `steps` steps: a sampler block of deterministic DDIM
-    with that many steps (read by the samples, the evaluation and the export's check), no int8 twin (the
+    """cfg for sampling, scoring and exporting a student of `steps` steps: its sampler (ddpm.generate.student_sampling:
+    deterministic DDIM with that many steps, as `ddpm sample`, `evaluate` and `export` use), no int8 twin (the
     float32 student is what is registered)."""
-    r = dataclasses.replace
-    return r(cfg, sampler=r(cfg.sampler, name="ddim", steps=steps, eta=0.0), export=r(cfg.export, int8=False))
+    from ddpm.generate import student_sampling
+
+    scfg = student_sampling(cfg, steps)
+    return dataclasses.replace(scfg, export=dataclasses.replace(scfg.export, int8=False))
 
 
 @task(name="distill", cache_policy=NO_CACHE)

@@ -192,10 +192,12 @@ def test_the_student_samples_with_its_own_steps_in_torch_and_onnxruntime(teacher
     assert main(["sample", "--checkpoint", str(student), "--out", str(tmp_path / "t"), "--steps", "5"]) == 2
     assert "distilled to 2 DDIM steps" in capsys.readouterr().err and not (tmp_path / "t").exists()
     from ddpm.cli import _distilled_steps, _student_sampling  # what `ddpm export` checks, `ddpm evaluate` scores
-    plain = load_config(None, None, ["sampler.name=ddpm"])
+    plain = load_config(None, None, ["sampler.name=ddpm", "sampler.eta=0.5"])
     assert _student_sampling(plain, _distilled_steps(str(teacher))) is plain
     own = _student_sampling(plain, _distilled_steps(str(student))).sampler
-    assert (own.name, own.steps) == ("ddim", 2)
+    assert (own.name, own.steps, own.eta) == ("ddim", 2, 0.0)  # deterministic DDIM, as it was distilled for
+    from flows.distill_tasks import student_config  # the pipeline's: the same sampler
+    assert student_config(plain, 2).sampler == own
     onnx = export_onnx(student, tmp_path / "student.onnx", ExportConfig())
     den = OnnxDenoiser(onnx)
     assert (den.distilled_steps, den.prediction, den.metadata["diffusion"]["distilled_steps"]) == (2, "v", 2)
