@@ -255,7 +255,18 @@ def compile_for_training(net: Callable[..., torch.Tensor], model: nn.Module, cha
     """torch.compile `net` (the model or its DDP wrapper) as training does, with the model's compiled layer forms."""
     use_hashed_dropout(use_per_channel_group_norm(model))
     use_padded_image_convs(model, channels_last)
+    cache_graphs_with_autograd_functions()
     return torch.compile(net, options=compile_options(graphed))
+
+
+def cache_graphs_with_autograd_functions() -> None:
+    """Let AOTAutograd's cache keep graphs that call a torch.autograd.Function (ddpm.layers.channels_last_grad,
+    in every channels-last training step). torch bypasses that cache for them by default, so each run, compile
+    cache file loaded or not, partitioned the step's joint graph again. Ours is pure: its forward and backward
+    are traced into the graph that keys the cache. Process-wide, like torch's own setting."""
+    config = torch._functorch.config
+    if hasattr(config, "autograd_cache_allow_custom_autograd_functions"):
+        config.autograd_cache_allow_custom_autograd_functions = True
 
 
 # --- the loop and its hooks --------------------------------------------------------------------------

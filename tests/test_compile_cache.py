@@ -177,3 +177,39 @@ def test_a_real_cpu_compile_is_served_from_the_artifact_in_a_fresh_process(tmp_p
     assert runs[0]["status"] == "missing" and runs[0]["hits"] == 0
     assert runs[1]["status"] == "loaded" and runs[1]["hits"] > 0
     assert runs[0]["y"] == runs[1]["y"] == pytest.approx([1.0, 2.682942, 2.818595, 1.28224])  # 2 sin(x) + 1
+
+
+_CHANNELS_LAST_STEP = """
+import json, sys, torch
+from torch._dynamo.utils import counters
+from ddpm.layers import channels_last_grad
+from ddpm.train import cache_graphs_with_autograd_functions
+if sys.argv[1] == "allowed":
+    cache_graphs_with_autograd_functions()
+torch.manual_seed(0)
+conv = torch.nn.Conv2d(8, 8, 3, padding=1).to(memory_format=torch.channels_last)
+f = torch.compile(lambda x: conv(channels_last_grad(x)).square().mean())
+x = torch.randn(2, 8, 6, 6).contiguous(memory_format=torch.channels_last).requires_grad_()
+f(x).backward()
+print(json.dumps({k: v for k, v in counters["aot_autograd"].items() if k.startswith("autograd_cache")}))
+"""
+
+
+@pytest.mark.slow
+def test_a_channels_last_training_step_is_kept_in_aot_autograd_s_cache(tmp_path):
+    """channels_last_grad is a torch.autograd.Function, for which torch bypasses AOTAutograd's cache by default;
+    with training's setting the second process (the same inductor cache folder) is served from that cache."""
+    root = Path(__file__).resolve().parents[1]
+
+    def run(mode: str, folder: str) -> dict:
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / folder), "OMP_NUM_THREADS": "1",
+               "TRITON_CACHE_DIR": str(tmp_path / f"{folder}-triton"), "PYTHONPATH": str(root)}
+        done = subprocess.run([sys.executable, "-c", _CHANNELS_LAST_STEP, mode], env=env, cwd=root,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    assert run("default", "bypassed") == {"autograd_cache_bypass": 1}
+    assert run("allowed", "kept") == {"autograd_cache_miss": 1, "autograd_cache_saved": 1}
+    assert run("allowed", "kept") == {"autograd_cache_hit": 1}
+
