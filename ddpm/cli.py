@@ -39,12 +39,6 @@ def _run_paths(args: argparse.Namespace, cfg, **defaults: Callable[[Any], Path])
             setattr(args, name, str(place(layout)))
 
 
-def _student_sampling(cfg, distilled_steps: int):
-    """ddpm.generate.student_sampling, imported when a command needs it."""
-    from ddpm.generate import student_sampling
-    return student_sampling(cfg, distilled_steps)
-
-
 def _distilled_steps(checkpoint: str) -> int:
     """The checkpoint's diffusion.distilled_steps; 0 when there is no file (the command's own load says so, after
     the checks that come first)."""
@@ -95,7 +89,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     from ddpm.checkpoint import load_model
     from ddpm.config import config_from_dict
-    from ddpm.generate import generate, save_array, save_grid
+    from ddpm.generate import generate, save_array, save_grid, student_sampling
     from ddpm.layout import SampleFiles
     from ddpm.run_folder import check_writable
     from ddpm.schedule import Schedule
@@ -109,7 +103,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     given = {"sampler": dict(name=args.sampler, steps=args.steps, eta=args.eta, guidance_scale=args.guidance),
              "sample": dict(num_images=args.num_images, seed=args.seed, label=args.label)}
     # A student samples with its own steps unless asked otherwise (then refused).
-    ours = _student_sampling(settings, cfg.diffusion.distilled_steps).to_dict()
+    ours = student_sampling(settings, cfg.diffusion.distilled_steps).to_dict()
     for section, values in given.items():
         ours[section].update({k: v for k, v in values.items() if v is not None})
     # The sampling settings, validated again against the checkpoint's own model and diffusion.
@@ -129,9 +123,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from ddpm.evaluate import evaluate_checkpoint
+    from ddpm.generate import student_sampling
     cfg = _config(args)
     _run_paths(args, cfg, checkpoint=lambda run: run.checkpoint, out=lambda run: run.eval.folder)
-    cfg = _student_sampling(cfg, _distilled_steps(args.checkpoint))
+    cfg = student_sampling(cfg, _distilled_steps(args.checkpoint))
     metrics = evaluate_checkpoint(args.checkpoint, cfg, out_dir=args.out, onnx_model=args.onnx,
                                   feature_net=args.feature_net, aot=args.aot)
     for k, v in metrics.items():
@@ -143,9 +138,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     from ddpm.evaluate import fid_score
     from ddpm.export import export_onnx
     from ddpm.export_check import gate_export
+    from ddpm.generate import student_sampling
     cfg = _config(args)
     _run_paths(args, cfg, checkpoint=lambda run: run.checkpoint, out=lambda run: run.onnx_model)
-    cfg = _student_sampling(cfg, _distilled_steps(args.checkpoint))
+    cfg = student_sampling(cfg, _distilled_steps(args.checkpoint))
     checks: list[tuple[bool, dict]] = []
 
     def gate(model: Path, int8: bool) -> dict:

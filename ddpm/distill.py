@@ -45,6 +45,7 @@ from ddpm.checkpoint import config_of, load_checkpoint, load_model
 from ddpm.config import Config, config_from_dict
 from ddpm.errors import ConfigError, RunFolderError
 from ddpm.fileio import atomic_write_bytes, file_sha256
+from ddpm.generate import student_sampling
 from ddpm.layout import RunLayout
 from ddpm.schedule import Schedule, split_prediction
 from ddpm.schedule_math import trailing_timesteps
@@ -108,7 +109,7 @@ def round_steps_of(cfg: Config) -> list[int]:
 def round_config(cfg: Config, teacher_cfg: Config, steps: int) -> Config:
     """The training settings of the round whose student takes `steps` steps: the teacher's data, model and
     diffusion (v-prediction, distilled_steps), cfg's train settings with the distill block's lr, steps, EMA
-    and compile."""
+    and compile, and the sampler it is distilled for (ddpm.generate.student_sampling)."""
     ds, raw = cfg.distill, cfg.to_dict()
     teacher = teacher_cfg.to_dict()
     raw["data"] = {**teacher["data"], "root": cfg.data.root}
@@ -118,8 +119,7 @@ def round_config(cfg: Config, teacher_cfg: Config, steps: int) -> Config:
                     "ema_decay": ds.ema_decay, "sample_every": 0, "nproc": 1, "compile": ds.compile,
                     "checkpoint_every": min(cfg.train.checkpoint_every, ds.round_steps),
                     "out_dir": str(DistillLayout.of(cfg).round_dir(steps))}
-    raw["sampler"] = {**raw["sampler"], "name": "ddim", "steps": steps, "eta": 0.0}
-    return config_from_dict(raw)
+    return student_sampling(config_from_dict(raw), steps)
 
 
 class DistillationLoss:
