@@ -163,17 +163,22 @@ print(json.dumps({"status": cache.record["status"], "hits": counters["inductor"]
 """
 
 
+def _fresh_process(code: str, arg: str, caches: Path) -> dict:
+    """The last stdout line (JSON) of `code` run with `arg` in a new process whose inductor and triton caches are
+    the folders under `caches` (empty unless an earlier process used them)."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(caches / "inductor"), "OMP_NUM_THREADS": "1",
+           "TRITON_CACHE_DIR": str(caches / "triton"), "PYTHONPATH": str(root)}
+    done = subprocess.run([sys.executable, "-c", code, arg], env=env, cwd=root, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.slow
 def test_a_real_cpu_compile_is_served_from_the_artifact_in_a_fresh_process(tmp_path):
-    root = Path(__file__).resolve().parents[1]
-    runs = []
-    for i in range(2):  # each process with empty inductor and triton caches of its own
-        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"inductor{i}"), "OMP_NUM_THREADS": "1",
-               "TRITON_CACHE_DIR": str(tmp_path / f"triton{i}"), "PYTHONPATH": str(root)}
-        done = subprocess.run([sys.executable, "-c", _TINY_COMPILE, str(tmp_path / "cache")], env=env, cwd=root,
-                              capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stderr[-3000:]
-        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    # each process with empty inductor and triton caches of its own
+    runs = [_fresh_process(_TINY_COMPILE, str(tmp_path / "cache"), caches=tmp_path / f"caches{i}") for i in range(2)]
     assert runs[0]["status"] == "missing" and runs[0]["hits"] == 0
     assert runs[1]["status"] == "loaded" and runs[1]["hits"] > 0
     assert runs[0]["y"] == runs[1]["y"] == pytest.approx([1.0, 2.682942, 2.818595, 1.28224])  # 2 sin(x) + 1
@@ -199,15 +204,8 @@ print(json.dumps({k: v for k, v in counters["aot_autograd"].items() if k.startsw
 def test_a_channels_last_training_step_is_kept_in_aot_autograd_s_cache(tmp_path):
     """channels_last_grad is a torch.autograd.Function, for which torch bypasses AOTAutograd's cache by default;
     with training's setting the second process (the same inductor cache folder) is served from that cache."""
-    root = Path(__file__).resolve().parents[1]
-
     def run(mode: str, folder: str) -> dict:
-        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / folder), "OMP_NUM_THREADS": "1",
-               "TRITON_CACHE_DIR": str(tmp_path / f"{folder}-triton"), "PYTHONPATH": str(root)}
-        done = subprocess.run([sys.executable, "-c", _CHANNELS_LAST_STEP, mode], env=env, cwd=root,
-                              capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stderr[-3000:]
-        return json.loads(done.stdout.strip().splitlines()[-1])
+        return _fresh_process(_CHANNELS_LAST_STEP, mode, caches=tmp_path / folder)
 
     assert run("default", "bypassed") == {"autograd_cache_bypass": 1}
     assert run("allowed", "kept") == {"autograd_cache_miss": 1, "autograd_cache_saved": 1}
