@@ -128,7 +128,11 @@ class CompileCache:
         return "missing", f"no artifact for key {self.key.digest} in {self.folder}"
 
     def save(self) -> dict[str, Any]:
-        """Write what this process compiled to the file of its key, once, unless it was loaded from there."""
+        """Write what this process compiled to the file of its key, once, unless it was loaded from there; the
+        first call also records (and logs) how torch's caches served the compile: lookup_counts()."""
+        if "lookups" not in self.record:
+            self.record["lookups"] = lookup_counts()
+            log.info("compile cache lookups: %s", ", ".join(f"{k} {v}" for k, v in self.record["lookups"].items()))
         if self.record["status"] == "loaded" or self.record.get("saved"):
             return self.record
         saved = torch.compiler.save_cache_artifacts()
@@ -140,6 +144,18 @@ class CompileCache:
         log.info("compile cache: saved %s (%d bytes) for the next run of key %s", self.path, len(saved[0]),
                  self.key.digest)
         return self.record
+
+
+def lookup_counts() -> dict[str, int]:
+    """This process's lookups in torch's two compile caches so far: inductor's FX graph cache and AOTAutograd's
+    (hit, miss, bypass each). A loaded file serves a compile fully when every lookup hits; a bypass means torch
+    kept that graph out of the cache and compiles it every time."""
+    from torch._dynamo.utils import counters
+
+    return {f"{name}_{outcome}": int(counters[group][f"{key}_{outcome}"])
+            for name, group, key in (("fx_graph", "inductor", "fxgraph_cache"),
+                                     ("aot_autograd", "aot_autograd", "autograd_cache"))
+            for outcome in ("hit", "miss", "bypass")}
 
 
 def differing_fields(a: dict[str, Any], b: dict[str, Any]) -> list[str]:

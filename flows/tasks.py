@@ -314,6 +314,8 @@ def log_compile_cache(logger: Any, record: dict[str, Any] | None) -> None:
     logger.tags({"train.compile_cache": record["status"], "train.compile_cache.key": record["key"],
                  "train.compile_cache.reason": record.get("reason", "")[:4000],
                  "train.compile_cache.saved": str(bool(record.get("saved"))).lower()})
+    if record.get("lookups"):
+        logger.metrics({f"train.compile_cache.{k}": float(v) for k, v in record["lookups"].items()})
     file = record.get("saved") or record.get("file")
     if file and Path(file).is_file():
         logger.artifact(file, "compile_cache")

@@ -159,7 +159,7 @@ f = torch.compile(lambda x: torch.sin(x) * 2 + 1)
 y = f(torch.arange(4.0))
 cache.save()
 print(json.dumps({"status": cache.record["status"], "hits": counters["inductor"]["fxgraph_cache_hit"],
-                  "y": y.tolist()}))
+                  "lookups": cache.record["lookups"], "y": y.tolist()}))
 """
 
 
@@ -181,6 +181,9 @@ def test_a_real_cpu_compile_is_served_from_the_artifact_in_a_fresh_process(tmp_p
     runs = [_fresh_process(_TINY_COMPILE, str(tmp_path / "cache"), caches=tmp_path / f"caches{i}") for i in range(2)]
     assert runs[0]["status"] == "missing" and runs[0]["hits"] == 0
     assert runs[1]["status"] == "loaded" and runs[1]["hits"] > 0
+    # the record's lookups: the first process compiled its graph, the second was served it
+    assert runs[0]["lookups"]["fx_graph_miss"] > 0 and runs[0]["lookups"]["fx_graph_hit"] == 0
+    assert runs[1]["lookups"]["fx_graph_hit"] == runs[1]["hits"] and runs[1]["lookups"]["fx_graph_miss"] == 0
     assert runs[0]["y"] == runs[1]["y"] == pytest.approx([1.0, 2.682942, 2.818595, 1.28224])  # 2 sin(x) + 1
 
 
