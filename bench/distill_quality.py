@@ -44,7 +44,8 @@ GPU_STEPS = (1, 2, 4, 8)
 SMOKE_OVERRIDES = ("train.steps=2", "train.batch_size=4", "train.log_every=1", "train.checkpoint_every=2",
                    "train.warmup_steps=0", "model.base_channels=8", "model.channel_mult=[1,2]",
                    "model.attention_levels=[]", "model.norm_groups=4", "distill.teacher_steps=4",
-                   "distill.round_steps=2", "distill.steps=2", "evaluate.num_samples=40", "evaluate.batch_size=20",
+                   "distill.first_round_steps=2", "distill.round_steps=2", "distill.steps=2",
+                   "evaluate.num_samples=40", "evaluate.batch_size=20",
                    "runtime.device=cpu", "sample.batch_size=20")
 
 

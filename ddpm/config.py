@@ -202,12 +202,14 @@ class ExportConfig:
 @dataclass(frozen=True)
 class DistillConfig:
     """Progressive distillation (ddpm.distill) of the checkpoint's EMA network at `teacher_steps` DDIM steps into
-    students of half as many steps, round after round, down to `steps`; each round `round_steps` steps at `lr`
-    (cosine-decayed), the other training settings train's. `enabled` turns the pipeline's distill stage on."""
+    students of half as many steps, round after round, down to `steps`; the first round `first_round_steps` steps
+    (it also turns the teacher's eps or x0 network into a v-predicting one), each later round `round_steps`, all at
+    `lr` (cosine-decayed), the other training settings train's. `enabled` turns the pipeline's distill stage on."""
 
     enabled: bool = False
     steps: int = _f(4, _positive, "an integer > 0 (the final student's DDIM steps)")
     teacher_steps: int = _f(32, lambda v: v >= 2, "an integer >= 2 (steps times a power of 2)")
+    first_round_steps: int = _f(1500, _positive, "an integer > 0")
     round_steps: int = _f(500, _positive, "an integer > 0")
     lr: float = _f(2e-4, _positive, "a float > 0")
     ema_decay: float = _f(0.999, _unit_closed, "a float in [0, 1]")

@@ -106,6 +106,21 @@ def round_steps_of(cfg: Config) -> list[int]:
     return out
 
 
+def optimisation_steps(cfg: Config, steps: int) -> int:
+    """The optimisation steps of the round whose student takes `steps` DDIM steps: distill.first_round_steps for
+    the first (teacher_steps / 2), whose student also learns to predict v, distill.round_steps for the others."""
+    return cfg.distill.first_round_steps if steps == cfg.distill.teacher_steps // 2 else cfg.distill.round_steps
+
+
+def round_spans(cfg: Config) -> dict[int, tuple[int, int]]:
+    """Each round's (first step, optimisation steps) on one count over all rounds, by the student's DDIM steps."""
+    spans, start = {}, 0
+    for steps in round_steps_of(cfg):
+        spans[steps] = (start, optimisation_steps(cfg, steps))
+        start += spans[steps][1]
+    return spans
+
+
 def round_config(cfg: Config, teacher_cfg: Config, steps: int) -> Config:
     """The training settings of the round whose student takes `steps` steps: the teacher's data, model and
     diffusion (v-prediction, distilled_steps), cfg's train settings with the distill block's lr, steps, EMA
@@ -115,9 +130,10 @@ def round_config(cfg: Config, teacher_cfg: Config, steps: int) -> Config:
     raw["data"] = {**teacher["data"], "root": cfg.data.root}
     raw["model"] = teacher["model"]
     raw["diffusion"] = {**teacher["diffusion"], "prediction": "v", "distilled_steps": steps}
-    raw["train"] = {**raw["train"], "steps": ds.round_steps, "lr": ds.lr, "warmup_steps": 0, "lr_decay": "cosine",
+    n = optimisation_steps(cfg, steps)
+    raw["train"] = {**raw["train"], "steps": n, "lr": ds.lr, "warmup_steps": 0, "lr_decay": "cosine",
                     "ema_decay": ds.ema_decay, "sample_every": 0, "nproc": 1, "compile": ds.compile,
-                    "checkpoint_every": min(cfg.train.checkpoint_every, ds.round_steps),
+                    "checkpoint_every": min(cfg.train.checkpoint_every, n),
                     "out_dir": str(DistillLayout.of(cfg).round_dir(steps))}
     return student_sampling(config_from_dict(raw), steps)
 
@@ -225,7 +241,7 @@ def _round_is_finished(layout: DistillLayout, steps: int, teacher_sha: str, cfg:
     if not record.is_file() or record.read_text().strip() != teacher_sha:
         raise RunFolderError(f"{folder} was distilled from another teacher than the current one; rerun with "
                              f"--overwrite to distil again from the current checkpoint")
-    return int(load_checkpoint(ckpt)["step"]) >= cfg.distill.round_steps
+    return int(load_checkpoint(ckpt)["step"]) >= optimisation_steps(cfg, steps)
 
 
 def distill(cfg: Config, checkpoint: str | Path, resume: bool = False, overwrite: bool = False,

@@ -33,20 +33,20 @@ def student_config(cfg: Any, steps: int) -> Any:
 def distill_model(cfg: Any, checkpoint: str, run: RunRef | None = None, force: bool = False) -> dict[str, Any]:
     """ddpm.distill.distill: finished rounds of this teacher are kept and an interrupted one resumes; with force
     every round is distilled again. The loss goes to `run` live, as one curve over the rounds (step = the
-    round's index times distill.round_steps plus its step)."""
+    round's first step on the count over all rounds, ddpm.distill.round_spans, plus its own step)."""
     from ddpm import progress
-    from ddpm.distill import describe, distill, round_steps_of
+    from ddpm.distill import describe, distill, round_spans
 
-    order = {n: i for i, n in enumerate(round_steps_of(cfg))}
-    per_round, total = cfg.distill.round_steps, len(order) * cfg.distill.round_steps
+    spans = round_spans(cfg)
+    total = sum(n for _, n in spans.values())
     live = LiveMetrics(run.logger()) if run is not None else None
 
     def on_log(steps: int, step: int, metrics: dict[str, float]) -> None:
         if live is not None:
-            live(order[steps] * per_round + step, metrics)
+            live(spans[steps][0] + step, metrics)
 
     def on_step(steps: int, step: int) -> None:
-        progress.advance("distillation (steps, all rounds)", order[steps] * per_round + step, total)
+        progress.advance("distillation (steps, all rounds)", spans[steps][0] + step, total)
 
     result = distill(cfg, checkpoint, resume=not force, overwrite=force, on_log=on_log, on_step=on_step)
     return {**describe(result), "sent_steps": sorted(live.sent) if live else []}
@@ -54,15 +54,16 @@ def distill_model(cfg: Any, checkpoint: str, run: RunRef | None = None, force: b
 
 @task(name="log-distill", cache_policy=NO_CACHE)
 def log_distillation(run: RunRef, result: dict[str, Any], fids: dict[int, dict[str, Any]],
-                     round_steps: int) -> dict[str, float]:
-    """Each round's loss curve (rows not sent live), final loss and FID (metrics at step = the student's steps:
-    round_loss, fid), its loss.csv and evaluation grid; returns the numbers logged per round."""
+                     spans: dict[int, tuple[int, int]]) -> dict[str, float]:
+    """Each round's loss curve (rows not sent live; `spans`: ddpm.distill.round_spans), final loss and FID (metrics
+    at step = the student's steps: round_loss, fid), its loss.csv and evaluation grid; returns the numbers logged
+    per round."""
     logger = run.logger()
     numbers: dict[str, float] = {}
-    for i, r in enumerate(result["rounds"]):
+    for r in result["rounds"]:
         n, folder = r["steps"], RunLayout(Path(r["checkpoint"]).parent)
-        offset = i * round_steps
-        sent = {s - offset for s in result.get("sent_steps", ()) if offset < s <= offset + round_steps}
+        offset, length = spans[n]
+        sent = {s - offset for s in result.get("sent_steps", ()) if offset < s <= offset + length}
         backfill_loss_csv(_Shifted(logger, offset), folder.loss_csv, sent)
         fid = fids[n]["fid"]
         loss = _last_loss(folder.loss_csv)

@@ -119,7 +119,9 @@ def distill_flow(params_path: str = "params.yaml", profile: str | None = None, o
         fids = {r["steps"]: tasks.evaluate_model(r["checkpoint"], distill_tasks.student_config(s.cfg, r["steps"]),
                                                  str(RunLayout(Path(r["checkpoint"]).parent).eval.folder), info["path"],
                                                  force)["metrics"] for r in result["rounds"]}
-        numbers = distill_tasks.log_distillation(run, result, fids, s.cfg.distill.round_steps)
+        from ddpm.distill import round_spans
+
+        numbers = distill_tasks.log_distillation(run, result, fids, round_spans(s.cfg))
         progress("exporting the student")
         scfg = distill_tasks.student_config(s.cfg, s.cfg.distill.steps)
         report = str(s.layout.student_export_report)

@@ -7,7 +7,8 @@ import torch
 import ddpm.train as train_mod
 from ddpm.checkpoint import load_checkpoint, load_model
 from ddpm.config import DiffusionConfig, load_config
-from ddpm.distill import DistillLayout, DistillationLoss, distill, round_steps_of
+from ddpm.distill import (DistillLayout, DistillationLoss, distill, optimisation_steps, round_config, round_spans,
+                          round_steps_of)
 from ddpm.errors import ConfigError, RunFolderError, TrainingInterrupted
 from ddpm.samplers import ddim_sample_loop
 from ddpm.schedule import Schedule
@@ -136,7 +137,7 @@ def teacher_run(tmp_path, monkeypatch, one_torch_thread):
             "train.checkpoint_every=2", "train.warmup_steps=0", "model.base_channels=8", "model.channel_mult=[1,2]",
             "model.attention_levels=[1]", "model.num_heads=2", "model.norm_groups=4", "model.dropout=0.1",
             "sampler.steps=2", "sample.num_images=4", "distill.steps=2",
-            "distill.teacher_steps=8", "distill.round_steps=4", *extra])
+            "distill.teacher_steps=8", "distill.first_round_steps=6", "distill.round_steps=4", *extra])
     teacher = train_mod.train(cfg("teacher")).checkpoint
     return cfg, teacher
 
@@ -150,12 +151,21 @@ def test_rounds_halve_down_to_the_students_steps_and_record_them(teacher_run):
     model, student_cfg, ckpt = load_model(result.student)
     assert (student_cfg.diffusion.distilled_steps, student_cfg.diffusion.prediction, ckpt["step"]) == (2, "v", 4)
     assert result.student.read_bytes() == result.rounds[-1].checkpoint.read_bytes()
+    assert load_checkpoint(result.rounds[0].checkpoint)["step"] == 6  # the first round: distill.first_round_steps
     from ddpm.generate import generate
     images, _ = generate(model, Schedule.from_config(student_cfg.diffusion), student_cfg, 2)
     assert images.shape == (2, 1, 28, 28)
     with pytest.raises(ConfigError, match="distilled to 2 DDIM steps"):
         generate(model, Schedule.from_config(student_cfg.diffusion),
                  load_config(None, None, ["diffusion.distilled_steps=2", "sampler.steps=50"]), 2)
+
+
+def test_the_first_round_has_its_own_length_and_the_rounds_share_one_step_count():
+    c = load_config(None, None, ["distill.teacher_steps=32", "distill.steps=4", "distill.first_round_steps=1500",
+                                 "distill.round_steps=500"])
+    assert [optimisation_steps(c, n) for n in round_steps_of(c)] == [1500, 500, 500]
+    assert round_spans(c) == {16: (0, 1500), 8: (1500, 500), 4: (2000, 500)}
+    assert round_config(c, c, 16).train.steps == 1500 and round_config(c, c, 8).train.steps == 500
 
 
 def test_resume_after_an_interrupted_round_gives_the_same_weights(teacher_run):

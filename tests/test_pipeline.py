@@ -46,7 +46,8 @@ TINY = [
     "export.int8=true", "export.int8_calibration_images=4",
     "pipeline.experiment=ddpm-test", "pipeline.registered_model=ddpm-unet-test",
     "pipeline.feature_net=retrain",  # the data are a look-alike: a net trained on them, not the pinned one
-    "distill.enabled=true", "distill.steps=2", "distill.teacher_steps=8", "distill.round_steps=4",
+    "distill.enabled=true", "distill.steps=2", "distill.teacher_steps=8", 
+    "distill.first_round_steps=6", "distill.round_steps=4",
 ]
 
 
@@ -316,11 +317,11 @@ def test_the_distill_stage_logs_each_round_and_registers_the_student(project, fi
     assert record == first["distilled"] and record["enabled"] is True and record["alias"] == "student"
     fid_history = {m.step: m.value for m in client().get_metric_history(stage.info.run_id, "fid")}
     loss_history = {m.step: m.value for m in client().get_metric_history(stage.info.run_id, "loss")}
-    for i, n in enumerate((4, 2)):  # distill.teacher_steps=8: rounds to 4, then 2 steps
+    for n, offset in ((4, 0), (2, 6)):  # distill.teacher_steps=8: rounds to 4 (6 steps), then 2 steps
         metrics = json.loads((run_dir / "distill" / f"steps_{n}" / "eval" / "metrics.json").read_text())
         assert metrics["steps"] == n and fid_history[n] == pytest.approx(metrics["fid"]) == record[f"fid_{n}_steps"]
         rows = (run_dir / "distill" / f"steps_{n}" / "loss.csv").read_text().splitlines()[1:]
-        on_disk = {4 * i + int(r.split(",")[0]): float(r.split(",")[1]) for r in rows}
+        on_disk = {offset + int(r.split(",")[0]): float(r.split(",")[1]) for r in rows}
         assert {s: loss_history[s] for s in on_disk} == pytest.approx(on_disk)  # one curve over the rounds
     version = client().get_model_version_by_alias("ddpm-unet-test", "student")
     assert str(version.version) == record["version"] and version.run_id == stage.info.run_id
