@@ -46,7 +46,7 @@ TINY = [
     "export.int8=true", "export.int8_calibration_images=4",
     "pipeline.experiment=ddpm-test", "pipeline.registered_model=ddpm-unet-test",
     "pipeline.feature_net=retrain",  # the data are a look-alike: a net trained on them, not the pinned one
-    "distill.enabled=true", "distill.steps=2", "distill.teacher_steps=8", 
+    "distill.enabled=true", "distill.steps=2", "distill.teacher_steps=8",
     "distill.first_round_steps=6", "distill.round_steps=4",
 ]
 
