@@ -70,7 +70,8 @@ def run_step(name: str, argv: list[str], work: Path, timeout: float) -> dict[str
     wall = time.perf_counter() - start
     reader.join(timeout=10)
     stdout = b"".join(out).decode(errors="replace")
-    lines = [ln for ln in err.splitlines() if "compile cache:" in ln or "AOT package" in ln or "error" in ln.lower()]
+    lines = [_split_log(ln)[1] or ln for ln in err.splitlines()
+             if "compile cache" in ln or "AOT package" in ln or "error" in ln.lower()]
     print(f"{name}: {wall:.1f} s, exit {rc}", flush=True)
     return {"argv": argv[2:], "wall_s": wall, "rc": rc, "stdout_tail": stdout[-600:], "log": lines[-8:],
             "timeline": timeline, "stderr_tail": err[-1500:] if rc != 0 else ""}
@@ -86,14 +87,25 @@ def _read_timeline(proc: subprocess.Popen, start: float) -> tuple[list[list[Any]
         text.append(chunk)
         *parts, pending = re.split(rb"[\r\n]", pending + chunk)
         for part in parts:
-            line = part.decode(errors="replace").strip()
-            count = re.search(r"\| *(\d+)/(\d+) \[", line)
+            bar, logged = _split_log(part.decode(errors="replace").strip())
+            count = re.search(r"\| *(\d+)/(\d+) \[", bar)
             if count and count.group(1) != last_count:
                 last_count = count.group(1)
                 timeline.append([now, f"progress {count.group(1)}/{count.group(2)}"])
-            elif line and not count:
-                timeline.append([now, line[:160]])
+            elif bar and not count:
+                timeline.append([now, bar[:160]])
+            if logged:
+                timeline.append([now, logged[:300]])
     return timeline[:200], b"".join(text).decode(errors="replace")
+
+
+def _split_log(line: str) -> tuple[str, str]:
+    """(what comes before, the log record) of a line in which a log record follows a progress bar's last
+    redraw with no line break between them (a bar redraws without one); ("", line) for a plain log line."""
+    found = re.search(r"(DEBUG|INFO|WARNING|ERROR|CRITICAL) [\w.]+: ", line)
+    if found is None:
+        return line, ""
+    return line[:found.start()].strip(), line[found.start():]
 
 
 def _cache_status(step: dict[str, Any]) -> str:

@@ -218,3 +218,19 @@ def test_compile_once_counts_no_sampling_time_as_the_package_s_when_sample_fell_
     doc["steps"]["sample_aot"] = step(6.5, network="aot")
     doc["steps"]["train_warm"] = step(88.0)
     assert summary_of(doc)["sample_aot_s"] == 6.5 and goal_status(summary_of(doc)) == "met"
+
+
+def test_compile_once_keeps_a_log_line_written_right_after_a_progress_bar_s_redraw():
+    """A progress bar redraws with a carriage return and no line break, so a log record that follows it shares its
+    line; the timeline and the log keep the record as well as the bar's count."""
+    from bench.compile_once import _read_timeline, _split_log
+
+    script = ("import sys; sys.stderr.write('train:  50%|##   | 1/2 [00:01<00:01]INFO ddpm.compile_cache: "
+              "compile cache lookups: fx_graph_hit 3\\n\\rtrain: 100%|#####| 2/2 [00:02<00:00]\\nINFO x.y: done\\n')")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    timeline, text = _read_timeline(proc, 0.0)
+    proc.wait()
+    assert [entry for _, entry in timeline] == ["progress 1/2", "INFO ddpm.compile_cache: compile cache lookups: "
+                                                "fx_graph_hit 3", "progress 2/2", "INFO x.y: done"]
+    assert _split_log(text.splitlines()[0]) == ("train:  50%|##   | 1/2 [00:01<00:01]",
+                                                "INFO ddpm.compile_cache: compile cache lookups: fx_graph_hit 3")
