@@ -299,8 +299,8 @@ def write_goal(path: Path, doc: dict[str, Any], results: Path, commit: str | Non
                 f"wall time, and 10,000 DDIM-50 MNIST images through `ddpm sample` in at most {GOAL_SAMPLE_S:g} s "
                 f"including loading, with no compile",
         "status": goal_status(s),
-        "note": "Fresh processes, empty inductor and triton caches, timed from start to exit; warm training loads the "
-                "cold run's cache file; the package is timed only when `ddpm sample` used it.",
+        "note": "Fresh processes, timed from start to exit; the warm run loads the cold run's cache file; a "
+                "sampling time is the package's only when `ddpm sample` used one.",
         "runs": {"bench": {"card": env["device"], "date": doc["date"], "commit": commit or "uncommitted",
                            "command": " ".join(["python3 bench/compile_once.py", *doc["argv"][1:]]),
                            "versions": f"torch {env['torch']}, CUDA {env['cuda']}, triton {env['triton']}",
