@@ -8,8 +8,8 @@ then writes one JSON (updated after every figure, so a run cut short keeps what 
     steps, of the teacher's DDIM at the same counts and at 50 steps, and the FID floor;
   - wall-clock seconds of the teacher's training and of the distillation rounds (loading and
     compiling included), with the rounds down to distill.steps of the profile summed apart;
-  - seconds for 10,000 samples of the profile's student on the GPU (CUDA graphs, bf16; compiled
-    as well when less than --budget-s has passed), a warm run after an untimed one;
+  - seconds for 10,000 samples of the profile's student on the GPU in batches of --gpu-batch (CUDA
+    graphs, bf16; compiled as well when less than --budget-s has passed), a warm run after an untimed one;
   - onnxruntime CPU seconds per image, the student at its steps against the teacher's DDIM-50.
 
     PYTHONPATH=. python3 bench/distill_quality.py --out $OUT/distill_quality.json --runs /tmp/distill_runs
@@ -136,22 +136,22 @@ def quality(cfg: Config, teacher: Path, students: dict[int, Path], rec: Record, 
         log(f"{kind} {n} steps: FID {m['fid']:.2f}")
 
 
-def gpu_sampling(cfg: Config, student: Path, steps: int, rec: Record, compiled: bool) -> None:
-    """Seconds for 10,000 student samples in one batch: an untimed first run (graph capture, compile), then a
-    timed one."""
+def gpu_sampling(cfg: Config, student: Path, steps: int, rec: Record, compiled: bool, batch: int) -> None:
+    """Seconds for 10,000 student samples in batches of `batch`: an untimed first run (graph capture, compile), then
+    a timed one."""
     model, scfg, _ = load_model(student, "cuda")
     schedule = Schedule.from_config(scfg.diffusion)
     scfg = replace(scfg, sampler=replace(scfg.sampler, name="ddim", steps=steps))
-    sc = replace(scfg.sample, batch_size=10000)
+    sc = replace(scfg.sample, batch_size=batch)
 
     def run() -> Any:
         return generate(model, schedule, scfg, 10000, sample_cfg=sc, compile=compiled)
 
     _, first = timed(run)
     _, warm = timed(run)
-    rec.doc.setdefault("gpu_10k", []).append({"compiled": compiled, "batch": 10000, "first_s": first, "warm_s": warm})
+    rec.doc.setdefault("gpu_10k", []).append({"compiled": compiled, "batch": batch, "first_s": first, "warm_s": warm})
     rec.save()
-    log(f"10,000 student samples, compiled={compiled}: {warm:.3f} s warm ({first:.1f} s first)")
+    log(f"10,000 student samples, batch {batch}, compiled={compiled}: {warm:.3f} s warm ({first:.1f} s first)")
 
 
 def onnx_cpu(cfg: Config, teacher: Path, student: Path, steps: int, out: Path, rec: Record, n: int) -> None:
@@ -178,6 +178,7 @@ def main() -> int:
     p.add_argument("--profile", default="gpu-fast")
     p.add_argument("--teacher", default=None, help="a trained checkpoint to distil instead of training one")
     p.add_argument("--steps", type=int, default=1, help="distil down to this many steps (default: %(default)s)")
+    p.add_argument("--gpu-batch", type=int, default=2500, help="batch of the GPU sampling (default: %(default)s)")
     p.add_argument("--onnx-batch", type=int, default=64)
     p.add_argument("--budget-s", type=float, default=420.0,
                    help="skip the compiled sampling when this many seconds have passed (default: %(default)s)")
@@ -202,12 +203,12 @@ def main() -> int:
     counts = tuple(n for n in (GPU_STEPS if not args.smoke else round_steps_of(cfg)) if n in students)
     guarded(rec, "fid", lambda: quality(cfg, teacher, students, rec, runs, counts))
     if device.type == "cuda":
-        guarded(rec, "gpu_10k", lambda: gpu_sampling(cfg, students[goal], goal, rec, compiled=False))
+        guarded(rec, "gpu_10k", lambda: gpu_sampling(cfg, students[goal], goal, rec, False, args.gpu_batch))
     guarded(rec, "onnx_cpu", lambda: onnx_cpu(cfg, teacher, students[goal], goal, runs, rec,
                                               4 if args.smoke else args.onnx_batch))
     if device.type == "cuda":
         if time.perf_counter() - start < args.budget_s:
-            guarded(rec, "gpu_10k_compiled", lambda: gpu_sampling(cfg, students[goal], goal, rec, compiled=True))
+            guarded(rec, "gpu_10k_compiled", lambda: gpu_sampling(cfg, students[goal], goal, rec, True, args.gpu_batch))
         else:
             rec.set("gpu_10k_compiled_skipped", f"past --budget-s {args.budget_s:.0f} s")
     rec.set("total_seconds", time.perf_counter() - start)
