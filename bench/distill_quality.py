@@ -203,12 +203,14 @@ def main() -> int:
     counts = tuple(n for n in (GPU_STEPS if not args.smoke else round_steps_of(cfg)) if n in students)
     guarded(rec, "fid", lambda: quality(cfg, teacher, students, rec, runs, counts))
     if device.type == "cuda":
-        guarded(rec, "gpu_10k", lambda: gpu_sampling(cfg, students[goal], goal, rec, False, args.gpu_batch))
+        guarded(rec, "gpu_10k", lambda: gpu_sampling(cfg, students[goal], goal, rec, compiled=False,
+                                                     batch=args.gpu_batch))
     guarded(rec, "onnx_cpu", lambda: onnx_cpu(cfg, teacher, students[goal], goal, runs, rec,
                                               4 if args.smoke else args.onnx_batch))
     if device.type == "cuda":
         if time.perf_counter() - start < args.budget_s:
-            guarded(rec, "gpu_10k_compiled", lambda: gpu_sampling(cfg, students[goal], goal, rec, True, args.gpu_batch))
+            guarded(rec, "gpu_10k_compiled", lambda: gpu_sampling(cfg, students[goal], goal, rec, compiled=True,
+                                                                  batch=args.gpu_batch))
         else:
             rec.set("gpu_10k_compiled_skipped", f"past --budget-s {args.budget_s:.0f} s")
     rec.set("total_seconds", time.perf_counter() - start)
