@@ -7,7 +7,7 @@ torch._inductor.aoti_compile_and_package. Before it is written, DDIM samples fro
 from the eager network, from the same noise at the same precision, must agree (mean |diff| at most
 export.aot_mean_atol), as the ONNX export is checked; else no package is written and a warning says why.
 That check loads the package in a process of its own (check_in_child), so a loader that crashes costs
-the package, never the export.
+the package, never the export. Loading first gives the process's libstdc++ global scope (share_libstdcxx).
 
 The package's own record (the zip entry `ddpm.json`) names the GPU, torch, CUDA and the checkpoint's
 SHA-256. `ddpm sample` and `ddpm evaluate` use a package only when all of them match this machine
@@ -20,6 +20,7 @@ models only; num_classes is the null label) -> float32 [B, C, H, W], the network
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import logging
@@ -153,6 +154,21 @@ def refusal(path: Path, device: torch.device, checkpoint_sha256: str, bf16: bool
     return None
 
 
+def share_libstdcxx() -> None:
+    """Give the process's libstdc++ global scope, so that a package's code binds to it.
+
+    torch loads libstdc++ with local scope. A package whose wrapper library was linked with a static copy of
+    libstdc++ (as the H200 machine's g++ links it) then binds to that copy, whose std::locale was never set up,
+    and its first std::regex crashes the process (SIGSEGV) or throws std::bad_cast. With the shared library
+    global, the wrapper binds to it, as it does when built against the shared one
+    (docs/experiments/2026-12-04-aot-package-libstdcxx-h200.md)."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libstdc++.so.6", mode=ctypes.RTLD_GLOBAL)
+        except OSError:  # no shared libstdc++ here: a package's wrapper can only be bound to its own
+            pass
+
+
 class AotDenoiser:
     """A loaded package, callable like the model: (x [B, C, H, W], t int64 [B], labels int64 [B] | None).
 
@@ -164,6 +180,7 @@ class AotDenoiser:
         self.path, self.record = path, record
         self.num_classes = record["num_classes"]
         self.conditional = record["class_conditional"]
+        share_libstdcxx()
         self.runner = torch._inductor.aoti_load_package(str(path), run_single_threaded=True)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:

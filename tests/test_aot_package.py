@@ -5,6 +5,9 @@ eager network samples. The CUDA load-and-run path is in tests/test_cuda.py."""
 import dataclasses
 import json
 import logging
+import os
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -203,3 +206,58 @@ def test_a_real_cpu_package_samples_what_the_eager_network_samples(tmp_path, tmp
     refused = aot.export_package(ckpt, tmp_path / "model.pt2", ecfg, device=torch.device("cpu"))
     assert not refused["written"] and "aot_mean_atol" in refused["reason"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+
+
+# A package of a small network, built in a process of its own by the compiler in $CXX; then loaded in a fresh
+# process, either straight through torch (argv[2] == "torch") or as `ddpm sample` loads it (AotDenoiser).
+_TINY_PACKAGE = """
+import sys, torch
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.out = torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.Conv2d(4, 1, 1)
+    def forward(self, x, t):
+        return self.out(torch.nn.functional.silu(self.conv(x))) * t.float()[:, None, None, None]
+torch.manual_seed(0)
+net, args = Net().eval(), (torch.randn(2, 1, 6, 6), torch.tensor([1, 2]))
+with torch.no_grad():
+    if sys.argv[2] == "build":
+        torch._inductor.aoti_compile_and_package(torch.export.export(net, args), package_path=sys.argv[1])
+    else:
+        from ddpm.aot_package import AotDenoiser
+        run = (torch._inductor.aoti_load_package(sys.argv[1]) if sys.argv[2] == "torch" else
+               AotDenoiser(sys.argv[1], {"num_classes": 0, "class_conditional": False}))
+        assert torch.allclose(run(*args), net(*args), atol=1e-5)
+        print("same as eager")
+"""
+
+
+@pytest.mark.slow
+def test_a_package_whose_wrapper_holds_a_static_libstdcxx_loads_and_runs(tmp_path):
+    """The H200 machine's g++ links libstdc++ statically into a package's wrapper library. Loaded as torch loads
+    it, such a package binds to that copy and crashes (SIGSEGV there, std::bad_cast here) in its first std::regex;
+    AotDenoiser first gives the process's shared libstdc++ global scope, and the package runs."""
+    cxx = torch._inductor.config.cpp.cxx[1]
+    static = subprocess.run([cxx, "-print-file-name=libstdc++.a"], capture_output=True, text=True).stdout.strip()
+    if not os.path.isabs(static):
+        pytest.skip(f"{cxx} has no static libstdc++ to link a wrapper library with")
+    wrapper = tmp_path / "cxx-static-libstdcxx"
+    wrapper.write_text(f'#!/bin/sh\ncase " $* " in *" -shared "*) exec {cxx} "$@" -static-libstdc++ ;; esac\n'
+                       f'exec {cxx} "$@"\n')
+    wrapper.chmod(0o755)
+    script, package = tmp_path / "tiny.py", tmp_path / "tiny.pt2"
+    script.write_text(_TINY_PACKAGE)
+    env = {**os.environ, "CXX": str(wrapper), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+
+    def run(how: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(script), str(package), how], capture_output=True, text=True,
+                              env=env, timeout=600)
+    built = run("build")
+    assert built.returncode == 0, built.stderr[-2000:]
+    with zipfile.ZipFile(package) as z:
+        (so,) = [n for n in z.namelist() if n.endswith(".so")]
+        assert b"libstdc++.so.6" not in z.read(so)  # the wrapper holds its own libstdc++: it needs no shared one
+    plain = run("torch")
+    assert plain.returncode != 0 and "same as eager" not in plain.stdout
+    ours = run("ddpm")
+    assert ours.returncode == 0 and "same as eager" in ours.stdout, ours.stderr[-2000:]
