@@ -146,6 +146,9 @@ def refusal(path: Path, device: torch.device, checkpoint_sha256: str, bf16: bool
         return (f"{path} was built for {built.get('device')} with torch {built.get('torch')} "
                 f"(CUDA {built.get('cuda')}); this is {here['device']} with torch {here['torch']} "
                 f"(CUDA {here['cuda']})")
+    missing = missing_cpu_isa(record.get("cpu_isa", ""), cpu_flags())
+    if missing:
+        return f"{path} was compiled for CPU instruction sets this CPU lacks ({', '.join(missing)})"
     if record.get("checkpoint_sha256") != checkpoint_sha256:
         return f"{path} was built from another checkpoint (SHA-256 {str(record.get('checkpoint_sha256'))[:12]})"
     if record.get("bf16") != bf16:
@@ -169,6 +172,52 @@ def share_libstdcxx() -> None:
             pass
 
 
+def open_package(path: Path) -> Any:
+    """The package's network, loaded single-threaded (see AotDenoiser), with the process's libstdc++ shared first.
+
+    Through torch's C++ loader rather than torch._inductor.aoti_load_package: that one then works out this
+    machine's CPU instruction sets by compiling probe programs, on a fresh machine for most of a minute, only to
+    warn on a difference. refusal() has checked the package's instruction sets against /proc/cpuinfo already."""
+    share_libstdcxx()
+    try:
+        from torch.export.pt2_archive._package import AOTICompiledModel
+        loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", True, 1, -1)
+    except (ImportError, AttributeError, TypeError):  # another torch: its public loader, probes and all
+        return torch._inductor.aoti_load_package(str(path), run_single_threaded=True)
+    return AOTICompiledModel(loader)
+
+
+# The CPU instruction sets in an AOTInductor package's AOTI_CPU_ISA and the /proc/cpuinfo flag of each.
+_ISA_FLAGS = {"AVX2": "avx2", "AVX512": "avx512f", "AVX512_VNNI": "avx512_vnni", "AVX512_BF16": "avx512_bf16",
+              "AMX_TILE": "amx_tile", "AMX_FP16": "amx_fp16"}
+
+
+def cpu_flags() -> set[str] | None:
+    """This CPU's flags as /proc/cpuinfo lists them; None where there is no such file."""
+    try:
+        line = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), None)
+    except OSError:
+        return None
+    return set(line.split(":", 1)[1].split()) if line else None
+
+
+def missing_cpu_isa(isa: str, flags: set[str] | None) -> list[str]:
+    """The instruction sets of a package's AOTI_CPU_ISA (e.g. "AVX512 AVX512_VNNI") that a CPU with `flags` lacks."""
+    if flags is None:
+        return []
+    return [name for name in isa.upper().split() if name in _ISA_FLAGS and _ISA_FLAGS[name] not in flags]
+
+
+def package_cpu_isa(path: Path) -> str:
+    """The CPU instruction sets a package's wrapper was compiled for (its metadata's AOTI_CPU_ISA), or "" where
+    its metadata does not say (or cannot be read: then its check fails too)."""
+    try:
+        metadata = torch._C._aoti.AOTIModelPackageLoader.load_metadata_from_package(str(path), "model")
+    except (RuntimeError, AttributeError):
+        return ""
+    return str(metadata.get("AOTI_CPU_ISA", ""))
+
+
 class AotDenoiser:
     """A loaded package, callable like the model: (x [B, C, H, W], t int64 [B], labels int64 [B] | None).
 
@@ -180,8 +229,7 @@ class AotDenoiser:
         self.path, self.record = path, record
         self.num_classes = record["num_classes"]
         self.conditional = record["class_conditional"]
-        share_libstdcxx()
-        self.runner = torch._inductor.aoti_load_package(str(path), run_single_threaded=True)
+        self.runner = open_package(path)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         if self.conditional:
@@ -295,6 +343,7 @@ def _export(checkpoint: Path, out: Path, tmp: Path, settings: Config, device: to
         log.warning("no AOT package: %s", reason)
         return {"written": False, "reason": reason}
     del model  # the check process loads its own copy
+    record["cpu_isa"] = package_cpu_isa(tmp)
     try:
         parity = check_in_child(tmp, checkpoint, record, device, ecfg.check_samples, settings.sampler.steps)
     except PackageCheckFailed as exc:

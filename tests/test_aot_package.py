@@ -53,7 +53,7 @@ def _fake_package(path: Path, **record) -> Path:
 def no_load(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a refused package was loaded")
-    monkeypatch.setattr(torch._inductor, "aoti_load_package", refuse)
+    monkeypatch.setattr(aot, "open_package", refuse)
 
 
 def test_a_package_for_another_gpu_or_torch_is_refused_without_loading_it(tmp_path, no_load):
@@ -66,6 +66,18 @@ def test_a_package_for_another_gpu_or_torch_is_refused_without_loading_it(tmp_pa
     other_gpu = {"torch": torch.__version__, "cuda": "13.0", "device": "NVIDIA H100 80GB HBM3", "capability": [9, 0]}
     assert "NVIDIA H100 80GB HBM3" in aot.refusal(_fake_package(tmp_path / "gpu.pt2", machine=other_gpu),
                                                   torch.device("cpu"), "0" * 64, True)
+
+
+def test_a_package_compiled_for_instruction_sets_this_cpu_lacks_is_refused(tmp_path, no_load, monkeypatch):
+    here = aot.machine(torch.device("cpu"))
+    pkg = _fake_package(tmp_path / "model.pt2", machine=here, cpu_isa="AVX512 AVX512_VNNI AMX_TILE")
+    monkeypatch.setattr(aot, "cpu_flags", lambda: {"fpu", "avx2", "avx512f"})
+    why = aot.refusal(pkg, torch.device("cpu"), "0" * 64, True)
+    assert why.endswith("was compiled for CPU instruction sets this CPU lacks (AVX512_VNNI, AMX_TILE)"), why
+    monkeypatch.setattr(aot, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_vnni", "amx_tile"})
+    assert aot.refusal(pkg, torch.device("cpu"), "0" * 64, True) is None
+    assert aot.missing_cpu_isa("AVX2", None) == []  # no /proc/cpuinfo: nothing to check against
+    assert aot.missing_cpu_isa("", {"avx2"}) == [] and aot.missing_cpu_isa("AVX2", set()) == ["AVX2"]
 
 
 def test_a_package_of_another_checkpoint_or_precision_is_refused(tmp_path, no_load):
@@ -193,7 +205,9 @@ def test_a_real_cpu_package_samples_what_the_eager_network_samples(tmp_path, tmp
     record = aot.export_package(ckpt, tmp_path / "model.pt2", ecfg, device=torch.device("cpu"))
     assert record["written"], record
     assert record["machine"] == aot.machine(torch.device("cpu")) and record["parity"]["mean_abs_diff"] <= 1e-3
-    assert aot.read_record(tmp_path / "model.pt2")["checkpoint_sha256"] == aot.file_sha256(ckpt)
+    written = aot.read_record(tmp_path / "model.pt2")
+    assert written["checkpoint_sha256"] == aot.file_sha256(ckpt)
+    assert not aot.missing_cpu_isa(written["cpu_isa"], aot.cpu_flags()) and written["cpu_isa"].split()
     assert not list(tmp_path.glob(".model.tmp-*"))
     net, used = aot.choose_package(str(tmp_path / "model.pt2"), ckpt, torch.device("cpu"), False)
     assert used == {"network": "aot", "package": str(tmp_path / "model.pt2"), "device": "cpu"}
