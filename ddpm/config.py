@@ -190,7 +190,7 @@ class ExportConfig:
     int8_calibration_images: int = _f(32, _positive, "an integer > 0")
     int8_mean_atol: float = _f(0.02, _positive, "a float > 0 (mean pixel difference in [-1, 1])")
     int8_fid_margin: float = _f(0.15, _non_negative, "a float >= 0 (relative)")
-    aot: bool = False  # on CUDA, also write <name>.pt2: the sampling network compiled for this GPU (ddpm.aot_package)
+    aot: bool = True  # on CUDA, also write <name>.pt2: the sampling network compiled for this GPU (ddpm.aot_package)
     aot_mean_atol: float = _f(0.02, _positive, "a float > 0 (mean pixel difference in [-1, 1])")
     check_samples: int = _f(256, _positive, "an integer > 0")
     check_atol: float = _f(0.02, _positive, "a float > 0 (max pixel difference in [-1, 1])")
