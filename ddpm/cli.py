@@ -16,6 +16,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 
+log = logging.getLogger(__name__)
+
+
 def _add_settings(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="override a setting of params.yaml, e.g. train.steps=500")
@@ -99,7 +102,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     _run_paths(args, settings, checkpoint=lambda run: run.checkpoint)
     check_writable(args.out)  # before the model is loaded or an image sampled
     device = resolve_device(args.device or settings.runtime.device)
-    model, cfg, _ = load_model(args.checkpoint, device)
+    model, cfg, ckpt = load_model(args.checkpoint, device)
+    log.info("loaded %s (step %d) on %s", args.checkpoint, ckpt["step"], device)
     given = {"sampler": dict(name=args.sampler, steps=args.steps, eta=args.eta, guidance_scale=args.guidance),
              "sample": dict(num_images=args.num_images, seed=args.seed, label=args.label)}
     # A student samples with its own steps unless asked otherwise (then refused).
@@ -114,6 +118,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     network, used = choose_package(args.aot, args.checkpoint, device, samples_in_bf16(full, device))
     images, labels = generate(model, Schedule.from_config(cfg.diffusion), full, sc.num_images, seed=sc.seed,
                               network=network)
+    log.info("sampled %d images; writing them", len(images))
     out = SampleFiles(args.out)
     grid, arr = save_grid(images, out.grid), save_array(images, labels, out.array)
     print(f"{len(images)} images ({sp.name}, {sp.steps if sp.name == 'ddim' else cfg.diffusion.timesteps} steps, "

@@ -1,4 +1,4 @@
-"""File helpers shared by every stage: atomic writes and content hashes.
+"""File helpers shared by every stage: atomic writes, content hashes and image grids.
 
 Torch-free, so the ONNX sampler can use them.
 """
@@ -6,8 +6,10 @@ Torch-free, so the ONNX sampler can use them.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 from pathlib import Path
+from typing import Any
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -54,3 +56,27 @@ def file_digest(path: str | Path, algo: str = "sha256") -> str:
 
 def file_sha256(path: str | Path) -> str:
     return file_digest(path, "sha256")
+
+
+def grid_png(images: Any, nrow: int | None = None, padding: int = 2) -> bytes | None:
+    """uint8 [N, C, H, W] (a numpy array) -> PNG bytes of a grid laid out as torchvision's make_grid (`nrow` images
+    per row, `padding` white pixels between and around them, also around a single image, which make_grid leaves
+    bare); None without Pillow."""
+    try:
+        from PIL import Image
+    except ImportError:
+        return None
+    import numpy as np
+
+    n, c, h, w = images.shape
+    ncol = min(nrow or max(int(n ** 0.5), 1), n)
+    nrows = -(-n // ncol)
+    grid = np.full((c, nrows * (h + padding) + padding, ncol * (w + padding) + padding), 255, np.uint8)
+    for k, img in enumerate(images):
+        r, col = divmod(k, ncol)
+        y, x = r * (h + padding) + padding, col * (w + padding) + padding
+        grid[:, y:y + h, x:x + w] = img
+    pil = Image.fromarray(grid[0] if c == 1 else grid.transpose(1, 2, 0))
+    buf = io.BytesIO()
+    pil.save(buf, format="PNG")
+    return buf.getvalue()

@@ -12,10 +12,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.utils import make_grid
-from torchvision.transforms.functional import to_pil_image
 
-from ddpm import progress
+from ddpm import fileio, progress
 from ddpm.checkpoint import atomic_write_bytes
 from ddpm.config import Config, ConfigError, DiffusionConfig, SampleConfig, SamplerConfig, image_shape
 from ddpm.data import from_model_range
@@ -194,12 +192,11 @@ def generate(model: torch.nn.Module, schedule: Schedule, cfg: Config, n: int, se
 
 
 def grid_png(images: torch.Tensor, nrow: int | None = None) -> bytes:
-    """uint8 [N, C, H, W] -> PNG bytes of a grid."""
-    nrow = nrow or max(int(len(images) ** 0.5), 1)
-    grid = make_grid(images, nrow=nrow, padding=2, pad_value=255)
-    buf = io.BytesIO()
-    to_pil_image(grid).save(buf, format="PNG")
-    return buf.getvalue()
+    """uint8 [N, C, H, W] -> PNG bytes of a grid (ddpm.fileio.grid_png: torchvision's make_grid layout)."""
+    png = fileio.grid_png(images.numpy(), nrow)
+    if png is None:
+        raise RuntimeError("Pillow is not installed: reinstall from the lock file (make install) to write PNG grids")
+    return png
 
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> Path:

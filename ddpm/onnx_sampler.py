@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ddpm import counter_noise, progress
-from ddpm.fileio import atomic_write_bytes
+from ddpm.fileio import atomic_write_bytes, grid_png
 from ddpm.layout import SampleFiles
 from ddpm.errors import ConfigError, OnnxModelError
 from ddpm.onnx_model import Array, NumpySchedule, OnnxDenoiser, resolve_provider
@@ -248,26 +248,6 @@ class _BatchNoise:
 
     def __getitem__(self, i: int) -> Array:
         return np.asarray(self.step_noise[i])[self.sl]
-
-
-def grid_png(images: Array, nrow: int | None = None, padding: int = 2) -> bytes | None:
-    """uint8 [N, C, H, W] -> PNG bytes of a grid laid out as torchvision's make_grid; None without Pillow."""
-    try:
-        from PIL import Image
-    except ImportError:
-        return None
-    n, c, h, w = images.shape
-    ncol = min(nrow or max(int(n ** 0.5), 1), n)
-    nrows = -(-n // ncol)
-    grid = np.full((c, nrows * (h + padding) + padding, ncol * (w + padding) + padding), 255, np.uint8)
-    for k, img in enumerate(images):
-        r, col = divmod(k, ncol)
-        y, x = r * (h + padding) + padding, col * (w + padding) + padding
-        grid[:, y:y + h, x:x + w] = img
-    pil = Image.fromarray(grid[0] if c == 1 else grid.transpose(1, 2, 0))
-    buf = io.BytesIO()
-    pil.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def main(args: Any) -> int:

@@ -144,7 +144,8 @@ def int8_twin_written(onnx_path: str, report: str) -> bool:
 def sample_onnx(onnx_path: str, cfg: Any, out_png: str) -> str:
     """Sample with onnxruntime alone (ddpm.onnx_sampler, no PyTorch) and save the grid."""
     from ddpm.export_check import ort_provider
-    from ddpm.onnx_sampler import grid_png, sample
+    from ddpm.fileio import grid_png
+    from ddpm.onnx_sampler import sample
 
     sc, sp = cfg.sample, cfg.sampler
     images = sample(onnx_path, sc.num_images, sp.name, sp.steps, sp.eta, sc.seed, sc.batch_size, sc.label,

@@ -134,6 +134,25 @@ def test_failed_checkpoint_write_keeps_the_previous_file(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
 
 
+@pytest.mark.parametrize("n, channels, nrow", [(7, 1, 3), (10, 3, None), (2, 1, 1)])
+def test_sample_grids_are_torchvision_make_grids_in_pixels(n, channels, nrow):
+    """The grids of `ddpm sample`, training and evaluation (ddpm.fileio.grid_png, which needs no torchvision)
+    against torchvision's make_grid with the same padding and white border, pixel for pixel."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from torchvision.transforms.functional import to_pil_image
+    from torchvision.utils import make_grid
+
+    from ddpm.generate import grid_png
+
+    images = torch.randint(0, 256, (n, channels, 5, 4), generator=torch.Generator().manual_seed(n), dtype=torch.uint8)
+    ours = np.array(Image.open(io.BytesIO(grid_png(images, nrow))))
+    theirs = np.array(to_pil_image(make_grid(images, nrow=nrow or max(int(n ** 0.5), 1), padding=2, pad_value=255)))
+    assert np.array_equal(ours, theirs[..., 0] if channels == 1 else theirs)  # make_grid repeats a gray channel
+
+
 def test_preview_grids_are_never_compiled(monkeypatch, tmp_path, tiny_model_cfg):
     """sample.compile costs minutes of compilation; a 64-image preview must not pay it."""
     from ddpm.config import config_from_dict

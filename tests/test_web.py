@@ -23,7 +23,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from ddpm.onnx_sampler import grid_png, sample_model_range
+from ddpm.fileio import grid_png
+from ddpm.onnx_sampler import sample_model_range
 from ddpm.web import CHROMIUM, CHROMIUM_ARGS
 
 ROOT = Path(__file__).resolve().parents[1]
