@@ -176,7 +176,9 @@ class Bench:
     def sample(self, ckpt: Path) -> None:
         build, with_aot = not (self.args.smoke or self.args.no_package), not self.args.no_package
         if build:  # ddpm export builds it on CUDA; timed apart, it is no part of `ddpm sample`
-            step = self.step("package", package_argv(ckpt, self.settings), 400)
+            # tuned for the batch the sample commands run (the package's example batch: sample.batch_size)
+            sized = [*self.settings, f"sample.batch_size={self.args.batch_size}"]
+            step = self.step("package", package_argv(ckpt, sized), 400)
             step["record"] = json.loads(step["stdout_tail"].strip().splitlines()[-1]) if step["rc"] == 0 else None
         elif self.args.no_package:  # without --no-package, summary's package_outcome says why none was built
             self.doc["package_skipped"] = "not built: --no-package"

@@ -3,15 +3,16 @@
 `ddpm export` on a CUDA machine also writes `<name>.pt2` beside `<name>.onnx`: the EMA U-Net in the
 layout that compiled sampling uses (ddpm.generate.sampling_copy), under bf16 autocast when the run
 trained in bf16, exported with a dynamic batch and compiled for this GPU by
-torch._inductor.aoti_compile_and_package. Before it is written, DDIM samples from the package and
+torch._inductor.aoti_compile_and_package, with compiled sampling's inductor options and its kernels tuned for
+sample.batch_size (the example batch). Before it is written, DDIM samples from the package and
 from the eager network, from the same noise at the same precision, must agree (mean |diff| at most
 export.aot_mean_atol), as the ONNX export is checked; else no package is written and a warning says why.
 That check loads the package in a process of its own (check_in_child), so a loader that crashes costs
 the package, never the export. Loading first gives the process's libstdc++ global scope (share_libstdcxx).
 
-The package's own record (the zip entry `ddpm.json`) names the GPU, torch, CUDA and the checkpoint's
-SHA-256. `ddpm sample` and `ddpm evaluate` use a package only when all of them match this machine
-and that checkpoint; otherwise they sample as before, with one log line saying why. The check reads
+The package's own record (the zip entry `ddpm.json`) names the GPU, torch, CUDA, the CPU instruction sets
+and the checkpoint's SHA-256. `ddpm sample` and `ddpm evaluate` use a package only when all of them match
+this machine and that checkpoint; otherwise they sample as before, with one log line saying why. The check reads
 the record alone: a package built for another GPU or torch is never loaded.
 
 Graph: x float32 [B, C, H, W], t int64 [B] (indices in [0, T-1]), labels int64 [B] (class-conditional
@@ -93,21 +94,29 @@ class _ConditionalSampling(_Sampling):
         return self.run(x, t, labels)
 
 
-def build_package(model: nn.Module, cfg: Config, device: torch.device, path: Path, bf16: bool) -> Path:
-    """Compile `model` (on `device`, eval mode) into an AOTInductor package at `path` (its record: write_record)."""
+# The inductor options of the package: those of compiled sampling (ddpm.generate.sampling_network).
+INDUCTOR_CONFIGS = {"coordinate_descent_tuning": True}
+
+
+def build_package(model: nn.Module, cfg: Config, device: torch.device, path: Path, bf16: bool,
+                  batch_hint: int = 2) -> Path:
+    """Compile `model` (on `device`, eval mode) into an AOTInductor package at `path` (its record: write_record).
+
+    The batch is dynamic; `batch_hint` (at least 2: torch.export specialises a dimension whose example size is 1)
+    is the example batch, the size the kernels are tuned for: the batch sampling will run."""
     dtype = torch.bfloat16 if bf16 else None
     conditional = cfg.model.class_conditional
     net = (_ConditionalSampling if conditional else _Sampling)(sampling_copy(model, dtype), device.type, dtype).eval()
-    # Batch 2 as the example: torch.export specialises a dimension whose example size is 1.
-    args: tuple[torch.Tensor, ...] = (torch.randn(2, *image_shape(cfg), device=device),
-                                      torch.tensor([0, 1], device=device))
+    size = max(2, batch_hint)
+    args: tuple[torch.Tensor, ...] = (torch.randn(size, *image_shape(cfg), device=device),
+                                      torch.arange(size, device=device) % 2)
     if conditional:
-        args += (torch.tensor([0, model.num_classes], device=device),)
+        args += (torch.arange(size, device=device) % (model.num_classes + 1),)
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     names = ["x", "t", "labels"][:len(args)]
     with torch.no_grad():
         program = torch.export.export(net, args, dynamic_shapes={n: {0: batch} for n in names})
-        torch._inductor.aoti_compile_and_package(program, package_path=str(path))
+        torch._inductor.aoti_compile_and_package(program, package_path=str(path), inductor_configs=INDUCTOR_CONFIGS)
     return path
 
 
@@ -335,9 +344,10 @@ def _export(checkpoint: Path, out: Path, tmp: Path, settings: Config, device: to
     bf16 = samples_in_bf16(settings, device)
     record = {"format": FORMAT, "machine": machine(device), "checkpoint_sha256": file_sha256(checkpoint),
               "bf16": bf16, "class_conditional": cfg.model.class_conditional, "num_classes": model.num_classes,
-              "image_shape": list(image_shape(cfg)), "step": int(ckpt["step"]), "batch": [1, MAX_BATCH]}
+              "image_shape": list(image_shape(cfg)), "step": int(ckpt["step"]), "batch": [1, MAX_BATCH],
+              "batch_hint": max(2, settings.sample.batch_size), "inductor_configs": INDUCTOR_CONFIGS}
     try:
-        build_package(model, cfg, device, tmp, bf16)
+        build_package(model, cfg, device, tmp, bf16, record["batch_hint"])
     except Exception as exc:  # noqa: BLE001 - the package is optional: a failed compile leaves the ONNX export
         reason = f"the AOT compile failed ({type(exc).__name__}: {' '.join(str(exc).split())[:300]})"
         log.warning("no AOT package: %s", reason)

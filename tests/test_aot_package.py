@@ -168,7 +168,7 @@ def test_generate_runs_a_given_network_in_place_of_the_model(tmp_path):
 def test_a_loader_that_crashes_its_check_process_costs_the_package_not_the_export(tmp_path, monkeypatch, caplog):
     """AOTInductor's loader crashed (SIGSEGV) on every CUDA package on the H200 machine: the check runs in a process
     of its own, so export_package returns, with the reason, and leaves no package and no temporary file."""
-    monkeypatch.setattr(aot, "build_package", lambda model, cfg, device, path, bf16: _fake_package(path))
+    monkeypatch.setattr(aot, "build_package", lambda model, cfg, device, path, bf16, hint: _fake_package(path))
     monkeypatch.setattr(aot, "CHECK_ENTRY", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")
     ckpt = _checkpoint(tmp_path / "checkpoint.pt")
     cfg = config_of(load_checkpoint(ckpt), ckpt)
