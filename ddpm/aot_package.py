@@ -185,8 +185,9 @@ def open_package(path: Path) -> Any:
     """The package's network, loaded single-threaded (see AotDenoiser), with the process's libstdc++ shared first.
 
     Through torch's C++ loader rather than torch._inductor.aoti_load_package: that one then works out this
-    machine's CPU instruction sets by compiling probe programs, on a fresh machine for most of a minute, only to
-    warn on a difference. refusal() has checked the package's instruction sets against /proc/cpuinfo already."""
+    machine's CPU instruction sets by compiling probe programs into an empty inductor cache, only to warn on a
+    difference (docs/experiments/2026-12-04-aot-package-load-fixed-h200.md). refusal() has checked the
+    package's instruction sets against /proc/cpuinfo already."""
     share_libstdcxx()
     try:
         from torch.export.pt2_archive._package import AOTICompiledModel

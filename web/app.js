@@ -34,7 +34,7 @@ function chooseThreads() {
   return wanted;
 }
 
-/** Draw x ([n, C, H, W] in [-1, 1]) as ddpm.onnx_sampler.grid_png lays out a grid: 1 canvas pixel per image pixel. */
+/** Draw x ([n, C, H, W] in [-1, 1]) as ddpm.fileio.grid_png lays out a grid: 1 canvas pixel per image pixel. */
 function draw(x, n, [c, h, w]) {
   const ncol = Math.min(Math.max(Math.floor(Math.sqrt(n)), 1), n), nrow = Math.ceil(n / ncol);
   const canvas = $('grid'), width = ncol * (w + PADDING) + PADDING, height = nrow * (h + PADDING) + PADDING;
