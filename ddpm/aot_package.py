@@ -98,12 +98,28 @@ class _ConditionalSampling(_Sampling):
 INDUCTOR_CONFIGS = {"coordinate_descent_tuning": True}
 
 
+def batch_hint(settings: Config) -> int:
+    """The example batch a package is exported with, so the batch its kernels are tuned for: sample.batch_size,
+    within the package's batch range and at least 2 (torch.export specialises a dimension whose example is 1)."""
+    return min(MAX_BATCH, max(2, settings.sample.batch_size))
+
+
+def built_as_asked(path: Path, settings: Config) -> bool:
+    """Whether the package at `path` was built with the tuning that export_package would build it with now
+    (batch_hint and INDUCTOR_CONFIGS); refusal() says whether it may sample at all."""
+    try:
+        record = read_record(path)
+    except (OSError, ValueError):
+        return False
+    return record.get("batch_hint") == batch_hint(settings) and record.get("inductor_configs") == INDUCTOR_CONFIGS
+
+
 def build_package(model: nn.Module, cfg: Config, device: torch.device, path: Path, bf16: bool,
                   batch_hint: int = 2) -> Path:
     """Compile `model` (on `device`, eval mode) into an AOTInductor package at `path` (its record: write_record).
 
-    The batch is dynamic; `batch_hint` (at least 2: torch.export specialises a dimension whose example size is 1)
-    is the example batch, the size the kernels are tuned for: the batch sampling will run."""
+    The batch is dynamic; `batch_hint` (see batch_hint()) is the example batch, the size the kernels are tuned
+    for: the batch sampling will run."""
     dtype = torch.bfloat16 if bf16 else None
     conditional = cfg.model.class_conditional
     net = (_ConditionalSampling if conditional else _Sampling)(sampling_copy(model, dtype), device.type, dtype).eval()
@@ -197,9 +213,11 @@ def open_package(path: Path) -> Any:
     return AOTICompiledModel(loader)
 
 
-# The CPU instruction sets in an AOTInductor package's AOTI_CPU_ISA and the /proc/cpuinfo flag of each.
-_ISA_FLAGS = {"AVX2": "avx2", "AVX512": "avx512f", "AVX512_VNNI": "avx512_vnni", "AVX512_BF16": "avx512_bf16",
-              "AMX_TILE": "amx_tile", "AMX_FP16": "amx_fp16"}
+# The names in an AOTInductor package's AOTI_CPU_ISA and the /proc/cpuinfo flags that inductor's compile flags
+# for each need (torch._inductor.cpu_vec_isa: -mavx2 -mfma -mf16c; -mavx512f -mavx512dq -mavx512vl -mavx512bw
+# -mfma; -mavx512vnni; -mamx-tile -mamx-bf16 -mamx-int8). An optional -mavx512bf16 leaves no trace in the name.
+_ISA_FLAGS = {"AVX2": ("avx2", "fma", "f16c"), "AVX512": ("avx512f", "avx512dq", "avx512vl", "avx512bw", "fma"),
+              "AVX512_VNNI": ("avx512_vnni",), "AMX_TILE": ("amx_tile", "amx_bf16", "amx_int8")}
 
 
 def cpu_flags() -> set[str] | None:
@@ -215,7 +233,7 @@ def missing_cpu_isa(isa: str, flags: set[str] | None) -> list[str]:
     """The instruction sets of a package's AOTI_CPU_ISA (e.g. "AVX512 AVX512_VNNI") that a CPU with `flags` lacks."""
     if flags is None:
         return []
-    return [name for name in isa.upper().split() if name in _ISA_FLAGS and _ISA_FLAGS[name] not in flags]
+    return [name for name in isa.upper().split() if not set(_ISA_FLAGS.get(name, ())) <= flags]
 
 
 def package_cpu_isa(path: Path) -> str:
@@ -346,7 +364,7 @@ def _export(checkpoint: Path, out: Path, tmp: Path, settings: Config, device: to
     record = {"format": FORMAT, "machine": machine(device), "checkpoint_sha256": file_sha256(checkpoint),
               "bf16": bf16, "class_conditional": cfg.model.class_conditional, "num_classes": model.num_classes,
               "image_shape": list(image_shape(cfg)), "step": int(ckpt["step"]), "batch": [1, MAX_BATCH],
-              "batch_hint": max(2, settings.sample.batch_size), "inductor_configs": INDUCTOR_CONFIGS}
+              "batch_hint": batch_hint(settings), "inductor_configs": INDUCTOR_CONFIGS}
     try:
         build_package(model, cfg, device, tmp, bf16, record["batch_hint"])
     except Exception as exc:  # noqa: BLE001 - the package is optional: a failed compile leaves the ONNX export

@@ -61,7 +61,7 @@ def file_sha256(path: str | Path) -> str:
 def grid_png(images: Any, nrow: int | None = None, padding: int = 2) -> bytes | None:
     """uint8 [N, C, H, W] (a numpy array) -> PNG bytes of a grid laid out as torchvision's make_grid (`nrow` images
     per row, `padding` white pixels between and around them, also around a single image, which make_grid leaves
-    bare); None without Pillow."""
+    bare), one channel as a grayscale PNG (make_grid repeats it into RGB); None without Pillow."""
     try:
         from PIL import Image
     except ImportError:

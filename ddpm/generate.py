@@ -193,7 +193,7 @@ def generate(model: torch.nn.Module, schedule: Schedule, cfg: Config, n: int, se
 
 def grid_png(images: torch.Tensor, nrow: int | None = None) -> bytes:
     """uint8 [N, C, H, W] -> PNG bytes of a grid (ddpm.fileio.grid_png: torchvision's make_grid layout)."""
-    png = fileio.grid_png(images.numpy(), nrow)
+    png = fileio.grid_png(images.cpu().numpy(), nrow)
     if png is None:
         raise RuntimeError("Pillow is not installed: reinstall from the lock file (make install) to write PNG grids")
     return png

@@ -55,16 +55,18 @@ def export_model(checkpoint: str, cfg: Any, onnx_path: str, feature_net: str, re
 @task(name="export-aot", cache_policy=NO_CACHE)
 def export_aot(checkpoint: str, cfg: Any, package: str, report: str, force: bool = False) -> dict[str, Any]:
     """ddpm.aot_package.export_package: the sampling network compiled for this GPU, beside the ONNX model, unless
-    the package there is already this checkpoint's for this machine. Optional: without CUDA, or when its
-    samples differ from the eager network's, none is written and `report` says why."""
+    the package there is already this checkpoint's for this machine, built with the tuning asked for
+    (ddpm.aot_package.built_as_asked). Optional: without CUDA, or when its samples differ from the eager
+    network's, none is written and `report` says why."""
     import torch
 
-    from ddpm.aot_package import export_package, read_record, refusal
+    from ddpm.aot_package import built_as_asked, export_package, read_record, refusal
     from ddpm.generate import samples_in_bf16
 
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    if not force and device.type == "cuda" and refusal(Path(package), device, file_sha256(checkpoint),
-                                                       samples_in_bf16(cfg, device)) is None:
+    reusable = (not force and device.type == "cuda" and built_as_asked(Path(package), cfg)
+                and refusal(Path(package), device, file_sha256(checkpoint), samples_in_bf16(cfg, device)) is None)
+    if reusable:
         log.info("%s is current for this checkpoint and GPU; AOT compile skipped", package)
         record = {"written": True, "file": package, "reused": True, **read_record(Path(package))}
     else:

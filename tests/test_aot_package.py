@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -71,13 +72,28 @@ def test_a_package_for_another_gpu_or_torch_is_refused_without_loading_it(tmp_pa
 def test_a_package_compiled_for_instruction_sets_this_cpu_lacks_is_refused(tmp_path, no_load, monkeypatch):
     here = aot.machine(torch.device("cpu"))
     pkg = _fake_package(tmp_path / "model.pt2", machine=here, cpu_isa="AVX512 AVX512_VNNI AMX_TILE")
-    monkeypatch.setattr(aot, "cpu_flags", lambda: {"fpu", "avx2", "avx512f"})
+    avx512 = {"fpu", "avx2", "fma", "f16c", "avx512f", "avx512dq", "avx512vl", "avx512bw"}
+    monkeypatch.setattr(aot, "cpu_flags", lambda: avx512)
     why = aot.refusal(pkg, torch.device("cpu"), "0" * 64, True)
     assert why.endswith("was compiled for CPU instruction sets this CPU lacks (AVX512_VNNI, AMX_TILE)"), why
-    monkeypatch.setattr(aot, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_vnni", "amx_tile"})
+    monkeypatch.setattr(aot, "cpu_flags", lambda: avx512 | {"avx512_vnni", "amx_tile", "amx_bf16", "amx_int8"})
     assert aot.refusal(pkg, torch.device("cpu"), "0" * 64, True) is None
     assert aot.missing_cpu_isa("AVX2", None) == []  # no /proc/cpuinfo: nothing to check against
     assert aot.missing_cpu_isa("", {"avx2"}) == [] and aot.missing_cpu_isa("AVX2", set()) == ["AVX2"]
+    assert aot.missing_cpu_isa("AVX512", avx512 - {"avx512bw"}) == ["AVX512"]  # each flag its compile needs
+    assert aot.missing_cpu_isa("AVX2", {"avx2", "fma"}) == ["AVX2"]  # -mf16c too
+
+
+def test_a_package_is_reused_only_when_built_with_the_tuning_asked_for(tmp_path):
+    """flows' export stage keeps a package only when it was built for this sample.batch_size with today's options."""
+    cfg = config_from_dict({"sample": {"batch_size": 1000}})
+    current = _fake_package(tmp_path / "a.pt2", batch_hint=1000, inductor_configs=aot.INDUCTOR_CONFIGS)
+    assert aot.built_as_asked(current, cfg)
+    assert not aot.built_as_asked(current, config_from_dict({"sample": {"batch_size": 256}}))
+    assert not aot.built_as_asked(_fake_package(tmp_path / "old.pt2"), cfg)  # built before either was recorded
+    assert not aot.built_as_asked(tmp_path / "missing.pt2", cfg)
+    assert aot.batch_hint(config_from_dict({"sample": {"batch_size": 1}})) == 2
+    assert aot.batch_hint(config_from_dict({"sample": {"batch_size": 10 ** 6}})) == aot.MAX_BATCH
 
 
 def test_a_package_of_another_checkpoint_or_precision_is_refused(tmp_path, no_load):
@@ -188,8 +204,6 @@ def test_a_loader_that_crashes_its_check_process_costs_the_package_not_the_expor
 def test_a_real_cpu_package_samples_what_the_eager_network_samples(tmp_path, tmp_path_factory, monkeypatch,
                                                                    conditional):
     """The whole path on the CPU (AOTInductor compiles C++ there): build, parity gate, record, load, sample."""
-    import shutil
-
     from ddpm.checkpoint import load_model
 
     built, build = tmp_path_factory.mktemp("built") / "model.pt2", aot.build_package
@@ -252,6 +266,8 @@ def test_a_package_whose_wrapper_holds_a_static_libstdcxx_loads_and_runs(tmp_pat
     it, such a package binds to that copy and crashes (SIGSEGV there, std::bad_cast here) in its first std::regex;
     AotDenoiser first gives the process's shared libstdc++ global scope, and the package runs."""
     cxx = torch._inductor.config.cpp.cxx[1]
+    if shutil.which(cxx) is None:
+        pytest.skip(f"no C++ compiler {cxx}: AOTInductor cannot build a CPU package here")
     static = subprocess.run([cxx, "-print-file-name=libstdc++.a"], capture_output=True, text=True).stdout.strip()
     if not os.path.isabs(static):
         pytest.skip(f"{cxx} has no static libstdc++ to link a wrapper library with")
@@ -272,6 +288,8 @@ def test_a_package_whose_wrapper_holds_a_static_libstdcxx_loads_and_runs(tmp_pat
         (so,) = [n for n in z.namelist() if n.endswith(".so")]
         assert b"libstdc++.so.6" not in z.read(so)  # the wrapper holds its own libstdc++: it needs no shared one
     plain = run("torch")
-    assert plain.returncode != 0 and "same as eager" not in plain.stdout
+    if plain.returncode == 0:  # this Python already shares its libstdc++ globally: nothing to tell apart
+        pytest.skip("torch's own loader runs this package here: the fix cannot be told from its absence")
+    assert "same as eager" not in plain.stdout
     ours = run("ddpm")
     assert ours.returncode == 0 and "same as eager" in ours.stdout, ours.stderr[-2000:]
