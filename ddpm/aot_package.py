@@ -115,15 +115,15 @@ def built_as_asked(path: Path, settings: Config) -> bool:
 
 
 def build_package(model: nn.Module, cfg: Config, device: torch.device, path: Path, bf16: bool,
-                  batch_hint: int = 2) -> Path:
+                  example_batch: int = 2) -> Path:
     """Compile `model` (on `device`, eval mode) into an AOTInductor package at `path` (its record: write_record).
 
-    The batch is dynamic; `batch_hint` (see batch_hint()) is the example batch, the size the kernels are tuned
-    for: the batch sampling will run."""
+    The batch is dynamic; `example_batch` (batch_hint()) is the size the kernels are tuned for: the batch
+    sampling will run."""
     dtype = torch.bfloat16 if bf16 else None
     conditional = cfg.model.class_conditional
     net = (_ConditionalSampling if conditional else _Sampling)(sampling_copy(model, dtype), device.type, dtype).eval()
-    size = max(2, batch_hint)
+    size = max(2, example_batch)
     args: tuple[torch.Tensor, ...] = (torch.randn(size, *image_shape(cfg), device=device),
                                       torch.arange(size, device=device) % 2)
     if conditional:
@@ -189,7 +189,7 @@ def share_libstdcxx() -> None:
     libstdc++ (as the H200 machine's g++ links it) then binds to that copy, whose std::locale was never set up,
     and its first std::regex crashes the process (SIGSEGV) or throws std::bad_cast. With the shared library
     global, the wrapper binds to it, as it does when built against the shared one
-    (docs/experiments/2026-12-04-aot-package-libstdcxx-h200.md)."""
+    (docs/experiments/2026-12-04-aot-package-load-fixed-h200.md)."""
     if sys.platform.startswith("linux"):
         try:
             ctypes.CDLL("libstdc++.so.6", mode=ctypes.RTLD_GLOBAL)
