@@ -22,7 +22,6 @@ models only; num_classes is the null label) -> float32 [B, C, H, W], the network
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import json
 import logging
 import os
@@ -39,7 +38,7 @@ from torch import nn
 from ddpm.checkpoint import load_model
 from ddpm.config import Config, image_shape
 from ddpm.errors import ConfigError
-from ddpm.fileio import fsync_dir
+from ddpm.fileio import file_sha256, fsync_dir
 from ddpm.generate import samples_in_bf16, sampling_copy
 from ddpm.run_folder import owned
 from ddpm.samplers import ddim_sample_loop
@@ -64,14 +63,6 @@ def machine(device: torch.device) -> dict[str, Any]:
     return {"torch": torch.__version__, "cuda": torch.version.cuda if cuda else None,
             "device": torch.cuda.get_device_name(device) if cuda else "cpu",
             "capability": list(torch.cuda.get_device_capability(device)) if cuda else None}
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class _Sampling(nn.Module):
