@@ -85,8 +85,10 @@ class _ConditionalSampling(_Sampling):
         return self.run(x, t, labels)
 
 
-# The inductor options of the package: those of compiled sampling (ddpm.generate.sampling_network).
-INDUCTOR_CONFIGS = {"coordinate_descent_tuning": True}
+# The inductor options of the package: the defaults. Coordinate-descent tuning, which compiled sampling uses
+# (ddpm.generate.sampling_network), more than doubled the package's build without sampling faster
+# (docs/experiments/2026-12-04-aot-package-tuning-h200.md).
+INDUCTOR_CONFIGS: dict[str, Any] = {}
 
 
 def batch_hint(settings: Config) -> int:

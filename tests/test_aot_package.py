@@ -91,6 +91,8 @@ def test_a_package_is_reused_only_when_built_with_the_tuning_asked_for(tmp_path)
     assert aot.built_as_asked(current, cfg)
     assert not aot.built_as_asked(current, config_from_dict({"sample": {"batch_size": 256}}))
     assert not aot.built_as_asked(_fake_package(tmp_path / "old.pt2"), cfg)  # built before either was recorded
+    tuned = _fake_package(tmp_path / "cd.pt2", batch_hint=1000, inductor_configs={"coordinate_descent_tuning": True})
+    assert not aot.built_as_asked(tuned, cfg)  # built with options export no longer uses
     assert not aot.built_as_asked(tmp_path / "missing.pt2", cfg)
     assert aot.batch_hint(config_from_dict({"sample": {"batch_size": 1}})) == 2
     assert aot.batch_hint(config_from_dict({"sample": {"batch_size": 10 ** 6}})) == aot.MAX_BATCH
