@@ -3,12 +3,12 @@
 `ddpm export` on a CUDA machine also writes `<name>.pt2` beside `<name>.onnx`: the EMA U-Net in the
 layout that compiled sampling uses (ddpm.generate.sampling_copy), under bf16 autocast when the run
 trained in bf16, exported with a dynamic batch and compiled for this GPU by
-torch._inductor.aoti_compile_and_package, with compiled sampling's inductor options and its kernels tuned for
+torch._inductor.aoti_compile_and_package, with inductor's default options and its kernels tuned for
 sample.batch_size (the example batch). Before it is written, DDIM samples from the package and
 from the eager network, from the same noise at the same precision, must agree (mean |diff| at most
 export.aot_mean_atol), as the ONNX export is checked; else no package is written and a warning says why.
 That check loads the package in a process of its own (check_in_child), so a loader that crashes costs
-the package, never the export. Loading first gives the process's libstdc++ global scope (share_libstdcxx).
+the package, never the export. Loading is ddpm.aot_loader's (libstdc++ scope, CPU instruction sets).
 
 The package's own record (the zip entry `ddpm.json`) names the GPU, torch, CUDA, the CPU instruction sets
 and the checkpoint's SHA-256. `ddpm sample` and `ddpm evaluate` use a package only when all of them match
@@ -21,7 +21,6 @@ models only; num_classes is the null label) -> float32 [B, C, H, W], the network
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
@@ -35,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ddpm.aot_loader import cpu_flags, missing_cpu_isa, open_package, package_cpu_isa
 from ddpm.checkpoint import load_model
 from ddpm.config import Config, image_shape
 from ddpm.errors import ConfigError
@@ -173,70 +173,6 @@ def refusal(path: Path, device: torch.device, checkpoint_sha256: str, bf16: bool
         return f"{path} computes in {'bf16' if record.get('bf16') else 'float32'}, this run samples in " \
                f"{'bf16' if bf16 else 'float32'}"
     return None
-
-
-def share_libstdcxx() -> None:
-    """Give the process's libstdc++ global scope, so that a package's code binds to it.
-
-    torch loads libstdc++ with local scope. A package whose wrapper library was linked with a static copy of
-    libstdc++ (as the H200 machine's g++ links it) then binds to that copy, whose std::locale was never set up,
-    and its first std::regex crashes the process (SIGSEGV) or throws std::bad_cast. With the shared library
-    global, the wrapper binds to it, as it does when built against the shared one
-    (docs/experiments/2026-12-04-aot-package-load-fixed-h200.md)."""
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libstdc++.so.6", mode=ctypes.RTLD_GLOBAL)
-        except OSError:  # no shared libstdc++ here: a package's wrapper can only be bound to its own
-            pass
-
-
-def open_package(path: Path) -> Any:
-    """The package's network, loaded single-threaded (see AotDenoiser), with the process's libstdc++ shared first.
-
-    Through torch's C++ loader rather than torch._inductor.aoti_load_package: that one then works out this
-    machine's CPU instruction sets by compiling probe programs into an empty inductor cache, only to warn on a
-    difference (docs/experiments/2026-12-04-aot-package-load-fixed-h200.md). refusal() has checked the
-    package's instruction sets against /proc/cpuinfo already."""
-    share_libstdcxx()
-    try:
-        from torch.export.pt2_archive._package import AOTICompiledModel
-        loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", True, 1, -1)
-    except (ImportError, AttributeError, TypeError):  # another torch: its public loader, probes and all
-        return torch._inductor.aoti_load_package(str(path), run_single_threaded=True)
-    return AOTICompiledModel(loader)
-
-
-# The names in an AOTInductor package's AOTI_CPU_ISA and the /proc/cpuinfo flags that inductor's compile flags
-# for each need (torch._inductor.cpu_vec_isa: -mavx2 -mfma -mf16c; -mavx512f -mavx512dq -mavx512vl -mavx512bw
-# -mfma; -mavx512vnni; -mamx-tile -mamx-bf16 -mamx-int8). An optional -mavx512bf16 leaves no trace in the name.
-_ISA_FLAGS = {"AVX2": ("avx2", "fma", "f16c"), "AVX512": ("avx512f", "avx512dq", "avx512vl", "avx512bw", "fma"),
-              "AVX512_VNNI": ("avx512_vnni",), "AMX_TILE": ("amx_tile", "amx_bf16", "amx_int8")}
-
-
-def cpu_flags() -> set[str] | None:
-    """This CPU's flags as /proc/cpuinfo lists them; None where there is no such file."""
-    try:
-        line = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), None)
-    except OSError:
-        return None
-    return set(line.split(":", 1)[1].split()) if line else None
-
-
-def missing_cpu_isa(isa: str, flags: set[str] | None) -> list[str]:
-    """The instruction sets of a package's AOTI_CPU_ISA (e.g. "AVX512 AVX512_VNNI") that a CPU with `flags` lacks."""
-    if flags is None:
-        return []
-    return [name for name in isa.upper().split() if not set(_ISA_FLAGS.get(name, ())) <= flags]
-
-
-def package_cpu_isa(path: Path) -> str:
-    """The CPU instruction sets a package's wrapper was compiled for (its metadata's AOTI_CPU_ISA), or "" where
-    its metadata does not say (or cannot be read: then its check fails too)."""
-    try:
-        metadata = torch._C._aoti.AOTIModelPackageLoader.load_metadata_from_package(str(path), "model")
-    except (RuntimeError, AttributeError):
-        return ""
-    return str(metadata.get("AOTI_CPU_ISA", ""))
 
 
 class AotDenoiser:

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import ddpm.aot_package as aot
+from ddpm.aot_loader import cpu_flags, missing_cpu_isa
 from ddpm.checkpoint import config_of, load_checkpoint, save_checkpoint
 from ddpm.config import config_from_dict, image_shape
 from ddpm.generate import generate
@@ -78,10 +79,10 @@ def test_a_package_compiled_for_instruction_sets_this_cpu_lacks_is_refused(tmp_p
     assert why.endswith("was compiled for CPU instruction sets this CPU lacks (AVX512_VNNI, AMX_TILE)"), why
     monkeypatch.setattr(aot, "cpu_flags", lambda: avx512 | {"avx512_vnni", "amx_tile", "amx_bf16", "amx_int8"})
     assert aot.refusal(pkg, torch.device("cpu"), "0" * 64, True) is None
-    assert aot.missing_cpu_isa("AVX2", None) == []  # no /proc/cpuinfo: nothing to check against
-    assert aot.missing_cpu_isa("", {"avx2"}) == [] and aot.missing_cpu_isa("AVX2", set()) == ["AVX2"]
-    assert aot.missing_cpu_isa("AVX512", avx512 - {"avx512bw"}) == ["AVX512"]  # each flag its compile needs
-    assert aot.missing_cpu_isa("AVX2", {"avx2", "fma"}) == ["AVX2"]  # -mf16c too
+    assert missing_cpu_isa("AVX2", None) == []  # no /proc/cpuinfo: nothing to check against
+    assert missing_cpu_isa("", {"avx2"}) == [] and missing_cpu_isa("AVX2", set()) == ["AVX2"]
+    assert missing_cpu_isa("AVX512", avx512 - {"avx512bw"}) == ["AVX512"]  # each flag its compile needs
+    assert missing_cpu_isa("AVX2", {"avx2", "fma"}) == ["AVX2"]  # -mf16c too
 
 
 def test_a_package_is_reused_only_when_built_with_the_tuning_asked_for(tmp_path):
@@ -223,7 +224,7 @@ def test_a_real_cpu_package_samples_what_the_eager_network_samples(tmp_path, tmp
     assert record["machine"] == aot.machine(torch.device("cpu")) and record["parity"]["mean_abs_diff"] <= 1e-3
     written = aot.read_record(tmp_path / "model.pt2")
     assert written["checkpoint_sha256"] == aot.file_sha256(ckpt)
-    assert not aot.missing_cpu_isa(written["cpu_isa"], aot.cpu_flags()) and written["cpu_isa"].split()
+    assert not missing_cpu_isa(written["cpu_isa"], cpu_flags()) and written["cpu_isa"].split()
     assert not list(tmp_path.glob(".model.tmp-*"))
     net, used = aot.choose_package(str(tmp_path / "model.pt2"), ckpt, torch.device("cpu"), False)
     assert used == {"network": "aot", "package": str(tmp_path / "model.pt2"), "device": "cpu"}
