@@ -86,7 +86,7 @@ class _ConditionalSampling(_Sampling):
 
 
 # The inductor options of the package: the defaults. Coordinate-descent tuning, which compiled sampling uses
-# (ddpm.generate.sampling_network), more than doubled the package's build without sampling faster
+# (ddpm.generate.sampling_network), made the build much longer and sampling no faster
 # (docs/experiments/2026-12-04-aot-package-tuning-h200.md).
 INDUCTOR_CONFIGS: dict[str, Any] = {}
 
