@@ -27,6 +27,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -213,16 +214,21 @@ def choose_package(package: str | Path | None, checkpoint: str | Path, device: t
         return None, {"network": "eager", "reason": f"packages are built for CUDA; sampling on {device.type}"}
     if package == "auto" and not path.is_file():
         return None, {"network": "eager", "reason": f"no AOT package at {path}"}
+    start = time.perf_counter()
     why = refusal(path, device, file_sha256(checkpoint), bf16)
     if why is None:
         try:
+            checked = time.perf_counter()
             den = AotDenoiser(path, read_record(path))
+            loaded = time.perf_counter()
             if device.type == "cuda":
                 _replays_in_a_cuda_graph(den, device)
         except Exception as exc:  # noqa: BLE001 - a package that will not load leaves the eager network
             why = f"{path} did not load ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"
         else:
-            log.info("sampling with the AOT package %s (no compile)", path)
+            replay = f", graph replay checked in {time.perf_counter() - loaded:.1f} s" if device.type == "cuda" else ""
+            log.info("sampling with the AOT package %s (no compile; checked in %.1f s, loaded in %.1f s%s)", path,
+                     checked - start, loaded - checked, replay)
             return den, {"network": "aot", "package": str(path), "device": machine(device)["device"]}
     log.warning("AOT package refused, sampling eagerly: %s", why)
     return None, {"network": "eager", "reason": why}
@@ -236,6 +242,7 @@ def _replays_in_a_cuda_graph(den: AotDenoiser, device: torch.device) -> None:
     x = torch.zeros((2, *den.record["image_shape"]), device=device)
     t = torch.zeros(2, dtype=torch.long, device=device)
     GraphedDenoiser(den)(x, t, torch.zeros_like(t) if den.conditional else None)
+    torch.cuda.synchronize(device)  # an error of the replay is raised here, inside choose_package's try
 
 
 def fsync_file(path: Path) -> None:
