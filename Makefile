@@ -99,7 +99,7 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 
 test: $(STAMP) $(WEB_STAMP) env-info
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 clean:
 	rm -rf runs .pytest_cache

@@ -48,3 +48,19 @@ def tiny_exports(tmp_path_factory):
                 for name in ("uncond", "cond")}
     finally:
         torch.set_num_threads(saved)
+
+
+# `make test` hands whole modules to its two workers (--dist loadfile), in this order
+# (--no-loadscope-reorder; xdist's default order, most tests first, put these few-test modules last,
+# where one of them ran on alone at the end). Longest first, as `pytest --durations=0` summed them per module:
+# whole pipelines against real servers, then compiles and exports; the short modules fill in behind.
+LONGEST_FIRST = (
+    "tests/test_integration_dvc.py", "tests/faults/test_pipeline_faults.py", "tests/test_integration.py",
+    "tests/test_pipeline.py", "tests/test_aot_package.py", "tests/test_bench_smoke.py",
+    "tests/test_compile_cache.py", "tests/test_onnx.py", "tests/test_dvc_views.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {module: i for i, module in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable: the rest keep their order
