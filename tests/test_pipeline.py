@@ -59,8 +59,9 @@ def sha256(path: str | Path) -> str:
 
 # --- fixtures -------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def prefect_harness():
+    """A temporary Prefect server for this module's flows, stopped with the module (idle, it still polls)."""
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=180):
