@@ -61,7 +61,7 @@ def _main(argv: list[str] | None) -> int:
 def main(argv: list[str] | None = None) -> int:
     from flows.stages import run_cli
 
-    return run_cli(_main, argv, "flows.deploy")
+    return run_cli(_main, argv, "flows.deploy", extensions=())  # it only runs the prefect CLI: no torch, no onnx
 
 
 if __name__ == "__main__":

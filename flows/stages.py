@@ -253,14 +253,14 @@ EXTENSIONS = ("numpy", "torch", "torchvision", "onnx", "onnxruntime", "PIL.Image
 _held: list[int] | None = None  # SIGTERMs that arrived while _import_extensions ran
 
 
-def _import_extensions() -> None:
-    """Import EXTENSIONS; a SIGTERM meanwhile stops the run afterwards, at a safe point."""
+def _import_extensions(names: tuple[str, ...]) -> None:
+    """Import `names`; a SIGTERM meanwhile stops the run afterwards, at a safe point."""
     import importlib
 
     global _held
     _held = []
     try:
-        for name in EXTENSIONS:
+        for name in names:
             importlib.import_module(name)
     finally:
         held, _held = _held, None
@@ -268,7 +268,7 @@ def _import_extensions() -> None:
         raise Stopped(128 + held[0])
 
 
-def run_cli(main: Any, argv: list[str] | None, prog: str) -> int:
+def run_cli(main: Any, argv: list[str] | None, prog: str, extensions: tuple[str, ...] | None = None) -> int:
     """Run `main(argv)`; a user-facing error (bad setting, server down, rejected export) is one line, exit 2.
 
     SIGTERM exits with status 143 through the normal shutdown, so the temporary Prefect API started for
@@ -276,6 +276,7 @@ def run_cli(main: Any, argv: list[str] | None, prog: str) -> int:
     runs end Crashed or Failed in Prefect, KILLED in MLflow), then sends it again: to this handler, not to the
     default one that would kill the process at once. (In the training loop SIGTERM is ddpm.train's: it
     stops after the step with a checkpoint and TrainingInterrupted, exit status 2.)
+    `extensions`: the C extensions to import first, SIGTERM held back (None: EXTENSIONS, what the stages import).
     """
     from ddpm.errors import DDPMError, user_error
 
@@ -285,7 +286,7 @@ def run_cli(main: Any, argv: list[str] | None, prog: str) -> int:
     previous = signal.signal(signal.SIGTERM, _stop)
     noted = sigterm_count()
     try:
-        _import_extensions()
+        _import_extensions(EXTENSIONS if extensions is None else extensions)
         return main(argv)
     except Exception as exc:
         signalled = sigterm_count() != noted  # then exc may be what became of Prefect's exception
