@@ -52,7 +52,9 @@ def deployment_run(prefect_server, mlflow_server, mnist_root, feature_net, tmp_p
     out = tmp_path_factory.mktemp("served")
     env = base_env(PREFECT_HOME=str(home), PREFECT_API_URL=api, MLFLOW_TRACKING_URI=mlflow_server)
     serve_log = out / "serve.log"
-    serve = start([sys.executable, "-m", "flows.serve", "--only", "cpu"], serve_log, env)
+    # serve looks for scheduled runs every PREFECT_RUNNER_POLL_FREQUENCY seconds (10 by default): a new run waited
+    serve = start([sys.executable, "-m", "flows.serve", "--only", "cpu"], serve_log,
+                  {**env, "PREFECT_RUNNER_POLL_FREQUENCY": "1"})
     try:
         deadline = time.monotonic() + 120
         while True:  # the deployment exists once serve has registered it (asked of the API, not a CLI process)
@@ -174,7 +176,7 @@ def test_a_run_that_fails_on_bad_input_shows_why_in_watch_and_inspect(deployed, 
     stream them) down to the reason, and the final state's message holds it too."""
     _, env = deployed
     worker = start([str(BIN / "prefect"), "worker", "start", "--pool", "ddpm-cpu", "--limit", "1"],
-                   tmp_path / "worker.log", env)
+                   tmp_path / "worker.log", {**env, "PREFECT_WORKER_QUERY_SECONDS": "1"})  # as serve's, above
     try:
         proc = subprocess.run([str(BIN / "prefect"), "deployment", "run", "ddpm-pipeline/cpu", "--params",
                                json.dumps({"overrides": ["train.steps=-1"]}), "--watch", "--watch-timeout", "300"],
