@@ -320,8 +320,15 @@ def _main(argv: list[str] | None) -> int:
     return 0
 
 
+def stage_extensions(argv: list[str]) -> tuple[str, ...]:
+    """EXTENSIONS for the data stage; the others without torchvision, which only ddpm.data's downloads import
+    (each stage of `dvc repro` is a process of its own, and torchvision's import is the slowest of them)."""
+    return EXTENSIONS if "data" in argv else tuple(name for name in EXTENSIONS if name != "torchvision")
+
+
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(_main, argv, "flows.stages")
+    argv = sys.argv[1:] if argv is None else argv
+    return run_cli(_main, argv, "flows.stages", extensions=stage_extensions(argv))
 
 
 if __name__ == "__main__":

@@ -675,6 +675,18 @@ def test_sigterm_while_extensions_import_waits_for_the_import(monkeypatch, tmp_p
     assert signal.getsignal(signal.SIGTERM) is previous  # run_cli put the handler back
 
 
+def test_only_the_data_stage_imports_torchvision_first():
+    """torchvision is a data source alone: the other stages' processes skip its slow import, and no module they
+    load imports it behind run_cli's back (where a SIGTERM would not be held)."""
+    assert "torchvision" in stages.stage_extensions(["data", "--profile", "cpu"])
+    others = stages.stage_extensions(["evaluate", "train.steps=2", "data.root=/tmp/mnist"])
+    assert "torchvision" not in others and set(others) == set(stages.EXTENSIONS) - {"torchvision"}
+    code = ("import sys, flows.stages, flows.tasks, ddpm.train, ddpm.distill, ddpm.evaluate, ddpm.export, "
+            "ddpm.aot_package, ddpm.quantize, ddpm.onnx_sampler; print('torchvision' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip().splitlines()[-1] == "False"
+
+
 def test_trajectory_grid_is_never_compiled_and_keeps_evenly_spaced_frames(monkeypatch, tmp_path):
     """sample.compile costs minutes of compilation; the 8-image trajectory of every run must not pay it."""
     import ddpm.generate
