@@ -109,19 +109,18 @@ def built_as_asked(path: Path, settings: Config) -> bool:
 
 
 def build_package(model: nn.Module, cfg: Config, device: torch.device, path: Path, bf16: bool,
-                  example_batch: int = 2) -> Path:
+                  example_batch: int) -> Path:
     """Compile `model` (on `device`, eval mode) into an AOTInductor package at `path` (its record: write_record).
 
-    The batch is dynamic; `example_batch` (batch_hint()) is the size the kernels are tuned for: the batch
-    sampling will run."""
+    The batch is dynamic; `example_batch` (batch_hint(), so at least 2) is the size the kernels are tuned for: the
+    batch sampling will run."""
     dtype = torch.bfloat16 if bf16 else None
     conditional = cfg.model.class_conditional
     net = (_ConditionalSampling if conditional else _Sampling)(sampling_copy(model, dtype), device.type, dtype).eval()
-    size = max(2, example_batch)
-    args: tuple[torch.Tensor, ...] = (torch.randn(size, *image_shape(cfg), device=device),
-                                      torch.arange(size, device=device) % 2)
+    args: tuple[torch.Tensor, ...] = (torch.randn(example_batch, *image_shape(cfg), device=device),
+                                      torch.arange(example_batch, device=device) % 2)
     if conditional:
-        args += (torch.arange(size, device=device) % (model.num_classes + 1),)
+        args += (torch.arange(example_batch, device=device) % (model.num_classes + 1),)
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     names = ["x", "t", "labels"][:len(args)]
     with torch.no_grad():
