@@ -33,19 +33,32 @@ def share_libstdcxx() -> None:
 
 def open_package(path: Path) -> Any:
     """The package's network, loaded single-threaded (see ddpm.aot_package.AotDenoiser), with the process's
-    libstdc++ shared first.
+    libstdc++ shared first: called with the network's tensors, it returns its one output tensor.
 
     Through torch's C++ loader rather than torch._inductor.aoti_load_package: that one then works out this
     machine's CPU instruction sets by compiling probe programs into an empty inductor cache, only to warn on a
     difference (docs/experiments/2026-12-04-aot-package-load-fixed-h200.md). ddpm.aot_package.refusal has checked
-    the package's instruction sets against /proc/cpuinfo already."""
+    the package's instruction sets against /proc/cpuinfo already. And without torch.export's Python wrapper,
+    whose module imports torch._dynamo and sympy: a package's inputs are flat tensors and its output is one."""
     share_libstdcxx()
     try:
-        from torch.export.pt2_archive._package import AOTICompiledModel
         loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", True, 1, -1)
-    except (ImportError, AttributeError, TypeError):  # another torch: its public loader, probes and all
+    except (AttributeError, TypeError):  # another torch: its public loader, probes and all
         return torch._inductor.aoti_load_package(str(path), run_single_threaded=True)
-    return AOTICompiledModel(loader)
+    return PackageRunner(loader)
+
+
+class PackageRunner:
+    """A loaded package's network: its tensors in, in the order the network takes them; its output out."""
+
+    def __init__(self, loader: Any):
+        self.loader = loader
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        outputs = self.loader.run(list(inputs))
+        if len(outputs) != 1:
+            raise RuntimeError(f"the package returned {len(outputs)} tensors; a sampling network returns one")
+        return outputs[0]
 
 
 # The names in an AOTInductor package's AOTI_CPU_ISA and the /proc/cpuinfo flags that inductor's compile flags
