@@ -12,6 +12,11 @@ empty at its start (a fresh machine), timed from the command's start to its exit
                   against the test set), in this process
     sample eager  the same with --aot off: the default network, CUDA graphs, no compile
 
+With --bytecode, first the Python environment's bytecode, as `pip install` (make install) writes it at install
+time, for an environment that has none (e.g. one installed with PYTHONDONTWRITEBYTECODE=1): compiled into
+<work>/pycache, which every step then reads (PYTHONPYCACHEPREFIX). Without it each process compiles the source
+of every module it imports (torch's included) anew. The environment's state is recorded either way.
+
     python bench/compile_once.py --out bench/results/compile_once_h200.json \\
         --goal bench/results/current/compile_once.json --commit <commit of the code that ran>
     python bench/compile_once.py --smoke --out /tmp/compile_once.json   # CPU, a tiny model, no compile
@@ -313,6 +318,30 @@ def write_goal(path: Path, doc: dict[str, Any], results: Path, commit: str | Non
     path.write_text(json.dumps(goal, indent=1) + "\n")
 
 
+def bytecode_state() -> dict[str, Any]:
+    """Whether this Python finds compiled bytecode for torch's modules, and where it would write its own."""
+    import importlib.util
+
+    import torch
+
+    cached = Path(importlib.util.cache_from_source(torch.__file__))
+    return {"torch_bytecode_found": cached.is_file(), "dont_write_bytecode": bool(sys.flags.dont_write_bytecode),
+            "pycache_prefix": sys.pycache_prefix}
+
+
+def compile_bytecode(work: Path) -> dict[str, Any]:
+    """Compile the bytecode of every installed package into work/pycache and point this process's children
+    at it, as `pip install` would have written it beside the sources."""
+    import sysconfig
+
+    prefix = work / "pycache"
+    os.environ["PYTHONPYCACHEPREFIX"] = sys.pycache_prefix = str(prefix)
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "compileall", "-q", "-j", "0", sysconfig.get_paths()["purelib"],
+                           sysconfig.get_paths()["platlib"]], capture_output=True, env=os.environ)
+    return {"pycache_prefix": str(prefix), "wall_s": time.perf_counter() - start, "rc": done.returncode}
+
+
 def environment() -> dict[str, Any]:
     import torch
 
@@ -323,7 +352,8 @@ def environment() -> dict[str, Any]:
     except ImportError:
         triton_version = None
     return {"torch": torch.__version__, "cuda": torch.version.cuda if cuda else None, "triton": triton_version,
-            "device": torch.cuda.get_device_name() if cuda else "cpu", "python": sys.version.split()[0]}
+            "device": torch.cuda.get_device_name() if cuda else "cpu", "python": sys.version.split()[0],
+            "bytecode": bytecode_state()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -341,6 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true", help="CPU, a tiny model, a few steps, no compile")
     p.add_argument("--no-package", action="store_true",
                    help="no AOT package and no `ddpm sample` with one (where torch cannot load packages)")
+    p.add_argument("--bytecode", action="store_true",
+                   help="first compile the environment's bytecode into <work>/pycache, as pip install does")
     p.add_argument("overrides", nargs="*", help="settings for every command, e.g. data.root=...")
     args = p.parse_args(argv)
     if args.goal_from:
@@ -359,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
     args.work = args.work or str(Path(args.out).with_suffix("")) + "_work"
     shutil.rmtree(args.work, ignore_errors=True)
     bench = Bench(args)
+    if args.bytecode:  # compileall reports modules that do not compile (e.g. test files): its status is kept
+        bench.doc["bytecode"] = compile_bytecode(Path(args.work))
     bench.doc["environment"] = environment()
     ckpt = bench.train()
     bench.sample(ckpt)
