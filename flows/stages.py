@@ -320,10 +320,17 @@ def _main(argv: list[str] | None) -> int:
     return 0
 
 
+# The extensions that only some stages import: torchvision ddpm.data's downloads, onnx and onnxruntime the
+# stages that export, check or sample an ONNX model (distill checks its student as export does).
+STAGE_ONLY = {"torchvision": ("data",), "onnx": ("distill", "evaluate", "export"),
+              "onnxruntime": ("distill", "evaluate", "export")}
+
+
 def stage_extensions(argv: list[str]) -> tuple[str, ...]:
-    """EXTENSIONS for the data stage; the others without torchvision, which only ddpm.data's downloads import
-    (each stage of `dvc repro` is a process of its own, and torchvision's import is the slowest of them)."""
-    return EXTENSIONS if "data" in argv else tuple(name for name in EXTENSIONS if name != "torchvision")
+    """The EXTENSIONS that the stage named in `argv` imports (all of them when it names none): each stage of
+    `dvc repro` is a process of its own, which skips the slow imports of what it never uses."""
+    stage = next((a for a in argv if a in STAGES), None)
+    return tuple(n for n in EXTENSIONS if stage is None or n not in STAGE_ONLY or stage in STAGE_ONLY[n])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -675,14 +675,25 @@ def test_sigterm_while_extensions_import_waits_for_the_import(monkeypatch, tmp_p
     assert signal.getsignal(signal.SIGTERM) is previous  # run_cli put the handler back
 
 
-def test_only_the_data_stage_imports_torchvision_first():
-    """torchvision is a data source alone: the other stages' processes skip its slow import, and no module they
-    load imports it behind run_cli's back (where a SIGTERM would not be held)."""
-    assert "torchvision" in stages.stage_extensions(["data", "--profile", "cpu"])
-    others = stages.stage_extensions(["evaluate", "train.steps=2", "data.root=/tmp/mnist"])
-    assert "torchvision" not in others and set(others) == set(stages.EXTENSIONS) - {"torchvision"}
+def test_each_stage_imports_first_only_the_extensions_it_uses():
+    """torchvision is a data source alone, onnx and onnxruntime serve the stages that export or check an ONNX
+    model: the other stages' processes skip their slow imports, and no module those stages load imports them
+    behind run_cli's back (where a SIGTERM would not be held)."""
+    def first(stage: str) -> set[str]:
+        return set(stages.stage_extensions([stage, "train.steps=2", "data.root=/tmp/mnist"]))
+    onnx = {"onnx", "onnxruntime"}
+    assert "torchvision" in first("data") and not onnx & first("data")
+    assert not ({"torchvision"} | onnx) & (first("train") | first("features"))
+    for stage in ("distill", "evaluate", "export"):
+        assert first(stage) == set(stages.EXTENSIONS) - {"torchvision"}, stage
+    assert set(stages.stage_extensions(["--help"])) == set(stages.EXTENSIONS)
     code = ("import sys, flows.stages, flows.tasks, ddpm.train, ddpm.distill, ddpm.evaluate, ddpm.export, "
             "ddpm.aot_package, ddpm.quantize, ddpm.onnx_sampler; print('torchvision' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip().splitlines()[-1] == "False"
+    code = ("import sys, flows.stages, flows.tasks, flows.tracking, ddpm.train, ddpm.data, ddpm.features, "
+            "ddpm.feature_pins, ddpm.generate, ddpm.checkpoint, ddpm.compile_cache, ddpm.progress; "
+            "print(bool({'onnx', 'onnxruntime'} & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     assert out.stdout.strip().splitlines()[-1] == "False"
 
