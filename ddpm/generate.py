@@ -101,8 +101,10 @@ def sampler_options(sp: SamplerConfig, diffusion: DiffusionConfig) -> dict[str, 
 
 
 @torch.no_grad()
-def _counted(net: Callable[..., torch.Tensor], total: int) -> tuple[Callable[..., torch.Tensor], Any]:
-    """`net` that moves a progress bar (tqdm, on a terminal only) and ddpm.progress once per sampling step."""
+def _counted(net: Callable[..., torch.Tensor], total: int,
+             num_classes: int | None) -> tuple[Callable[..., torch.Tensor], Any]:
+    """`net` that moves a progress bar (tqdm, on a terminal only) and ddpm.progress once per sampling step, and
+    carries the model's `num_classes`, the null class that classifier-free guidance needs (ddpm.samplers.guided)."""
     from tqdm import tqdm
 
     bar = tqdm(total=total, desc="sampling", unit="step", dynamic_ncols=True, disable=None, leave=False)
@@ -117,6 +119,7 @@ def _counted(net: Callable[..., torch.Tensor], total: int) -> tuple[Callable[...
         progress.advance("sampling (network calls)", done, total)
         return out
 
+    counted.num_classes = num_classes  # type: ignore[attr-defined]
     return counted, bar
 
 
@@ -159,7 +162,7 @@ def generate(model: torch.nn.Module, schedule: Schedule, cfg: Config, n: int, se
     else:
         net = sampling_network(model, device, cuda_graphs, compiled, torch.bfloat16 if bf16 else None)
     calls = sp.steps if sp.name == "ddim" else schedule.num_timesteps
-    net, bar = _counted(net, total=-(-n // sc.batch_size) * calls)
+    net, bar = _counted(net, -(-n // sc.batch_size) * calls, getattr(model, "num_classes", None))
     try:
         for start in range(0, n, sc.batch_size):
             b = min(sc.batch_size, n - start)

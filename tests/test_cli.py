@@ -71,3 +71,31 @@ def test_default_paths_follow_train_out_dir(command, tmp_path):
     assert result.returncode == 2
     assert f"checkpoint {run / 'checkpoint.pt'} does not exist" in result.stderr, result.stderr
     assert not (tmp_path / "s").exists() and not (run / "model.onnx").exists()
+
+
+def test_ddpm_sample_with_guidance_samples_what_the_guided_sampler_samples(tmp_path):
+    """`ddpm sample --label 7 --guidance 3` on a class-conditional checkpoint: the images of ddim_sample_loop on
+    ddpm.samplers.guided(model, null class, 3) from the same x_T, which differ from unguided ones."""
+    import numpy as np
+    import torch
+
+    from ddpm.checkpoint import load_model
+    from ddpm.data import from_model_range
+    from ddpm.samplers import ddim_sample_loop, guided
+    from ddpm.schedule import Schedule
+    from testkit import tiny_checkpoint
+
+    ckpt = tiny_checkpoint(tmp_path / "checkpoint.pt", conditional=True, seed=0)
+    common = ["sample", "--checkpoint", str(ckpt), "-n", "4", "--steps", "3", "--seed", "5", "--label", "7",
+              "runtime.device=cpu"]
+    runs = {g: _ddpm(*common, "--guidance", g, "--out", str(tmp_path / g)) for g in ("3", "1")}
+    for g, run in runs.items():
+        assert run.returncode == 0, run.stderr[-2000:]
+    got = {g: np.load(tmp_path / g / "samples.npz")["images"] for g in runs}
+    model, cfg, _ = load_model(ckpt)
+    x_T = torch.randn((4, 1, 28, 28), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = ddim_sample_loop(guided(model, model.num_classes, 3.0), Schedule.from_config(cfg.diffusion), x_T,
+                                labels=torch.full((4,), 7), steps=3, prediction=cfg.diffusion.prediction)
+    assert np.abs(got["3"].astype(int) - from_model_range(want).numpy().astype(int)).max() <= 1
+    assert np.abs(got["3"].astype(int) - got["1"].astype(int)).max() > 10  # guidance changed the images
