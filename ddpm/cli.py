@@ -136,6 +136,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                   feature_net=args.feature_net, aot=args.aot)
     for k, v in metrics.items():
         print(f"{k}: {v}")
+    from ddpm.layout import EvalFiles
+    files = EvalFiles(args.out)
+    print(f"-> {files.metrics}, {files.samples} and {files.nearest}")
     return 0
 
 
