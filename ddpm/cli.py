@@ -91,7 +91,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 def cmd_sample(args: argparse.Namespace) -> int:
     from ddpm.checkpoint import load_model
-    from ddpm.config import config_from_dict
+    from ddpm.config import check_section_values, config_from_dict
     from ddpm.generate import generate, save_array, save_grid, student_sampling
     from ddpm.layout import SampleFiles
     from ddpm.run_folder import check_writable
@@ -100,12 +100,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     settings = _config(args)
     _run_paths(args, settings, checkpoint=lambda run: run.checkpoint)
+    given = {"sampler": dict(name=args.sampler, steps=args.steps, eta=args.eta, guidance_scale=args.guidance),
+             "sample": dict(num_images=args.num_images, seed=args.seed, label=args.label)}
+    for section, values in given.items():  # each value in its range; those that need the model, once loaded
+        check_section_values(section, {k: v for k, v in values.items() if v is not None})
     check_writable(args.out)  # before the model is loaded or an image sampled
     device = resolve_device(args.device or settings.runtime.device)
     model, cfg, ckpt = load_model(args.checkpoint, device)
     log.info("loaded %s (step %d) on %s", args.checkpoint, ckpt["step"], device)
-    given = {"sampler": dict(name=args.sampler, steps=args.steps, eta=args.eta, guidance_scale=args.guidance),
-             "sample": dict(num_images=args.num_images, seed=args.seed, label=args.label)}
     # A student samples with its own steps unless asked otherwise (then refused).
     ours = student_sampling(settings, cfg.diffusion.distilled_steps).to_dict()
     for section, values in given.items():

@@ -377,6 +377,12 @@ def config_from_dict(raw: dict[str, Any], profile: str | None = None, overrides:
     return cfg
 
 
+def check_section_values(section: str, values: dict[str, Any]) -> None:
+    """ConfigError for a value of `section` out of its own range (e.g. from the command line), before any work;
+    the checks across sections (config_from_dict's) need the whole config, e.g. a checkpoint's model."""
+    build_section(section, _SECTION_CLASSES[section], values)
+
+
 def load_config(path: str | Path | None = "params.yaml", profile: str | None = None,
                 overrides: typing.Sequence[str] = ()) -> Config:
     """Read `path` (None: built-in defaults), apply `profile` and `overrides`, validate."""

@@ -89,7 +89,7 @@ def test_ddpm_sample_with_guidance_samples_what_the_guided_sampler_samples(tmp_p
     common = ["sample", "--checkpoint", str(ckpt), "-n", "4", "--steps", "3", "--seed", "5", "--label", "7",
               "runtime.device=cpu"]
     runs = {g: _ddpm(*common, "--guidance", g, "--out", str(tmp_path / g)) for g in ("3", "1")}
-    for g, run in runs.items():
+    for run in runs.values():
         assert run.returncode == 0, run.stderr[-2000:]
     got = {g: np.load(tmp_path / g / "samples.npz")["images"] for g in runs}
     model, cfg, _ = load_model(ckpt)
@@ -99,3 +99,15 @@ def test_ddpm_sample_with_guidance_samples_what_the_guided_sampler_samples(tmp_p
                                 labels=torch.full((4,), 7), steps=3, prediction=cfg.diffusion.prediction)
     assert np.abs(got["3"].astype(int) - from_model_range(want).numpy().astype(int)).max() <= 1
     assert np.abs(got["3"].astype(int) - got["1"].astype(int)).max() > 10  # guidance changed the images
+
+
+@pytest.mark.parametrize("flag, value, key", [("-n", "-5", "sample.num_images"), ("--steps", "0", "sampler.steps"),
+                                              ("--eta", "-1", "sampler.eta")])
+def test_ddpm_sample_refuses_a_bad_value_before_loading_the_checkpoint(flag, value, key, tmp_path):
+    from testkit import tiny_checkpoint
+
+    ckpt = tiny_checkpoint(tmp_path / "checkpoint.pt", conditional=False, seed=0)
+    run = _ddpm("sample", "--checkpoint", str(ckpt), flag, value, "--out", str(tmp_path / "s"), "runtime.device=cpu")
+    assert run.returncode == 2 and f"{key}: {value}" in run.stderr, run.stderr
+    assert "loaded" not in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
+    assert not (tmp_path / "s").exists()
