@@ -66,6 +66,13 @@ def evaluate_summary(metrics: dict[str, Any], skipped: bool, seconds: float) -> 
             ("evaluation skipped (metrics current)", skipped), ("stage time, s", seconds)]
 
 
+def champion_outcome(registered: dict[str, Any]) -> str:
+    """What an export did to the champion alias (flows.export_tasks.log_export's record)."""
+    if registered.get("already_champion"):
+        return "already on it"
+    return "moved to it" if registered.get("promoted") else "kept: see promotion.md in the export run"
+
+
 def export_summary(report: dict[str, Any], registered: dict[str, Any], seconds: float) -> list[tuple[str, Any]]:
     return [("accepted", report.get("accepted")),
             ("parity: max abs diff (onnxruntime vs PyTorch)", report.get("max_abs_diff")),
@@ -75,7 +82,7 @@ def export_summary(report: dict[str, Any], registered: dict[str, Any], seconds: 
              f"{_fmt(report.get('score_onnx'))} / {_fmt(report.get('score_torch'))}"),
             ("registered", f"{registered.get('registered_model')} version {registered.get('version')} "
                            f"@{registered.get('alias')}"),
-            (f"@{registered.get('champion_alias')} moved to it", registered.get("promoted")),
+            (f"@{registered.get('champion_alias')}", champion_outcome(registered)),
             ("stage time, s", seconds)]
 
 

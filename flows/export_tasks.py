@@ -231,10 +231,11 @@ def log_export(run: RunRef, onnx_path: str, report: str, onnx_samples: str, regi
         log.info("model version %s (alias %r) already holds this ONNX file; not registered again", version, alias)
     logger.tags({"registered_model": registered_model, "registered_model.version": version,
                  "registered_model.alias": alias, "onnx_sha256": sha})
-    promoted, table = (_promote(client, logger, registered_model, version, champion_alias, margin, quality)
-                       if quality is not None else (None, None))
+    promoted, table, already = (_promote(client, logger, registered_model, version, champion_alias, margin, quality)
+                                if quality is not None else (None, None, False))
     return {"model_uri": info.model_uri, "registered_model": registered_model, "version": version, "alias": alias,
             "registered_now": register, "champion_alias": champion_alias, "promoted": promoted,
+            "already_champion": already,
             "promotion_table": table}
 
 
@@ -258,9 +259,10 @@ def log_web_page(run: RunRef, onnx_path: str) -> bool:
 
 
 def _promote(client: Any, logger: Any, name: str, version: str, champion_alias: str, margin: float,
-             quality: dict[str, Any]) -> tuple[bool, str]:
+             quality: dict[str, Any]) -> tuple[bool, str, bool]:
     """Tag `version` with its quality, move `champion_alias` to it if it beats the champion; returns whether it
-    did and the decision as a markdown table, which also goes to the run (artifact, tags) and the log."""
+    holds the alias now, the decision as a markdown table (which also goes to the run: artifact, tags; and the
+    log) and whether it held the alias already."""
     from mlflow.exceptions import MlflowException
 
     from flows.promotion import COMPARABLE, decide, decision_table, quality_tags
@@ -273,7 +275,8 @@ def _promote(client: Any, logger: Any, name: str, version: str, champion_alias: 
     except MlflowException:
         champion = None
     old = None if champion is None else dict(champion.tags)
-    if champion is not None and str(champion.version) == version:
+    already = champion is not None and str(champion.version) == version
+    if already:
         promote, why = True, f"version {version} is already the champion"
     else:
         promote, why = decide(tags, old, margin)
@@ -286,4 +289,4 @@ def _promote(client: Any, logger: Any, name: str, version: str, champion_alias: 
     logger.tags({"promotion": "promoted" if promote else "not promoted", "promotion.reason": why})
     log.info("%s version %s %s to %r: %s", name, version, "promoted" if promote else "not promoted",
              champion_alias, why)
-    return promote, table
+    return promote, table, already

@@ -20,7 +20,7 @@ from typing import Any
 from prefect import flow
 from prefect.runtime import flow_run
 
-from flows import stages
+from flows import artifacts, stages
 from flows.observe import bridge_library_logs, log_failure
 from flows.runtime import load_settings
 from flows.tracking import Tracker
@@ -53,7 +53,7 @@ def ddpm_pipeline(profile: str | None = None, overrides: list[str] | None = None
         "trajectory": trained["trajectory"], "metrics": metrics, "eval_samples": str(s.layout.eval.samples),
         **{k: exported[k] for k in (
             "onnx_model", "onnx_samples", "model_uri", "registered_model", "version", "alias", "champion_alias",
-            "promoted")},
+            "promoted", "already_champion")},
         "distilled": distilled,
     }
     from prefect.artifacts import create_markdown_artifact
@@ -99,8 +99,7 @@ def summary(result: dict[str, Any]) -> str:
         f"  checkpoint             {result['checkpoint']}",
         f"  ONNX model             {result['onnx_model']}",
         f"  registered model       models:/{result['registered_model']}@{result['alias']} "
-        f"(version {result['version']}); @{result['champion_alias']} "
-        f"{'moved to it' if result['promoted'] else 'kept: see promotion.md in the export run'}",
+        f"(version {result['version']}); @{result['champion_alias']} {artifacts.champion_outcome(result)}",
         *_student_lines(result.get("distilled") or {}),
         f"  MLflow run             {result['run_id']} (experiment {result['experiment_id']}) in {uri}",
         f"  MLflow UI              {ui}   then http://127.0.0.1:5000/#/experiments/{result['experiment_id']}"

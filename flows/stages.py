@@ -207,7 +207,7 @@ def export_flow(params_path: str = "params.yaml", profile: str | None = None, ov
 
             create_markdown_artifact(markdown=registered["promotion_table"], key="promotion",
                                      description=f"{pc.registered_model} version {registered['version']}: "
-                                                 f"{pc.champion_alias} {'moved' if registered['promoted'] else 'kept'}")
+                                                 f"{pc.champion_alias} {artifacts.champion_outcome(registered)}")
         report = json.loads(run_files.export_report.read_text())
         artifacts.publish("export", f"ddpm-export: version {registered['version']}", artifacts.export_summary(
             report, registered, progress.seconds), artifacts.read_numbers(run_files.export_report),

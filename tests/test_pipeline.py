@@ -31,7 +31,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 
 import flows  # noqa: E402,F401  (sets the quiet environment defaults)
 from flows import runtime, stages, tasks, tracking  # noqa: E402
-from flows.pipeline import ddpm_pipeline  # noqa: E402
+from flows.pipeline import ddpm_pipeline, summary  # noqa: E402
 from testkit import fake_mnist  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -156,6 +156,7 @@ def test_first_run_writes_every_output(project, first, fetch):
     assert json.loads((run / "export.json").read_text())["accepted"] is True
     assert first["alias"] == "challenger" and first["version"] == "2"  # 1: the distilled student (distill stage)
     assert first["promoted"] is True and first["champion_alias"] == "champion"  # the first evaluated model
+    assert first["already_champion"] is False and "@champion moved to it" in summary(first)
 
 
 def test_runs_are_nested_and_finished(first):
@@ -352,6 +353,7 @@ def test_rerun_resumes_and_logs_the_same_curve(project, first, second):
         old = [(m.step, m.value) for m in client().get_metric_history(old_train.info.run_id, name)]
         assert sorted(new) == sorted(old)
     assert result["version"] == first["version"]  # the same ONNX file is not registered twice
+    assert result["already_champion"] is True and "@champion already on it" in summary(result)
 
 
 @pytest.fixture(scope="module")
