@@ -50,9 +50,10 @@ def _export(registry, fid: float, n: int = 1000) -> tuple[str, bool]:
     run = client.create_run(exp)
     version = client.create_model_version("m", source=(tmp / "model").as_uri(), run_id=run.info.run_id).version
     client.set_registered_model_alias("m", "challenger", version)
-    promoted, table = _promote(client, RunLogger(client, run.info.run_id), "m", str(version), "champion", 0.0,
-                               _metrics(fid, n))
+    promoted, table, already = _promote(client, RunLogger(client, run.info.run_id), "m", str(version), "champion",
+                                        0.0, _metrics(fid, n))
     assert table.startswith("| | challenger | champion |") and ("**promoted**" in table) == promoted
+    assert not already  # a new version never holds the alias before its own promotion
     assert client.get_run(run.info.run_id).data.tags["promotion"] == ("promoted" if promoted else "not promoted")
     return str(version), promoted
 
