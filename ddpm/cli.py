@@ -131,6 +131,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from ddpm.evaluate import evaluate_checkpoint
     from ddpm.generate import student_sampling
+    from ddpm.layout import EvalFiles
     cfg = _config(args)
     _run_paths(args, cfg, checkpoint=lambda run: run.checkpoint, out=lambda run: run.eval.folder)
     cfg = student_sampling(cfg, _distilled_steps(args.checkpoint))
@@ -138,7 +139,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                   feature_net=args.feature_net, aot=args.aot)
     for k, v in metrics.items():
         print(f"{k}: {v}")
-    from ddpm.layout import EvalFiles
     files = EvalFiles(args.out)
     print(f"-> {files.metrics}, {files.samples} and {files.nearest}")
     return 0
