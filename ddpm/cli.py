@@ -100,10 +100,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     settings = _config(args)
     _run_paths(args, settings, checkpoint=lambda run: run.checkpoint)
-    given = {"sampler": dict(name=args.sampler, steps=args.steps, eta=args.eta, guidance_scale=args.guidance),
+    asked = {"sampler": dict(name=args.sampler, steps=args.steps, eta=args.eta, guidance_scale=args.guidance),
              "sample": dict(num_images=args.num_images, seed=args.seed, label=args.label)}
+    given = {section: {k: v for k, v in values.items() if v is not None} for section, values in asked.items()}
     for section, values in given.items():  # each value in its range; those that need the model, once loaded
-        check_section_values(section, {k: v for k, v in values.items() if v is not None})
+        check_section_values(section, values)
     check_writable(args.out)  # before the model is loaded or an image sampled
     device = resolve_device(args.device or settings.runtime.device)
     model, cfg, ckpt = load_model(args.checkpoint, device)
@@ -111,7 +112,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     # A student samples with its own steps unless asked otherwise (then refused).
     ours = student_sampling(settings, cfg.diffusion.distilled_steps).to_dict()
     for section, values in given.items():
-        ours[section].update({k: v for k, v in values.items() if v is not None})
+        ours[section].update(values)
     # The sampling settings, validated again against the checkpoint's own model and diffusion.
     full = config_from_dict({**cfg.to_dict(), **{k: ours[k] for k in ("sampler", "runtime", "sample")}})
     sc, sp = full.sample, full.sampler
