@@ -81,7 +81,6 @@ def pick_profile(profile: str | None) -> tuple[str | None, str]:
 
 def summary(result: dict[str, Any]) -> str:
     uri = result["tracking_uri"]
-    ui = (f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite:") else f"open {uri}")
     m = result["metrics"]
     quality = (f", FID {m['fid']:.1f} ({m['fid'] / m['fid_floor']:.1f}x the floor {m['fid_floor']:.1f} at "
                f"{int(m['num_samples']) if 'num_samples' in m else '?'} samples)"
@@ -102,11 +101,20 @@ def summary(result: dict[str, Any]) -> str:
         f"(version {result['version']}); @{result['champion_alias']} {artifacts.champion_outcome(result)}",
         *_student_lines(result.get("distilled") or {}),
         f"  MLflow run             {result['run_id']} (experiment {result['experiment_id']}) in {uri}",
-        f"  MLflow UI              {ui}   then http://127.0.0.1:5000/#/experiments/{result['experiment_id']}"
-        f"/runs/{result['run_id']}",
+        f"  MLflow UI              {ui_hint(uri, result['experiment_id'], result['run_id'])}",
         f"  sample again           ddpm onnx-sample --model {result['onnx_model']} --out samples_onnx",
     ]
     return "\n".join(lines)
+
+
+def ui_hint(uri: str, experiment_id: str, run_id: str) -> str:
+    """How to see the run in the MLflow UI: the command that serves a local store, then the run's page.
+
+    MLflow's UI opens an experiment in its GenAI view (traces, judges, prompts: all empty here) unless the
+    address asks for the model-training one, which shows the runs table, the charts and the comparisons."""
+    web = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    page = f"{web}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+    return page if web == uri.rstrip("/") else f"mlflow ui --backend-store-uri {uri}   then {page}"
 
 
 def _student_lines(distilled: dict[str, Any]) -> list[str]:

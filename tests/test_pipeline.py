@@ -31,7 +31,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 
 import flows  # noqa: E402,F401  (sets the quiet environment defaults)
 from flows import runtime, stages, tasks, tracking  # noqa: E402
-from flows.pipeline import ddpm_pipeline, summary  # noqa: E402
+from flows.pipeline import ddpm_pipeline, summary, ui_hint  # noqa: E402
 from testkit import fake_mnist  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -157,6 +157,14 @@ def test_first_run_writes_every_output(project, first, fetch):
     assert first["alias"] == "challenger" and first["version"] == "2"  # 1: the distilled student (distill stage)
     assert first["promoted"] is True and first["champion_alias"] == "champion"  # the first evaluated model
     assert first["already_champion"] is False and "@champion moved to it" in summary(first)
+    # the run's page in the UI's model-training view (MLflow 3 opens an experiment in its GenAI view)
+    page = f"/#/experiments/{first['experiment_id']}/runs/{first['run_id']}?workflowType=machine_learning"
+    assert f"mlflow ui --backend-store-uri {first['tracking_uri']}   then http://127.0.0.1:5000{page}" in summary(first)
+
+
+def test_the_ui_hint_for_a_tracking_server_is_that_server_s_own_page():
+    assert (ui_hint("http://10.0.0.5:8080/", "3", "abc") ==
+            "http://10.0.0.5:8080/#/experiments/3/runs/abc?workflowType=machine_learning")
 
 
 def test_runs_are_nested_and_finished(first):
