@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
+import sys
+import time
 from contextvars import ContextVar
 from typing import Callable, Iterator
 
@@ -42,11 +45,12 @@ def advance(phase: str, done: int = 0, total: int = 0) -> None:
 
 
 class StepBar:
-    """Training's own progress on the console: a tqdm bar when tqdm is installed, else log lines."""
+    """Training's own progress: a tqdm bar on a terminal; elsewhere (a log file, a pipe, or without tqdm) a log
+    line at most every `every_s` seconds and at the last step, since a bar's redraws would fill a log file."""
 
-    def __init__(self, total: int, start: int, enabled: bool = True):
-        self.bar = None
-        if not enabled:
+    def __init__(self, total: int, start: int, enabled: bool = True, every_s: float = 10.0):
+        self.bar, self.total, self.every_s, self.logged_at = None, total, every_s, -math.inf
+        if not (enabled and sys.stderr.isatty()):
             return
         try:
             from tqdm import tqdm
@@ -59,8 +63,11 @@ class StepBar:
             self.bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{ips:,.0f}")
             self.bar.n = step
             self.bar.refresh()
-        else:
-            log.info("step %d  loss %.4f  %.0f img/s", step, loss, ips)
+            return
+        now = time.monotonic()
+        if now - self.logged_at >= self.every_s or step >= self.total:
+            self.logged_at = now
+            log.info("step %d/%d  loss %.4f  %.0f img/s", step, self.total, loss, ips)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -282,7 +282,10 @@ def test_a_package_whose_wrapper_holds_a_static_libstdcxx_loads_and_runs(tmp_pat
     wrapper.chmod(0o755)
     script, package = tmp_path / "tiny.py", tmp_path / "tiny.pt2"
     script.write_text(_TINY_PACKAGE)
-    env = {**os.environ, "CXX": str(wrapper), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    # TMPDIR: where torch's loader unpacks the package, left behind by a process that crashes (as torch's own does)
+    (tmp_path / "tmp").mkdir()
+    env = {**os.environ, "CXX": str(wrapper), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),
+           "TMPDIR": str(tmp_path / "tmp")}
 
     def run(how: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, str(script), str(package), how], capture_output=True, text=True,

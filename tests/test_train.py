@@ -220,3 +220,18 @@ def test_on_step_sees_every_step_and_the_final_grid_reports_its_sampling(cfg_for
     sampling = [(done, total) for phase, done, total in seen if phase.startswith("sampling")]
     calls = 2 * 2  # the 64-image grid: two batches of 32, DDIM with sampler.steps=2
     assert sampling == [(k, calls) for k in range(1, calls + 1)]
+
+
+def test_training_progress_off_a_terminal_is_a_log_line_now_and_then_not_bar_redraws(caplog, capsys):
+    """A redirected `ddpm train` (a log file, a Prefect worker) gets log lines: the first, then none sooner than
+    `every_s` seconds after the last, and the last step's; on a terminal, a tqdm bar."""
+    from ddpm.progress import StepBar
+
+    with caplog.at_level("INFO", logger="ddpm.progress"):
+        bar = StepBar(total=300, start=0, every_s=3600.0)  # pytest's captured stderr is no terminal
+        for step in (50, 100, 150, 300):
+            bar(step, 0.5, 1000.0)
+        bar.close()
+    assert [r.getMessage() for r in caplog.records] == ["step 50/300  loss 0.5000  1000 img/s",
+                                                       "step 300/300  loss 0.5000  1000 img/s"]
+    assert capsys.readouterr().err == ""
