@@ -180,7 +180,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_onnx_sample(args: argparse.Namespace) -> int:
     from ddpm.onnx_sampler import main as onnx_main
-    if args.model.startswith("models:/"):
+    if args.model is None:
+        args = argparse.Namespace(**{**vars(args), "model": _default_onnx_model(args.params)})
+    elif args.model.startswith("models:/"):
         # The resolver lives with the pipeline's MLflow code; ddpm itself never imports MLflow.
         from flows.registry import fetch_onnx
         found = fetch_onnx(args.model, args.params, cache=args.cache)
@@ -197,12 +199,16 @@ def cmd_web(args: argparse.Namespace) -> int:
         found = fetch_onnx(f"models:/{args.registered}", args.params, cache=args.cache)
         print(f"{args.registered}: version {found.version} of {found.name!r} in {found.store} -> {found.path}")
         model = str(found.path)
-    if model is None:
-        from ddpm.config import load_config
-        from ddpm.layout import RunLayout
-        params = args.params if Path(args.params).exists() or args.params != "params.yaml" else None
-        model = str(RunLayout(load_config(params).train.out_dir).onnx_model)
-    return web_main(model, args.port)
+    return web_main(_default_onnx_model(args.params) if model is None else model, args.port)
+
+
+def _default_onnx_model(params: str) -> str:
+    """<train.out_dir>/model.onnx of the settings in `params` (the embedded defaults where the default
+    params.yaml is absent)."""
+    from ddpm.config import load_config
+    from ddpm.layout import RunLayout
+    path = params if Path(params).exists() or params != "params.yaml" else None
+    return str(RunLayout(load_config(path).train.out_dir).onnx_model)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -290,12 +296,13 @@ def _add_torch_sampling_parsers(sub: Any) -> None:
 def _add_onnx_parsers(sub: Any) -> None:
     """`ddpm onnx-sample` and `ddpm web`: the commands that need an exported model and no PyTorch."""
     p = sub.add_parser("onnx-sample", help="sample with onnxruntime alone (no PyTorch)")
-    p.add_argument("--model", required=True,
+    p.add_argument("--model", default=None,
                    help="the exported .onnx file (its schedule is read from its metadata), or a registered version: "
-                        "models:/<name>@<alias> (e.g. models:/ddpm-unet@champion) or models:/<name>/<version>")
+                        "models:/<name>@<alias> (e.g. models:/ddpm-unet@champion) or models:/<name>/<version> "
+                        "(default: <train.out_dir>/model.onnx)")
     p.add_argument("--params", default="params.yaml",
-                   help="for models:/ URIs: the settings whose MLflow store holds the registry, $MLFLOW_TRACKING_URI "
-                        "first (default: %(default)s, else the project's)")
+                   help="train.out_dir for the default model; for models:/ URIs, the settings whose MLflow store holds "
+                        "the registry, $MLFLOW_TRACKING_URI first (default: %(default)s, else the project's)")
     p.add_argument("--cache", default=None,
                    help="for models:/ URIs: where downloaded versions are kept (default: ~/.cache/ddpm/models)")
     p.add_argument("--out", default="samples_onnx", help="output folder (default: %(default)s)")

@@ -434,8 +434,9 @@ class Block:
         if name.split(".")[0] in ("torch", "mlflow"):
             raise ImportError(name + " import blocked by the test")
 sys.meta_path.insert(0, Block())
+import json
 from ddpm.cli import main
-rc = main(["onnx-sample", "--model", sys.argv[1], "--out", sys.argv[2], "-n", "3", "--steps", "4",
+rc = main(["onnx-sample", *json.loads(sys.argv[1]), "--out", sys.argv[2], "-n", "3", "--steps", "4",
            "--sampler", "ddim", "--label", "7"])
 assert rc == 0, rc
 assert not [m for m in sys.modules if m.split(".")[0] in ("torch", "mlflow")]
@@ -443,9 +444,17 @@ print("NO_TORCH_OK")
 """
 
 
-def test_onnx_sample_cli_never_imports_torch_or_mlflow(models, tmp_path):
+@pytest.mark.parametrize("which", ["--model", "--params"])
+def test_onnx_sample_cli_never_imports_torch_or_mlflow(models, tmp_path, which):
+    """With --model, or without it: then <train.out_dir>/model.onnx of the settings file (`ddpm web`'s default)."""
     _, path = models["cond"]
-    proc = subprocess.run([sys.executable, "-c", _NO_TORCH, str(path), str(tmp_path / "s")], cwd=ROOT,
+    if which == "--params":
+        (tmp_path / "run").mkdir()
+        shutil.copy(path, tmp_path / "run" / "model.onnx")
+        (tmp_path / "p.yaml").write_text(f"train:\n  out_dir: {tmp_path / 'run'}\n")
+        path = tmp_path / "p.yaml"
+    proc = subprocess.run([sys.executable, "-c", _NO_TORCH, json.dumps([which, str(path)]), str(tmp_path / "s")],
+                          cwd=ROOT,
                           capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert "NO_TORCH_OK" in proc.stdout, proc.stdout + proc.stderr
     assert "CPUExecutionProvider" in proc.stdout
