@@ -6,8 +6,8 @@ whole active profile. So:
 
 - a stage reruns when a value it reads changes, whether the change is made in a base section or
   under the active profile, and not when the profile changes a value that only other stages read;
-- `dvc exp show` and `dvc params diff` show the values each run used (train.steps 2600 under the
-  cpu profile, not the base section's 20000).
+- `dvc exp show` and `dvc params diff` show the values each run used (train.steps as the cpu profile sets
+  it, not the base section's).
 
 The stages themselves still read params.yaml (flows.runtime.load_settings), through the same
 ddpm.config.load_config, so the file and the run cannot disagree. Relative paths stay as configured
@@ -27,7 +27,7 @@ import yaml
 from ddpm.config import load_config
 from ddpm.errors import DDPMError
 from ddpm.fileio import atomic_write_bytes
-from flows.runtime import Settings, load_settings
+from flows.runtime import Settings, check_device, load_settings
 
 
 def resolved(settings: Settings) -> dict[str, Any]:
@@ -52,7 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", default=None, help="profile of the settings file (default: its `profile:` key)")
     args = parser.parse_args(argv)
     try:
-        path = write_resolved(load_settings(args.params, args.profile, args.overrides))
+        settings = load_settings(args.params, args.profile, args.overrides)
+        check_device(settings.cfg)
+        path = write_resolved(settings)
     except DDPMError as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2

@@ -147,6 +147,16 @@ def load_settings(params_path: str | Path | None = None, profile: str | None = N
 
 # --- checks made before any work, so that an unreachable server fails in seconds ---------------
 
+def check_device(cfg: Config) -> None:
+    """ConfigError when the settings ask for CUDA (runtime.device: cuda) on a machine without it: said before
+    any stage works, and in DVC's settings stage before DVC removes the outputs of the stages that would fail.
+    Only then is torch imported (runtime.device: auto runs anywhere)."""
+    if cfg.runtime.device == "cuda":
+        from ddpm.train import resolve_device
+
+        resolve_device("cuda")
+
+
 def _get(url: str, timeout: float) -> tuple[int, str]:
     req = urllib.request.Request(url, headers={"User-Agent": "ddpm-pipeline"})
     with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - URLs come from the user's config

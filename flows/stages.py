@@ -31,8 +31,8 @@ from prefect import flow
 from ddpm.layout import RunLayout
 from flows import artifacts, distill_tasks, export_tasks, tasks, tracking
 from flows.observe import StageProgress, bridge_library_logs, log_failure
-from flows.runtime import (CheckpointMismatch, Settings, ServiceUnavailable, check_prefect_api, check_tracking_uri,
-                           load_settings)
+from flows.runtime import (CheckpointMismatch, Settings, ServiceUnavailable, check_device, check_prefect_api,
+                           check_tracking_uri, load_settings)
 from flows.tracking import Tracker, sigterm_count, tracking_uri_for
 
 log = logging.getLogger(__name__)
@@ -228,8 +228,10 @@ def add_settings_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def preflight(params: str, profile: str | None, overrides: list[str]) -> Settings:
-    """Validate the settings and reach every configured server before Prefect starts anything (seconds)."""
+    """Validate the settings (CUDA where they ask for it) and reach every configured server before Prefect starts
+    anything (seconds)."""
     settings = load_settings(params, profile, overrides)
+    check_device(settings.cfg)
     check_prefect_api()
     check_tracking_uri(tracking_uri_for(settings))
     return settings

@@ -157,3 +157,24 @@ def test_exp_run_set_param_changes_only_the_lines_it_sets(repo):
     assert len(after) == len(before)
     changed = [new.split("#")[0].strip() for old, new in zip(before, after) if new != old]
     assert changed == ["label: 3", "nearest_k: 5", "promotion_margin: 0.1", "steps: 800", "lr: 0.001"]
+
+
+@pytest.mark.slow
+def test_a_cuda_profile_on_a_machine_without_cuda_stops_in_the_settings_stage_and_loses_no_output(repo):
+    """`dvc exp run -S profile=gpu` on a CPU machine: the settings stage refuses it in one line, before DVC
+    removes the outputs of the stages that would run (train's checkpoint among them) to rerun them."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the gpu profile runs here")
+    _stand_in_outputs(repo)
+    run(repo, str(BIN / "dvc"), "repro", "-q", "settings")
+    run(repo, str(BIN / "dvc"), "commit", "-q", "-f", *STAGES)
+    checkpoint = repo / "runs" / "default" / "checkpoint.pt"
+    _set(repo, "profile", "gpu")
+    proc = subprocess.run([str(BIN / "dvc"), "repro"], cwd=repo, capture_output=True, text=True, timeout=300,
+                          env={"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(repo.parent), "DVC_NO_ANALYTICS": "1"})
+    assert proc.returncode != 0
+    assert ("python -m flows.resolved_params: error: runtime.device: 'cuda' was asked for, but no CUDA device is "
+            "available") in proc.stderr, proc.stderr[-3000:]
+    assert "Running stage 'train'" not in proc.stdout and checkpoint.read_text() == "x"
