@@ -6,6 +6,9 @@ flows.pipeline`, `python -m flows.serve` or a worker of a work pool. Prefect's o
 PREFECT_LOGGING_EXTRA_LOGGERS would need to be set before Prefect is imported (a worker imports it
 long before the flows) and leaves the loggers at the root's WARNING level.
 
+Under `ddpm-pipeline` (`echoed_to`), those records also go to the pipeline's own run, whose log is the one
+that `prefect deployment run --watch` follows.
+
 `log_failure` (each flow's on_failure hook) ends a failed run's log with its reason in one line.
 
 `StageProgress` is a stage's progress: a Prefect progress artifact (`<stage>-progress`) updated every
@@ -16,11 +19,12 @@ ddpm.progress (sampling, evaluation phases) or a training-step callback; nothing
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import logging
 import threading
 import time
-from typing import Any
+from typing import Any, Iterator
 
 from prefect.logging.handlers import APILogHandler
 
@@ -33,14 +37,37 @@ INTERVAL_S = 5.0
 LOG_EVERY_S = 10.0
 
 
+_pipeline_run: contextvars.ContextVar[str | None] = contextvars.ContextVar("ddpm_pipeline_run", default=None)
+
+
+@contextlib.contextmanager
+def echoed_to(flow_run_id: Any) -> Iterator[None]:
+    """Inside this block (ddpm-pipeline's body), a bridged record made in a stage's subflow run goes to that
+    run's log and to `flow_run_id`'s too: `prefect deployment run ... --watch` and `prefect flow-run logs`
+    on the pipeline's run read that run's log alone."""
+    token = _pipeline_run.set(str(flow_run_id) if flow_run_id else None)
+    try:
+        yield
+    finally:
+        _pipeline_run.reset(token)
+
+
 class RunLogHandler(APILogHandler):
-    """Prefect's API log handler for records made inside a flow or task run; others stay local (no warning)."""
+    """Prefect's API log handler for records made inside a flow or task run; others stay local (no warning).
+    A record made in a stage's subflow under ddpm-pipeline goes to the pipeline's run too (`echoed_to`)."""
 
     def emit(self, record: logging.LogRecord) -> None:
         from prefect.context import FlowRunContext, TaskRunContext
 
-        if getattr(record, "flow_run_id", None) or FlowRunContext.get() or TaskRunContext.get():
-            super().emit(record)
+        flow, task = FlowRunContext.get(), TaskRunContext.get()
+        if not (getattr(record, "flow_run_id", None) or flow or task):
+            return
+        super().emit(record)
+        current = getattr(record, "flow_run_id", None) or (flow.flow_run.id if flow and flow.flow_run else
+                                                           task.task_run.flow_run_id if task else None)
+        pipeline = _pipeline_run.get()
+        if pipeline and current and str(current) != pipeline:
+            super().emit(logging.makeLogRecord({**record.__dict__, "flow_run_id": pipeline, "task_run_id": None}))
 
 
 def bridge_library_logs() -> None:

@@ -21,7 +21,7 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from flows import artifacts, stages
-from flows.observe import bridge_library_logs, log_failure
+from flows.observe import bridge_library_logs, echoed_to, log_failure
 from flows.runtime import load_settings
 from flows.tracking import Tracker
 
@@ -37,7 +37,8 @@ def ddpm_pipeline(profile: str | None = None, overrides: list[str] | None = None
     bridge_library_logs()
     s = load_settings(params_path, profile, overrides)
     tracker = Tracker(s)
-    with tracker.run(flow_run.name or "ddpm-pipeline", tags={"ddpm.stage": "pipeline"}) as parent:
+    with echoed_to(flow_run.id), \
+            tracker.run(flow_run.name or "ddpm-pipeline", tags={"ddpm.stage": "pipeline"}) as parent:
         common = dict(params_path=str(s.params_path), profile=s.profile, overrides=list(s.overrides),
                       parent_run_id=parent.run_id, force=force)
         stages.data_flow(**common)

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -826,6 +827,12 @@ def test_the_library_log_lines_reach_the_stage_runs_prefect_logs(first):
                for name, message in evaluate), evaluate
     export = _prefect_logs(runs["export"].data.tags["prefect.flow_run_id"])
     assert any(name == "flows.tasks" and "reusing it" in message for name, message in export), export
+    # and in the pipeline's own run, the log that `prefect deployment run --watch` follows: every stage's line, once
+    pipeline = Counter(_prefect_logs(runs["pipeline"].data.tags["prefect.flow_run_id"]))
+    in_stages = sum((Counter(_prefect_logs(r.data.tags["prefect.flow_run_id"])) for k, r in runs.items()
+                     if k != "pipeline"), Counter())
+    bridged = {line: n for line, n in in_stages.items() if line[0].startswith(("ddpm.", "flows."))}
+    assert bridged and all(pipeline[line] == n for line, n in bridged.items()), (bridged, pipeline)
 
 
 def test_each_stage_publishes_its_summary_metrics_and_images_to_prefect(project, first):
