@@ -7,17 +7,21 @@
     prefect deployment run 'ddpm-pipeline/gpu' --param overrides='["train.steps=40000"]'
 
 Runs execute here, one at a time (they share train.out_dir), in the project root. For a work
-pool and workers instead, see prefect.yaml.
+pool and workers instead, see prefect.yaml; a deployment that `make deploy` gave a work pool is
+replaced by the served one (`make deploy` gives it back).
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from typing import Any
 
 from flows.runtime import PROJECT_ROOT, ServiceUnavailable, check_prefect_api
+
+log = logging.getLogger(__name__)
 
 # name -> (parameters, description). The gpu deployment needs a CUDA machine to serve it.
 DEPLOYMENTS = {
@@ -34,6 +38,26 @@ def deployments(names: list[str] | None = None) -> list[Any]:
             for name, (params, desc) in DEPLOYMENTS.items() if names is None or name in names]
 
 
+def release_pool_deployments(names: list[str]) -> list[str]:
+    """Delete the deployments of these names that a work pool holds (`make deploy` made them): served under the
+    same name, Prefect updates a deployment in place and it keeps its pool, so its runs would go to that pool's
+    workers, with no code to pull, and crash. Returns "ddpm-pipeline/<name> (work pool <pool>)" for each."""
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    released = []
+    with get_client(sync_client=True) as client:
+        for name in names:
+            try:
+                found = client.read_deployment_by_name(f"ddpm-pipeline/{name}")
+            except ObjectNotFound:
+                continue
+            if found.work_pool_name:
+                client.delete_deployment(found.id)
+                released.append(f"ddpm-pipeline/{name} (work pool {found.work_pool_name})")
+    return released
+
+
 def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.serve", description="Serve the ddpm-pipeline deployments.")
     parser.add_argument("--only", nargs="+", choices=list(DEPLOYMENTS), help="serve only these deployments")
@@ -43,6 +67,9 @@ def _main(argv: list[str] | None) -> int:
         raise ServiceUnavailable(
             "serving needs a Prefect server that `prefect deployment run` can reach as well: start one with "
             "`prefect server start --host 127.0.0.1` and export PREFECT_API_URL=http://127.0.0.1:4200/api")
+    for released in release_pool_deployments(args.only or list(DEPLOYMENTS)):
+        log.warning("deployment %s: replaced by the one served here; `make deploy` gives it back to the pool",
+                    released)
     os.chdir(PROJECT_ROOT)  # flow runs resolve params.yaml and outputs from here
     from prefect import serve
 

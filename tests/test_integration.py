@@ -190,3 +190,33 @@ def test_a_run_that_fails_on_bad_input_shows_why_in_watch_and_inspect(deployed, 
     shown = subprocess.run([str(BIN / "prefect"), "flow-run", "inspect", flow_run_id], env={**env, "COLUMNS": "400"},
                            capture_output=True, text=True, timeout=60)
     assert reason in shown.stdout and "type=StateType.FAILED" in shown.stdout, shown.stdout
+
+
+def test_serve_after_deploy_takes_over_the_pool_s_deployment_and_runs_it_here(deployed, tmp_path):
+    """`python -m flows.serve` after `make deploy`: Prefect would update the pool's deployment in place, and its
+    runs would go to the pool with no code to pull and crash; serve replaces it instead (the gpu one, not
+    served, keeps its pool), and a run of it executes in the serving process."""
+    _, env = deployed
+    serve_log = tmp_path / "serve.log"
+    serve = start([sys.executable, "-m", "flows.serve", "--only", "cpu"], serve_log,
+                  {**env, "PREFECT_RUNNER_POLL_FREQUENCY": "1"})
+    try:
+        deadline = time.monotonic() + 120
+        # the log line comes once the pool's deployment is deleted; then serve registers its own
+        while not ("replaced by the one served here" in serve_log.read_text()
+                   and deployment_exists(env["PREFECT_API_URL"], "ddpm-pipeline", "cpu")):
+            if time.monotonic() > deadline or serve.poll() is not None:
+                pytest.fail(f"the deployment was not served:\n{serve_log.read_text()[-3000:]}")
+            time.sleep(1)
+        proc = subprocess.run([str(BIN / "prefect"), "deployment", "run", "ddpm-pipeline/cpu", "--params",
+                               json.dumps({"overrides": ["train.steps=-1"]}), "--watch", "--watch-timeout", "300"],
+                              env={**env, "COLUMNS": "400"}, capture_output=True, text=True, timeout=360)
+    finally:
+        stop(serve)
+    assert "deployment ddpm-pipeline/cpu (work pool ddpm-cpu): replaced by the one served here" in serve_log.read_text()
+    assert "Flow run finished in state 'Failed'" in proc.stdout and "Crashed" not in proc.stdout, proc.stdout[-3000:]
+    assert "ddpm-pipeline failed: ConfigError: train.steps: -1 is out of range" in proc.stdout, proc.stdout[-3000:]
+    for name, pool in (("cpu", "None"), ("gpu", "'ddpm-gpu'")):
+        shown = subprocess.run([str(BIN / "prefect"), "deployment", "inspect", f"ddpm-pipeline/{name}"], env=env,
+                               capture_output=True, text=True, timeout=60)
+        assert f"'work_pool_name': {pool}" in shown.stdout, shown.stdout
