@@ -287,6 +287,6 @@ def _promote(client: Any, logger: Any, name: str, version: str, champion_alias: 
     table = decision_table(rows, promote, why)
     client.log_text(logger.run_id, table, "export/promotion.md")  # in the run only: the run folder stays as it was
     logger.tags({"promotion": "promoted" if promote else "not promoted", "promotion.reason": why})
-    log.info("%s version %s %s to %r: %s", name, version, "promoted" if promote else "not promoted",
-             champion_alias, why)
+    outcome = "stays" if already else "promoted to" if promote else "not promoted to"
+    log.info("%s version %s %s %r: %s", name, version, outcome, champion_alias, why)
     return promote, table, already

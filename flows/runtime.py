@@ -337,7 +337,8 @@ class CheckpointStamp:
         if self.differences:
             raise CheckpointMismatch(
                 f"{self.path} was trained with other settings ({'; '.join(self.differences)}); it was kept. Set "
-                f"train.out_dir to a new folder, or rerun with force (--force) to train from scratch over it.")
+                f"train.out_dir to a new folder, or rerun with force (--force; a deployment run: the parameter "
+                f"force=true) to train from scratch over it.")
 
     def fresh(self, outputs: Sequence[Path]) -> bool:
         return self.step == self.steps and not self.differences and all(Path(p).is_file() for p in outputs)
