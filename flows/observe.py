@@ -70,12 +70,30 @@ class RunLogHandler(APILogHandler):
             super().emit(logging.makeLogRecord({**record.__dict__, "flow_run_id": pipeline, "task_run_id": None}))
 
 
+class UserErrorsInOneLine(logging.Filter):
+    """On Prefect's flow-run logger, which logs a failing run's exception with its traceback ("Encountered
+    exception during execution", and again in a worker's "Engine execution exited ..."): for a user error
+    (flows.runtime.is_user_error) the line alone, so `--watch` ends in the reason rather than in the engine's
+    frames; any other exception keeps its traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from flows.runtime import is_user_error
+
+        if record.exc_info and record.exc_info[1] is not None and is_user_error(record.exc_info[1]):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 def bridge_library_logs() -> None:
-    """Send the BRIDGED_LOGGERS' INFO records to the current run's Prefect log (idempotent).
+    """Send the BRIDGED_LOGGERS' INFO records to the current run's Prefect log (idempotent), and log a user
+    error of a failing run in one line (UserErrorsInOneLine).
 
     A logger whose level the user set keeps it; one that already has an API handler (say, from
     PREFECT_LOGGING_EXTRA_LOGGERS) gets no second one.
     """
+    engine = logging.getLogger("prefect.flow_runs")
+    if not any(isinstance(f, UserErrorsInOneLine) for f in engine.filters):
+        engine.addFilter(UserErrorsInOneLine())
     for name in BRIDGED_LOGGERS:
         logger = logging.getLogger(name)
         if logger.level == logging.NOTSET:

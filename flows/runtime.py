@@ -294,6 +294,14 @@ class CheckpointMismatch(RuntimeError):
     """A checkpoint in train.out_dir was trained with other settings; it is kept, not resumed."""
 
 
+def is_user_error(exc: BaseException) -> bool:
+    """Whether `exc` says what the user must change (a bad setting or input, a checkpoint of other settings, a
+    server that does not answer): reported in one line, without a traceback, by the commands and in Prefect."""
+    from ddpm.errors import DDPMError
+
+    return isinstance(exc, (DDPMError, ServiceUnavailable, CheckpointMismatch))
+
+
 def checkpoint_differences(saved: dict[str, Any], wanted: dict[str, Any], step: int, steps: int) -> list[str]:
     """Settings that make a saved checkpoint unusable for resuming the wanted run.
 

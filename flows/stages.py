@@ -31,8 +31,7 @@ from prefect import flow
 from ddpm.layout import RunLayout
 from flows import artifacts, distill_tasks, export_tasks, tasks, tracking
 from flows.observe import StageProgress, bridge_library_logs, log_failure
-from flows.runtime import (CheckpointMismatch, Settings, ServiceUnavailable, check_device, check_prefect_api,
-                           check_tracking_uri, load_settings)
+from flows.runtime import Settings, check_device, check_prefect_api, check_tracking_uri, is_user_error, load_settings
 from flows.tracking import Tracker, sigterm_count, tracking_uri_for
 
 log = logging.getLogger(__name__)
@@ -280,7 +279,7 @@ def run_cli(main: Any, argv: list[str] | None, prog: str, extensions: tuple[str,
     stops after the step with a checkpoint and TrainingInterrupted, exit status 2.)
     `extensions`: the C extensions to import first, SIGTERM held back (None: EXTENSIONS, what the stages import).
     """
-    from ddpm.errors import DDPMError, user_error
+    from ddpm.errors import user_error
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for name in ("ddpm", "flows"):  # Prefect configured logging on import, with the root at WARNING
@@ -292,7 +291,7 @@ def run_cli(main: Any, argv: list[str] | None, prog: str, extensions: tuple[str,
         return main(argv)
     except Exception as exc:
         signalled = sigterm_count() != noted  # then exc may be what became of Prefect's exception
-        message = str(exc) if isinstance(exc, (DDPMError, ServiceUnavailable, CheckpointMismatch)) else (
+        message = str(exc) if is_user_error(exc) else (
             None if signalled else user_error(exc))  # user_error: as the `ddpm` command reports it
         if message is not None:
             print(f"{prog}: error: {message}", file=sys.stderr)

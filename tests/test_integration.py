@@ -186,6 +186,7 @@ def test_a_run_that_fails_on_bad_input_shows_why_in_watch_and_inspect(deployed, 
     reason = "ConfigError: train.steps: -1 is out of range; allowed: an integer > 0"
     assert proc.returncode == 1 and "Flow run finished in state 'Failed'" in proc.stdout, proc.stdout[-3000:]
     assert f"ddpm-pipeline failed: {reason}" in proc.stdout, proc.stdout[-3000:]
+    assert "Traceback" not in proc.stdout, proc.stdout[-3000:]  # a user error: its line, not the engine's frames
     flow_run_id = re.search(r"UUID:\s*([0-9a-f-]{36})", proc.stdout).group(1)
     shown = subprocess.run([str(BIN / "prefect"), "flow-run", "inspect", flow_run_id], env={**env, "COLUMNS": "400"},
                            capture_output=True, text=True, timeout=60)
