@@ -46,7 +46,8 @@ def advance(phase: str, done: int = 0, total: int = 0) -> None:
 
 class StepBar:
     """Training's own progress: a tqdm bar on a terminal; elsewhere (a log file, a pipe, or without tqdm) a log
-    line at most every `every_s` seconds and at the last step, since a bar's redraws would fill a log file."""
+    line at most every `every_s` seconds and at the last step, since a bar's redraws would fill a log file, and
+    none where a caller reports progress already (a hook is installed: the pipeline's stages log their own)."""
 
     def __init__(self, total: int, start: int, enabled: bool = True, every_s: float = 10.0):
         self.bar, self.total, self.every_s, self.logged_at = None, total, every_s, -math.inf
@@ -63,6 +64,8 @@ class StepBar:
             self.bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{ips:,.0f}")
             self.bar.n = step
             self.bar.refresh()
+            return
+        if _hook.get() is not None:
             return
         now = time.monotonic()
         if now - self.logged_at >= self.every_s or step >= self.total:

@@ -223,9 +223,9 @@ def test_on_step_sees_every_step_and_the_final_grid_reports_its_sampling(cfg_for
 
 
 def test_training_progress_off_a_terminal_is_a_log_line_now_and_then_not_bar_redraws(caplog, capsys):
-    """A redirected `ddpm train` (a log file, a Prefect worker) gets log lines: the first, then none sooner than
-    `every_s` seconds after the last, and the last step's; on a terminal, a tqdm bar."""
-    from ddpm.progress import StepBar
+    """A redirected `ddpm train` gets log lines: the first, then none sooner than `every_s` seconds after the last,
+    and the last step's (on a terminal, a tqdm bar); under a progress hook (a pipeline stage), none."""
+    from ddpm.progress import StepBar, reporting
 
     with caplog.at_level("INFO", logger="ddpm.progress"):
         bar = StepBar(total=300, start=0, every_s=3600.0)  # pytest's captured stderr is no terminal
@@ -235,3 +235,7 @@ def test_training_progress_off_a_terminal_is_a_log_line_now_and_then_not_bar_red
     assert [r.getMessage() for r in caplog.records] == ["step 50/300  loss 0.5000  1000 img/s",
                                                        "step 300/300  loss 0.5000  1000 img/s"]
     assert capsys.readouterr().err == ""
+    caplog.clear()
+    with caplog.at_level("INFO", logger="ddpm.progress"), reporting(lambda phase, done, total: None):
+        StepBar(total=300, start=0, every_s=0.0)(300, 0.5, 1000.0)  # the pipeline logs its own progress
+    assert caplog.records == []
