@@ -59,12 +59,11 @@ class RunLogHandler(APILogHandler):
     def emit(self, record: logging.LogRecord) -> None:
         from prefect.context import FlowRunContext, TaskRunContext
 
-        flow, task = FlowRunContext.get(), TaskRunContext.get()
-        if not (getattr(record, "flow_run_id", None) or flow or task):
+        given, flow, task = getattr(record, "flow_run_id", None), FlowRunContext.get(), TaskRunContext.get()
+        if not (given or flow or task):
             return
         super().emit(record)
-        current = getattr(record, "flow_run_id", None) or (flow.flow_run.id if flow and flow.flow_run else
-                                                           task.task_run.flow_run_id if task else None)
+        current = given or (flow.flow_run.id if flow and flow.flow_run else task.task_run.flow_run_id if task else None)
         pipeline = _pipeline_run.get()
         if pipeline and current and str(current) != pipeline:
             super().emit(logging.makeLogRecord({**record.__dict__, "flow_run_id": pipeline, "task_run_id": None}))
