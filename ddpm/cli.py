@@ -141,7 +141,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for k, v in metrics.items():
         print(f"{k}: {v}")
     files = EvalFiles(args.out)
-    print(f"-> {files.metrics}, {files.samples} and {files.nearest}")
+    print(f"-> {files.metrics}, {files.timings}, {files.samples} and {files.nearest}")
     return 0
 
 

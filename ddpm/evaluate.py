@@ -15,6 +15,8 @@ Metrics (all in one metrics.json, flat but for `feature_net`):
                         images (so a model that generalises like the test set scores about that quantile)
     feature_net         {"path", "sha256", "pinned"}: the net that measured them; pinned is false for a net
                         trained here, whose FIDs compare only with FIDs from the same file
+How long the sampling took (sample_seconds) is in timings.json beside it, not among the results: it
+differs on every rerun, and what reads metrics.json (DVC's export stage, the registry's tags) must not.
 
 Real-data reference statistics (test-set feature mean/cov, training features, test-to-train pixel
 distances) depend only on the dataset files and the feature net, so they are cached once as
@@ -311,14 +313,14 @@ def evaluate_checkpoint(checkpoint: str | Path, cfg: Config, out_dir: str | Path
                         feature_net: str | Path | None = None, aot: str | Path | None = "auto") -> dict[str, Any]:
     """Sample evaluate.num_samples images from `checkpoint` (or from `onnx_model` with onnxruntime) and score them.
 
-    Writes out_dir/metrics.json (the returned dict: floats plus sampler, steps, num_samples, backend,
-    feature_net: {"path", "sha256", "pinned"}, the net that measured the FIDs, and with the torch backend
+    Writes out_dir/metrics.json (the returned dict less sample_seconds: floats plus sampler, steps, num_samples,
+    backend, feature_net: {"path", "sha256", "pinned"}, the net that measured the FIDs, and with the torch backend
     sampling: {"network": "aot", "package", "device"} or {"network": "eager", "reason"}, whether the AOT
-    package `aot` (ddpm.aot_package.choose_package: a path, "auto" or None) sampled), out_dir/samples.png
-    (64 samples) and out_dir/nearest.png (the samples closest to a training image, each followed by
-    that training image). `out_dir` is held for the run (ddpm.run_folder.owned). The three files are one set:
-    metrics.json is removed before the grids are written and written last, so a metrics.json is always
-    that of the grids beside it.
+    package `aot` (ddpm.aot_package.choose_package: a path, "auto" or None) sampled), out_dir/timings.json
+    ({"sample_seconds"}), out_dir/samples.png (64 samples) and out_dir/nearest.png (the samples closest to a
+    training image, each followed by that training image). `out_dir` is held for the run (ddpm.run_folder.owned).
+    The files are one set: metrics.json is removed before the others are written and written last, so a
+    metrics.json is always that of the files beside it.
     """
     verify_shipped(feature_net_path(cfg, feature_net))  # an altered pinned net fails now: no folder, no sampling
     with owned(out_dir, "ddpm evaluate"):
@@ -337,9 +339,8 @@ def _evaluate_checkpoint(checkpoint: str | Path, cfg: Config, out: Path, onnx_mo
     fn_path = ensure_feature_net(run_cfg, feature_net, device)
     metrics, dists, idx = _score(images, run_cfg, fn_path, device)
     steps = sp.steps if sp.name == "ddim" else run_cfg.diffusion.timesteps
-    result: dict[str, Any] = {**metrics, "sample_seconds": sample_seconds, "sampler": sp.name, "steps": steps,
-                              "num_samples": len(images), "backend": backend,
-                              "feature_net": describe(fn_path, run_cfg.data.dataset)}
+    result: dict[str, Any] = {**metrics, "sampler": sp.name, "steps": steps, "num_samples": len(images),
+                              "backend": backend, "feature_net": describe(fn_path, run_cfg.data.dataset)}
     if network is not None:
         result["sampling"] = network
     # One set: the old metrics.json goes first and the new one comes last, so metrics.json never stands beside
@@ -352,5 +353,11 @@ def _evaluate_checkpoint(checkpoint: str | Path, cfg: Config, out: Path, onnx_mo
     x_train, _ = load_images(run_cfg.data.dataset, run_cfg.data.root, "train")
     pairs = torch.stack([torch.stack([images[i], x_train[idx[i]]]) for i in closest]).flatten(0, 1)
     save_grid(pairs, files.nearest, nrow=8)  # 4 (sample, nearest training image) pairs per row
-    atomic_write_bytes(files.metrics, (json.dumps(result, indent=2, sort_keys=True) + "\n").encode())
-    return result
+    timings = {"sample_seconds": sample_seconds}
+    atomic_write_bytes(files.timings, _json_bytes(timings))
+    atomic_write_bytes(files.metrics, _json_bytes(result))
+    return {**result, **timings}
+
+
+def _json_bytes(record: dict[str, Any]) -> bytes:
+    return (json.dumps(record, indent=2, sort_keys=True) + "\n").encode()

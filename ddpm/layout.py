@@ -9,7 +9,7 @@ EvalFiles and SampleFiles, which RunLayout uses for its own `eval/` and `samples
     run folder (train.out_dir)
       checkpoint.pt  loss.csv  config.yaml  samples_<step>.png  samples_final.png     ddpm train
       trajectory.png  resolved_params.yaml  dataset.json  feature_net.json            pipeline stages
-      eval/{metrics.json, samples.png, nearest.png}                                   evaluation
+      eval/{metrics.json, timings.json, samples.png, nearest.png}                     evaluation
       model.onnx  export.json  export_int8.json  samples_onnx/samples.png             export
       .stamps/<stage>.json  .mlflow-unended.json                                      pipeline records
 
@@ -30,7 +30,8 @@ def _as_path(obj: object, field: str) -> None:
 @dataclass(frozen=True)
 class EvalFiles:
     """The files of an evaluation folder (`ddpm evaluate --out`, by default <run>/eval): one set, whose
-    metrics.json is written last (ddpm.evaluate)."""
+    metrics.json is written last (ddpm.evaluate). metrics.json holds what was measured of the samples, the same
+    on every rerun of the same settings; timings.json how long the sampling took, which differs every time."""
 
     folder: Path
 
@@ -40,6 +41,10 @@ class EvalFiles:
     @property
     def metrics(self) -> Path:
         return self.folder / "metrics.json"
+
+    @property
+    def timings(self) -> Path:
+        return self.folder / "timings.json"
 
     @property
     def samples(self) -> Path:

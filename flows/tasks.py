@@ -335,21 +335,22 @@ def flat_numbers(d: dict[str, Any], prefix: str = "") -> dict[str, float]:
 
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate_model(checkpoint: str, cfg: Any, out_dir: str, feature_net: str, force: bool = False) -> dict[str, Any]:
-    """ddpm.evaluate.evaluate_checkpoint unless metrics.json is current for this checkpoint and settings."""
+    """ddpm.evaluate.evaluate_checkpoint unless metrics.json is current for this checkpoint and settings; the
+    metrics then include the sampling time (timings.json) where it was recorded."""
     out = Path(out_dir)
-    metrics_json = EvalFiles(out).metrics
+    files = EvalFiles(out)
+    metrics_json = files.metrics
     stamp = Stamp(out.parent, "evaluate", {
         "checkpoint": file_sha256(checkpoint), "feature_net": file_sha256(feature_net),
         **{k: cfg.to_dict()[k] for k in ("evaluate", "sampler", "runtime")}, "sample.compile": cfg.sample.compile})
     if not force and stamp.fresh([metrics_json]):
         log.info("%s is current for this checkpoint; evaluation skipped", metrics_json)
-        return {"metrics": json.loads(metrics_json.read_text()), "skipped": True}
+        timings = json.loads(files.timings.read_text()) if files.timings.is_file() else {}
+        return {"metrics": {**json.loads(metrics_json.read_text()), **timings}, "skipped": True}
     stamp.clear()
     from ddpm.evaluate import evaluate_checkpoint
 
     metrics = evaluate_checkpoint(checkpoint, cfg, out_dir=out, feature_net=feature_net)
-    if not metrics_json.is_file():
-        write_json(metrics_json, metrics)
     stamp.write([metrics_json])
     return {"metrics": metrics, "skipped": False}
 

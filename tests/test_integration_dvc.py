@@ -145,7 +145,7 @@ def test_exp_show_only_changed_fits_and_shows_the_resolved_values(dvc_repo, firs
     assert {"params.yaml:evaluate.nearest_k", "runs/default/resolved_params.yaml:evaluate.nearest_k", "precision",
             "runs/default/eval/metrics.json"} <= set(shown), shown
     assert not {"fid", "runs/default/checkpoint.pt"} & set(shown), shown  # nearest_k changes neither
-    assert len(shown) <= 10, shown  # measured: 7 (the above, coverage, density and sample_seconds)
+    assert len(shown) <= 10, shown  # the above, coverage and density
     full = list(csv.DictReader(io.StringIO(dvc(repo, env, "exp", "show", "--csv").stdout)))
     workspace = next(r for r in full if r["rev"] == "workspace")
     assert workspace["runs/default/resolved_params.yaml:train.steps"] == "12"  # the profile's, not 20000
