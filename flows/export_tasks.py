@@ -25,27 +25,33 @@ log = logging.getLogger(__name__)
 def export_model(checkpoint: str, cfg: Any, onnx_path: str, feature_net: str, reports: tuple[str, str | None],
                  force: bool = False) -> str:
     """ddpm.export.export_onnx (with its parity check, and the int8 twin with export.int8) unless the ONNX
-    files are current for this checkpoint. The gate (check_model, writing `reports`: the float32 model's, the
-    int8 twin's or None to leave the twin unchecked) runs on the new files in the export's temporary folder,
-    as `ddpm export`'s does, so a rejected export replaces nothing. The int8 twin is optional (ddpm.export
-    writes none when its scheme cannot run on this CPU): the record lists the files that were written."""
+    files are current for this checkpoint; either way the files it returns passed the gate under these settings.
+    The gate (check_model, writing `reports`: the float32 model's, the int8 twin's or None to leave the twin
+    unchecked) runs on new files in the export's temporary folder, as `ddpm export`'s does, so a rejected export
+    replaces nothing; on current files it runs only where the settings it checked with changed (its own stamp).
+    The int8 twin is optional (ddpm.export writes none when its scheme cannot run on this CPU): the record lists
+    the files that were written."""
     from ddpm.export import fp16_path
     from ddpm.quantize import int8_path
 
     out = Path(onnx_path)
-    files = [out] + ([fp16_path(out)] if cfg.export.fp16 else [])
-    stamp = Stamp(out.parent, "export", {"checkpoint": file_sha256(checkpoint), "export": cfg.to_dict()["export"],
-                                         "sampler.steps": cfg.sampler.steps})
-    if not force and stamp.fresh(files):
-        log.info("%s is current for this checkpoint; export skipped", out)
-        return str(out)
-    stamp.clear()
-    from ddpm.export import export_onnx
 
     def gate(model: Path, int8: bool) -> None:
         if reports[int8] is not None:
             check_model(str(model), checkpoint, cfg, feature_net, reports[int8], force, int8=int8,
                         named=str(out.parent / model.name))
+
+    files = [out] + ([fp16_path(out)] if cfg.export.fp16 else [])
+    stamp = Stamp(out.parent, "export", {"checkpoint": file_sha256(checkpoint), "export": cfg.to_dict()["export"],
+                                         "sampler.steps": cfg.sampler.steps})
+    if not force and stamp.fresh(files):
+        log.info("%s is current for this checkpoint; export skipped", out)
+        gate(out, False)
+        if cfg.export.int8 and int8_path(out).is_file():
+            gate(int8_path(out), True)
+        return str(out)
+    stamp.clear()
+    from ddpm.export import export_onnx
 
     export_onnx(checkpoint, out, cfg.export, cfg.sampler, gate=gate)
     stamp.write(files + [p for p in [int8_path(out)] if cfg.export.int8 and p.is_file()])

@@ -126,7 +126,6 @@ def distill_flow(params_path: str = "params.yaml", profile: str | None = None, o
         report = str(s.layout.student_export_report)
         onnx_path = export_tasks.export_model(str(s.layout.student), scfg, str(s.layout.student_onnx), info["path"],
                                               (report, None), force)
-        export_tasks.check_model(onnx_path, str(s.layout.student), scfg, info["path"], report)  # current: skipped
         samples = export_tasks.sample_onnx(onnx_path, scfg, str(s.layout.student_onnx_samples.grid))
         pc = s.cfg.pipeline
         registered = export_tasks.log_export(run, onnx_path, report, samples,
@@ -180,14 +179,10 @@ def export_flow(params_path: str = "params.yaml", profile: str | None = None, ov
         reports = (str(run_files.export_report), str(run_files.export_int8_report))
         onnx_path = export_tasks.export_model(checkpoint, s.cfg, str(run_files.onnx_model), info["path"], reports,
                                               force)
-        # The export checked what it wrote (its gate); the checks below are current then, and run only for an
-        # export that was itself current but checked with other settings.
-        export_tasks.check_model(onnx_path, checkpoint, s.cfg, info["path"], reports[0])
         int8 = None
         if s.cfg.export.int8 and export_tasks.int8_twin_written(onnx_path, reports[1]):
             from ddpm.quantize import int8_path
             int8 = (str(int8_path(onnx_path)), reports[1])
-            export_tasks.check_model(int8[0], checkpoint, s.cfg, info["path"], int8[1], int8=True)
         samples = export_tasks.sample_onnx(onnx_path, s.cfg, str(run_files.onnx_samples.grid))
         progress("compiling the sampling network ahead of time (CUDA only)")
         aot = export_tasks.export_aot(checkpoint, s.cfg, str(run_files.aot_package), str(run_files.aot_report), force)

@@ -363,6 +363,8 @@ def test_rerun_resumes_and_logs_the_same_curve(project, first, second):
         assert sorted(new) == sorted(old)
     assert result["version"] == first["version"]  # the same ONNX file is not registered twice
     assert result["already_champion"] is True and "@champion already on it" in summary(result)
+    export = [m for _, m in _prefect_logs(runs["export"].data.tags["prefect.flow_run_id"])]
+    assert [m for m in export if "export skipped" in m] and [m for m in export if "check skipped" in m], export
 
 
 @pytest.fixture(scope="module")
@@ -827,6 +829,7 @@ def test_the_library_log_lines_reach_the_stage_runs_prefect_logs(first):
                for name, message in evaluate), evaluate
     export = _prefect_logs(runs["export"].data.tags["prefect.flow_run_id"])
     assert any(name == "flows.tasks" and "reusing it" in message for name, message in export), export
+    assert not [m for _, m in export if "check skipped" in m], export  # the new export was checked once, in its gate
     # and in the pipeline's own run, the log that `prefect deployment run --watch` follows: every stage's line, once
     pipeline = Counter(_prefect_logs(runs["pipeline"].data.tags["prefect.flow_run_id"]))
     in_stages = sum((Counter(_prefect_logs(r.data.tags["prefect.flow_run_id"])) for k, r in runs.items()
