@@ -34,7 +34,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import mlflow
 from mlflow.entities import Metric, Param, RunStatus, RunTag
@@ -215,6 +215,16 @@ def backfill_loss_csv(run: RunLogger, loss_csv: Path, sent: set[int] = frozenset
     return len(batch) // 3
 
 
+# What DVC tells a stage's command (`dvc repro`: the stage; `dvc exp run`: also the experiment's name and the commit
+# it starts from), and the tags that keep it on the stage's MLflow run.
+DVC_ENV_TAGS = {"DVC_STAGE": "dvc.stage", "DVC_EXP_NAME": "dvc.experiment", "DVC_EXP_BASELINE_REV": "dvc.baseline_rev"}
+
+
+def dvc_tags(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """The DVC stage and experiment this process runs in, as tags; none outside DVC."""
+    return {tag: environ[var] for var, tag in DVC_ENV_TAGS.items() if environ.get(var)}
+
+
 class Tracker:
     """The experiment of a run's settings; creates parent and stage runs."""
 
@@ -247,14 +257,16 @@ class Tracker:
 
             if flow_run.id:
                 tags.update({"prefect.flow_run_id": flow_run.id, "prefect.flow_run_name": flow_run.name})
-        return tags
+        return {**tags, **dvc_tags()}
 
     def start_run(self, name: str, parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> RunRef:
         all_tags = {**self.provenance_tags(), **(tags or {})}
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
+        experiment = all_tags.get("dvc.experiment")  # the runs of one `dvc exp run` share its name in the UI's list
         with self._reaching():
-            run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
+            run = self.client.create_run(self.experiment_id, run_name=f"{name} ({experiment})" if experiment else name,
+                                         tags=all_tags)
         ref = RunRef(self.uri, run.info.run_id)
         with self._reaching_about(ref):
             ref.logger().params(self.settings.params())

@@ -77,6 +77,16 @@ def stage_runs(env: dict[str, str]) -> list[str]:
     return sorted(r.data.tags["ddpm.stage"] for r in c.search_runs([exp.experiment_id]))
 
 
+def dvc_labels(env: dict[str, str]) -> list[tuple[str, str, str, str | None]]:
+    """(stage, MLflow run name, tag dvc.stage, tag dvc.experiment) of every stage run, oldest first."""
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    runs = c.search_runs([c.get_experiment_by_name("ddpm").experiment_id], order_by=["attributes.start_time ASC"])
+    tags = [r.data.tags for r in runs]
+    return [(t["ddpm.stage"], r.info.run_name, t.get("dvc.stage"), t.get("dvc.experiment")) for r, t in zip(runs, tags)]
+
+
 @pytest.fixture(scope="module")
 def first_repro(dvc_repo):
     """`dvc repro`, then dvc.lock committed as DVC advises: the baseline of the experiments that follow."""
@@ -103,6 +113,8 @@ def test_dvc_repro_runs_every_stage(dvc_repo, first_repro):
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     assert set(lock["stages"]) == {"settings", "data", "features", "train", "distill", "evaluate", "export"}
     assert stage_runs(env) == ["data", "distill", "evaluate", "export", "features", "train"]
+    # each run says which DVC stage made it; `dvc repro` is no experiment
+    assert all((name, dvc_stage, exp) == (stage, stage, None) for stage, name, dvc_stage, exp in dvc_labels(env))
     assert json.loads((run / "distill.json").read_text()) == {"enabled": False}  # off in the cpu profile
     metrics = dvc(repo, env, "metrics", "show", "--json").stdout
     assert '"fid"' in metrics
@@ -131,6 +143,10 @@ def test_changed_parameter_reruns_only_dependent_stages(dvc_repo, first_repro):
     # that); data and train do not run
     assert ran == {"settings", "distill", "evaluate", "export"}, proc.stdout
     assert sorted(stage_runs(env)) == sorted([*runs_before, "distill", "evaluate", "export"])
+    # the experiment's runs carry its name, as `dvc exp show` lists it: in the tag and in the MLflow UI's run list
+    name = re.search(r"Ran experiment\(s\): (\S+)", proc.stdout).group(1)
+    new = sorted(dvc_labels(env)[len(runs_before):])
+    assert new == [(stage, f"{stage} ({name})", stage, name) for stage in ("distill", "evaluate", "export")], new
     params = json.loads(dvc(repo, env, "params", "diff", "--json").stdout or "{}")
     assert params  # the experiment's change is visible to DVC
 
