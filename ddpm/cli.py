@@ -81,6 +81,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_distill(args: argparse.Namespace) -> int:
     from ddpm.distill import distill
     cfg = _config(args)
+    _run_paths(args, cfg, checkpoint=lambda run: run.checkpoint)
     result = distill(cfg, args.checkpoint, resume=args.resume, overwrite=args.overwrite)
     for r in result.rounds:
         print(f"{r.steps} steps: {'kept' if r.skipped else f'loss {r.loss:.4f}, {r.seconds:.0f} s'}; {r.checkpoint}")
@@ -234,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("distill", help="progressive distillation of a trained checkpoint into a few-step student "
                                        "(settings: the distill block); writes <train.out_dir>/distill/")
     _add_settings(p)
-    p.add_argument("--checkpoint", default="runs/default/checkpoint.pt", help="the teacher (default: %(default)s)")
+    p.add_argument("--checkpoint", default=None, help="the teacher (default: <train.out_dir>/checkpoint.pt)")
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true",
                        help="keep the finished rounds of the same teacher and continue an interrupted one")

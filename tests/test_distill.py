@@ -1,6 +1,8 @@
 """Progressive distillation: the target is two teacher DDIM steps, a student learns it, rounds resume exactly,
 and a student samples with its own step count only."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -217,6 +219,18 @@ def test_the_student_samples_with_its_own_steps_in_torch_and_onnxruntime(teacher
         sample(den, 2, steps=50)
 
 
+def test_the_teacher_is_the_checkpoint_of_train_out_dir_unless_named(tmp_path, monkeypatch):
+    import ddpm.distill as distill_mod
+    from ddpm.cli import main
+
+    taken = []
+    monkeypatch.setattr(distill_mod, "distill", lambda cfg, checkpoint, **kw: taken.append(checkpoint) or
+                        distill_mod.DistillResult(student=Path(checkpoint), rounds=()))
+    assert main(["distill", f"train.out_dir={tmp_path / 'run'}"]) == 0
+    assert main(["distill", "--checkpoint", str(tmp_path / "t.pt"), f"train.out_dir={tmp_path / 'run'}"]) == 0
+    assert taken == [str(tmp_path / "run" / "checkpoint.pt"), str(tmp_path / "t.pt")]
+
+
 def test_bad_distill_settings_fail_before_any_work(teacher_run, capsys):
     from ddpm.cli import main
 
@@ -226,7 +240,6 @@ def test_bad_distill_settings_fail_before_any_work(teacher_run, capsys):
     assert capsys.readouterr().err.startswith("ddpm distill: error: distill.teacher_steps: 12 must be")
     assert main(["distill", "--checkpoint", str(teacher), "distill.teacher_steps=2048", f"train.out_dir={out}"]) == 2
     assert "exceeds the T of" in capsys.readouterr().err
-    from pathlib import Path
     assert not Path(out).exists()
 
 
