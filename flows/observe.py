@@ -69,9 +69,14 @@ class RunLogHandler(APILogHandler):
             super().emit(logging.makeLogRecord({**record.__dict__, "flow_run_id": pipeline, "task_run_id": None}))
 
 
+# Prefect's engine loggers: each logs a failing run's exception with its traceback.
+ENGINE_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
+
+
 class UserErrorsInOneLine(logging.Filter):
-    """On Prefect's flow-run logger, which logs a failing run's exception with its traceback ("Encountered
-    exception during execution", and again in a worker's "Engine execution exited ..."): for a user error
+    """On Prefect's flow-run and task-run loggers, which log a failing run's exception with its traceback ("Task
+    run failed with exception", "Encountered exception during execution", and again in a worker's "Engine
+    execution exited ..."): for a user error
     (flows.runtime.is_user_error) the line alone, so `--watch` ends in the reason rather than in the engine's
     frames; any other exception keeps its traceback."""
 
@@ -90,9 +95,9 @@ def bridge_library_logs() -> None:
     A logger whose level the user set keeps it; one that already has an API handler (say, from
     PREFECT_LOGGING_EXTRA_LOGGERS) gets no second one.
     """
-    engine = logging.getLogger("prefect.flow_runs")
-    if not any(isinstance(f, UserErrorsInOneLine) for f in engine.filters):
-        engine.addFilter(UserErrorsInOneLine())
+    for engine in map(logging.getLogger, ENGINE_LOGGERS):
+        if not any(isinstance(f, UserErrorsInOneLine) for f in engine.filters):
+            engine.addFilter(UserErrorsInOneLine())
     for name in BRIDGED_LOGGERS:
         logger = logging.getLogger(name)
         if logger.level == logging.NOTSET:

@@ -401,6 +401,9 @@ def test_failed_stage_is_failed_in_prefect_and_mlflow(project, failed):
     runs = pipeline_runs(parent.info.run_id)
     assert runs["pipeline"].info.status == "FAILED" and runs["export"].info.status == "FAILED"
     assert "ExportRejected" in runs["export"].data.tags["error"] and "0.5 > 0.02" in runs["export"].data.tags["error"]
+    # in the stage's Prefect log, the task's and the flow's failure lines: a user error, its reason without frames
+    logged = [m for _, m in _prefect_logs(runs["export"].data.tags["prefect.flow_run_id"]) if "0.5 > 0.02" in m]
+    assert logged and not [m for m in logged if "Traceback" in m], logged
     assert all(runs[s].info.status == "FINISHED" for s in ("data", "train", "evaluate"))
     assert sha256(project / "runs" / "default" / "checkpoint.pt") == before
     # As with `ddpm export`: the rejected model was never renamed into place, and the earlier one, which was not
