@@ -42,13 +42,17 @@ def _run_paths(args: argparse.Namespace, cfg, **defaults: Callable[[Any], Path])
             setattr(args, name, str(place(layout)))
 
 
-def _distilled_steps(checkpoint: str) -> int:
-    """The checkpoint's diffusion.distilled_steps; 0 when there is no file (the command's own load says so, after
-    the checks that come first)."""
+def _trained_with(checkpoint: str) -> Any:
+    """The settings (ddpm.config.Config) the checkpoint was trained with; None when there is no file (the
+    command's own load says so, after the checks that come first)."""
     from ddpm.checkpoint import config_of, load_checkpoint
-    if not Path(checkpoint).is_file():
-        return 0
-    return config_of(load_checkpoint(checkpoint), checkpoint).diffusion.distilled_steps
+    return config_of(load_checkpoint(checkpoint), checkpoint) if Path(checkpoint).is_file() else None
+
+
+def _distilled_steps(checkpoint: str) -> int:
+    """The checkpoint's diffusion.distilled_steps; 0 when there is no file."""
+    trained = _trained_with(checkpoint)
+    return trained.diffusion.distilled_steps if trained else 0
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -147,13 +151,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from ddpm.evaluate import fid_score
+    from ddpm.evaluate import fid_score, scored_on
     from ddpm.export import export_onnx
     from ddpm.export_check import gate_export
     from ddpm.generate import student_sampling
     cfg = _config(args)
     _run_paths(args, cfg, checkpoint=lambda run: run.checkpoint, out=lambda run: run.onnx_model)
-    cfg = student_sampling(cfg, _distilled_steps(args.checkpoint))
+    trained = _trained_with(args.checkpoint)
+    if trained is not None:  # the gate's FID: the feature net and real images of the checkpoint's dataset
+        cfg = student_sampling(scored_on(trained.data.dataset, cfg), trained.diffusion.distilled_steps)
     checks: list[tuple[bool, dict]] = []
 
     def gate(model: Path, int8: bool) -> dict:

@@ -253,12 +253,20 @@ def fid_floor(cfg: Config, feature_net: str | Path | None = None, n: int | None 
     return frechet_distance(*feature_stats(_real_subset(ref, n or cfg.evaluate.num_samples)), ref.mu_test, ref.cov_test)
 
 
+def scored_on(dataset: str, cfg: Config) -> Config:
+    """cfg with data.dataset = `dataset`, the one the checkpoint was trained on: its feature net and real images
+    score the checkpoint's samples, whatever the settings name (a warning where they name another)."""
+    if dataset == cfg.data.dataset:
+        return cfg
+    log.warning("the checkpoint was trained on %s; scoring against %s, not data.dataset=%s", dataset, dataset,
+                cfg.data.dataset)
+    return config_from_dict({**cfg.to_dict(), "data": {**cfg.to_dict()["data"], "dataset": dataset}})
+
+
 def _eval_config(model_cfg: Config, cfg: Config) -> Config:
     """The checkpoint's data/diffusion/model/train settings with cfg's data root and its sampler, runtime,
     sample and evaluate settings, validated together (sampler.steps against the checkpoint's timesteps)."""
-    if model_cfg.data.dataset != cfg.data.dataset:
-        log.warning("the checkpoint was trained on %s; evaluating against %s, not data.dataset=%s",
-                    model_cfg.data.dataset, model_cfg.data.dataset, cfg.data.dataset)
+    scored_on(model_cfg.data.dataset, cfg)  # says so where the settings name another dataset
     raw = model_cfg.to_dict()
     raw["data"] = {**raw["data"], "root": cfg.data.root}
     ours = cfg.to_dict()

@@ -425,6 +425,25 @@ def test_ddpm_export_gates_the_files_before_they_replace_anything(models, tmp_pa
     assert sorted(p.name for p in rejected.parent.iterdir()) == []  # nothing written, no temporary folder left
 
 
+def test_ddpm_export_scores_against_the_dataset_its_checkpoint_was_trained_on(models, tmp_path, monkeypatch, caplog):
+    """A Fashion-MNIST checkpoint exported under settings that name MNIST (params.yaml's default): the gate's FID
+    uses Fashion-MNIST's feature net and images, with a warning, as `ddpm evaluate` does."""
+    import ddpm.evaluate
+    from ddpm import cli
+    from ddpm.checkpoint import load_checkpoint, save_checkpoint
+
+    scored = []
+    monkeypatch.setattr(ddpm.evaluate, "fid_score",
+                        lambda cfg, net=None: scored.append(cfg.data.dataset) or (lambda u8: float(u8.mean())))
+    ckpt = load_checkpoint(models["uncond"][0])
+    ckpt["config"]["data"]["dataset"] = "fashion_mnist"
+    save_checkpoint(tmp_path / "fashion.pt", ckpt)
+    assert cli.main(["export", "--checkpoint", str(tmp_path / "fashion.pt"), "--out", str(tmp_path / "model.onnx"),
+                     "--profile", "cpu", "sampler.steps=3", "export.check_samples=4", "runtime.device=cpu"]) == 0
+    assert scored == ["fashion_mnist"]
+    assert "trained on fashion_mnist; scoring against fashion_mnist, not data.dataset=mnist" in caplog.text
+
+
 # ---- torch-free ----
 
 _NO_TORCH = """
