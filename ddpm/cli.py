@@ -77,6 +77,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     from ddpm.layout import RunLayout
+    if result.steps_run == 0:
+        print(f"{cfg.train.out_dir} is at step {result.step} already (train.steps={cfg.train.steps}): nothing to "
+              f"train; raise train.steps to continue it. Checkpoint {result.checkpoint}")
+        return 0
     print(f"trained to step {result.step}: loss {result.loss:.4f}, {result.images_per_sec:,.0f} img/s; "
           f"checkpoint {result.checkpoint}; samples {RunLayout(cfg.train.out_dir).samples_final}")
     return 0

@@ -254,7 +254,7 @@ class LossLog:
     def _kept_rows(self, path: Path, keep_until: int) -> list[str]:
         if keep_until <= 0 or path.is_symlink() or not path.is_file():
             return []
-        lines = path.read_text(errors="replace").splitlines(keepends=True)
+        lines = path.read_bytes().decode(errors="replace").splitlines(keepends=True)  # as written: \r\n kept
         if not lines or next(csv.reader(lines[:1]), []) != list(self.fields):
             return []
         kept = []

@@ -71,6 +71,7 @@ class TrainResult:
     loss: float
     images_per_sec: float
     compile_cache: dict[str, Any] | None = None  # ddpm.compile_cache's record: the artifact used, or why not
+    steps_run: int = 0  # by this call: 0 for a run resumed at (or past) train.steps
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -284,6 +285,7 @@ class _Run:
         self.loss_sum = torch.zeros((), device=step.device)
         self.progress = StepBar(cfg.train.steps, self.state.step, enabled=rank.is_main)
         self.last_loss, self.ips, self.t0, self.since = float("nan"), 0.0, time.perf_counter(), self.state.step
+        self.first_step = self.state.step
 
     def run(self) -> TrainResult:
         self.state.model.train()
@@ -383,7 +385,7 @@ class _Run:
             if self.hooks.on_sample is not None:
                 self.hooks.on_sample(self.state.step, grid)
         return TrainResult(checkpoint=self.ckpt_path, step=self.state.step, loss=self.last_loss,
-                           images_per_sec=self.ips,
+                           images_per_sec=self.ips, steps_run=self.state.step - self.first_step,
                            compile_cache=None if self.compile_cache is None else dict(self.compile_cache.record))
 
 

@@ -44,6 +44,11 @@ def test_resume_gives_the_same_weights(cfg_for):
     assert a["optimizer"]["state"][0]["step"] == b["optimizer"]["state"][0]["step"]
     rows = (resumed.checkpoint.parent / "loss.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == ["2", "4", "6", "8"]
+    # resumed at train.steps: nothing runs, and loss.csv keeps its bytes (csv's \r\n line ends, every line)
+    written = (resumed.checkpoint.parent / "loss.csv").read_bytes()
+    again = train_mod.train(cfg_for("b", 8, "train.lr_decay=none"), resume=True)
+    assert (again.step, again.steps_run, resumed.steps_run) == (8, 0, 4)
+    assert (resumed.checkpoint.parent / "loss.csv").read_bytes() == written and written.count(b"\r\n") == 5
 
 
 # Recorded on the CPU before the training step moved to ddpm.train_step: the losses logged every 2 steps and
