@@ -239,7 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "diffusion or the data are refused, other changes are logged")
     again.add_argument("--overwrite", action="store_true",
                        help="start over in a train.out_dir that holds a run; its files (checkpoint.pt, loss.csv, "
-                            "config.yaml, samples_*.png) move to <out_dir>.replaced-<UTC time>/")
+                            "config.yaml, samples_*.png) and what was made from them (eval/, model.onnx, export.json, "
+                            "distill/, ...) move to <out_dir>.replaced-<UTC time>/")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("distill", help="progressive distillation of a trained checkpoint into a few-step student "

@@ -111,6 +111,15 @@ class RunLayout:
         fixed = [p for p in (self.checkpoint, self.loss_csv, self.config_yaml) if p.exists()]
         return fixed + sorted(self.out_dir.glob("samples_*.png"))
 
+    def checkpoint_products(self) -> list[Path]:
+        """What exists now that later commands and stages made from the checkpoint: the trajectory grid, the
+        evaluation, the exports and their records, the AOT package, the distilled students. Not the pipeline's
+        records of settings, data and feature net, nor the compile cache, which hold whatever the checkpoint."""
+        made = [self.trajectory, self.eval.folder, self.onnx_model, *sorted(self.out_dir.glob("model.*.onnx")),
+                self.export_report, self.export_int8_report, self.onnx_samples.folder, self.aot_package,
+                self.aot_report, self.distill_dir, self.distill_record]
+        return [p for p in made if p.exists() or p.is_symlink()]
+
     # --- what the pipeline's stages add ------------------------------------------------------------
     @property
     def trajectory(self) -> Path:

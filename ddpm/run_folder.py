@@ -8,9 +8,10 @@ A lock file that nobody holds was left by a killed process: it is taken over wit
 
 Replacing a run. A folder with a checkpoint is continued with --resume, whose settings may not change
 the model, the diffusion or the data (`resume_changes`), or started over with --overwrite, which moves
-the previous run's files (RunLayout.training_files) to the sibling folder `<folder>.replaced-<UTC time>/`
-(`set_aside`); other files there (eval/, model.onnx) stay. `RunFiles` writes nothing until the
-first training step has finished, so a run that fails at start-up leaves the folder as it was.
+the previous run's files (RunLayout.training_files) and what was made from its checkpoint (its evaluation,
+exports, students: RunLayout.checkpoint_products) to the sibling folder `<folder>.replaced-<UTC time>/`
+(`set_aside`), so that no old model.onnx or metrics.json stands beside the new checkpoint. `RunFiles` writes
+nothing until the first training step has finished, so a run that fails at start-up leaves the folder as it was.
 
 Files. config.yaml is written atomically (ddpm.fileio) and loss.csv is rewritten atomically when it
 is opened, then appended to one fsynced row at a time, never through a symbolic link.
@@ -189,7 +190,8 @@ def _show(changes: list[tuple[str, Any, Any]]) -> str:
 
 
 def set_aside(folder: Path) -> Path:
-    """Move the run's files (RunLayout.training_files) to a new sibling `<folder>.replaced-<UTC time>/`; returns it."""
+    """Move the run's files (RunLayout.training_files, checkpoint_products) to a new sibling
+    `<folder>.replaced-<UTC time>/`; returns it."""
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     for n in range(1, 1000):
         dest = folder.with_name(f"{folder.name}.replaced-{stamp}" + (f"-{n}" if n > 1 else ""))
@@ -198,7 +200,8 @@ def set_aside(folder: Path) -> Path:
             break
         except FileExistsError:
             continue
-    for path in RunLayout(folder).training_files():
+    run = RunLayout(folder)
+    for path in run.training_files() + run.checkpoint_products():
         shutil.move(path, dest / path.name)  # a rename on one file system
     fsync_dir(folder)
     fsync_dir(dest)

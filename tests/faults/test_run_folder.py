@@ -185,12 +185,23 @@ def test_train_over_a_run_needs_resume_or_overwrite(data_root, run, ddpm_here):
     assert f"{run} already holds a run (checkpoint.pt)" in line and "--resume" in line and "--overwrite" in line
     assert _snapshot(run) == before
 
+    # what later stages made from the old checkpoint goes with it; the records of settings, data and feature net
+    # and the compile cache, which do not depend on the checkpoint, stay
+    made = ("trajectory.png", "eval/metrics.json", "eval/samples.png", "model.onnx", "model.int8.onnx", "export.json",
+            "samples_onnx/samples.png", "aot_package.json", "distill/student.pt", "distill.json")
+    kept = ("compile_cache/key.bin", "feature_net.json", "dataset.json", "resolved_params.yaml")
+    for name in made + kept:
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        (run / name).write_text(name)
+    before = _snapshot(run)
     result = _ddpm("train", *_args(data_root, run, "train.steps=2", "--overwrite"))
     assert result.returncode == 0, result.stderr[-3000:]
     [aside] = run.parent.glob(f"{run.name}.replaced-*")
     assert f"--overwrite moved its files to {aside}" in result.stderr
-    assert _snapshot(aside) == before  # the old run, intact
+    stays = {name.split("/")[0] for name in kept}
+    assert _snapshot(aside) == {k: v for k, v in before.items() if k.split("/")[0] not in stays}  # the old run
     assert load_checkpoint(run / "checkpoint.pt")["step"] == 2 and _rows(run) == [1, 2]
+    assert all((run / name).read_text() == name for name in kept) and not [n for n in made if (run / n).exists()]
 
 
 @pytest.mark.parametrize("flag", ["--resume", "--overwrite"])
