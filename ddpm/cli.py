@@ -42,17 +42,22 @@ def _run_paths(args: argparse.Namespace, cfg, **defaults: Callable[[Any], Path])
             setattr(args, name, str(place(layout)))
 
 
+def _check_feature_net(setting: str, dataset: str) -> None:
+    """A --feature-net path must name a file: the pipeline's setting trains a missing one there on purpose, but
+    on the command line a mistyped path would train a new net (minutes) and score with it."""
+    from ddpm.errors import ConfigError
+    from ddpm.feature_pins import PINNED, RETRAIN, resolve_feature_net
+    path = resolve_feature_net(setting, dataset)
+    if setting not in (PINNED, RETRAIN) and not path.is_file():
+        raise ConfigError(f"--feature-net: {path} does not exist; pass an existing feature net, {PINNED} (the shipped "
+                          f"one) or {RETRAIN} (trains runs/features/{dataset}.pt on first use)")
+
+
 def _trained_with(checkpoint: str) -> Any:
     """The settings (ddpm.config.Config) the checkpoint was trained with; None when there is no file (the
     command's own load says so, after the checks that come first)."""
     from ddpm.checkpoint import config_of, load_checkpoint
     return config_of(load_checkpoint(checkpoint), checkpoint) if Path(checkpoint).is_file() else None
-
-
-def _distilled_steps(checkpoint: str) -> int:
-    """The checkpoint's diffusion.distilled_steps; 0 when there is no file."""
-    trained = _trained_with(checkpoint)
-    return trained.diffusion.distilled_steps if trained else 0
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -144,7 +149,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from ddpm.layout import EvalFiles
     cfg = _config(args)
     _run_paths(args, cfg, checkpoint=lambda run: run.checkpoint, out=lambda run: run.eval.folder)
-    cfg = student_sampling(cfg, _distilled_steps(args.checkpoint))
+    trained = _trained_with(args.checkpoint)
+    _check_feature_net(args.feature_net, trained.data.dataset if trained else cfg.data.dataset)
+    cfg = student_sampling(cfg, trained.diffusion.distilled_steps if trained else 0)
     metrics = evaluate_checkpoint(args.checkpoint, cfg, out_dir=args.out, onnx_model=args.onnx,
                                   feature_net=args.feature_net, aot=args.aot)
     for k, v in metrics.items():
@@ -164,6 +171,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     trained = _trained_with(args.checkpoint)
     if trained is not None:  # the gate's FID: the feature net and real images of the checkpoint's dataset
         cfg = student_sampling(scored_on(trained.data.dataset, cfg), trained.diffusion.distilled_steps)
+    _check_feature_net(args.feature_net, cfg.data.dataset)
     checks: list[tuple[bool, dict]] = []
 
     def gate(model: Path, int8: bool) -> dict:
@@ -288,7 +296,7 @@ def _add_torch_sampling_parsers(sub: Any) -> None:
     p.add_argument("--feature-net", default="pinned",
                    help="FID's feature net: pinned (the shipped net, checked against its SHA-256), retrain "
                         "(runs/features/<dataset>.pt, trained here if missing; its FIDs are not comparable with "
-                        "pinned ones) or a path (default: %(default)s)")
+                        "pinned ones) or the path of an existing net (default: %(default)s)")
     p.add_argument("--aot", default="auto",
                    help="the AOT package to sample with (ddpm export writes it on CUDA): a .pt2 path, auto "
                         "(model.pt2 beside the checkpoint, if there) or off; one that does not match this GPU, "

@@ -330,7 +330,11 @@ def evaluate_checkpoint(checkpoint: str | Path, cfg: Config, out_dir: str | Path
     The files are one set: metrics.json is removed before the others are written and written last, so a
     metrics.json is always that of the files beside it.
     """
-    verify_shipped(feature_net_path(cfg, feature_net))  # an altered pinned net fails now: no folder, no sampling
+    net = feature_net_path(cfg, feature_net)
+    if net.is_file():  # an altered pinned net, or a corrupt file, fails now: no folder, no sampling
+        read_feature_checkpoint(net)
+    else:
+        verify_shipped(net)
     with owned(out_dir, "ddpm evaluate"):
         return _evaluate_checkpoint(checkpoint, cfg, Path(out_dir), onnx_model, feature_net, aot)
 

@@ -13,7 +13,8 @@ A feature-net setting (pipeline.feature_net, `ddpm evaluate --feature-net`) is o
     retrain   runs/features/<dataset>.pt, trained here from the evaluate.feature_* settings (first
               use; the features stage with --force trains it again). Its FIDs are labelled unpinned
               and compare only with FIDs from the same file.
-    a path    that file ("{dataset}" is replaced), trained there if it is missing.
+    a path    that file ("{dataset}" is replaced). The pipeline trains it there if it is missing; on the
+              command line (`--feature-net`) it must exist, since a mistyped path would train a new net.
 A net is labelled pinned when its SHA-256 is the pin of the dataset it scores, wherever it lies.
 
 Torch-free, so that flows.runtime can resolve the setting without importing torch.
