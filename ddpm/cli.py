@@ -364,6 +364,11 @@ def main(argv: list[str] | None = None) -> int:
         from ddpm.threads import apply_thread_defaults
         apply_thread_defaults()  # before any command imports torch: OpenMP reads the variables once
         return args.func(args)
+    except KeyboardInterrupt:  # Ctrl-C: one line and the shell's status for it (-v: the traceback); training
+        if args.verbose:       # catches its own first, saves a checkpoint and says so (TrainingInterrupted)
+            raise
+        print(f"ddpm {args.command}: interrupted", file=sys.stderr)
+        return 130
     except Exception as exc:  # expected failures: one clear line, exit status 2; bugs (and -v): the traceback
         from ddpm.errors import user_error
         message = user_error(exc)

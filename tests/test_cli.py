@@ -111,3 +111,17 @@ def test_ddpm_sample_refuses_a_bad_value_before_loading_the_checkpoint(flag, val
     assert run.returncode == 2 and f"{key}: {value}" in run.stderr, run.stderr
     assert "loaded" not in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
     assert not (tmp_path / "s").exists()
+
+
+def test_ctrl_c_outside_training_is_one_line_and_the_shell_s_status_for_it(tmp_path, monkeypatch, capsys):
+    import ddpm.evaluate
+    from ddpm.cli import main
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ddpm.evaluate, "evaluate_checkpoint", interrupted)
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "c.pt"), "--out", str(tmp_path / "e")]) == 130
+    assert capsys.readouterr().err == "ddpm evaluate: interrupted\n"
+    with pytest.raises(KeyboardInterrupt):  # -v keeps the traceback
+        main(["-v", "evaluate", "--checkpoint", str(tmp_path / "c.pt"), "--out", str(tmp_path / "e")])
