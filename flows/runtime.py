@@ -199,6 +199,15 @@ def check_tracking_uri(uri: str, timeout: float = HEALTH_TIMEOUT_S) -> None:
             raise ServiceUnavailable(f"the MLflow tracking server at {uri} answered /health with HTTP {status}")
     elif uri.startswith("sqlite:///"):
         check_sqlite_store(Path(uri.removeprefix("sqlite:///")))
+    elif (uri.startswith("file:") or ":" not in uri and uri != "databricks") and not _file_store_allowed():
+        raise ConfigError(
+            f"the MLflow store {uri} (MLFLOW_TRACKING_URI or pipeline.tracking_uri) is a folder, which MLflow 3 "
+            f"refuses unless MLFLOW_ALLOW_FILE_STORE=true; use a database, e.g. sqlite:///mlflow/mlflow.db (the "
+            f"project's default, with MLFLOW_TRACKING_URI unset), or a server's http:// address")
+
+
+def _file_store_allowed() -> bool:
+    return os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").strip().lower() in ("true", "1")
 
 
 def check_sqlite_store(db: Path) -> None:

@@ -179,6 +179,20 @@ def test_a_missing_store_is_reported_and_not_created(cwd, capsys, tmp_path):
     assert sorted(os.listdir(fresh)) == ["params.yaml"] and os.listdir(cwd) == []
 
 
+@pytest.mark.parametrize("uri", ["./mlruns", "file:///tmp/mlruns", "mlruns"])
+def test_a_folder_store_that_mlflow_would_refuse_is_one_line_and_exit_2(cwd, capsys, monkeypatch, uri):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    assert _sample("models:/ddpm-unet@champion", cwd / "out") == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"ddpm onnx-sample: error: the MLflow store {uri} (MLFLOW_TRACKING_URI or pipeline."), err
+    assert "MLflow 3 refuses unless MLFLOW_ALLOW_FILE_STORE=true" in err and err.count("\n") == 1, err
+    assert os.listdir(cwd) == []
+    from flows.runtime import check_tracking_uri
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # the user opted in: MLflow takes it, and so do we
+    assert check_tracking_uri(uri) is None and check_tracking_uri("databricks") is None
+
+
 def test_ddpm_web_serves_the_registered_version_an_alias_names(project, tmp_path):
     import signal
     import subprocess
