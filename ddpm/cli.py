@@ -130,6 +130,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     # The sampling settings, validated again against the checkpoint's own model and diffusion.
     full = config_from_dict({**cfg.to_dict(), **{k: ours[k] for k in ("sampler", "runtime", "sample")}})
     sc, sp = full.sample, full.sampler
+    from ddpm.schedule_math import check_options_apply
+    check_options_apply(sp.name, args.steps, args.guidance, cfg.model.class_conditional)
     from ddpm.aot_package import choose_package
     from ddpm.generate import samples_in_bf16
     network, used = choose_package(args.aot, args.checkpoint, device, samples_in_bf16(full, device))
@@ -334,7 +336,8 @@ def _add_onnx_parsers(sub: Any) -> None:
     p.add_argument("--batch-size", type=int, default=256, help="(default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     p.add_argument("--label", type=int, default=None, help="class to draw (conditional models only)")
-    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (default: %(default)s)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale, class-conditional models only (default: 1, none)")
     p.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="cpu",
                    help="execution provider; cuda fails loudly if CUDA is unavailable (default: %(default)s)")
     p.add_argument("--noise", choices=["pcg64", "counter"], default="pcg64",

@@ -26,7 +26,8 @@ from ddpm.layout import SampleFiles
 from ddpm.errors import ConfigError, OnnxModelError
 from ddpm.onnx_model import Array, NumpySchedule, OnnxDenoiser, resolve_provider
 from ddpm.config import MAX_SEED
-from ddpm.schedule_math import check_eta, check_guidance_scale, ddim_timesteps, sampling_timesteps
+from ddpm.schedule_math import (check_eta, check_guidance_scale, check_options_apply, ddim_timesteps,
+                                 sampling_timesteps)
 
 # ---- The samplers: numpy mirrors of ddpm.samplers, with the same signature and float32 arithmetic. ----
 
@@ -263,9 +264,10 @@ def main(args: Any) -> int:
             raise
         print("provider auto: CUDA did not start, using the CPU", file=sys.stderr)
         den = OnnxDenoiser(args.model, "cpu")
+    check_options_apply(args.sampler, args.steps, args.guidance, den.class_conditional)
     args.steps = args.steps if args.steps is not None else (den.distilled_steps or DEFAULT_STEPS)
     images = sample(den, args.num_images, args.sampler, args.steps, args.eta, args.seed, args.batch_size,
-                    args.label, args.guidance, noise=args.noise)
+                    args.label, 1.0 if args.guidance is None else args.guidance, noise=args.noise)
     out = SampleFiles(args.out)
     arrays = {"images": images}
     if den.class_conditional:

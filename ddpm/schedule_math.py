@@ -120,3 +120,16 @@ def check_guidance_scale(scale: float) -> None:
     """A classifier-free guidance scale must be a finite number >= 0 (1: none, 0: unconditional)."""
     if not (math.isfinite(scale) and scale >= 0):
         raise ConfigError(f"guidance_scale: {scale} is not allowed; use a finite number >= 0 (1: no guidance)")
+
+
+def check_options_apply(sampler: str, steps: int | None, guidance_scale: float | None, conditional: bool) -> None:
+    """Command-line options that the sampling would ignore, refused rather than dropped: --steps with DDPM sampling
+    (which takes every timestep), --guidance for a model without classes (`None`: not given)."""
+    if steps is not None and sampler != "ddim":
+        raise ConfigError(f"--steps {steps}: the step count of DDIM sampling; DDPM sampling takes every timestep "
+                          f"(use --sampler ddim with --steps)")
+    if guidance_scale is not None:
+        check_guidance_scale(guidance_scale)
+    if guidance_scale is not None and not conditional:
+        raise ConfigError(f"--guidance {guidance_scale}: the model is not class-conditional, so classifier-free "
+                          f"guidance has nothing to act on")

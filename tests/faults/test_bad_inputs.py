@@ -117,6 +117,19 @@ def test_onnx_sample_refuses_non_finite_and_out_of_range_arguments(capsys, tmp_p
     assert (out / "samples.npz").is_file()  # the same model with sound arguments samples
 
 
+@pytest.mark.parametrize("command", ["sample", "onnx-sample"])
+def test_options_the_sampling_would_ignore_are_refused(capsys, checkpoint, tmp_path, command):
+    """--steps with DDPM sampling (every timestep) and --guidance for an unconditional model: refused, not dropped."""
+    source = (["--model", str(onnx_model(tmp_path / "model.onnx"))] if command == "onnx-sample"
+              else ["--checkpoint", str(checkpoint)])
+    out = tmp_path / "samples"
+    for args, says in ((["--sampler", "ddpm", "--steps", "10"], "--steps 10: the step count of DDIM sampling; DDPM "
+                                                                "sampling takes every timestep"),
+                       (["--steps", "2", "--guidance", "3"], "--guidance 3.0: the model is not class-conditional")):
+        assert says in _error_line(capsys, [command, *source, "--out", str(out), "-n", "2", *args])
+    assert not out.exists()
+
+
 def test_onnx_metadata_asking_for_1e11_timesteps_is_refused_before_any_array(capsys, tmp_path):
     model = onnx_model(tmp_path / "model.onnx", diffusion={**config_from_dict(TINY).to_dict()["diffusion"],
                                                             "timesteps": 100_000_000_000})
