@@ -53,11 +53,11 @@ def _check_feature_net(setting: str, dataset: str) -> None:
                           f"one) or {RETRAIN} (trains runs/features/{dataset}.pt on first use)")
 
 
-def _trained_with(checkpoint: str) -> Any:
-    """The settings (ddpm.config.Config) the checkpoint was trained with; None when there is no file (the
-    command's own load says so, after the checks that come first)."""
+def _trained_with(checkpoint: str, required: bool = True) -> Any:
+    """The settings (ddpm.config.Config) the checkpoint was trained with, before any folder is made; a missing
+    file is CheckpointError's one line, or None where the command can do without it (not `required`)."""
     from ddpm.checkpoint import config_of, load_checkpoint
-    return config_of(load_checkpoint(checkpoint), checkpoint) if Path(checkpoint).is_file() else None
+    return config_of(load_checkpoint(checkpoint), checkpoint) if required or Path(checkpoint).is_file() else None
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -151,7 +151,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from ddpm.layout import EvalFiles
     cfg = _config(args)
     _run_paths(args, cfg, checkpoint=lambda run: run.checkpoint, out=lambda run: run.eval.folder)
-    trained = _trained_with(args.checkpoint)
+    trained = _trained_with(args.checkpoint, required=args.onnx is None)
     _check_feature_net(args.feature_net, trained.data.dataset if trained else cfg.data.dataset)
     cfg = student_sampling(cfg, trained.diffusion.distilled_steps if trained else 0)
     metrics = evaluate_checkpoint(args.checkpoint, cfg, out_dir=args.out, onnx_model=args.onnx,
@@ -171,8 +171,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     cfg = _config(args)
     _run_paths(args, cfg, checkpoint=lambda run: run.checkpoint, out=lambda run: run.onnx_model)
     trained = _trained_with(args.checkpoint)
-    if trained is not None:  # the gate's FID: the feature net and real images of the checkpoint's dataset
-        cfg = student_sampling(scored_on(trained.data.dataset, cfg), trained.diffusion.distilled_steps)
+    # the gate's FID: the feature net and real images of the checkpoint's dataset
+    cfg = student_sampling(scored_on(trained.data.dataset, cfg), trained.diffusion.distilled_steps)
     _check_feature_net(args.feature_net, cfg.data.dataset)
     checks: list[tuple[bool, dict]] = []
 

@@ -40,10 +40,12 @@ def test_a_moved_setting_is_one_line_naming_its_new_home(command, override, says
     assert not out.exists()
 
 
-def test_missing_checkpoint_is_a_clear_error(tmp_path):
-    result = _ddpm("sample", "--checkpoint", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "s"))
-    assert result.returncode == 2 and "does not exist" in result.stderr
-    assert not (tmp_path / "s").exists()
+@pytest.mark.parametrize("command", ["sample", "evaluate", "export"])
+def test_missing_checkpoint_is_a_clear_error_and_makes_no_folder(tmp_path, command):
+    out = tmp_path / ("model.onnx" if command == "export" else "s")
+    result = _ddpm(command, "--checkpoint", str(tmp_path / "nope.pt"), "--out", str(out))
+    assert result.returncode == 2 and f"checkpoint {tmp_path / 'nope.pt'} does not exist" in result.stderr
+    assert "Traceback" not in result.stderr and sorted(tmp_path.iterdir()) == []
 
 
 def test_make_pipeline_picks_the_gpu_profile_only_where_torch_sees_a_cuda_device(monkeypatch):
@@ -121,7 +123,8 @@ def test_ctrl_c_outside_training_is_one_line_and_the_shell_s_status_for_it(tmp_p
         raise KeyboardInterrupt
 
     monkeypatch.setattr(ddpm.evaluate, "evaluate_checkpoint", interrupted)
-    assert main(["evaluate", "--checkpoint", str(tmp_path / "c.pt"), "--out", str(tmp_path / "e")]) == 130
+    run = ["evaluate", "--onnx", str(tmp_path / "m.onnx"), "--out", str(tmp_path / "e")]  # no checkpoint read
+    assert main(run) == 130
     assert capsys.readouterr().err == "ddpm evaluate: interrupted\n"
     with pytest.raises(KeyboardInterrupt):  # -v keeps the traceback
-        main(["-v", "evaluate", "--checkpoint", str(tmp_path / "c.pt"), "--out", str(tmp_path / "e")])
+        main(["-v", *run])
