@@ -54,6 +54,8 @@ def coerce(key: str, value: Any, tp: Any) -> Any:
             raise ConfigError(f"{key}: {value!r} is not a finite number")
         return value
     if tp is str:
+        if value is None:  # `key=` on the command line, `key:` in YAML
+            raise ConfigError(f"{key}: empty; give it a value")
         if not isinstance(value, str):
             raise ConfigError(f"{key}: {value!r} is not a string")
         return value

@@ -44,6 +44,11 @@ def test_bad_settings_name_the_key(override, key):
     assert str(info.value).startswith(key)
 
 
+def test_an_empty_value_says_so():
+    with pytest.raises(ConfigError, match=r"^train.out_dir: empty; give it a value$"):
+        load_config("params.yaml", "cpu", ["train.out_dir="])
+
+
 def test_a_label_needs_a_class_conditional_model():
     with pytest.raises(ConfigError, match=r"^sample.label: the model is not class-conditional"):
         load_config("params.yaml", "cpu", ["model.class_conditional=false", "sample.label=3"])
