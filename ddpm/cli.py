@@ -141,7 +141,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     out = SampleFiles(args.out)
     grid, arr = save_grid(images, out.grid), save_array(images, labels, out.array)
     print(f"{len(images)} images ({sp.name}, {sp.steps if sp.name == 'ddim' else cfg.diffusion.timesteps} steps, "
-          f"seed {sc.seed}, {used.get('package') or 'eager network'}) -> {grid} and {arr}")
+          f"seed {sc.seed}{'' if sc.label is None else f', label {sc.label}'}, "
+          f"{used.get('package') or 'eager network'}) -> {grid} and {arr}")
     return 0
 
 

@@ -279,7 +279,8 @@ def main(args: Any) -> int:
     if png is not None:
         atomic_write_bytes(out.grid, png)
     steps = args.steps if args.sampler == "ddim" else den.schedule.num_timesteps
-    print(f"{len(images)} images ({args.sampler}, {steps} steps, seed {args.seed}, {args.noise} noise) on "
+    label = "" if args.label is None else f", label {args.label}"
+    print(f"{len(images)} images ({args.sampler}, {steps} steps, seed {args.seed}{label}, {args.noise} noise) on "
           f"{den.provider} -> "
           f"{out.array}{' and ' + str(out.grid) if png is not None else ''}")
     return 0

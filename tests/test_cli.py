@@ -93,6 +93,7 @@ def test_ddpm_sample_with_guidance_samples_what_the_guided_sampler_samples(tmp_p
     runs = {g: _ddpm(*common, "--guidance", g, "--out", str(tmp_path / g)) for g in ("3", "1")}
     for run in runs.values():
         assert run.returncode == 0, run.stderr[-2000:]
+        assert "4 images (ddim, 3 steps, seed 5, label 7, eager network)" in run.stdout, run.stdout
     got = {g: np.load(tmp_path / g / "samples.npz")["images"] for g in runs}
     model, cfg, _ = load_model(ckpt)
     x_T = torch.randn((4, 1, 28, 28), generator=torch.Generator().manual_seed(5))

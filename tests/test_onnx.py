@@ -477,6 +477,7 @@ def test_onnx_sample_cli_never_imports_torch_or_mlflow(models, tmp_path, which):
                           capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert "NO_TORCH_OK" in proc.stdout, proc.stdout + proc.stderr
     assert "CPUExecutionProvider" in proc.stdout
+    assert "3 images (ddim, 4 steps, seed 0, label 7, pcg64 noise)" in proc.stdout
     arr = np.load(tmp_path / "s" / "samples.npz")
     assert arr["images"].shape == (3, 1, 28, 28) and arr["images"].dtype == np.uint8
     assert arr["labels"].tolist() == [7, 7, 7]
