@@ -43,14 +43,18 @@ def _run_paths(args: argparse.Namespace, cfg, **defaults: Callable[[Any], Path])
 
 
 def _check_feature_net(setting: str, dataset: str) -> None:
-    """A --feature-net path must name a file: the pipeline's setting trains a missing one there on purpose, but
-    on the command line a mistyped path would train a new net (minutes) and score with it."""
+    """Before any work: a --feature-net path must name a file (the pipeline's setting trains a missing one there on
+    purpose, but on the command line a mistyped path would train a new net and score with it), and the net
+    that exists must load (a shipped one: its pin)."""
     from ddpm.errors import ConfigError
     from ddpm.feature_pins import PINNED, RETRAIN, resolve_feature_net
+    from ddpm.features import read_feature_checkpoint
     path = resolve_feature_net(setting, dataset)
-    if setting not in (PINNED, RETRAIN) and not path.is_file():
-        raise ConfigError(f"--feature-net: {path} does not exist; pass an existing feature net, {PINNED} (the shipped "
-                          f"one) or {RETRAIN} (trains runs/features/{dataset}.pt on first use)")
+    if path.is_file():
+        read_feature_checkpoint(path)
+    elif setting not in (PINNED, RETRAIN):
+        raise ConfigError(f"--feature-net: {path} is not a file; pass an existing feature net, {PINNED} (the "
+                          f"shipped one) or {RETRAIN} (trains runs/features/{dataset}.pt on first use)")
 
 
 def _trained_with(checkpoint: str, required: bool = True) -> Any:
@@ -152,7 +156,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from ddpm.layout import EvalFiles
     cfg = _config(args)
     _run_paths(args, cfg, checkpoint=lambda run: run.checkpoint, out=lambda run: run.eval.folder)
-    trained = _trained_with(args.checkpoint, required=args.onnx is None)
+    trained = _trained_with(args.checkpoint, required=args.onnx is None and cfg.evaluate.backend != "onnx")
     _check_feature_net(args.feature_net, trained.data.dataset if trained else cfg.data.dataset)
     cfg = student_sampling(cfg, trained.diffusion.distilled_steps if trained else 0)
     metrics = evaluate_checkpoint(args.checkpoint, cfg, out_dir=args.out, onnx_model=args.onnx,

@@ -30,6 +30,7 @@ shipped net pinned by SHA-256 (ddpm.feature_pins).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -255,12 +256,16 @@ def fid_floor(cfg: Config, feature_net: str | Path | None = None, n: int | None 
 
 def scored_on(dataset: str, cfg: Config) -> Config:
     """cfg with data.dataset = `dataset`, the one the checkpoint was trained on: its feature net and real images
-    score the checkpoint's samples, whatever the settings name (a warning where they name another)."""
-    if dataset == cfg.data.dataset:
-        return cfg
-    log.warning("the checkpoint was trained on %s; scoring against %s, not data.dataset=%s", dataset, dataset,
-                cfg.data.dataset)
-    return config_from_dict({**cfg.to_dict(), "data": {**cfg.to_dict()["data"], "dataset": dataset}})
+    score the checkpoint's samples, whatever the settings name (a warning where they name another). Only the
+    dataset changes: the settings' own model, which may not fit that dataset's images, is not used to score."""
+    if dataset != cfg.data.dataset:
+        log.warning("the checkpoint was trained on %s; scoring against %s, not data.dataset=%s", dataset, dataset,
+                    cfg.data.dataset)
+    return _on_dataset(cfg, dataset)
+
+
+def _on_dataset(cfg: Config, dataset: str) -> Config:
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dataset=dataset))
 
 
 def _eval_config(model_cfg: Config, cfg: Config) -> Config:
@@ -330,7 +335,8 @@ def evaluate_checkpoint(checkpoint: str | Path, cfg: Config, out_dir: str | Path
     The files are one set: metrics.json is removed before the others are written and written last, so a
     metrics.json is always that of the files beside it.
     """
-    net = feature_net_path(cfg, feature_net)
+    trained_on = _config_of_checkpoint(checkpoint).data.dataset if Path(checkpoint).is_file() else cfg.data.dataset
+    net = feature_net_path(_on_dataset(cfg, trained_on), feature_net)
     if net.is_file():  # an altered pinned net, or a corrupt file, fails now: no folder, no sampling
         read_feature_checkpoint(net)
     else:

@@ -124,8 +124,20 @@ def test_ctrl_c_outside_training_is_one_line_and_the_shell_s_status_for_it(tmp_p
         raise KeyboardInterrupt
 
     monkeypatch.setattr(ddpm.evaluate, "evaluate_checkpoint", interrupted)
-    run = ["evaluate", "--onnx", str(tmp_path / "m.onnx"), "--out", str(tmp_path / "e")]  # no checkpoint read
+    run = ["evaluate", "--onnx", str(tmp_path / "m.onnx"), "--out", str(tmp_path / "e"),
+           f"train.out_dir={tmp_path}"]  # no checkpoint there: none is read
     assert main(run) == 130
     assert capsys.readouterr().err == "ddpm evaluate: interrupted\n"
     with pytest.raises(KeyboardInterrupt):  # -v keeps the traceback
         main(["-v", *run])
+
+
+@pytest.mark.parametrize("how", [["evaluate.backend=onnx"], ["--onnx", "model.onnx"]])
+def test_evaluating_an_onnx_model_needs_no_checkpoint(tmp_path, monkeypatch, how):
+    import ddpm.evaluate
+    from ddpm.cli import main
+
+    asked = []
+    monkeypatch.setattr(ddpm.evaluate, "evaluate_checkpoint", lambda *a, **k: asked.append(k["onnx_model"]) or {})
+    assert main(["evaluate", f"train.out_dir={tmp_path}", *how]) == 0
+    assert asked == [how[1] if how[0] == "--onnx" else None]

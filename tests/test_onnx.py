@@ -8,6 +8,7 @@ guidance scale 3; the float16 model vs PyTorch float32: 7e-3 to 1.1e-2.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -21,7 +22,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from ddpm.config import ExportConfig, SamplerConfig, config_from_dict
+from ddpm.config import ExportConfig, SamplerConfig, config_from_dict, load_config
 from ddpm.errors import ExportRejected, OnnxModelError
 from ddpm.export import check_export, export_onnx, fp16_path
 from ddpm.layers import GroupNorm
@@ -442,6 +443,10 @@ def test_ddpm_export_scores_against_the_dataset_its_checkpoint_was_trained_on(mo
                      "--profile", "cpu", "sampler.steps=3", "export.check_samples=4", "runtime.device=cpu"]) == 0
     assert scored == ["fashion_mnist"]
     assert "trained on fashion_mnist; scoring against fashion_mnist, not data.dataset=mnist" in caplog.text
+    # settings whose own model would not fit 28x28 images (the CIFAR-10 layout): only the dataset is taken over
+    cifar = load_config("params.yaml", "cifar10", [])
+    assert ddpm.evaluate.scored_on("fashion_mnist", cifar) == dataclasses.replace(
+        cifar, data=dataclasses.replace(cifar.data, dataset="fashion_mnist"))
 
 
 # ---- torch-free ----
