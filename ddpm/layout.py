@@ -30,8 +30,8 @@ def _as_path(obj: object, field: str) -> None:
 @dataclass(frozen=True)
 class EvalFiles:
     """The files of an evaluation folder (`ddpm evaluate --out`, by default <run>/eval): one set, whose
-    metrics.json is written last (ddpm.evaluate). metrics.json holds what was measured of the samples, the same
-    on every rerun of the same settings; timings.json how long the sampling took, which differs every time."""
+    metrics.json is written last (ddpm.evaluate). metrics.json holds what was measured of the samples, unchanged
+    by a rerun with the same results; timings.json how long the sampling took, which differs every time."""
 
     folder: Path
 
@@ -83,7 +83,7 @@ class RunLayout:
     def __post_init__(self) -> None:
         _as_path(self, "out_dir")
 
-    # --- what `ddpm train` writes (moved aside together by --overwrite: training_files) ---------------
+    # --- what `ddpm train` writes (moved aside by --overwrite with the checkpoint's products) --------
     @property
     def checkpoint(self) -> Path:
         return self.out_dir / "checkpoint.pt"
@@ -113,11 +113,12 @@ class RunLayout:
 
     def checkpoint_products(self) -> list[Path]:
         """What exists now that later commands and stages made from the checkpoint: the trajectory grid, the
-        evaluation, the exports and their records, the AOT package, the distilled students. Not the pipeline's
-        records of settings, data and feature net, nor the compile cache, which hold whatever the checkpoint."""
-        made = [self.trajectory, self.eval.folder, self.onnx_model, *sorted(self.out_dir.glob("model.*.onnx")),
-                self.export_report, self.export_int8_report, self.onnx_samples.folder, self.aot_package,
-                self.aot_report, self.distill_dir, self.distill_record]
+        evaluation, the exports (model.onnx, its fp16 and int8 twins, their external weights) and their records,
+        the AOT package, the distilled students. Not the pipeline's records of settings, data and feature net,
+        nor the compile cache: they stay valid for any checkpoint."""
+        onnx = sorted({*self.out_dir.glob(f"{self.onnx_model.name}*"), *self.out_dir.glob("model.*.onnx*")})
+        made = [self.trajectory, self.eval.folder, *onnx, self.export_report, self.export_int8_report,
+                self.onnx_samples.folder, self.aot_package, self.aot_report, self.distill_dir, self.distill_record]
         return [p for p in made if p.exists() or p.is_symlink()]
 
     # --- what the pipeline's stages add ------------------------------------------------------------

@@ -191,7 +191,13 @@ def _show(changes: list[tuple[str, Any, Any]]) -> str:
 
 def set_aside(folder: Path) -> Path:
     """Move the run's files (RunLayout.training_files, checkpoint_products) to a new sibling
-    `<folder>.replaced-<UTC time>/`; returns it."""
+    `<folder>.replaced-<UTC time>/`; returns it. RunFolderLocked, before anything moves, while another command
+    holds a folder among them (an evaluation writing into eval/)."""
+    run = RunLayout(folder)
+    moving = run.training_files() + run.checkpoint_products()
+    for lock in [lock for path in moving if path.is_dir() for lock in path.rglob(LOCK_NAME)]:
+        with owned(lock.parent, "ddpm train --overwrite"):
+            pass
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     for n in range(1, 1000):
         dest = folder.with_name(f"{folder.name}.replaced-{stamp}" + (f"-{n}" if n > 1 else ""))
@@ -200,8 +206,7 @@ def set_aside(folder: Path) -> Path:
             break
         except FileExistsError:
             continue
-    run = RunLayout(folder)
-    for path in run.training_files() + run.checkpoint_products():
+    for path in moving:
         shutil.move(path, dest / path.name)  # a rename on one file system
     fsync_dir(folder)
     fsync_dir(dest)

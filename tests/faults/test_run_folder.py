@@ -187,13 +187,18 @@ def test_train_over_a_run_needs_resume_or_overwrite(data_root, run, ddpm_here):
 
     # what later stages made from the old checkpoint goes with it; the records of settings, data and feature net
     # and the compile cache, which do not depend on the checkpoint, stay
-    made = ("trajectory.png", "eval/metrics.json", "eval/samples.png", "model.onnx", "model.int8.onnx", "export.json",
-            "samples_onnx/samples.png", "aot_package.json", "distill/student.pt", "distill.json")
+    made = ("trajectory.png", "eval/metrics.json", "eval/samples.png", "model.onnx", "model.onnx.data",
+            "model.int8.onnx", "export.json", "samples_onnx/samples.png", "aot_package.json", "distill/student.pt",
+            "distill.json")
     kept = ("compile_cache/key.bin", "feature_net.json", "dataset.json", "resolved_params.yaml")
     for name in made + kept:
         (run / name).parent.mkdir(parents=True, exist_ok=True)
         (run / name).write_text(name)
     before = _snapshot(run)
+    with owned(run / "eval", "ddpm evaluate"):  # an evaluation still writing there: nothing moves
+        held = _ddpm("train", *_args(data_root, run, "train.steps=2", "--overwrite"))
+        assert f"{run / 'eval'} is in use by ddpm evaluate (pid {os.getpid()}" in _error_line(held)
+    assert _snapshot(run) == before and not list(run.parent.glob(f"{run.name}.replaced-*"))
     result = _ddpm("train", *_args(data_root, run, "train.steps=2", "--overwrite"))
     assert result.returncode == 0, result.stderr[-3000:]
     [aside] = run.parent.glob(f"{run.name}.replaced-*")
