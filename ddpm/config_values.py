@@ -24,6 +24,8 @@ def coerce(key: str, value: Any, tp: Any) -> Any:
     """Check `value` against the annotation `tp`; return it in canonical form or raise ConfigError."""
     origin, args = get_origin(tp), get_args(tp)
     if origin is Literal:
+        if value is None and None not in args:
+            raise ConfigError(f"{key}: empty; give it a value")
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {', '.join(map(repr, args))}")
         return value
@@ -32,6 +34,8 @@ def coerce(key: str, value: Any, tp: Any) -> Any:
             return None
         inner = [a for a in args if a is not type(None)]
         return coerce(key, value, inner[0])
+    if value is None:  # `key=` on the command line, `key:` in YAML, for a setting that needs a value
+        raise ConfigError(f"{key}: empty; give it a value")
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: {value!r} is not a list; expected a list of {args[0].__name__}")
@@ -54,8 +58,6 @@ def coerce(key: str, value: Any, tp: Any) -> Any:
             raise ConfigError(f"{key}: {value!r} is not a finite number")
         return value
     if tp is str:
-        if value is None:  # `key=` on the command line, `key:` in YAML
-            raise ConfigError(f"{key}: empty; give it a value")
         if not isinstance(value, str):
             raise ConfigError(f"{key}: {value!r} is not a string")
         return value

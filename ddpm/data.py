@@ -93,11 +93,15 @@ def _mismatch(path: Path, algo: str, expected: str, actual: str, todo: str) -> s
     return f"{path}: wrong {algo}: expected {expected}, actual {actual}; {todo}"
 
 
+def _fetch_hint(name: str, root: str | Path) -> str:
+    return f"`ddpm data data.dataset={name} data.root={root}` fetches it"
+
+
 def verify_dataset(name: str, root: str | Path = "data") -> Path:
     """Check each file of ``name`` under ``root/<name>/`` against its known hash; return the dir."""
     _check_name(name)
     target = Path(root) / name
-    todo = f"`ddpm data data.dataset={name} data.root={root}` fetches it"
+    todo = _fetch_hint(name, root)
     problems = []
     for rel, (algo, expected) in _expected_hashes(name).items():
         path = target / rel
@@ -297,7 +301,7 @@ def fetch_dataset(
 def _read_idx(path: Path, ndim: int) -> torch.Tensor:
     """Parse an uncompressed uint8 IDX file; returns uint8 with the file's dims (ndim of them)."""
     if not path.is_file():
-        raise DataError(f"{path}: missing; `ddpm data` fetches the dataset")
+        raise DataError(f"{path}: missing; {_fetch_hint(path.parent.name, path.parent.parent)}")
     buf = bytearray(path.read_bytes())
     header = 4 + 4 * ndim
     if buf[:4] != bytes([0, 0, 0x08, ndim]):
@@ -336,7 +340,7 @@ class _NumpyUnpickler(pickle.Unpickler):
 def _load_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Return data uint8 [N, 3072] and labels int64 [N] of one CIFAR-10 python batch."""
     if not path.is_file():
-        raise DataError(f"{path}: missing; `ddpm data data.dataset=cifar10` fetches it")
+        raise DataError(f"{path}: missing; {_fetch_hint('cifar10', path.parents[2])}")
     try:
         with open(path, "rb") as f:
             batch = _NumpyUnpickler(f, encoding="latin1").load()

@@ -71,7 +71,7 @@ class TrainResult:
     loss: float
     images_per_sec: float
     compile_cache: dict[str, Any] | None = None  # ddpm.compile_cache's record: the artifact used, or why not
-    steps_run: int = 0  # by this call: 0 for a run resumed at (or past) train.steps
+    steps_run: int = 0  # by this call: 0 for a run resumed at train.steps
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:

@@ -76,9 +76,8 @@ ENGINE_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
 class UserErrorsInOneLine(logging.Filter):
     """On Prefect's flow-run and task-run loggers, which log a failing run's exception with its traceback ("Task
     run failed with exception", "Encountered exception during execution", and again in a worker's "Engine
-    execution exited ..."): for a user error
-    (flows.runtime.is_user_error) the line alone, so `--watch` ends in the reason rather than in the engine's
-    frames; any other exception keeps its traceback."""
+    execution exited ..."): for a user error (flows.runtime.is_user_error) the line alone, so `--watch` ends in
+    the reason rather than in the engine's frames; any other exception keeps its traceback."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         from flows.runtime import is_user_error

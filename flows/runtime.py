@@ -183,7 +183,8 @@ def check_prefect_api(timeout: float = HEALTH_TIMEOUT_S) -> str | None:
 
 
 def check_tracking_uri(uri: str, timeout: float = HEALTH_TIMEOUT_S) -> None:
-    """Fail in seconds when an MLflow tracking server does not answer, before any stage starts."""
+    """Before any stage starts: fail in seconds when an MLflow tracking server does not answer, at once when a
+    sqlite store cannot be written or the store is a folder that MLflow 3 refuses."""
     if uri.startswith(("http://", "https://")):
         try:
             status, _ = _get(uri.rstrip("/") + "/health", timeout)
@@ -203,7 +204,8 @@ def check_tracking_uri(uri: str, timeout: float = HEALTH_TIMEOUT_S) -> None:
         raise ConfigError(
             f"the MLflow store {uri} (MLFLOW_TRACKING_URI or pipeline.tracking_uri) is a folder, which MLflow 3 "
             f"refuses unless MLFLOW_ALLOW_FILE_STORE=true; use a database, e.g. sqlite:///mlflow/mlflow.db (the "
-            f"project's default, with MLFLOW_TRACKING_URI unset), or a server's http:// address")
+            f"project's default, with MLFLOW_TRACKING_URI unset; `mlflow migrate-filestore` moves existing runs), "
+            f"or a server's http:// address")
 
 
 def _file_store_allowed() -> bool:

@@ -44,9 +44,11 @@ def test_bad_settings_name_the_key(override, key):
     assert str(info.value).startswith(key)
 
 
-def test_an_empty_value_says_so():
-    with pytest.raises(ConfigError, match=r"^train.out_dir: empty; give it a value$"):
-        load_config("params.yaml", "cpu", ["train.out_dir="])
+@pytest.mark.parametrize("key", ["train.out_dir", "train.steps", "train.lr", "runtime.bf16", "model.channel_mult",
+                                 "data.dataset"])
+def test_an_empty_value_says_so(key):
+    with pytest.raises(ConfigError, match=rf"^{key}: empty; give it a value$"):
+        load_config("params.yaml", "cpu", [f"{key}="])
 
 
 def test_a_label_needs_a_class_conditional_model():

@@ -117,7 +117,7 @@ def test_bad_idx_is_a_data_error_naming_the_file(tmp_path: Path, mangle) -> None
 
 
 def test_missing_file_and_bad_arguments(tmp_path: Path) -> None:
-    with pytest.raises(data.DataError, match="missing; `ddpm data` fetches the dataset"):
+    with pytest.raises(data.DataError, match="missing; `ddpm data data.dataset=mnist data.root=.*` fetches it"):
         data.load_images("mnist", tmp_path)
     with pytest.raises(data.DataError, match="unknown dataset 'svhn'"):
         data.load_images("svhn", tmp_path)

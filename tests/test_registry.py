@@ -189,8 +189,9 @@ def test_a_folder_store_that_mlflow_would_refuse_is_one_line_and_exit_2(cwd, cap
     assert "MLflow 3 refuses unless MLFLOW_ALLOW_FILE_STORE=true" in err and err.count("\n") == 1, err
     assert os.listdir(cwd) == []
     from flows.runtime import check_tracking_uri
+    assert check_tracking_uri("databricks") is None  # a named backend, not a folder
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # the user opted in: MLflow takes it, and so do we
-    assert check_tracking_uri(uri) is None and check_tracking_uri("databricks") is None
+    assert check_tracking_uri(uri) is None
 
 
 def test_ddpm_web_serves_the_registered_version_an_alias_names(project, tmp_path):
