@@ -99,8 +99,11 @@ def test_an_altered_shipped_net_is_refused_in_one_line_with_exit_status_2(shippe
     assert "\n" not in message and str(shipped_copy) in message
     assert PINNED_SHA256["mnist"] in message and actual in message
     assert "git checkout -- ddpm/feature_nets/mnist.pt" in message and "pipeline.feature_net=retrain" in message
-    # `ddpm evaluate` refuses it before sampling anything (no checkpoint exists here).
-    code = cli.main(["evaluate", "--checkpoint", str(tmp_path / "none.pt"), "--out", str(tmp_path / "eval"),
+    # `ddpm evaluate` refuses it before sampling anything (and there are no MNIST files here to sample against).
+    from testkit import tiny_checkpoint
+
+    checkpoint = tiny_checkpoint(tmp_path / "checkpoint.pt", conditional=False, seed=0)
+    code = cli.main(["evaluate", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "eval"),
                      f"data.root={tmp_path / 'data'}"])
     assert code == 2 and capsys.readouterr().err.strip().splitlines()[-1] == f"ddpm evaluate: error: {message}"
     assert not (tmp_path / "eval").exists()

@@ -133,6 +133,19 @@ def test_second_dvc_repro_does_nothing(dvc_repo, first_repro):
     assert (repo / "runs" / "default" / "checkpoint.pt").stat().st_mtime_ns == checkpoint
 
 
+def test_evaluating_again_with_the_same_results_leaves_the_export_current(dvc_repo, first_repro):
+    """The sampling time is in eval/timings.json, not in the metrics.json the export stage reads."""
+    repo, env = dvc_repo
+    metrics = (repo / "runs" / "default" / "eval" / "metrics.json").read_bytes()
+    timings = (repo / "runs" / "default" / "eval" / "timings.json").read_bytes()
+    proc = dvc(repo, env, "repro", "--force", "--single-item", "evaluate")
+    assert re.findall(r"Running stage '(\w+)'", proc.stdout) == ["evaluate"], proc.stdout
+    assert (repo / "runs" / "default" / "eval" / "metrics.json").read_bytes() == metrics
+    assert (repo / "runs" / "default" / "eval" / "timings.json").read_bytes() != timings  # it did sample again
+    assert json.loads(dvc(repo, env, "status", "--json").stdout) == {}  # the export, too, is current
+    subprocess.run(["git", "commit", "-q", "-m", "evaluate again", "dvc.lock"], cwd=repo, env=env, check=True)
+
+
 def test_changed_parameter_reruns_only_dependent_stages(dvc_repo, first_repro):
     repo, env = dvc_repo
     runs_before = stage_runs(env)
