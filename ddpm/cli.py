@@ -57,11 +57,19 @@ def _check_feature_net(setting: str, dataset: str) -> None:
                           f"shipped one) or {RETRAIN} (trains runs/features/{dataset}.pt on first use)")
 
 
-def _trained_with(checkpoint: str, required: bool = True) -> Any:
-    """The settings (ddpm.config.Config) the checkpoint was trained with, before any folder is made; a missing
-    file is CheckpointError's one line, or None where the command can do without it (not `required`)."""
+def _scoring_settings(cfg: Any, checkpoint: str, feature_net: str, required: bool = True) -> Any:
+    """`cfg` for scoring the checkpoint's samples (`ddpm evaluate`, the gate of `ddpm export`), before any folder is
+    made: the dataset it was trained on (ddpm.evaluate.scored_on), a student's own sampler, and the feature net
+    checked. A missing checkpoint is CheckpointError's one line unless the command can do without it (not
+    `required`: an ONNX model is scored), when cfg is taken as it is."""
     from ddpm.checkpoint import config_of, load_checkpoint
-    return config_of(load_checkpoint(checkpoint), checkpoint) if required or Path(checkpoint).is_file() else None
+    from ddpm.evaluate import scored_on
+    from ddpm.generate import student_sampling
+    if required or Path(checkpoint).is_file():
+        trained = config_of(load_checkpoint(checkpoint), checkpoint)
+        cfg = student_sampling(scored_on(trained.data.dataset, cfg), trained.diffusion.distilled_steps)
+    _check_feature_net(feature_net, cfg.data.dataset)
+    return cfg
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -152,13 +160,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from ddpm.evaluate import evaluate_checkpoint
-    from ddpm.generate import student_sampling
     from ddpm.layout import EvalFiles
     cfg = _config(args)
     _run_paths(args, cfg, checkpoint=lambda run: run.checkpoint, out=lambda run: run.eval.folder)
-    trained = _trained_with(args.checkpoint, required=args.onnx is None and cfg.evaluate.backend != "onnx")
-    _check_feature_net(args.feature_net, trained.data.dataset if trained else cfg.data.dataset)
-    cfg = student_sampling(cfg, trained.diffusion.distilled_steps if trained else 0)
+    cfg = _scoring_settings(cfg, args.checkpoint, args.feature_net,
+                            required=args.onnx is None and cfg.evaluate.backend != "onnx")
     metrics = evaluate_checkpoint(args.checkpoint, cfg, out_dir=args.out, onnx_model=args.onnx,
                                   feature_net=args.feature_net, aot=args.aot)
     for k, v in metrics.items():
@@ -169,16 +175,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from ddpm.evaluate import fid_score, scored_on
+    from ddpm.evaluate import fid_score
     from ddpm.export import export_onnx
     from ddpm.export_check import gate_export
-    from ddpm.generate import student_sampling
     cfg = _config(args)
     _run_paths(args, cfg, checkpoint=lambda run: run.checkpoint, out=lambda run: run.onnx_model)
-    trained = _trained_with(args.checkpoint)
-    # the gate's FID: the feature net and real images of the checkpoint's dataset
-    cfg = student_sampling(scored_on(trained.data.dataset, cfg), trained.diffusion.distilled_steps)
-    _check_feature_net(args.feature_net, cfg.data.dataset)
+    cfg = _scoring_settings(cfg, args.checkpoint, args.feature_net)
     checks: list[tuple[bool, dict]] = []
 
     def gate(model: Path, int8: bool) -> dict:

@@ -258,13 +258,10 @@ def scored_on(dataset: str, cfg: Config) -> Config:
     """cfg with data.dataset = `dataset`, the one the checkpoint was trained on: its feature net and real images
     score the checkpoint's samples, whatever the settings name (a warning where they name another). Only the
     dataset changes: the settings' own model, which may not fit that dataset's images, is not used to score."""
-    if dataset != cfg.data.dataset:
-        log.warning("the checkpoint was trained on %s; scoring against %s, not data.dataset=%s", dataset, dataset,
-                    cfg.data.dataset)
-    return _on_dataset(cfg, dataset)
-
-
-def _on_dataset(cfg: Config, dataset: str) -> Config:
+    if dataset == cfg.data.dataset:
+        return cfg
+    log.warning("the checkpoint was trained on %s; scoring against %s, not data.dataset=%s", dataset, dataset,
+                cfg.data.dataset)
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dataset=dataset))
 
 
@@ -335,8 +332,7 @@ def evaluate_checkpoint(checkpoint: str | Path, cfg: Config, out_dir: str | Path
     The files are one set: metrics.json is removed before the others are written and written last, so a
     metrics.json is always that of the files beside it.
     """
-    trained_on = _config_of_checkpoint(checkpoint).data.dataset if Path(checkpoint).is_file() else cfg.data.dataset
-    net = feature_net_path(_on_dataset(cfg, trained_on), feature_net)
+    net = feature_net_path(cfg, feature_net)  # cfg names the checkpoint's dataset (ddpm evaluate: scored_on)
     if net.is_file():  # an altered pinned net, or a corrupt file, fails now: no folder, no sampling
         read_feature_checkpoint(net)
     else:

@@ -203,11 +203,10 @@ def test_the_student_samples_with_its_own_steps_in_torch_and_onnxruntime(teacher
     assert "(ddim, 2 steps" in capsys.readouterr().out  # its own count, though sample.steps is 50
     assert main(["sample", "--checkpoint", str(student), "--out", str(tmp_path / "t"), "--steps", "5"]) == 2
     assert "distilled to 2 DDIM steps" in capsys.readouterr().err and not (tmp_path / "t").exists()
-    from ddpm.cli import _trained_with  # what `ddpm export` checks, `ddpm evaluate` scores
-    from ddpm.generate import student_sampling
+    from ddpm.cli import _scoring_settings  # what `ddpm export` checks, `ddpm evaluate` scores
     plain = load_config(None, None, ["sampler.name=ddpm", "sampler.eta=0.5"])
-    assert student_sampling(plain, _trained_with(str(teacher)).diffusion.distilled_steps) is plain
-    own = student_sampling(plain, _trained_with(str(student)).diffusion.distilled_steps).sampler
+    assert _scoring_settings(plain, str(teacher), "pinned") is plain
+    own = _scoring_settings(plain, str(student), "pinned").sampler
     assert (own.name, own.steps, own.eta) == ("ddim", 2, 0.0)  # deterministic DDIM, as it was distilled for
     from flows.distill_tasks import student_config  # the pipeline's: the same sampler
     assert student_config(plain, 2).sampler == own
