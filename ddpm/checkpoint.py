@@ -5,6 +5,9 @@ dtype, shape and bytes and every other value, in key order. It is written by `sa
 checked by `load_checkpoint`, because torch.load reads a tensor's bytes without any check of its own:
 a flipped byte in the weights would load and sample without a word. A checkpoint without the hash
 (written before it existed) loads with a warning that it cannot be checked.
+
+Training writes its checkpoints through a CheckpointWriter: a copy on the CPU is taken at once, and the hash,
+serialisation and write run in a background thread while the next steps train.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import io
 import logging
 import pickle
 import zipfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +81,47 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
     buf = io.BytesIO()
     torch.save({**payload, CONTENT_HASH_KEY: content_sha256(payload)}, buf)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def cpu_copy(value: Any) -> Any:
+    """`value` (nested dicts, lists, tensors, plain values) with every tensor copied to the CPU: a snapshot that
+    later training steps, which update tensors in place, do not change."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: cpu_copy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(cpu_copy(v) for v in value) if type(value) in (list, tuple) else value
+    return value
+
+
+class CheckpointWriter:
+    """save_checkpoint in a background thread, one checkpoint at a time.
+
+    `save` copies the payload to the CPU and returns; the hash, serialisation and atomic write follow in the
+    worker. A write's error is raised by the next `save` or `wait` (the file then holds the checkpoint before
+    it, as save_checkpoint leaves it). `wait` returns once the last checkpoint saved is on disk."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
+        self._pending: Future | None = None
+
+    def save(self, path: str | Path, payload: dict[str, Any]) -> None:
+        snapshot = cpu_copy(payload)
+        self.wait()
+        self._pending = self._pool.submit(save_checkpoint, path, snapshot)
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        """Wait for the last write and stop the worker; the write's error is raised."""
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown()
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

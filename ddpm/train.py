@@ -31,7 +31,7 @@ import yaml
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ddpm.checkpoint import config_of, load_checkpoint, save_checkpoint
+from ddpm.checkpoint import CheckpointWriter, config_of, load_checkpoint
 from ddpm.compile_cache import CompileCache, training_cache_key
 from ddpm.config import Config, image_shape
 from ddpm.data import load_images
@@ -286,6 +286,7 @@ class _Run:
         self.progress = StepBar(cfg.train.steps, self.state.step, enabled=rank.is_main)
         self.last_loss, self.ips, self.t0, self.since = float("nan"), 0.0, time.perf_counter(), self.state.step
         self.first_step = self.state.step
+        self.writer = CheckpointWriter()  # the next steps train while a checkpoint is written
 
     def run(self) -> TrainResult:
         self.state.model.train()
@@ -294,12 +295,22 @@ class _Run:
                 while self.state.step < self.cfg.train.steps:
                     self.loss_sum += self.step()
                     self._after_step(stop)
+            return self._finish()
         finally:
-            self.files.close()
-            self.progress.close()
-            if self.rank.world_size > 1 and sys.exc_info()[0] is not None:
-                dist.destroy_process_group()
-        return self._finish()
+            self._close(failed=sys.exc_info()[0] is not None)
+
+    def _close(self, failed: bool) -> None:
+        """Close the files and wait for the checkpoint in writing; after a failure, its own error is only logged."""
+        self.files.close()
+        self.progress.close()
+        try:
+            self.writer.close()
+        except Exception as exc:  # noqa: BLE001 - the error that stopped training is the one to report
+            if not failed:
+                raise
+            log.error("the last checkpoint could not be written either: %s", exc)
+        if self.rank.world_size > 1 and failed:
+            dist.destroy_process_group()
 
     def _after_step(self, stop: _StopFlag) -> None:
         tc, step = self.cfg.train, self.state.step
@@ -319,6 +330,7 @@ class _Run:
         if self.rank.is_main and tc.sample_every and step % tc.sample_every == 0 and step < tc.steps:
             self._preview()
         if stopping:
+            self.writer.wait()  # the message says the checkpoint is saved
             name = signal.Signals(stop.signum).name if stop.signum else "a signal on another rank"
             raise TrainingInterrupted(f"stopped by {name} at step {step}; checkpoint saved to {self.ckpt_path}")
 
@@ -327,6 +339,8 @@ class _Run:
             dist.all_reduce(self.step.first_bad, op=dist.ReduceOp.MIN)
         first = self.step.first_nonfinite()
         if first is not None:
+            with contextlib.suppress(Exception):  # a failed write leaves the checkpoint before it
+                self.writer.wait()
             kept = (f"the last good checkpoint ({self.ckpt_path}) was kept" if self.ckpt_path.is_file() else
                     f"no checkpoint was written before it (the first is due at step {self.cfg.train.checkpoint_every})")
             raise TrainingDivergedError(
@@ -356,13 +370,14 @@ class _Run:
                "generator": gather_states(s.gen.get_state().cpu(), rank.world_size)}
         if rank.is_main:
             self.files.start()
-            save_checkpoint(self.ckpt_path, {
+            self.writer.save(self.ckpt_path, {
                 "model": s.model.state_dict(), "ema": s.ema.state_dict(), "optimizer": s.opt.state_dict(),
                 "step": s.step, "config": self.cfg.to_dict(), "rng": rng,
             })
             if self.compile_cache is not None:
                 self.compile_cache.save()  # once: the step has compiled by the first checkpoint
             if self.hooks.on_checkpoint is not None:
+                self.writer.wait()  # the hook may read the file
                 self.hooks.on_checkpoint(s.step, self.ckpt_path)
         if rank.world_size > 1:
             dist.barrier()
@@ -381,7 +396,10 @@ class _Run:
         if self.rank.is_main:
             self.files.start()  # a resume at its last step has written nothing yet
             self.files.close()
-            grid = save_sample_grid(self.state.ema, self.step.schedule, self.cfg, self.layout.samples_final)
+            # sampled while the last checkpoint is written, and saved once it is on disk
+            images = sample_grid_images(self.state.ema, self.step.schedule, self.cfg)
+            self.writer.wait()
+            grid = save_grid(images, self.layout.samples_final)
             if self.hooks.on_sample is not None:
                 self.hooks.on_sample(self.state.step, grid)
         return TrainResult(checkpoint=self.ckpt_path, step=self.state.step, loss=self.last_loss,
@@ -394,6 +412,12 @@ def save_sample_grid(model: nn.Module, schedule: Schedule, cfg: Config, path: Pa
     """Sample n images with the configured sampler from a fixed seed and save them as a PNG grid.
 
     Never compiled (sample.compile): a compile costs minutes, a preview grid a fraction of a second."""
-    images, _ = generate(model, schedule, cfg, n, seed=cfg.sample.seed, compile=False)
-    save_grid(images, path)
+    save_grid(sample_grid_images(model, schedule, cfg, n), path)
     return path
+
+
+@torch.no_grad()
+def sample_grid_images(model: nn.Module, schedule: Schedule, cfg: Config, n: int = 64) -> torch.Tensor:
+    """The images of a sample grid: n from a fixed seed with the configured sampler, uncompiled."""
+    images, _ = generate(model, schedule, cfg, n, seed=cfg.sample.seed, compile=False)
+    return images

@@ -2,12 +2,14 @@
 
 
 import math
+import threading
+
 import pytest
 import torch
 
 import ddpm.train as train_mod
 import ddpm.train_step as step_mod
-from ddpm.checkpoint import load_checkpoint, load_model, save_checkpoint
+from ddpm.checkpoint import CheckpointWriter, load_checkpoint, load_model, save_checkpoint
 from ddpm.config import load_config
 from ddpm.errors import CheckpointError, TrainingDivergedError
 
@@ -137,6 +139,75 @@ def test_failed_checkpoint_write_keeps_the_previous_file(tmp_path, monkeypatch):
         save_checkpoint(path, {"model": {"w": torch.ones(10)}, "config": {}, "step": 2})
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
+def _held_writes(monkeypatch):
+    """Checkpoint writes that wait for `release` (set by the test); `started` is set when one is waiting."""
+    import ddpm.checkpoint as ck
+
+    started, release, real = threading.Event(), threading.Event(), ck.atomic_write_bytes
+
+    def held(path, data):
+        started.set()
+        assert release.wait(60), "the test never released the write"
+        real(path, data)
+    monkeypatch.setattr(ck, "atomic_write_bytes", held)
+    return started, release
+
+
+def test_a_checkpoint_written_in_the_background_holds_the_state_at_its_save(tmp_path, monkeypatch):
+    """`save` returns while the write waits; the tensors then change in place, as the next training steps change
+    them; the file holds the values they had at the save."""
+    started, release = _held_writes(monkeypatch)
+    weights = {"w": torch.arange(6.0), "opt": {"state": {0: {"step": torch.tensor(3.0)}}, "groups": [{"lr": 0.1}]}}
+    writer = CheckpointWriter()
+    writer.save(tmp_path / "ckpt.pt", {"model": weights, "config": {}, "step": 3})
+    assert started.wait(60) and not (tmp_path / "ckpt.pt").exists()  # still being written
+    weights["w"].add_(100.0)
+    weights["opt"]["state"][0]["step"].add_(1.0)
+    release.set()
+    writer.close()
+    ckpt = load_checkpoint(tmp_path / "ckpt.pt")  # its content hash checked too
+    assert torch.equal(ckpt["model"]["w"], torch.arange(6.0)) and ckpt["model"]["opt"]["state"][0]["step"] == 3.0
+    assert ckpt["model"]["opt"]["groups"] == [{"lr": 0.1}] and ckpt["step"] == 3
+
+
+def test_a_failed_background_write_is_raised_by_the_next_save_and_keeps_the_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    writer = CheckpointWriter()
+    writer.save(path, {"model": {"w": torch.ones(3)}, "config": {}, "step": 1})
+    writer.wait()
+    before = path.read_bytes()
+
+    import ddpm.fileio as fileio
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(fileio.os, "fsync", full_disk)
+    writer.save(path, {"model": {"w": torch.zeros(3)}, "config": {}, "step": 2})  # fails in the worker
+    with pytest.raises(OSError, match=f"No space left on device: '{path}'"):
+        writer.save(path, {"model": {"w": torch.zeros(3)}, "config": {}, "step": 3})
+    writer.close()  # the failed write was raised once; nothing else is pending
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
+def test_training_waits_for_its_last_checkpoint_and_draws_the_final_grid_meanwhile(cfg_for, monkeypatch):
+    """The final grid is sampled while the last checkpoint is written and saved once it is on disk; `train`
+    returns with the checkpoint of its last step in place."""
+    started, release = _held_writes(monkeypatch)
+    cfg = cfg_for("bg", 3)  # one checkpoint, at step 3
+    sampled = []
+    real = train_mod.sample_grid_images
+
+    def sample(*args, **kwargs):
+        assert started.wait(60)  # the checkpoint's write has begun and waits ...
+        sampled.append(not (train_mod.Path(cfg.train.out_dir) / "checkpoint.pt").exists())
+        release.set()  # ... until the grid is sampled
+        return real(*args, **kwargs)
+    monkeypatch.setattr(train_mod, "sample_grid_images", sample)
+    result = train_mod.train(cfg)
+    assert sampled == [True]
+    assert load_checkpoint(result.checkpoint)["step"] == 3
+    assert (train_mod.Path(cfg.train.out_dir) / "samples_final.png").is_file()
 
 
 @pytest.mark.parametrize("n, channels, nrow", [(7, 1, 3), (10, 3, None), (2, 1, 1)])
