@@ -98,23 +98,35 @@ def cpu_copy(value: Any) -> Any:
 class CheckpointWriter:
     """save_checkpoint in a background thread, one checkpoint at a time.
 
-    `save` copies the payload to the CPU and returns; the hash, serialisation and atomic write follow in the
-    worker. A write's error is raised by the next `save` or `wait` (the file then holds the checkpoint before
-    it, as save_checkpoint leaves it). `wait` returns once the last checkpoint saved is on disk."""
+    `save` waits for the previous write, copies the payload to the CPU and returns; the hash, serialisation and
+    atomic write follow in the worker. A write's error is raised once, by `poll` after the write has ended, or by
+    the next `save` or `wait` (the file then holds the checkpoint before it, as save_checkpoint leaves it).
+    `wait` returns once the last checkpoint saved is on disk."""
 
     def __init__(self) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
         self._pending: Future | None = None
 
     def save(self, path: str | Path, payload: dict[str, Any]) -> None:
-        snapshot = cpu_copy(payload)
         self.wait()
-        self._pending = self._pool.submit(save_checkpoint, path, snapshot)
+        self._pending = self._pool.submit(save_checkpoint, path, cpu_copy(payload))
+
+    def poll(self) -> None:
+        """Raise the error of a write that has ended; cheap enough for every training step."""
+        if self._pending is not None and self._pending.done():
+            self.wait()
 
     def wait(self) -> None:
-        pending, self._pending = self._pending, None
-        if pending is not None:
+        pending = self._pending
+        if pending is None:
+            return
+        try:
             pending.result()
+        except BaseException:
+            if pending.done():  # the write's own error, raised here once (not an interrupt of this wait)
+                self._pending = None
+            raise
+        self._pending = None
 
     def close(self) -> None:
         """Wait for the last write and stop the worker; the write's error is raised."""

@@ -295,7 +295,11 @@ class _Run:
                 while self.state.step < self.cfg.train.steps:
                     self.loss_sum += self.step()
                     self._after_step(stop)
-            return self._finish()
+                result = self._finish()
+                if stop.signum is not None:  # during the final grid, after the last checkpoint
+                    raise TrainingInterrupted(f"stopped by {signal.Signals(stop.signum).name} after the last step "
+                                              f"({result.step}); checkpoint saved to {self.ckpt_path}")
+                return result
         finally:
             self._close(failed=sys.exc_info()[0] is not None)
 
@@ -309,11 +313,12 @@ class _Run:
             if not failed:
                 raise
             log.error("the last checkpoint could not be written either: %s", exc)
-        if self.rank.world_size > 1 and failed:
+        if self.rank.world_size > 1 and failed and dist.is_initialized():
             dist.destroy_process_group()
 
     def _after_step(self, stop: _StopFlag) -> None:
         tc, step = self.cfg.train, self.state.step
+        self.writer.poll()  # a failed checkpoint write stops the run now, not at the next checkpoint
         if self.rank.is_main and self.hooks.on_step is not None:
             self.hooks.on_step(step)
         at_log = step % tc.log_every == 0 or step == tc.steps
@@ -339,8 +344,12 @@ class _Run:
             dist.all_reduce(self.step.first_bad, op=dist.ReduceOp.MIN)
         first = self.step.first_nonfinite()
         if first is not None:
-            with contextlib.suppress(Exception):  # a failed write leaves the checkpoint before it
+            try:
                 self.writer.wait()
+            except Exception as exc:  # noqa: BLE001 - the divergence is the error; the file before it stays
+                log.error("the last checkpoint could not be written: %s", exc)
+            if self.rank.world_size > 1:
+                dist.barrier()  # every rank looks for the file once rank 0 has written it
             kept = (f"the last good checkpoint ({self.ckpt_path}) was kept" if self.ckpt_path.is_file() else
                     f"no checkpoint was written before it (the first is due at step {self.cfg.train.checkpoint_every})")
             raise TrainingDivergedError(
@@ -391,8 +400,6 @@ class _Run:
         self.hooks.on_sample(step, grid)
 
     def _finish(self) -> TrainResult:
-        if self.rank.world_size > 1:
-            dist.destroy_process_group()
         if self.rank.is_main:
             self.files.start()  # a resume at its last step has written nothing yet
             self.files.close()
@@ -402,6 +409,9 @@ class _Run:
             grid = save_grid(images, self.layout.samples_final)
             if self.hooks.on_sample is not None:
                 self.hooks.on_sample(self.state.step, grid)
+        if self.rank.world_size > 1:
+            dist.barrier()  # no rank returns before the last checkpoint is on disk
+            dist.destroy_process_group()
         return TrainResult(checkpoint=self.ckpt_path, step=self.state.step, loss=self.last_loss,
                            images_per_sec=self.ips, steps_run=self.state.step - self.first_step,
                            compile_cache=None if self.compile_cache is None else dict(self.compile_cache.record))

@@ -2,7 +2,10 @@
 
 
 import math
+import os
+import signal
 import threading
+import time
 
 import pytest
 import torch
@@ -11,7 +14,7 @@ import ddpm.train as train_mod
 import ddpm.train_step as step_mod
 from ddpm.checkpoint import CheckpointWriter, load_checkpoint, load_model, save_checkpoint
 from ddpm.config import load_config
-from ddpm.errors import CheckpointError, TrainingDivergedError
+from ddpm.errors import CheckpointError, TrainingDivergedError, TrainingInterrupted
 
 
 def _fake_images(name, root, split="train"):
@@ -208,6 +211,45 @@ def test_training_waits_for_its_last_checkpoint_and_draws_the_final_grid_meanwhi
     assert sampled == [True]
     assert load_checkpoint(result.checkpoint)["step"] == 3
     assert (train_mod.Path(cfg.train.out_dir) / "samples_final.png").is_file()
+
+
+def test_a_failed_background_write_stops_training_at_the_next_step_not_the_next_checkpoint(cfg_for, monkeypatch):
+    import ddpm.checkpoint as ck
+
+    failed = threading.Event()
+
+    def full_disk(path, data):
+        try:
+            raise OSError(28, "No space left on device", str(path))
+        finally:
+            failed.set()
+    monkeypatch.setattr(ck, "atomic_write_bytes", full_disk)
+    steps = []
+
+    def on_step(step):
+        steps.append(step)
+        if step == 4:  # the step-3 write has failed by step 5's check at the latest
+            assert failed.wait(60)
+            time.sleep(0.2)
+    cfg = cfg_for("full", 9)  # checkpoints at 3, 6 and 9
+    with pytest.raises(OSError, match="No space left on device"):
+        train_mod.train(cfg, on_step=on_step)
+    assert steps in ([1, 2, 3], [1, 2, 3, 4])  # not on to the next checkpoint's step 6
+    assert not (train_mod.Path(cfg.train.out_dir) / "checkpoint.pt").exists()
+
+
+def test_a_sigterm_while_the_final_grid_is_drawn_keeps_the_last_checkpoint_and_exits_as_stopped(cfg_for,
+                                                                                                 monkeypatch):
+    real = train_mod.sample_grid_images
+
+    def sample(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(train_mod, "sample_grid_images", sample)
+    cfg = cfg_for("term", 4)
+    with pytest.raises(TrainingInterrupted, match=r"stopped by SIGTERM after the last step \(4\)"):
+        train_mod.train(cfg)
+    assert load_checkpoint(train_mod.Path(cfg.train.out_dir) / "checkpoint.pt")["step"] == 4
 
 
 @pytest.mark.parametrize("n, channels, nrow", [(7, 1, 3), (10, 3, None), (2, 1, 1)])
