@@ -211,6 +211,8 @@ def cmd_onnx_sample(args: argparse.Namespace) -> int:
     if args.model is None:
         args = argparse.Namespace(**{**vars(args), "model": _default_onnx_model(args.params)})
     elif args.model.startswith("models:/"):
+        from ddpm.schedule_math import check_options_apply
+        check_options_apply(args.sampler, args.steps, None, True)  # before a download: it needs no model
         # The resolver lives with the pipeline's MLflow code; ddpm itself never imports MLflow.
         from flows.registry import fetch_onnx
         found = fetch_onnx(args.model, args.params, cache=args.cache)

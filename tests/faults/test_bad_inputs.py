@@ -130,6 +130,17 @@ def test_options_the_sampling_would_ignore_are_refused(capsys, checkpoint, tmp_p
     assert not out.exists()
 
 
+def test_steps_with_ddpm_sampling_are_refused_before_a_registered_model_is_downloaded(capsys, tmp_path, monkeypatch):
+    import flows.registry
+
+    def fetch(*args, **kwargs):
+        raise AssertionError("the model was fetched")
+    monkeypatch.setattr(flows.registry, "fetch_onnx", fetch)
+    line = _error_line(capsys, ["onnx-sample", "--model", "models:/ddpm-unet@champion", "--out", str(tmp_path / "s"),
+                                "--sampler", "ddpm", "--steps", "10"])
+    assert "--steps 10: the step count of DDIM sampling" in line and not (tmp_path / "s").exists()
+
+
 def test_onnx_metadata_asking_for_1e11_timesteps_is_refused_before_any_array(capsys, tmp_path):
     model = onnx_model(tmp_path / "model.onnx", diffusion={**config_from_dict(TINY).to_dict()["diffusion"],
                                                             "timesteps": 100_000_000_000})
