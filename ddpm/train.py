@@ -297,8 +297,7 @@ class _Run:
                     self._after_step(stop)
                 result = self._finish()
                 if stop.signum is not None:  # during the final grid, after the last checkpoint
-                    raise TrainingInterrupted(f"stopped by {signal.Signals(stop.signum).name} after the last step "
-                                              f"({result.step}); checkpoint saved to {self.ckpt_path}")
+                    raise self._stopped(stop.signum, f"after the last step ({result.step})")
                 return result
         finally:
             self._close(failed=sys.exc_info()[0] is not None)
@@ -336,8 +335,11 @@ class _Run:
             self._preview()
         if stopping:
             self.writer.wait()  # the message says the checkpoint is saved
-            name = signal.Signals(stop.signum).name if stop.signum else "a signal on another rank"
-            raise TrainingInterrupted(f"stopped by {name} at step {step}; checkpoint saved to {self.ckpt_path}")
+            raise self._stopped(stop.signum, f"at step {step}")
+
+    def _stopped(self, signum: int | None, when: str) -> TrainingInterrupted:
+        name = signal.Signals(signum).name if signum else "a signal on another rank"
+        return TrainingInterrupted(f"stopped by {name} {when}; checkpoint saved to {self.ckpt_path}")
 
     def _raise_if_diverged(self) -> None:
         if self.rank.world_size > 1:
