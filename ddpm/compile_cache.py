@@ -17,12 +17,13 @@ or corrupt), "key", "file", "reason"[, "saved"]}.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -146,16 +147,55 @@ class CompileCache:
         return self.record
 
 
+def dynamo_cache_available(world_size: int) -> bool:
+    """Whether Dynamo's own work can go into the cache file too: this torch has `caching_precompile` and the
+    step runs in one process (Dynamo's cache does not cover DistributedDataParallel's split graphs)."""
+    return world_size == 1 and hasattr(torch._dynamo.config, "caching_precompile")
+
+
+@contextlib.contextmanager
+def caching_dynamo_work(enabled: bool) -> Iterator[None]:
+    """While open, torch.compile also records Dynamo's trace of what it compiles (the transformed bytecode and
+    its guards: torch._dynamo.config.caching_precompile), which `save_cache_artifacts` then carries; a run that
+    loaded such a file skips tracing the training step. Open around torch.compile, the first call and the save.
+
+    Saved guards keep what holds in another process (tensor shapes, dtypes, devices, global state) and drop
+    those on object identity, which torch logs once per guard; that line is kept out of the log here. What the
+    dropped guards checked is fixed by the key (the model settings and compile options) and by torch's check of
+    the traced functions' source, which refuses an entry whose source has changed."""
+    if not enabled:
+        yield
+        return
+    guards_log = logging.getLogger("torch._dynamo.guards")
+    quiet = _DroppedGuardFilter()
+    guards_log.addFilter(quiet)
+    try:
+        with torch._dynamo.config.patch(caching_precompile=True):
+            yield
+    finally:
+        guards_log.removeFilter(quiet)
+
+
+class _DroppedGuardFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "is dropped with caching_precompile" not in str(record.msg)
+
+
 def lookup_counts() -> dict[str, int]:
-    """This process's lookups in torch's two compile caches so far: inductor's FX graph cache and AOTAutograd's
-    (hit, miss, bypass each). A loaded file serves a compile fully when every lookup hits; a bypass means torch
+    """This process's lookups in torch's compile caches so far: inductor's FX graph cache and AOTAutograd's
+    (hit, miss, bypass each), and Dynamo's (hit, miss, error) where it is on (torch._dynamo.config.
+    caching_precompile). A loaded file serves a compile fully when every lookup hits; a bypass means torch
     kept that graph out of the cache and compiles it every time."""
     from torch._dynamo.utils import counters
 
-    return {f"{name}_{outcome}": int(counters[group][f"{key}_{outcome}"])
-            for name, group, key in (("fx_graph", "inductor", "fxgraph_cache"),
-                                     ("aot_autograd", "aot_autograd", "autograd_cache"))
-            for outcome in ("hit", "miss", "bypass")}
+    counts = {f"{name}_{outcome}": int(counters[group][f"{key}_{outcome}"])
+              for name, group, key in (("fx_graph", "inductor", "fxgraph_cache"),
+                                       ("aot_autograd", "aot_autograd", "autograd_cache"))
+              for outcome in ("hit", "miss", "bypass")}
+    if torch._dynamo.config.caching_precompile:
+        counts.update({f"dynamo_{outcome}": int(counters["dynamo_cache"][f"dynamo_cache_{outcome}"])
+                       for outcome in ("hit", "miss", "error")})
+    return counts
 
 
 def differing_fields(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
@@ -207,8 +247,9 @@ def _load_artifacts(payload: bytes) -> bool:
 
 def training_cache_key(cfg: Config, world_size: int, device: torch.device, graphed: bool,
                        options: dict[str, Any]) -> CacheKey:
-    """The key of `ddpm train`'s compiled step: `options` are torch.compile's, `graphed` whether it is captured."""
+    """The key of `ddpm train`'s compiled step: `options` are torch.compile's, `graphed` whether it is captured,
+    and whether Dynamo's work is recorded as well (caching_dynamo_work, open when the key is made)."""
     tc = cfg.train
     return cache_key(cfg.to_dict()["model"], image_shape(cfg), tc.batch_size, world_size, device,
                      {"bf16": cfg.runtime.bf16, "channels_last": tc.channels_last, "cuda_graphs": graphed,
-                      "inductor": options})
+                      "inductor": options, "dynamo": bool(getattr(torch._dynamo.config, "caching_precompile", False))})

@@ -32,7 +32,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ddpm.checkpoint import CheckpointWriter, config_of, load_checkpoint
-from ddpm.compile_cache import CompileCache, training_cache_key
+from ddpm.compile_cache import CompileCache, caching_dynamo_work, dynamo_cache_available, training_cache_key
 from ddpm.config import Config, image_shape
 from ddpm.data import load_images
 from ddpm.distributed import DistInfo, any_rank, gather_states, init_distributed
@@ -159,8 +159,9 @@ def train(cfg: Config, resume: bool = False, on_log: Callable[[int, dict[str, fl
         ckpt = _checkpoint_to_resume(cfg, layout.checkpoint, resume, overwrite)
         files = RunFiles(layout, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode(), LOSS_FIELDS,
                          int(ckpt["step"]) if ckpt else 0, replace=overwrite and layout.checkpoint.exists())
-        step, cache = _start(cfg, rank, device, ckpt, objective or Objective())
-        return _Run(cfg, rank, step, files, TrainHooks(on_log, on_sample, on_checkpoint, on_step), cache).run()
+        with caching_dynamo_work(cfg.train.compile and dynamo_cache_available(rank.world_size)):
+            step, cache = _start(cfg, rank, device, ckpt, objective or Objective())
+            return _Run(cfg, rank, step, files, TrainHooks(on_log, on_sample, on_checkpoint, on_step), cache).run()
 
 
 def _checkpoint_to_resume(cfg: Config, ckpt_path: Path, resume: bool, overwrite: bool) -> dict[str, Any] | None:

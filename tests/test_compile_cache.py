@@ -42,7 +42,12 @@ def test_the_training_key_holds_what_the_compiled_step_depends_on():
     key = cc.training_cache_key(cfg, 1, torch.device("cpu"), False, options)
     assert key.torch == torch.__version__ and key.device == "cpu" and key.batch_size == 256
     assert key.model == cfg.to_dict()["model"] and key.image_shape == (1, 28, 28)
-    assert key.options == {"bf16": True, "channels_last": True, "cuda_graphs": False, "inductor": options}
+    assert key.options == {"bf16": True, "channels_last": True, "cuda_graphs": False, "inductor": options,
+                           "dynamo": False}
+    with cc.caching_dynamo_work(True):  # the file then holds Dynamo's work too: another key
+        assert cc.training_cache_key(cfg, 1, torch.device("cpu"), False, options).options["dynamo"] is True
+    with cc.caching_dynamo_work(False):
+        assert cc.training_cache_key(cfg, 1, torch.device("cpu"), False, options).digest == key.digest
     smaller = load_config("params.yaml", "gpu-fast", ["runtime.device=cpu", "train.batch_size=128"])
     assert cc.training_cache_key(smaller, 1, torch.device("cpu"), False, options).digest != key.digest
     longer = load_config("params.yaml", "gpu-fast", ["runtime.device=cpu", "train.steps=9000", "train.lr=0.001"])
@@ -185,6 +190,45 @@ def test_a_real_cpu_compile_is_served_from_the_artifact_in_a_fresh_process(tmp_p
     assert runs[0]["lookups"]["fx_graph_miss"] > 0 and runs[0]["lookups"]["fx_graph_hit"] == 0
     assert runs[1]["lookups"]["fx_graph_hit"] == runs[1]["hits"] and runs[1]["lookups"]["fx_graph_miss"] == 0
     assert runs[0]["y"] == runs[1]["y"] == pytest.approx([1.0, 2.682942, 2.818595, 1.28224])  # 2 sin(x) + 1
+
+
+_TINY_MODULE_COMPILE = """
+import json, sys, torch
+from torch._dynamo.utils import counters
+import ddpm.compile_cache as cc
+torch.manual_seed(0)
+net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.SiLU(), torch.nn.Linear(8, 1))
+key = cc.cache_key({"tiny": 2}, (4,), 3, 1, torch.device("cpu"), {})
+with cc.caching_dynamo_work(cc.dynamo_cache_available(1)):
+    cache = cc.CompileCache(sys.argv[1], key)
+    cache.load()
+    f = torch.compile(net)
+    loss = f(torch.arange(12.0).view(3, 4)).square().mean()
+    loss.backward()
+    cache.save()
+print(json.dumps({"status": cache.record["status"], "lookups": cache.record["lookups"], "loss": loss.item(),
+                  "grad": net[0].weight.grad.sum().item()}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not cc.dynamo_cache_available(1), reason="this torch has no caching_precompile")
+def test_a_loaded_artifact_spares_the_next_process_dynamo_s_trace(tmp_path):
+    def run(i: int) -> tuple[dict, str]:
+        root = Path(__file__).resolve().parents[1]
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"c{i}" / "inductor"), "OMP_NUM_THREADS": "1",
+               "TRITON_CACHE_DIR": str(tmp_path / f"c{i}" / "triton"), "PYTHONPATH": str(root)}
+        done = subprocess.run([sys.executable, "-c", _TINY_MODULE_COMPILE, str(tmp_path / "cache")], env=env,
+                              cwd=root, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
+
+    (first, first_err), (second, _) = run(0), run(1)
+    assert first["status"] == "missing" and first["lookups"]["dynamo_miss"] == 1
+    assert second["status"] == "loaded" and second["lookups"]["dynamo_hit"] == 1
+    assert second["lookups"]["dynamo_miss"] == 0 and second["lookups"]["fx_graph_miss"] == 0
+    assert (second["loss"], second["grad"]) == (first["loss"], first["grad"])  # the same compiled step
+    assert "is dropped with caching_precompile" not in first_err  # torch's line per saved-away guard is quiet
 
 
 _CHANNELS_LAST_STEP = """
