@@ -137,7 +137,12 @@ class CompileCache:
             log.info("compile cache lookups: %s", ", ".join(f"{k} {v}" for k, v in self.record["lookups"].items()))
         if self.record["status"] == "loaded" or self.record.get("saved"):
             return self.record
-        saved = torch.compiler.save_cache_artifacts()
+        try:
+            saved = torch.compiler.save_cache_artifacts()
+        except Exception as exc:  # noqa: BLE001 - a cache torch cannot write must not stop training
+            self.record["reason"] = f"torch could not save its compile artifacts ({type(exc).__name__}: {exc})"
+            log.warning("compile cache: %s; the next run compiles again", self.record["reason"])
+            return self.record
         if saved is None or not saved[0]:
             log.info("compile cache: torch returned no artifacts to save")
             return self.record

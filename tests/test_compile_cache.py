@@ -132,6 +132,18 @@ def test_save_writes_once_and_never_over_the_file_it_loaded(tmp_path, monkeypatc
     assert not (tmp_path / "other").exists()
 
 
+def test_artifacts_torch_cannot_save_are_one_log_line_not_a_stopped_run(tmp_path, monkeypatch, caplog):
+    def fails():
+        raise RuntimeError("Failed to save package to x: cannot pickle")
+
+    monkeypatch.setattr(torch.compiler, "save_cache_artifacts", fails)
+    with caplog.at_level(logging.WARNING, logger="ddpm.compile_cache"):
+        record = cc.CompileCache(tmp_path, KEY).save()
+    assert "saved" not in record and "cannot pickle" in record["reason"] and not any(tmp_path.iterdir())
+    assert [r.getMessage() for r in caplog.records] == [
+        f"compile cache: {record['reason']}; the next run compiles again"]
+
+
 def test_ddpm_train_saves_at_its_first_checkpoint_and_the_next_run_loads_it(tmp_path, monkeypatch, torch_loads):
     """train.compile: the record of each run (for MLflow) and the file in <out_dir>/compile_cache/, which an
     --overwrite leaves in place. torch.compile itself is replaced by the model: the CPU would compile for minutes."""
