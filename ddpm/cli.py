@@ -194,8 +194,8 @@ def cmd_export(args: argparse.Namespace) -> int:
               f"{check['max_abs_diff']:.3g}, FID {check['score_onnx']:.4g} (onnxruntime) vs {check['score_torch']:.4g}")
     from ddpm.aot_package import export_package, package_path
     aot = export_package(args.checkpoint, package_path(path), cfg)
-    print(f"exported {aot['file']} (the sampling network compiled for {aot['machine']['device']})" if aot["written"]
-          else f"no AOT package was written: {aot['reason']}")
+    if aot["written"]:  # else export_package has logged why
+        print(f"exported {aot['file']} (the sampling network compiled for {aot['machine']['device']})")
     if cfg.export.int8:
         from ddpm.quantize import int8_path
         if int8_path(path).is_file():
