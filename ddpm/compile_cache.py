@@ -154,8 +154,8 @@ class CompileCache:
 
 
 def dynamo_cache_available(world_size: int) -> bool:
-    """Whether Dynamo's own work can go into the cache file too: this torch has `caching_precompile` and the
-    step runs in one process (Dynamo's cache does not cover DistributedDataParallel's split graphs)."""
+    """Whether Dynamo's own work can go into the cache file too (train.cache_dynamo_trace): this torch has
+    `caching_precompile` and the step runs in one process (not tried with DistributedDataParallel's split graphs)."""
     return world_size == 1 and hasattr(torch._dynamo.config, "caching_precompile")
 
 

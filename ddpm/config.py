@@ -112,6 +112,7 @@ class TrainConfig:
     seed: int = _f(0, _seed, SEED_ALLOWED)
     nproc: int = _f(1, _positive, "an integer > 0 (processes on this node; > 1 launches torchrun)")
     compile: bool = False
+    cache_dynamo_trace: bool = False  # with compile, one process: the compile cache holds Dynamo's trace too
     cuda_graphs: bool = False  # capture the whole step (forward, backward, clip, AdamW, EMA) as one CUDA graph
     channels_last: bool = False
     log_every: int = _f(50, _positive, "an integer > 0")

@@ -159,7 +159,8 @@ def train(cfg: Config, resume: bool = False, on_log: Callable[[int, dict[str, fl
         ckpt = _checkpoint_to_resume(cfg, layout.checkpoint, resume, overwrite)
         files = RunFiles(layout, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode(), LOSS_FIELDS,
                          int(ckpt["step"]) if ckpt else 0, replace=overwrite and layout.checkpoint.exists())
-        with caching_dynamo_work(cfg.train.compile and dynamo_cache_available(rank.world_size)):
+        tc = cfg.train
+        with caching_dynamo_work(tc.compile and tc.cache_dynamo_trace and dynamo_cache_available(rank.world_size)):
             step, cache = _start(cfg, rank, device, ckpt, objective or Objective())
             return _Run(cfg, rank, step, files, TrainHooks(on_log, on_sample, on_checkpoint, on_step), cache).run()
 

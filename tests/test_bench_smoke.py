@@ -167,12 +167,15 @@ def test_bench_compile_once_smoke_runs_every_command_and_writes_its_goal_file(tm
     goal = tmp_path / "goal.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, "bench/compile_once.py", "--smoke", "--out", str(tmp_path / "co.json"),
-                           "--goal", str(goal), f"data.root={tmp_path / 'data'}"], cwd=ROOT, env=env,
+                           "--goal", str(goal), "--warm-runs", "2", f"data.root={tmp_path / 'data'}"],
+                          cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     doc = json.loads((tmp_path / "co.json").read_text())
     steps = doc["steps"]
-    assert set(steps) == {"train_cold", "train_warm", "sample_aot", "sample_eager"}
+    assert set(steps) == {"train_cold", "train_warm", "train_warm_2", "sample_aot", "sample_eager"}
+    warm = [steps["train_warm"]["wall_s"], steps["train_warm_2"]["wall_s"]]
+    assert doc["summary"]["train_warm_runs_s"] == warm and doc["summary"]["train_warm_s"] == sum(warm) / 2
     assert all(s["rc"] == 0 and s["wall_s"] > 0 for s in steps.values()), steps
     assert steps["train_cold"]["compile_cache"] == steps["train_warm"]["compile_cache"] == "off"  # no compile
     assert doc["samples_aot_vs_eager"]["max_abs_diff_uint8"] == 0
@@ -218,6 +221,9 @@ def test_compile_once_counts_no_sampling_time_as_the_package_s_when_sample_fell_
     doc["steps"]["sample_aot"] = step(6.5, network="aot")
     doc["steps"]["train_warm"] = step(88.0)
     assert summary_of(doc)["sample_aot_s"] == 6.5 and goal_status(summary_of(doc)) == "met"
+    doc["steps"]["train_warm_2"], doc["steps"]["train_warm_3"] = step(95.0), step(91.0)  # --warm-runs 3
+    assert summary_of(doc)["train_warm_s"] == 91.0 and summary_of(doc)["train_warm_runs_s"] == [88.0, 95.0, 91.0]
+    assert goal_status(summary_of(doc)) == "not met: training 91.0 s (goal 90 s)"
 
 
 def test_compile_once_keeps_a_log_line_written_right_after_a_progress_bar_s_redraw():

@@ -165,6 +165,27 @@ def test_ddpm_train_saves_at_its_first_checkpoint_and_the_next_run_loads_it(tmp_
     assert "saved" not in second.compile_cache and folder.is_dir()
 
 
+@pytest.mark.parametrize("asked", [False, True])
+def test_train_cache_dynamo_trace_records_dynamo_s_work_during_the_run_only(tmp_path, monkeypatch, asked):
+    monkeypatch.setattr(train_mod, "load_images", lambda *a, **k: (
+        torch.zeros(8, 1, 28, 28, dtype=torch.uint8), torch.arange(8) % 10))
+    seen = []  # caching_precompile at torch.compile and at the save (the first checkpoint)
+    monkeypatch.setattr(train_mod.torch, "compile",
+                        lambda net, **kwargs: seen.append(torch._dynamo.config.caching_precompile) or net)
+    monkeypatch.setattr(torch.compiler, "save_cache_artifacts",
+                        lambda: seen.append(torch._dynamo.config.caching_precompile) or (b"bytes", None))
+    cfg = load_config("params.yaml", "cpu", [
+        f"train.out_dir={tmp_path / 'run'}", "train.steps=1", "train.batch_size=2", "train.compile=true",
+        f"train.cache_dynamo_trace={str(asked).lower()}", "diffusion.timesteps=20", "sampler.steps=2",
+        "sample.num_images=2"])
+    before = torch._dynamo.config.caching_precompile
+    record = train_mod.train(cfg).compile_cache
+    assert seen == [asked and cc.dynamo_cache_available(1)] * 2
+    assert torch._dynamo.config.caching_precompile == before  # the setting is the run's, not the process's
+    header, _ = cc.read_cache_file(Path(record["saved"]))
+    assert header["key"]["options"]["dynamo"] is (asked and cc.dynamo_cache_available(1))
+
+
 _TINY_COMPILE = """
 import json, sys, torch
 from torch._dynamo.utils import counters
