@@ -11,7 +11,7 @@ Modes (--modes):
                  with train.cuda_graphs (the batch drawn eagerly and copied in; fused AdamW with
                  capturable=True). No compile cost; removes launch overhead.
   compile        torch.compile(model, dynamic=False), default mode, as ddpm.train with compile=true:
-                 our U-Net with ddpm.train.compile_options(cuda_graphs=False) (--inductor settings
+                 our U-Net with ddpm.train_compile.compile_options(cuda_graphs=False) (--inductor settings
                  override them), the twins with inductor's defaults (--compile-options).
   compile-graph  the same, with compile_options(cuda_graphs=True) for our U-Net (its own compile;
                  for a twin without options it reuses the compile of `compile`), the update
@@ -53,7 +53,7 @@ from bench.models import MODEL_NAMES, Spec, forward_flops, num_params, specs
 from ddpm.config import Config
 from ddpm.layers import use_hashed_dropout, use_padded_image_convs, use_per_channel_group_norm
 from ddpm.schedule import Schedule
-from ddpm.train import compile_options
+from ddpm.train_compile import compile_options
 from ddpm.train_step import EAGER_STEPS_BEFORE_CAPTURE, TrainData, TrainState, make_train_step
 
 MODES = ("eager", "graph", "compile", "compile-graph", "reduce-overhead", "max-autotune-no-cudagraphs")
@@ -92,7 +92,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="our U-Net's GroupNorm statistics from per-channel sums when compiled, as ddpm.train "
                         "does with train.compile (ddpm.layers.GroupNorm)")
     p.add_argument("--compile-options", default="ours", choices=["ours", "all", "none"],
-                   help="which networks the default-mode compile gives ddpm.train.compile_options "
+                   help="which networks the default-mode compile gives ddpm.train_compile.compile_options "
                         "(ours: as ddpm train; the twins keep inductor's defaults)")
     p.add_argument("--hashed-dropout", action=argparse.BooleanOptionalAction, default=True,
                    help="our U-Net's dropout masks from a hash of each element's offset when compiled, as "
@@ -104,7 +104,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--inductor", action="append", type=H.parse_inductor_option, default=[], metavar="KEY=VALUE",
                    help="a torch._inductor.config setting for compile-based modes (repeatable), "
                         "e.g. coordinate_descent_tuning=True; for networks compiled with "
-                        "ddpm.train.compile_options it overrides those, e.g. triton.multi_kernel=0")
+                        "ddpm.train_compile.compile_options it overrides those, e.g. triton.multi_kernel=0")
     p.add_argument("--windows", type=int, default=5, help="timed windows per case (the median is reported)")
     p.add_argument("--window-s", type=float, default=0.25, help="target seconds per timed window")
     p.add_argument("--matmul-n", type=int, default=8192)

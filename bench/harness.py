@@ -340,7 +340,7 @@ def parse_inductor_option(text: str) -> tuple[str, bool | int | float | str]:
 def set_inductor_options(options: list[tuple[str, Any]]) -> None:
     import torch._inductor.config as inductor_config
 
-    from ddpm.train import keep_multi_kernel_choices_in_memory
+    from ddpm.train_compile import keep_multi_kernel_choices_in_memory
     for key, value in options:
         setattr(inductor_config, key, value)
         if key == "triton.multi_kernel" and value:

@@ -49,7 +49,8 @@ from ddpm.generate import student_sampling
 from ddpm.layout import RunLayout
 from ddpm.schedule import Schedule, split_prediction
 from ddpm.schedule_math import trailing_timesteps
-from ddpm.train import compile_for_training, resolve_device, train
+from ddpm.train import resolve_device, train
+from ddpm.train_compile import compile_for_training
 from ddpm.train_step import LossFn, Objective
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import signal
 import sys
 import time
@@ -29,10 +28,9 @@ import torch
 import torch.distributed as dist
 import yaml
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from ddpm.checkpoint import CheckpointWriter, config_of, load_checkpoint
-from ddpm.compile_cache import CompileCache, caching_dynamo_work, dynamo_cache_available, training_cache_key
+from ddpm.compile_cache import CompileCache, caching_dynamo_work, dynamo_cache_available
 from ddpm.config import Config, image_shape
 from ddpm.data import load_images
 from ddpm.distributed import DistInfo, any_rank, gather_states, init_distributed
@@ -40,10 +38,10 @@ from ddpm.errors import ConfigError, RunFolderError, TrainingDivergedError, Trai
 from ddpm.generate import generate, save_grid
 from ddpm.layout import RunLayout
 from ddpm.progress import StepBar
-from ddpm.layers import use_hashed_dropout, use_padded_image_convs, use_per_channel_group_norm
 from ddpm.resources import check_training_fits
 from ddpm.run_folder import RunFiles, owned, resume_changes
 from ddpm.schedule import Schedule
+from ddpm.train_compile import training_network
 from ddpm.train_step import Objective, TrainData, TrainState, TrainStep, make_train_step  # noqa: F401 (Objective re-exported)
 from ddpm.unet import build_unet
 
@@ -80,36 +78,6 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("runtime.device: 'cuda' was asked for, but no CUDA device is available; use 'cpu' or 'auto'")
     return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
-
-
-def compile_options(cuda_graphs: bool) -> dict[str, Any]:
-    """Inductor settings for the compiled training step (torch.compile's `options`); with `cuda_graphs`
-    it also calls keep_multi_kernel_choices_in_memory (below).
-
-    By default inductor writes a computed value to memory when it has several users and more than 4
-    reads or 30 operations. In the backward that wrote the float32 gradient of each GroupNorm output
-    (GroupNorm, scale-shift, SiLU and dropout recomputed) and read it back in the next kernel;
-    recomputing it in each user reads less. With the step in a CUDA graph, each reduction is also
-    compiled twice (the whole row in registers, and looped) and the faster one is chosen by timing on
-    the first call; outside a graph that choice costs a host-side dispatch per launch, more than it
-    saves. Measured on the MNIST step: docs/experiments/2026-11-26-recompute-rather-than-store.md.
-    """
-    options: dict[str, Any] = {"realize_reads_threshold": 64, "realize_opcount_threshold": 1000,
-                               "realize_acc_reads_threshold": 64}
-    if cuda_graphs:
-        options["triton.multi_kernel"] = 1
-        keep_multi_kernel_choices_in_memory()
-    return options
-
-
-def keep_multi_kernel_choices_in_memory() -> None:
-    """Turn off inductor's on-disk record of which multi-kernel variant won, for this process and its
-    children (TORCHINDUCTOR_DISABLE_MULTI_KERNEL_CACHE=1, unless set); for any compile with
-    `triton.multi_kernel`. With torch 2.11 a compile served from a warm cache failed reading that record
-    back (TypeError in triton's JITFunction.cache_key), so a second run on the same machine stopped.
-    Each process times the variants again at their first call.
-    """
-    os.environ.setdefault("TORCHINDUCTOR_DISABLE_MULTI_KERNEL_CACHE", "1")
 
 
 class _StopFlag:
@@ -210,7 +178,7 @@ def _start(cfg: Config, rank: DistInfo, device: torch.device, ckpt: dict[str, An
     state = TrainState.create(model, tc, device, graphed=graphed, seed=tc.seed + 1_000_003 * rank.rank)
     if ckpt is not None:
         _restore(state, ckpt, cfg, rank)
-    net, cache = _network(model, cfg, rank, device, graphed)
+    net, cache = training_network(model, cfg, rank, device, graphed)
     return make_train_step(state, cfg, data, schedule, net=net, update_ema=rank.is_main, loss_fn=loss_fn), cache
 
 
@@ -235,41 +203,6 @@ def _restore(state: TrainState, ckpt: dict[str, Any], cfg: Config, rank: DistInf
         state.gen.manual_seed(seed + 1_000_003 * rank.rank + 7919 * state.step)
     log.info("resumed from %s at step %d (written by %d rank(s), now %d)", RunLayout(cfg.train.out_dir).checkpoint,
              state.step, rng.get("world_size", 1), rank.world_size)
-
-
-def _network(model: nn.Module, cfg: Config, rank: DistInfo, device: torch.device,
-             graphed: bool) -> tuple[Callable[..., torch.Tensor], CompileCache | None]:
-    """What the loss calls: the model, wrapped in DistributedDataParallel on several ranks, compiled with
-    train.compile (then GroupNorm statistics from per-channel sums, dropout masks from a hash, and with
-    train.channels_last image-channel convolutions in channels-last kernels: ddpm.layers), and its compile cache."""
-    tc = cfg.train
-    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if rank.world_size > 1 else model
-    if not tc.compile:
-        return ddp, None
-    options = compile_options(graphed)
-    cache = CompileCache(RunLayout(tc.out_dir).compile_cache, training_cache_key(cfg, rank.world_size, device,
-                                                                                  graphed, options)).loaded()
-    return compile_for_training(ddp, model, tc.channels_last, graphed), cache
-
-
-def compile_for_training(net: Callable[..., torch.Tensor], model: nn.Module, channels_last: bool,
-                         graphed: bool) -> Callable[..., torch.Tensor]:
-    """torch.compile `net` (the model or its DDP wrapper) as training does, with the model's compiled layer forms."""
-    use_hashed_dropout(use_per_channel_group_norm(model))
-    use_padded_image_convs(model, channels_last)
-    cache_graphs_with_autograd_functions()
-    return torch.compile(net, options=compile_options(graphed))
-
-
-def cache_graphs_with_autograd_functions() -> None:
-    """Let AOTAutograd's cache keep graphs that call a torch.autograd.Function (ddpm.layers.channels_last_grad,
-    in every channels-last training step). torch bypasses that cache for them by default, so each run, compile
-    cache file loaded or not, partitioned the step's joint graph again. Ours is pure: its forward and backward
-    are traced into the graph that keys the cache. Process-wide, like torch's own setting."""
-    config = torch._functorch.config
-    if hasattr(config, "autograd_cache_allow_custom_autograd_functions"):
-        config.autograd_cache_allow_custom_autograd_functions = True
 
 
 # --- the loop and its hooks --------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import torch
 import ddpm.compile_cache as cc
 import ddpm.train as train_mod
 from ddpm.config import load_config
+from ddpm.train_compile import compile_options
 
 KEY = cc.CacheKey(torch="2.11.0+cu130", triton="3.6.0", device="NVIDIA H200", model={"base_channels": 64},
                   image_shape=(1, 28, 28), batch_size=256, world_size=1,
@@ -38,7 +39,7 @@ def test_the_digest_is_the_sha256_of_the_sorted_key_and_changes_with_every_field
 
 def test_the_training_key_holds_what_the_compiled_step_depends_on():
     cfg = load_config("params.yaml", "gpu-fast", ["runtime.device=cpu"])
-    options = train_mod.compile_options(False)
+    options = compile_options(False)
     key = cc.training_cache_key(cfg, 1, torch.device("cpu"), False, options)
     assert key.torch == torch.__version__ and key.device == "cpu" and key.batch_size == 256
     assert key.model == cfg.to_dict()["model"] and key.image_shape == (1, 28, 28)
@@ -268,7 +269,7 @@ _CHANNELS_LAST_STEP = """
 import json, sys, torch
 from torch._dynamo.utils import counters
 from ddpm.layers import channels_last_grad
-from ddpm.train import cache_graphs_with_autograd_functions
+from ddpm.train_compile import cache_graphs_with_autograd_functions
 if sys.argv[1] == "allowed":
     cache_graphs_with_autograd_functions()
 torch.manual_seed(0)

@@ -106,7 +106,7 @@ def test_compiled_channels_last_training_step_matches_eager():
 
     from ddpm.layers import use_padded_image_convs, use_per_channel_group_norm
     from ddpm.losses import p_losses
-    from ddpm.train import compile_options
+    from ddpm.train_compile import compile_options
     torch.manual_seed(0)
     model = UNet(ModelConfig(base_channels=16, channel_mult=(1, 2), attention_levels=(1,), norm_groups=8,
                              num_heads=2, dropout=0.0)).cuda().train()
@@ -192,7 +192,7 @@ from torch._dynamo.utils import counters
 from ddpm.config import DiffusionConfig, ModelConfig
 from ddpm.losses import p_losses
 from ddpm.schedule import Schedule
-from ddpm.train import compile_options
+from ddpm.train_compile import compile_options
 from ddpm.layers import use_hashed_dropout, use_padded_image_convs, use_per_channel_group_norm
 from ddpm.unet import UNet
 torch.manual_seed(0)
@@ -318,7 +318,7 @@ from ddpm.compile_cache import CompileCache, cache_key
 from ddpm.config import DiffusionConfig, ModelConfig
 from ddpm.losses import p_losses
 from ddpm.schedule import Schedule
-from ddpm.train import compile_options
+from ddpm.train_compile import compile_options
 from ddpm.unet import UNet
 torch.manual_seed(0)
 model = UNet(ModelConfig(base_channels=16, channel_mult=(1, 2), attention_levels=(1,), norm_groups=8, num_heads=2,

@@ -15,6 +15,7 @@ import ddpm.train_step as step_mod
 from ddpm.checkpoint import CheckpointWriter, load_checkpoint, load_model, save_checkpoint
 from ddpm.config import load_config
 from ddpm.errors import CheckpointError, TrainingDivergedError, TrainingInterrupted
+from ddpm.train_compile import compile_options
 
 
 def _fake_images(name, root, split="train"):
@@ -297,7 +298,7 @@ def test_compile_options_are_inductor_settings_this_torch_knows(cuda_graphs):
     the GPU (docs/experiments/2026-11-26-recompute-rather-than-store.md); tests/test_cuda.py checks the U-Net's
     training step compiled with them."""
     import torch._inductor.config as inductor_config
-    options = train_mod.compile_options(cuda_graphs)
+    options = compile_options(cuda_graphs)
     assert all(hasattr(inductor_config, key) for key in options), options
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.SiLU(), torch.nn.LayerNorm(16))
