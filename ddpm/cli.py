@@ -194,7 +194,7 @@ def cmd_export(args: argparse.Namespace) -> int:
               f"{check['max_abs_diff']:.3g}, FID {check['score_onnx']:.4g} (onnxruntime) vs {check['score_torch']:.4g}")
     from ddpm.aot_package import export_package, package_path
     aot = export_package(args.checkpoint, package_path(path), cfg)
-    if aot["written"]:  # else export_package has logged why
+    if aot["written"]:  # else export_package has logged why, unless export.aot is off
         print(f"exported {aot['file']} (the sampling network compiled for {aot['machine']['device']})")
     if cfg.export.int8:
         from ddpm.quantize import int8_path

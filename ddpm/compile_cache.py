@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import platform
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -84,6 +85,7 @@ class CompileCache:
         self.folder, self.key = Path(folder), key
         self.path = self.folder / f"{key.digest}{SUFFIX}"
         self.record: dict[str, Any] = {"status": "not loaded", "key": key.digest, "file": None, "reason": ""}
+        self._save_tried = False
 
     def load(self) -> dict[str, Any]:
         """Fill torch's compile caches from the file of this key, if it is there and sound; returns the record."""
@@ -135,8 +137,9 @@ class CompileCache:
         if "lookups" not in self.record:
             self.record["lookups"] = lookup_counts()
             log.info("compile cache lookups: %s", ", ".join(f"{k} {v}" for k, v in self.record["lookups"].items()))
-        if self.record["status"] == "loaded" or self.record.get("saved"):
+        if self.record["status"] == "loaded" or self._save_tried:
             return self.record
+        self._save_tried = True  # once: a failed or empty save is not tried again at every checkpoint
         try:
             saved = torch.compiler.save_cache_artifacts()
         except Exception as exc:  # noqa: BLE001 - a cache torch cannot write must not stop training
@@ -165,10 +168,12 @@ def caching_dynamo_work(enabled: bool) -> Iterator[None]:
     its guards: torch._dynamo.config.caching_precompile), which `save_cache_artifacts` then carries; a run that
     loaded such a file skips tracing the training step. Open around torch.compile, the first call and the save.
 
-    Saved guards keep what holds in another process (tensor shapes, dtypes, devices, global state) and drop
-    those on object identity, which torch logs once per guard; that line is kept out of the log here. What the
-    dropped guards checked is fixed by the key (the model settings and compile options) and by torch's check of
-    the traced functions' source, which refuses an entry whose source has changed."""
+    Guards on object identity (the functions and modules the step calls) are dropped while it is open, from the
+    saved entry and from this process's own guards (so replacing such a function after the compile does not
+    recompile); torch logs one line per dropped guard, kept out of the log here. The key fixes the model settings,
+    compile options and Python/CUDA versions; torch rejects an entry whose traced source lines changed and then
+    traces again (a warning with its traceback; the lookups' `dynamo_traced` counts it). Torch keys entries by
+    function name and first line, so only the training step should compile while it is open."""
     if not enabled:
         yield
         return
@@ -187,6 +192,19 @@ class _DroppedGuardFilter(logging.Filter):
         return "is dropped with caching_precompile" not in str(record.msg)
 
 
+def dynamo_work_cached() -> bool:
+    """Whether torch.compile records Dynamo's work here and now (caching_dynamo_work, or TORCH_CACHING_PRECOMPILE)."""
+    return bool(getattr(torch._dynamo.config, "caching_precompile", False))
+
+
+def dynamo_key() -> dict[str, Any]:
+    """What a file holding Dynamo's work adds to its key: torch accepts Dynamo's entry only under the same Python
+    and CUDA versions. Empty when Dynamo's work is not recorded, so that such files keep their earlier names."""
+    if not dynamo_work_cached():
+        return {}
+    return {"dynamo": True, "python": platform.python_version(), "cuda": torch.version.cuda}
+
+
 def lookup_counts() -> dict[str, int]:
     """This process's lookups in torch's compile caches so far: inductor's FX graph cache and AOTAutograd's
     (hit, miss, bypass each), and Dynamo's (hit, miss, error) where it is on (torch._dynamo.config.
@@ -198,9 +216,9 @@ def lookup_counts() -> dict[str, int]:
               for name, group, key in (("fx_graph", "inductor", "fxgraph_cache"),
                                        ("aot_autograd", "aot_autograd", "autograd_cache"))
               for outcome in ("hit", "miss", "bypass")}
-    if torch._dynamo.config.caching_precompile:
+    if dynamo_work_cached():  # and the frames Dynamo traced here: 0 when a loaded entry served them all
         counts.update({f"dynamo_{outcome}": int(counters["dynamo_cache"][f"dynamo_cache_{outcome}"])
-                       for outcome in ("hit", "miss", "error")})
+                       for outcome in ("hit", "miss", "error")}, dynamo_traced=int(counters["frames"]["ok"]))
     return counts
 
 
@@ -258,4 +276,4 @@ def training_cache_key(cfg: Config, world_size: int, device: torch.device, graph
     tc = cfg.train
     return cache_key(cfg.to_dict()["model"], image_shape(cfg), tc.batch_size, world_size, device,
                      {"bf16": cfg.runtime.bf16, "channels_last": tc.channels_last, "cuda_graphs": graphed,
-                      "inductor": options, "dynamo": bool(getattr(torch._dynamo.config, "caching_precompile", False))})
+                      "inductor": options, **dynamo_key()})

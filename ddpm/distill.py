@@ -134,6 +134,7 @@ def round_config(cfg: Config, teacher_cfg: Config, steps: int) -> Config:
     n = optimisation_steps(cfg, steps)
     raw["train"] = {**raw["train"], "steps": n, "lr": ds.lr, "warmup_steps": 0, "lr_decay": "cosine",
                     "ema_decay": ds.ema_decay, "sample_every": 0, "nproc": 1, "compile": ds.compile,
+                    "cache_dynamo_trace": False,  # teacher and student would share one Dynamo entry (UNet.forward)
                     "checkpoint_every": min(cfg.train.checkpoint_every, n),
                     "out_dir": str(DistillLayout.of(cfg).round_dir(steps))}
     return student_sampling(config_from_dict(raw), steps)

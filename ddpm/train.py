@@ -128,7 +128,11 @@ def train(cfg: Config, resume: bool = False, on_log: Callable[[int, dict[str, fl
         files = RunFiles(layout, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode(), LOSS_FIELDS,
                          int(ckpt["step"]) if ckpt else 0, replace=overwrite and layout.checkpoint.exists())
         tc = cfg.train
-        with caching_dynamo_work(tc.compile and tc.cache_dynamo_trace and dynamo_cache_available(rank.world_size)):
+        dynamo = tc.compile and tc.cache_dynamo_trace and dynamo_cache_available(rank.world_size)
+        if tc.cache_dynamo_trace and not dynamo:
+            log.info("train.cache_dynamo_trace is ignored: it needs train.compile, one process and a torch with "
+                     "caching_precompile")
+        with caching_dynamo_work(dynamo):
             step, cache = _start(cfg, rank, device, ckpt, objective or Objective())
             return _Run(cfg, rank, step, files, TrainHooks(on_log, on_sample, on_checkpoint, on_step), cache).run()
 

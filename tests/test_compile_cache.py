@@ -4,6 +4,7 @@ import hashlib
 import json
 import logging
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -43,10 +44,10 @@ def test_the_training_key_holds_what_the_compiled_step_depends_on():
     key = cc.training_cache_key(cfg, 1, torch.device("cpu"), False, options)
     assert key.torch == torch.__version__ and key.device == "cpu" and key.batch_size == 256
     assert key.model == cfg.to_dict()["model"] and key.image_shape == (1, 28, 28)
-    assert key.options == {"bf16": True, "channels_last": True, "cuda_graphs": False, "inductor": options,
-                           "dynamo": False}
-    with cc.caching_dynamo_work(True):  # the file then holds Dynamo's work too: another key
-        assert cc.training_cache_key(cfg, 1, torch.device("cpu"), False, options).options["dynamo"] is True
+    assert key.options == {"bf16": True, "channels_last": True, "cuda_graphs": False, "inductor": options}
+    with cc.caching_dynamo_work(True):  # the file then holds Dynamo's work too: another key, tied to this Python
+        dynamo = cc.training_cache_key(cfg, 1, torch.device("cpu"), False, options).options
+    assert dynamo == {**key.options, "dynamo": True, "python": platform.python_version(), "cuda": torch.version.cuda}
     with cc.caching_dynamo_work(False):
         assert cc.training_cache_key(cfg, 1, torch.device("cpu"), False, options).digest == key.digest
     smaller = load_config("params.yaml", "gpu-fast", ["runtime.device=cpu", "train.batch_size=128"])
@@ -139,7 +140,9 @@ def test_artifacts_torch_cannot_save_are_one_log_line_not_a_stopped_run(tmp_path
 
     monkeypatch.setattr(torch.compiler, "save_cache_artifacts", fails)
     with caplog.at_level(logging.WARNING, logger="ddpm.compile_cache"):
-        record = cc.CompileCache(tmp_path, KEY).save()
+        cache = cc.CompileCache(tmp_path, KEY)
+        record = cache.save()
+        assert cache.save() is record  # tried once: not again, with another warning, at every checkpoint
     assert "saved" not in record and "cannot pickle" in record["reason"] and not any(tmp_path.iterdir())
     assert [r.getMessage() for r in caplog.records] == [
         f"compile cache: {record['reason']}; the next run compiles again"]
@@ -172,19 +175,19 @@ def test_train_cache_dynamo_trace_records_dynamo_s_work_during_the_run_only(tmp_
         torch.zeros(8, 1, 28, 28, dtype=torch.uint8), torch.arange(8) % 10))
     seen = []  # caching_precompile at torch.compile and at the save (the first checkpoint)
     monkeypatch.setattr(train_mod.torch, "compile",
-                        lambda net, **kwargs: seen.append(torch._dynamo.config.caching_precompile) or net)
+                        lambda net, **kwargs: seen.append(cc.dynamo_work_cached()) or net)
     monkeypatch.setattr(torch.compiler, "save_cache_artifacts",
-                        lambda: seen.append(torch._dynamo.config.caching_precompile) or (b"bytes", None))
+                        lambda: seen.append(cc.dynamo_work_cached()) or (b"bytes", None))
     cfg = load_config("params.yaml", "cpu", [
         f"train.out_dir={tmp_path / 'run'}", "train.steps=1", "train.batch_size=2", "train.compile=true",
         f"train.cache_dynamo_trace={str(asked).lower()}", "diffusion.timesteps=20", "sampler.steps=2",
         "sample.num_images=2"])
-    before = torch._dynamo.config.caching_precompile
+    before = cc.dynamo_work_cached()
     record = train_mod.train(cfg).compile_cache
     assert seen == [asked and cc.dynamo_cache_available(1)] * 2
-    assert torch._dynamo.config.caching_precompile == before  # the setting is the run's, not the process's
+    assert cc.dynamo_work_cached() == before  # the setting is the run's, not the process's
     header, _ = cc.read_cache_file(Path(record["saved"]))
-    assert header["key"]["options"]["dynamo"] is (asked and cc.dynamo_cache_available(1))
+    assert header["key"]["options"].get("dynamo", False) is (asked and cc.dynamo_cache_available(1))
 
 
 _TINY_COMPILE = """
@@ -261,6 +264,7 @@ def test_a_loaded_artifact_spares_the_next_process_dynamo_s_trace(tmp_path):
     assert first["status"] == "missing" and first["lookups"]["dynamo_miss"] == 1
     assert second["status"] == "loaded" and second["lookups"]["dynamo_hit"] == 1
     assert second["lookups"]["dynamo_miss"] == 0 and second["lookups"]["fx_graph_miss"] == 0
+    assert second["lookups"]["dynamo_traced"] == 0 and second["lookups"]["aot_autograd_miss"] == 0  # nothing traced
     assert (second["loss"], second["grad"]) == (first["loss"], first["grad"])  # the same compiled step
     assert "is dropped with caching_precompile" not in first_err  # torch's line per saved-away guard is quiet
 
