@@ -174,11 +174,9 @@ class Bench:
     def train(self) -> Path:
         cold, warm = self.work / "cold", self.work / "warm"
         self.step("train_cold", [*self.ddpm, "train", *self.settings, f"train.out_dir={cold}"], 500)
-        if (cold / "compile_cache").is_dir():
-            shutil.copytree(cold / "compile_cache", warm / "compile_cache")
         for i in range(1, self.args.warm_runs + 1):
             name, folder = ("train_warm", warm) if i == 1 else (f"train_warm_{i}", self.work / f"warm_{i}")
-            if i > 1 and (cold / "compile_cache").is_dir():
+            if (cold / "compile_cache").is_dir():
                 shutil.copytree(cold / "compile_cache", folder / "compile_cache")
             self.step(name, [*self.ddpm, "train", *self.settings, f"train.out_dir={folder}"], 500)
         for name in [n for n in self.doc["steps"] if n.startswith("train_")]:
