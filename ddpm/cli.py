@@ -339,14 +339,16 @@ def _add_onnx_parsers(sub: Any) -> None:
     p.add_argument("--out", default="samples_onnx", help="output folder (default: %(default)s)")
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddim", help="(default: %(default)s)")
     p.add_argument("--steps", type=int, default=None,
-                   help="DDIM steps (default: a distilled student's own count, else 50)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default: %(default)s)")
+                   help="DDIM steps (default: those the export was checked with, its sampler.steps or a distilled "
+                        "student's own count; 50 for an older export)")
+    p.add_argument("--eta", type=float, default=None, help="DDIM eta (default: the export's sampler.eta, else 0)")
     p.add_argument("-n", "--num-images", type=int, default=64, help="(default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=256, help="(default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     p.add_argument("--label", type=int, default=None, help="class to draw (conditional models only)")
     p.add_argument("--guidance", type=float, default=None,
-                   help="classifier-free guidance scale, class-conditional models only (default: 1, none)")
+                   help="classifier-free guidance scale, class-conditional models only (default: the export's "
+                        "sampler.guidance_scale, else 1, none)")
     p.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="cpu",
                    help="execution provider; cuda fails loudly if CUDA is unavailable (default: %(default)s)")
     p.add_argument("--noise", choices=["pcg64", "counter"], default="pcg64",

@@ -67,8 +67,10 @@ def fp16_path(out_path: str | Path) -> Path:
     return p.with_name(f"{p.stem}.fp16{p.suffix}")
 
 
-def export_metadata(cfg: Config, ckpt: dict[str, Any], checkpoint: Path, num_classes: int) -> dict[str, Any]:
-    """What a sampler needs, beside the weights: the schedule, the image shape and the labels."""
+def export_metadata(cfg: Config, ckpt: dict[str, Any], checkpoint: Path, num_classes: int,
+                    sampler: SamplerConfig) -> dict[str, Any]:
+    """What a sampler needs, beside the weights: the schedule, the image shape and the labels; and the DDIM
+    settings the export was checked with (a student's own step count), a sampler's defaults."""
     return {
         "format": METADATA_VERSION,
         "diffusion": dict(cfg.to_dict()["diffusion"]),
@@ -83,6 +85,8 @@ def export_metadata(cfg: Config, ckpt: dict[str, Any], checkpoint: Path, num_cla
         "inputs": ["x", "t", "labels"] if cfg.model.class_conditional else ["x", "t"],
         "output": OUTPUT_NAME,
         "precision": "float32",
+        "sampler": {"steps": cfg.diffusion.distilled_steps or sampler.steps, "eta": sampler.eta,
+                    "guidance_scale": sampler.guidance_scale},
     }
 
 
@@ -93,8 +97,9 @@ def export_onnx(checkpoint: str | Path, out_path: str | Path, cfg: ExportConfig,
                 gate: Gate | None = None) -> Path:
     """Export the checkpoint's EMA U-Net to `out_path` (and `<name>.fp16.onnx` with cfg.fp16, `<name>.int8.onnx`
     with cfg.int8); returns out_path. `sampler` (None: the defaults): the DDIM steps of int8 calibration and
-    of the int8 twin's check. `gate`: called on the float32 model, then on the int8 twin when one is written,
-    before anything is renamed into place; its ExportRejected rejects the whole export.
+    of the int8 twin's check, and the sampling settings the metadata records (`ddpm onnx-sample`'s defaults).
+    `gate`: called on the float32 model, then on the int8 twin when one is written, before anything is renamed
+    into place; its ExportRejected rejects the whole export.
 
     Raises ExportRejected, with the measured difference, when onnxruntime and PyTorch disagree by
     more than cfg.parity_atol (float32) or cfg.fp16_atol (float16); then no model is left at out_path.
@@ -108,12 +113,12 @@ def export_onnx(checkpoint: str | Path, out_path: str | Path, cfg: ExportConfig,
     The folder of out_path is held for the export (ddpm.run_folder.owned).
     """
     with owned(Path(out_path).parent, "ddpm export"):
-        return _export_onnx(Path(checkpoint), Path(out_path), cfg, (sampler or SamplerConfig()).steps, gate)
+        return _export_onnx(Path(checkpoint), Path(out_path), cfg, sampler or SamplerConfig(), gate)
 
 
-def _export_onnx(checkpoint: Path, out: Path, cfg: ExportConfig, steps: int, gate: Gate | None) -> Path:
+def _export_onnx(checkpoint: Path, out: Path, cfg: ExportConfig, sampler: SamplerConfig, gate: Gate | None) -> Path:
     model, full_cfg, ckpt = load_model(checkpoint, "cpu", use_ema=True)
-    meta = export_metadata(full_cfg, ckpt, checkpoint, model.num_classes)
+    meta = export_metadata(full_cfg, ckpt, checkpoint, model.num_classes, sampler)
     out.parent.mkdir(parents=True, exist_ok=True)
     for stale in out.parent.glob(f".{out.name}.tmp-*"):  # a killed export's: the folder's lock is ours now
         if stale.is_dir() and not stale.is_symlink():
@@ -136,7 +141,7 @@ def _export_onnx(checkpoint: Path, out: Path, cfg: ExportConfig, steps: int, gat
                 written[-1] = _save(half, tmp / fp16_path(out).name, {**meta16, "parity_max_abs_diff": worst16},
                                     cfg.model_name)
             if cfg.int8:
-                if twin := _int8_twin(tmp / out.name, tmp / int8_path(out).name, meta, cfg, steps):
+                if twin := _int8_twin(tmp / out.name, tmp / int8_path(out).name, meta, cfg, sampler.steps):
                     written.append(twin)
             written[0] = _save(proto, tmp / out.name, meta, cfg.model_name)  # with the measured figure
             if gate is not None:

@@ -23,7 +23,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ddpm.errors import ConfigError, OnnxModelError
-from ddpm.schedule_math import SCHEDULE_ARRAYS, make_betas, schedule_arrays
+from ddpm.schedule_math import SCHEDULE_ARRAYS, check_eta, check_guidance_scale, make_betas, schedule_arrays
 
 METADATA_KEY = "ddpm"  # the metadata_props entry that `ddpm.export` writes
 METADATA_VERSION = 1
@@ -100,6 +100,23 @@ def _check_sizes(meta: dict[str, Any], path: Path) -> None:
                              f"datasets' {sorted(set(IMAGE_SHAPES.values()))}; re-export the model with `ddpm export`")
 
 
+def _sampler_defaults(meta: dict[str, Any], path: Path, num_timesteps: int) -> dict[str, Any]:
+    """The metadata's "sampler" entry (steps, eta, guidance_scale), checked; {} where the export has none."""
+    found = meta.get("sampler")
+    if found is None:
+        return {}
+    try:
+        steps, eta, scale = found["steps"], float(found["eta"]), float(found["guidance_scale"])
+        if type(steps) is not int or not 1 <= steps <= num_timesteps:
+            raise ValueError(f"steps {steps!r} is not an integer in [1, {num_timesteps}]")
+        check_eta(eta)
+        check_guidance_scale(scale)
+    except (KeyError, TypeError, ValueError, ConfigError) as exc:
+        raise OnnxModelError(f"{path}: its {METADATA_KEY!r} metadata has an invalid sampler entry {found!r} ({exc}); "
+                             f"re-export the model with `ddpm export`") from None
+    return {"steps": steps, "eta": eta, "guidance_scale": scale}
+
+
 _META_KEYS = ("diffusion", "image_shape", "class_conditional", "num_classes", "step")
 _DIFFUSION_KEYS = ("timesteps", "schedule", "beta_start", "beta_end", "cosine_s", "prediction")
 
@@ -140,6 +157,8 @@ class OnnxDenoiser:
                                  f"model with `ddpm export`") from None
         # a student of ddpm.distill samples with this many DDIM steps and no other count (0: any)
         self.distilled_steps = int(meta["diffusion"].get("distilled_steps", 0))  # checked by _check_sizes
+        # the DDIM settings the export was checked with ({} from an export that predates them): defaults
+        self.sampler_defaults = _sampler_defaults(meta, self.path, self.schedule.num_timesteps)
         self.prediction = str(meta["diffusion"]["prediction"])
         if self.prediction not in ("eps", "v", "x0"):
             raise OnnxModelError(f"{self.path}: unknown prediction {self.prediction!r} in its metadata")

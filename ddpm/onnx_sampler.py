@@ -33,7 +33,7 @@ from ddpm.schedule_math import (check_eta, check_guidance_scale, check_options_a
 
 Denoiser = Callable[..., Array]
 NOISE_SOURCES = ("pcg64", "counter")  # numpy's seeded PCG64 drawn in order, or ddpm.counter_noise (the web page's)
-DEFAULT_STEPS = 50  # `ddpm onnx-sample` without --steps: 50 DDIM steps, or a distilled student's own count
+DEFAULT_STEPS = 50  # `ddpm onnx-sample` without --steps, for an export whose metadata records no sampler settings
 
 
 def guided(model: Denoiser, null_label: int, guidance_scale: float) -> Denoiser:
@@ -265,9 +265,12 @@ def main(args: Any) -> int:
         print("provider auto: CUDA did not start, using the CPU", file=sys.stderr)
         den = OnnxDenoiser(args.model, "cpu")
     check_options_apply(args.sampler, args.steps, args.guidance, den.class_conditional)
-    args.steps = args.steps if args.steps is not None else (den.distilled_steps or DEFAULT_STEPS)
+    defaults = den.sampler_defaults  # the export's own settings, else DDIM-50, eta 0, no guidance
+    args.steps = args.steps if args.steps is not None else (den.distilled_steps or defaults.get("steps", DEFAULT_STEPS))
+    args.eta = args.eta if args.eta is not None else defaults.get("eta", 0.0)
+    guidance = args.guidance if args.guidance is not None else defaults.get("guidance_scale", 1.0)
     images = sample(den, args.num_images, args.sampler, args.steps, args.eta, args.seed, args.batch_size,
-                    args.label, 1.0 if args.guidance is None else args.guidance, noise=args.noise)
+                    args.label, guidance if den.class_conditional else 1.0, noise=args.noise)
     out = SampleFiles(args.out)
     arrays = {"images": images}
     if den.class_conditional:

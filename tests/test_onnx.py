@@ -489,6 +489,47 @@ def test_onnx_sample_cli_never_imports_torch_or_mlflow(models, tmp_path, which):
     assert (tmp_path / "s" / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def _with_sampler_entry(src: Path, dest: Path, entry: dict | None) -> Path:
+    """A copy of the export at `src` whose metadata's "sampler" entry is `entry` (None: none, as before it was kept)."""
+    proto = onnx.load(str(src))
+    prop = next(p for p in proto.metadata_props if p.key == METADATA_KEY)
+    meta = json.loads(prop.value)
+    meta.pop("sampler")
+    prop.value = json.dumps(meta if entry is None else {**meta, "sampler": entry})
+    onnx.save(proto, str(dest))
+    return dest
+
+
+def test_onnx_sample_defaults_to_the_settings_the_export_was_checked_with(models, tmp_path, capsys):
+    """The export records the DDIM settings of its check; `ddpm onnx-sample` without --steps, --eta or --guidance
+    samples with them, an option given wins, and an export without them gets DDIM-50, eta 0, no guidance."""
+    from ddpm.cli import main
+
+    _, path = models["cond"]
+    assert OnnxDenoiser(path).metadata["sampler"] == {"steps": 10, "eta": 0.0, "guidance_scale": 1.0}  # DDIM10
+    other = _with_sampler_entry(path, tmp_path / "other.onnx", {"steps": 7, "eta": 0.5, "guidance_scale": 2.0})
+    old = _with_sampler_entry(path, tmp_path / "old.onnx", None)
+
+    def run(model: Path, *options: str) -> tuple[str, np.ndarray]:
+        out = tmp_path / f"s{len(list(tmp_path.iterdir()))}"
+        assert main(["onnx-sample", "--model", str(model), "--out", str(out), "-n", "3", "--label", "2", *options]) == 0
+        return capsys.readouterr().out, np.load(out / "samples.npz")["images"]
+
+    said, images = run(other)
+    assert "3 images (ddim, 7 steps, seed 0, label 2" in said
+    np.testing.assert_array_equal(images, sample(OnnxDenoiser(other), 3, "ddim", 7, 0.5, 0, 256, 2, 2.0))
+    said, images = run(other, "--steps", "4", "--eta", "0", "--guidance", "1")
+    assert "(ddim, 4 steps" in said
+    np.testing.assert_array_equal(images, sample(OnnxDenoiser(other), 3, "ddim", 4, 0.0, 0, 256, 2, 1.0))
+    said, images = run(old)
+    assert "(ddim, 50 steps" in said
+    np.testing.assert_array_equal(images, sample(OnnxDenoiser(old), 3, "ddim", 50, 0.0, 0, 256, 2, 1.0))
+    for bad in ({"steps": 0, "eta": 0.0, "guidance_scale": 1.0}, {"steps": 7.5, "eta": 0.0, "guidance_scale": 1.0},
+                {"steps": 7, "eta": -1.0, "guidance_scale": 1.0}, {"steps": 7}):
+        with pytest.raises(OnnxModelError, match="invalid sampler entry.*re-export"):
+            OnnxDenoiser(_with_sampler_entry(path, tmp_path / "bad.onnx", bad))
+
+
 # ---- bad models and bad inputs ----
 
 def _model_with_inputs(path: Path, inputs: list[tuple[str, int, list]], meta: dict | None) -> Path:

@@ -94,6 +94,8 @@ def test_page_draws_what_onnx_sample_draws_from_the_same_seed(browser, served, t
     model = tiny_exports["cond"]
     page = _open(browser, served)
     assert "class-conditional (10 classes), 1x28x28 images, T = 50 (cosine, predicts v)" in page.text_content("#model")
+    # the form starts from the settings the export was checked with (the default sampler block: DDIM-50)
+    assert (page.input_value("#steps"), page.input_value("#guidance")) == ("50", "1")
     page.fill("#steps", "6")
     page.fill("#seed", "4242")
     page.fill("#batch", "6")

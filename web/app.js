@@ -143,8 +143,12 @@ async function start() {
   }
   state.model = model;
   $('steps').max = model.meta.diffusion.timesteps;
-  if (model.meta.diffusion.distilled_steps) $('steps').value = model.meta.diffusion.distilled_steps;
-  else if (Number($('steps').value) > model.meta.diffusion.timesteps) $('steps').value = model.meta.diffusion.timesteps;
+  // the DDIM settings the export was checked with (a student's own steps); an older export has none
+  const T = model.meta.diffusion.timesteps, own = model.meta.diffusion.distilled_steps || model.meta.sampler?.steps;
+  if (Number.isInteger(own) && own >= 1 && own <= T) $('steps').value = own;
+  else if (Number($('steps').value) > T) $('steps').value = T;
+  const scale = model.meta.sampler?.guidance_scale;
+  if (Number.isFinite(scale) && scale >= 0) $('guidance').value = scale;
   $('conditional').hidden = !model.meta.class_conditional;
   for (let k = 0; k < model.meta.num_classes; k++) $('digit').add(new Option(String(k), String(k)));
   $('model').textContent = `${url}: ${describe(model.meta, threads)}`;
