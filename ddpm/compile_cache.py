@@ -44,7 +44,7 @@ class CacheKey:
 
     torch: str
     triton: str | None
-    device: str  # the GPU's name ("cpu" on the CPU)
+    device: str  # the GPU's name; on the CPU "cpu (N threads)"
     model: dict[str, Any]
     image_shape: tuple[int, ...]
     batch_size: int
@@ -60,7 +60,10 @@ class CacheKey:
 
 
 def device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    """The GPU's model; on the CPU, with the thread count that inductor's CPU kernels are generated for."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{device.type} ({torch.get_num_threads()} threads)"
 
 
 def triton_version() -> str | None:

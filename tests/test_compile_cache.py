@@ -42,7 +42,14 @@ def test_the_training_key_holds_what_the_compiled_step_depends_on():
     cfg = load_config("params.yaml", "gpu-fast", ["runtime.device=cpu"])
     options = compile_options(False)
     key = cc.training_cache_key(cfg, 1, torch.device("cpu"), False, options)
-    assert key.torch == torch.__version__ and key.device == "cpu" and key.batch_size == 256
+    assert key.torch == torch.__version__ and key.batch_size == 256
+    assert key.device == f"cpu ({torch.get_num_threads()} threads)"  # inductor's CPU kernels depend on it
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
+        assert cc.training_cache_key(cfg, 1, torch.device("cpu"), False, options).digest != key.digest
+    finally:
+        torch.set_num_threads(threads)
     assert key.model == cfg.to_dict()["model"] and key.image_shape == (1, 28, 28)
     assert key.options == {"bf16": True, "channels_last": True, "cuda_graphs": False, "inductor": options}
     with cc.caching_dynamo_work(True):  # the file then holds Dynamo's work too: another key, tied to this Python
