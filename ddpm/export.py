@@ -70,7 +70,7 @@ def fp16_path(out_path: str | Path) -> Path:
 def export_metadata(cfg: Config, ckpt: dict[str, Any], checkpoint: Path, num_classes: int,
                     sampler: SamplerConfig) -> dict[str, Any]:
     """What a sampler needs, beside the weights: the schedule, the image shape and the labels; and the DDIM
-    settings the export was checked with (a student's own step count), a sampler's defaults."""
+    settings the export was checked with (a student's own step count; at most T steps), a sampler's defaults."""
     return {
         "format": METADATA_VERSION,
         "diffusion": dict(cfg.to_dict()["diffusion"]),
@@ -85,8 +85,8 @@ def export_metadata(cfg: Config, ckpt: dict[str, Any], checkpoint: Path, num_cla
         "inputs": ["x", "t", "labels"] if cfg.model.class_conditional else ["x", "t"],
         "output": OUTPUT_NAME,
         "precision": "float32",
-        "sampler": {"steps": cfg.diffusion.distilled_steps or sampler.steps, "eta": sampler.eta,
-                    "guidance_scale": sampler.guidance_scale},
+        "sampler": {"steps": cfg.diffusion.distilled_steps or min(sampler.steps, cfg.diffusion.timesteps),
+                    "eta": sampler.eta, "guidance_scale": sampler.guidance_scale},
     }
 
 

@@ -505,8 +505,10 @@ def test_onnx_sample_defaults_to_the_settings_the_export_was_checked_with(models
     samples with them, an option given wins, and an export without them gets DDIM-50, eta 0, no guidance."""
     from ddpm.cli import main
 
-    _, path = models["cond"]
+    ckpt, path = models["cond"]
     assert OnnxDenoiser(path).metadata["sampler"] == {"steps": 10, "eta": 0.0, "guidance_scale": 1.0}  # DDIM10
+    many = export_onnx(ckpt, tmp_path / "many" / "model.onnx", ExportConfig(), SamplerConfig(steps=80))
+    assert OnnxDenoiser(many).metadata["sampler"]["steps"] == 50  # at most T, every timestep
     other = _with_sampler_entry(path, tmp_path / "other.onnx", {"steps": 7, "eta": 0.5, "guidance_scale": 2.0})
     old = _with_sampler_entry(path, tmp_path / "old.onnx", None)
 
