@@ -163,6 +163,19 @@ def test_first_run_writes_every_output(project, first, fetch):
     assert f"mlflow ui --backend-store-uri {first['tracking_uri']}   then http://127.0.0.1:5000{page}" in summary(first)
 
 
+def test_the_summary_s_sample_again_command_draws_the_pipeline_s_onnx_samples(first, tmp_path, capsys):
+    """The export records the DDIM settings of its check (here the tiny sampler.steps, 5), so the summary's
+    `ddpm onnx-sample` command, given the run's image count, draws the pipeline's own onnxruntime grid."""
+    from ddpm.cli import main
+
+    command = summary(first).splitlines()[-1].split("sample again", 1)[1].split()
+    assert command[:2] == ["ddpm", "onnx-sample"]
+    out = tmp_path / "again"
+    assert main([*command[1:], "--out", str(out), "-n", "16"]) == 0  # sample.num_images=16 in TINY
+    assert "16 images (ddim, 5 steps, seed 0" in capsys.readouterr().out
+    assert (out / "samples.png").read_bytes() == Path(first["onnx_samples"]).read_bytes()
+
+
 def test_the_ui_hint_for_a_tracking_server_is_that_server_s_own_page():
     assert (ui_hint("http://10.0.0.5:8080/", "3", "abc") ==
             "http://10.0.0.5:8080/#/experiments/3/runs/abc?workflowType=machine_learning")
