@@ -139,11 +139,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
     ours = student_sampling(settings, cfg.diffusion.distilled_steps).to_dict()
     for section, values in given.items():
         ours[section].update(values)
+    from ddpm.schedule_math import check_options_apply
+    check_options_apply(ours["sampler"]["name"], args.steps, args.guidance, cfg.model.class_conditional, args.eta)
     # The sampling settings, validated again against the checkpoint's own model and diffusion.
     full = config_from_dict({**cfg.to_dict(), **{k: ours[k] for k in ("sampler", "runtime", "sample")}})
     sc, sp = full.sample, full.sampler
-    from ddpm.schedule_math import check_options_apply
-    check_options_apply(sp.name, args.steps, args.guidance, cfg.model.class_conditional)
     from ddpm.aot_package import choose_package
     from ddpm.generate import samples_in_bf16
     network, used = choose_package(args.aot, args.checkpoint, device, samples_in_bf16(full, device))
@@ -212,7 +212,7 @@ def cmd_onnx_sample(args: argparse.Namespace) -> int:
         args = argparse.Namespace(**{**vars(args), "model": _default_onnx_model(args.params)})
     elif args.model.startswith("models:/"):
         from ddpm.schedule_math import check_options_apply
-        check_options_apply(args.sampler, args.steps, None, True)  # before a download: it needs no model
+        check_options_apply(args.sampler, args.steps, None, True, args.eta)  # before a download: it needs no model
         # The resolver lives with the pipeline's MLflow code; ddpm itself never imports MLflow.
         from flows.registry import fetch_onnx
         found = fetch_onnx(args.model, args.params, cache=args.cache)
@@ -339,16 +339,17 @@ def _add_onnx_parsers(sub: Any) -> None:
     p.add_argument("--out", default="samples_onnx", help="output folder (default: %(default)s)")
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddim", help="(default: %(default)s)")
     p.add_argument("--steps", type=int, default=None,
-                   help="DDIM steps (default: those the export was checked with, its sampler.steps or a distilled "
-                        "student's own count; 50 for an older export)")
-    p.add_argument("--eta", type=float, default=None, help="DDIM eta (default: the export's sampler.eta, else 0)")
+                   help="DDIM steps (default: those the export was checked with, its metadata's sampler.steps, "
+                        "which is a distilled student's own count)")
+    p.add_argument("--eta", type=float, default=None,
+                   help="DDIM eta (default: the export's, its metadata's sampler.eta)")
     p.add_argument("-n", "--num-images", type=int, default=64, help="(default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=256, help="(default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     p.add_argument("--label", type=int, default=None, help="class to draw (conditional models only)")
     p.add_argument("--guidance", type=float, default=None,
-                   help="classifier-free guidance scale, class-conditional models only (default: the export's "
-                        "sampler.guidance_scale, else 1, none)")
+                   help="classifier-free guidance scale, class-conditional models only (default: the export's, its "
+                        "metadata's sampler.guidance_scale)")
     p.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="cpu",
                    help="execution provider; cuda fails loudly if CUDA is unavailable (default: %(default)s)")
     p.add_argument("--noise", choices=["pcg64", "counter"], default="pcg64",

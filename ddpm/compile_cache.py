@@ -4,10 +4,10 @@ A fresh machine (an empty inductor and triton cache) spends most of a short `ddp
 PyTorch's portable cache (`torch.compiler.save_cache_artifacts` / `load_cache_artifacts`) turns
 that work into bytes; this module keeps them in `<train.out_dir>/compile_cache/<key>.bin`, one
 file per key. The key holds everything that makes the bytes valid: the torch and triton versions,
-the GPU model, the model settings, the image shape, the batch size, the number of processes and the
-compile options (bf16, channels-last, CUDA graphs, inductor's options, whether Dynamo's trace is in it: see
-caching_dynamo_work). A run loads the file of its key before the first step and writes it once, at its first
-checkpoint, when it compiled anew.
+the GPU model (the thread count on the CPU), the model settings, the image shape, the batch size, the
+number of processes and the compile options (bf16, channels-last, CUDA graphs, inductor's options, whether
+Dynamo's trace is in it: see caching_dynamo_work). A run loads the file of its key before the first step and
+writes it once, at its first checkpoint, when it compiled anew.
 
 A file is a header line, a JSON line (the key, its digest, the payload's SHA-256 and size) and the
 payload. A missing file, another key's file or a corrupt one (wrong header, wrong checksum, bytes

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ddpm.checkpoint import load_model
-from ddpm.config import Config, ExportConfig, SamplerConfig, image_shape
+from ddpm.config import Config, DiffusionConfig, ExportConfig, SamplerConfig, image_shape
 from ddpm.errors import ExportRejected, OnnxModelError
 from ddpm.export_check import check_export  # noqa: F401 (re-exported: the gate of an export)
 from ddpm.onnx_model import METADATA_KEY, METADATA_VERSION, OnnxDenoiser, no_spin_options
@@ -85,9 +85,15 @@ def export_metadata(cfg: Config, ckpt: dict[str, Any], checkpoint: Path, num_cla
         "inputs": ["x", "t", "labels"] if cfg.model.class_conditional else ["x", "t"],
         "output": OUTPUT_NAME,
         "precision": "float32",
-        "sampler": {"steps": cfg.diffusion.distilled_steps or min(sampler.steps, cfg.diffusion.timesteps),
-                    "eta": sampler.eta, "guidance_scale": sampler.guidance_scale},
+        "sampler": recorded_sampler(cfg.diffusion, sampler),
     }
+
+
+def recorded_sampler(diffusion: DiffusionConfig, sampler: SamplerConfig) -> dict[str, Any]:
+    """The DDIM settings an export is checked with and records: a student's own steps, else sampler.steps (at most
+    T, every timestep), its eta and guidance scale."""
+    steps = diffusion.distilled_steps or min(sampler.steps, diffusion.timesteps)
+    return {"steps": steps, "eta": sampler.eta, "guidance_scale": sampler.guidance_scale}
 
 
 Gate = Callable[[Path, bool], dict[str, Any]]  # (model file, is the int8 twin) -> its check; ExportRejected if not
@@ -141,7 +147,7 @@ def _export_onnx(checkpoint: Path, out: Path, cfg: ExportConfig, sampler: Sample
                 written[-1] = _save(half, tmp / fp16_path(out).name, {**meta16, "parity_max_abs_diff": worst16},
                                     cfg.model_name)
             if cfg.int8:
-                if twin := _int8_twin(tmp / out.name, tmp / int8_path(out).name, meta, cfg, sampler.steps):
+                if twin := _int8_twin(tmp / out.name, tmp / int8_path(out).name, meta, cfg, meta["sampler"]["steps"]):
                     written.append(twin)
             written[0] = _save(proto, tmp / out.name, meta, cfg.model_name)  # with the measured figure
             if gate is not None:

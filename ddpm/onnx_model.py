@@ -1,10 +1,11 @@
 """An exported U-Net as a numpy callable on onnxruntime: its metadata, schedule and checked inputs.
 
-`ddpm export` writes the model's diffusion config, image shape, class-conditioning, null label and
-training step into the ONNX metadata (key "ddpm", JSON). OnnxDenoiser opens the file, checks its
-metadata and its inputs against them, rebuilds the schedule (NumpySchedule, the float64 arithmetic of
-`ddpm.schedule` via `ddpm.schedule_math`, stored in float32) and is then called like the PyTorch
-network: eps = model(x, t[, labels]). No PyTorch is imported. The samplers are in ddpm.onnx_sampler.
+`ddpm export` writes the model's diffusion config, image shape, class-conditioning, null label,
+training step and the DDIM settings its check used into the ONNX metadata (key "ddpm", JSON).
+OnnxDenoiser opens the file, checks its metadata and its inputs against them, rebuilds the schedule
+(NumpySchedule, the float64 arithmetic of `ddpm.schedule` via `ddpm.schedule_math`, stored in float32)
+and is then called like the PyTorch network: eps = model(x, t[, labels]). No PyTorch is imported. The
+samplers are in ddpm.onnx_sampler.
 
 On CUDA the network's inputs and output live in preallocated GPU buffers bound through IO binding.
 """
@@ -106,15 +107,17 @@ def _sampler_defaults(meta: dict[str, Any], path: Path, num_timesteps: int) -> d
     if found is None:
         return {}
     try:
-        steps, eta, scale = found["steps"], float(found["eta"]), float(found["guidance_scale"])
+        steps, eta, scale = found["steps"], found["eta"], found["guidance_scale"]
         if type(steps) is not int or not 1 <= steps <= num_timesteps:
             raise ValueError(f"steps {steps!r} is not an integer in [1, {num_timesteps}]")
+        if not all(type(v) in (int, float) for v in (eta, scale)):
+            raise ValueError("eta and guidance_scale must be numbers")
         check_eta(eta)
         check_guidance_scale(scale)
     except (KeyError, TypeError, ValueError, ConfigError) as exc:
         raise OnnxModelError(f"{path}: its {METADATA_KEY!r} metadata has an invalid sampler entry {found!r} ({exc}); "
                              f"re-export the model with `ddpm export`") from None
-    return {"steps": steps, "eta": eta, "guidance_scale": scale}
+    return {"steps": steps, "eta": float(eta), "guidance_scale": float(scale)}
 
 
 _META_KEYS = ("diffusion", "image_shape", "class_conditional", "num_classes", "step")

@@ -33,7 +33,8 @@ from ddpm.schedule_math import (check_eta, check_guidance_scale, check_options_a
 
 Denoiser = Callable[..., Array]
 NOISE_SOURCES = ("pcg64", "counter")  # numpy's seeded PCG64 drawn in order, or ddpm.counter_noise (the web page's)
-DEFAULT_STEPS = 50  # `ddpm onnx-sample` without --steps, for an export whose metadata records no sampler settings
+# `ddpm onnx-sample`'s settings for an export whose metadata records none (OnnxDenoiser.sampler_defaults)
+FALLBACK_SAMPLER = {"steps": 50, "eta": 0.0, "guidance_scale": 1.0}
 
 
 def guided(model: Denoiser, null_label: int, guidance_scale: float) -> Denoiser:
@@ -264,13 +265,14 @@ def main(args: Any) -> int:
             raise
         print("provider auto: CUDA did not start, using the CPU", file=sys.stderr)
         den = OnnxDenoiser(args.model, "cpu")
-    check_options_apply(args.sampler, args.steps, args.guidance, den.class_conditional)
-    defaults = den.sampler_defaults  # the export's own settings, else DDIM-50, eta 0, no guidance
-    args.steps = args.steps if args.steps is not None else (den.distilled_steps or defaults.get("steps", DEFAULT_STEPS))
-    args.eta = args.eta if args.eta is not None else defaults.get("eta", 0.0)
-    guidance = args.guidance if args.guidance is not None else defaults.get("guidance_scale", 1.0)
+    check_options_apply(args.sampler, args.steps, args.guidance, den.class_conditional, args.eta)
+    defaults = {**FALLBACK_SAMPLER, **den.sampler_defaults}  # the export's own settings where it records them
+    args.steps = args.steps if args.steps is not None else (den.distilled_steps or defaults["steps"])
+    args.eta = args.eta if args.eta is not None else defaults["eta"]
+    guidance = args.guidance if args.guidance is not None else defaults["guidance_scale"]
+    guidance = guidance if den.class_conditional else 1.0
     images = sample(den, args.num_images, args.sampler, args.steps, args.eta, args.seed, args.batch_size,
-                    args.label, guidance if den.class_conditional else 1.0, noise=args.noise)
+                    args.label, guidance, noise=args.noise)
     out = SampleFiles(args.out)
     arrays = {"images": images}
     if den.class_conditional:
@@ -283,6 +285,8 @@ def main(args: Any) -> int:
         atomic_write_bytes(out.grid, png)
     steps = args.steps if args.sampler == "ddim" else den.schedule.num_timesteps
     label = "" if args.label is None else f", label {args.label}"
+    label += f", eta {args.eta:g}" if args.sampler == "ddim" and args.eta > 0 else ""
+    label += f", guidance {guidance:g}" if guidance != 1.0 else ""
     print(f"{len(images)} images ({args.sampler}, {steps} steps, seed {args.seed}{label}, {args.noise} noise) on "
           f"{den.provider} -> "
           f"{out.array}{' and ' + str(out.grid) if png is not None else ''}")

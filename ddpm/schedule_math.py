@@ -122,12 +122,17 @@ def check_guidance_scale(scale: float) -> None:
         raise ConfigError(f"guidance_scale: {scale} is not allowed; use a finite number >= 0 (1: no guidance)")
 
 
-def check_options_apply(sampler: str, steps: int | None, guidance_scale: float | None, conditional: bool) -> None:
-    """Command-line options that the sampling would ignore, refused rather than dropped: --steps with DDPM sampling
-    (which takes every timestep), --guidance for a model without classes (`None`: not given)."""
+def check_options_apply(sampler: str, steps: int | None, guidance_scale: float | None, conditional: bool,
+                        eta: float | None = None) -> None:
+    """Command-line options that the sampling would ignore, refused rather than dropped: --steps and --eta with DDPM
+    sampling (which takes every timestep with its own variance), --guidance for a model without classes (`None`:
+    not given)."""
     if steps is not None and sampler != "ddim":
         raise ConfigError(f"--steps {steps}: the step count of DDIM sampling; DDPM sampling takes every timestep "
                           f"(use --sampler ddim with --steps)")
+    if eta is not None and sampler != "ddim":
+        raise ConfigError(f"--eta {eta}: DDIM's eta; DDPM sampling draws its noise with sampler.variance "
+                          f"(use --sampler ddim with --eta)")
     if guidance_scale is not None:
         check_guidance_scale(guidance_scale)
     if guidance_scale is not None and not conditional:

@@ -42,8 +42,7 @@ def export_model(checkpoint: str, cfg: Any, onnx_path: str, feature_net: str, re
                         named=str(out.parent / model.name))
 
     files = [out] + ([fp16_path(out)] if cfg.export.fp16 else [])
-    stamp = Stamp(out.parent, "export", {"checkpoint": file_sha256(checkpoint), "export": cfg.to_dict()["export"],
-                                         "sampler.steps": cfg.sampler.steps})
+    stamp = Stamp(out.parent, "export", export_stamp(checkpoint, cfg))
     if not force and stamp.fresh(files):
         log.info("%s is current for this checkpoint; export skipped", out)
         gate(out, False)
@@ -56,6 +55,15 @@ def export_model(checkpoint: str, cfg: Any, onnx_path: str, feature_net: str, re
     export_onnx(checkpoint, out, cfg.export, cfg.sampler, gate=gate)
     stamp.write(files + [p for p in [int8_path(out)] if cfg.export.int8 and p.is_file()])
     return str(out)
+
+
+def export_stamp(checkpoint: str, cfg: Any) -> dict[str, Any]:
+    """What the ONNX files are current for: the checkpoint, the export settings and the sampler settings the
+    export records in its metadata (ddpm.export.recorded_sampler)."""
+    from ddpm.export import recorded_sampler
+
+    return {"checkpoint": file_sha256(checkpoint), "export": cfg.to_dict()["export"],
+            "sampler": recorded_sampler(cfg.diffusion, cfg.sampler)}
 
 
 @task(name="export-aot", cache_policy=NO_CACHE)

@@ -213,6 +213,7 @@ def test_the_student_samples_with_its_own_steps_in_torch_and_onnxruntime(teacher
     onnx = export_onnx(student, tmp_path / "student.onnx", ExportConfig())
     den = OnnxDenoiser(onnx)
     assert (den.distilled_steps, den.prediction, den.metadata["diffusion"]["distilled_steps"]) == (2, "v", 2)
+    assert den.sampler_defaults["steps"] == 2  # its own steps, though the export's sampler block has 50
     assert sample(den, 2, steps=2).shape == (2, 1, 28, 28)
     with pytest.raises(ConfigError, match="exactly 2 steps"):
         sample(den, 2, steps=50)

@@ -36,6 +36,7 @@ from ddpm.samplers import ddim_sample_loop, p_sample_loop
 from ddpm.schedule import Schedule
 from testkit import tiny_checkpoint as _write_checkpoint
 from testkit import tiny_config as _tiny
+from testkit import with_sampler_entry
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -490,13 +491,7 @@ def test_onnx_sample_cli_never_imports_torch_or_mlflow(models, tmp_path, which):
 
 
 def _with_sampler_entry(src: Path, dest: Path, entry: dict | None) -> Path:
-    """A copy of the export at `src` whose metadata's "sampler" entry is `entry` (None: none, as before it was kept)."""
-    proto = onnx.load(str(src))
-    prop = next(p for p in proto.metadata_props if p.key == METADATA_KEY)
-    meta = json.loads(prop.value)
-    meta.pop("sampler")
-    prop.value = json.dumps(meta if entry is None else {**meta, "sampler": entry})
-    onnx.save(proto, str(dest))
+    dest.write_bytes(with_sampler_entry(src, entry))
     return dest
 
 
@@ -507,6 +502,8 @@ def test_onnx_sample_defaults_to_the_settings_the_export_was_checked_with(models
 
     ckpt, path = models["cond"]
     assert OnnxDenoiser(path).metadata["sampler"] == {"steps": 10, "eta": 0.0, "guidance_scale": 1.0}  # DDIM10
+    for twin in (fp16_path(path), int8_path(path)):
+        assert OnnxDenoiser(twin).sampler_defaults == OnnxDenoiser(path).sampler_defaults, twin
     many = export_onnx(ckpt, tmp_path / "many" / "model.onnx", ExportConfig(), SamplerConfig(steps=80))
     assert OnnxDenoiser(many).metadata["sampler"]["steps"] == 50  # at most T, every timestep
     other = _with_sampler_entry(path, tmp_path / "other.onnx", {"steps": 7, "eta": 0.5, "guidance_scale": 2.0})
@@ -518,7 +515,7 @@ def test_onnx_sample_defaults_to_the_settings_the_export_was_checked_with(models
         return capsys.readouterr().out, np.load(out / "samples.npz")["images"]
 
     said, images = run(other)
-    assert "3 images (ddim, 7 steps, seed 0, label 2" in said
+    assert "3 images (ddim, 7 steps, seed 0, label 2, eta 0.5, guidance 2, pcg64 noise)" in said
     np.testing.assert_array_equal(images, sample(OnnxDenoiser(other), 3, "ddim", 7, 0.5, 0, 256, 2, 2.0))
     said, images = run(other, "--steps", "4", "--eta", "0", "--guidance", "1")
     assert "(ddim, 4 steps" in said
@@ -527,7 +524,8 @@ def test_onnx_sample_defaults_to_the_settings_the_export_was_checked_with(models
     assert "(ddim, 50 steps" in said
     np.testing.assert_array_equal(images, sample(OnnxDenoiser(old), 3, "ddim", 50, 0.0, 0, 256, 2, 1.0))
     for bad in ({"steps": 0, "eta": 0.0, "guidance_scale": 1.0}, {"steps": 7.5, "eta": 0.0, "guidance_scale": 1.0},
-                {"steps": 7, "eta": -1.0, "guidance_scale": 1.0}, {"steps": 7}):
+                {"steps": 7, "eta": -1.0, "guidance_scale": 1.0}, {"steps": 7, "eta": "0", "guidance_scale": 1.0},
+                {"steps": 7}):
         with pytest.raises(OnnxModelError, match="invalid sampler entry.*re-export"):
             OnnxDenoiser(_with_sampler_entry(path, tmp_path / "bad.onnx", bad))
 

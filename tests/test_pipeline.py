@@ -621,6 +621,22 @@ def test_only_an_unanswered_request_to_the_tracking_server_is_tracking_unavailab
                                            "sqlite:///m.db")
 
 
+def test_the_export_is_current_only_for_the_sampler_settings_it_records(tmp_path):
+    """A rerun whose eta or guidance changed exports again: the file records them (ddpm onnx-sample's defaults)."""
+    from ddpm.config import config_from_dict
+    from flows.export_tasks import export_stamp
+
+    (tmp_path / "c.pt").write_bytes(b"weights")
+
+    def stamp(**sampler) -> dict:
+        return export_stamp(str(tmp_path / "c.pt"), config_from_dict({"sampler": {"steps": 10, **sampler}}))
+
+    assert stamp()["sampler"] == {"steps": 10, "eta": 0.0, "guidance_scale": 1.0}  # as the metadata records it
+    for change in ({"guidance_scale": 2.0}, {"eta": 0.5}, {"steps": 20}):
+        assert stamp(**change) != stamp(), change
+    assert stamp(variance="beta", clip_denoised=False) == stamp()  # the same recorded settings
+
+
 def test_stamps_notice_changed_outputs(tmp_path):
     out = tmp_path / "x.bin"
     out.write_bytes(b"a")

@@ -26,6 +26,7 @@ from onnx import TensorProto, helper
 from ddpm.fileio import grid_png
 from ddpm.onnx_sampler import sample_model_range
 from ddpm.web import CHROMIUM, CHROMIUM_ARGS
+from testkit import with_sampler_entry
 
 ROOT = Path(__file__).resolve().parents[1]
 X0_ATOL = 1e-3  # x_0 in [-1, 1], page against onnxruntime in Python from the same seed
@@ -94,8 +95,6 @@ def test_page_draws_what_onnx_sample_draws_from_the_same_seed(browser, served, t
     model = tiny_exports["cond"]
     page = _open(browser, served)
     assert "class-conditional (10 classes), 1x28x28 images, T = 50 (cosine, predicts v)" in page.text_content("#model")
-    # the form starts from the settings the export was checked with (the default sampler block: DDIM-50)
-    assert (page.input_value("#steps"), page.input_value("#guidance")) == ("50", "1")
     page.fill("#steps", "6")
     page.fill("#seed", "4242")
     page.fill("#batch", "6")
@@ -153,15 +152,33 @@ def _wrong_shapes_model(meta: str | None) -> bytes:
 
 
 @pytest.mark.browser
-@pytest.mark.parametrize("case", ["garbage", "missing", "no metadata", "wrong shapes"])
+@pytest.mark.parametrize("entry, shown", [({"steps": 7, "eta": 0.0, "guidance_scale": 2.5}, ("7", "2.5")),
+                                          (None, ("25", "1"))])
+def test_the_form_starts_from_the_settings_the_export_was_checked_with(browser, served, tiny_exports, entry, shown):
+    """The metadata's sampler entry sets the steps and guidance (`ddpm onnx-sample`'s defaults); an export made
+    before exports recorded it keeps the form's own."""
+    body = with_sampler_entry(tiny_exports["cond"], entry)
+    page = browser.new_page()
+    page.route("**/model.onnx", lambda route: route.fulfill(status=200, body=body))
+    page.goto(served)
+    page.evaluate("window.ddpm.ready")
+    assert (page.input_value("#steps"), page.input_value("#guidance")) == shown
+    assert page.text_content("#status") == "ready"
+
+
+@pytest.mark.browser
+@pytest.mark.parametrize("case", ["garbage", "missing", "no metadata", "wrong shapes", "bad sampler"])
 def test_a_bad_model_shows_what_is_wrong_on_the_page(browser, served, tiny_exports, case):
     meta = {p.key: p.value for p in onnx.load(str(tiny_exports["cond"]), load_external_data=False).metadata_props}
     bodies = {"garbage": (200, b"\x0b\xffnot an onnx model"), "missing": (404, b""),
               "no metadata": (200, _wrong_shapes_model(None)),
-              "wrong shapes": (200, _wrong_shapes_model(meta["ddpm"]))}
+              "wrong shapes": (200, _wrong_shapes_model(meta["ddpm"])),
+              "bad sampler": (200, with_sampler_entry(tiny_exports["cond"], {"steps": 0, "eta": 0.0,
+                                                                            "guidance_scale": 1.0}))}
     expected = {"garbage": "model.onnx is not an ONNX model", "missing": "could not be fetched (HTTP 404)",
                 "no metadata": "no 'ddpm' metadata", "wrong shapes": "input 'x' has shape [N,3,32,32], but the "
-                                                                     "metadata's image shape is [1,28,28]"}
+                                                                     "metadata's image shape is [1,28,28]",
+                "bad sampler": "metadata has an invalid sampler entry {\"steps\":0"}
     status, body = bodies[case]
     page = browser.new_page()
     page.route("**/model.onnx", lambda route: route.fulfill(status=status, body=body))

@@ -90,3 +90,18 @@ def tiny_checkpoint(path: Path, conditional: bool, seed: int) -> Path:
     ema = {k: v + 0.01 for k, v in net.state_dict().items()}
     save_checkpoint(path, {"model": net.state_dict(), "ema": ema, "config": cfg.to_dict(), "step": 1234 + seed})
     return path
+
+
+def with_sampler_entry(src: Path, entry: dict | None) -> bytes:
+    """The export at `src` with its metadata's "sampler" entry replaced by `entry` (None: none, as before exports
+    recorded it), as the bytes of an ONNX file."""
+    import json
+
+    import onnx
+
+    proto = onnx.load(str(src))
+    prop = next(p for p in proto.metadata_props if p.key == "ddpm")
+    meta = json.loads(prop.value)
+    meta.pop("sampler")
+    prop.value = json.dumps(meta if entry is None else {**meta, "sampler": entry})
+    return proto.SerializeToString()

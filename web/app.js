@@ -143,12 +143,13 @@ async function start() {
   }
   state.model = model;
   $('steps').max = model.meta.diffusion.timesteps;
-  // the DDIM settings the export was checked with (a student's own steps); an older export has none
-  const T = model.meta.diffusion.timesteps, own = model.meta.diffusion.distilled_steps || model.meta.sampler?.steps;
+  // the DDIM settings the export was checked with (checked by model.js; a student's own steps); an older export
+  // has none and keeps the form's
+  const T = model.meta.diffusion.timesteps, recorded = model.meta.sampler;
+  const own = model.meta.diffusion.distilled_steps || recorded?.steps;
   if (Number.isInteger(own) && own >= 1 && own <= T) $('steps').value = own;
   else if (Number($('steps').value) > T) $('steps').value = T;
-  const scale = model.meta.sampler?.guidance_scale;
-  if (Number.isFinite(scale) && scale >= 0) $('guidance').value = scale;
+  if (recorded) $('guidance').value = recorded.guidance_scale;
   $('conditional').hidden = !model.meta.class_conditional;
   for (let k = 0; k < model.meta.num_classes; k++) $('digit').add(new Option(String(k), String(k)));
   $('model').textContent = `${url}: ${describe(model.meta, threads)}`;

@@ -114,7 +114,20 @@ export function checkMetadata(metadata, url) {
       !['linear', 'cosine'].includes(d.schedule) || !['eps', 'v', 'x0'].includes(d.prediction)) {
     throw new ModelError(`${url}: its diffusion metadata is invalid (${JSON.stringify(d)}); ${REEXPORT}`);
   }
+  checkSampler(meta, url);
   return meta;
+}
+
+/** The "sampler" entry, the DDIM settings the export was checked with (an older export has none): steps an
+ * integer in [1, T], eta and guidance_scale finite numbers >= 0, as ddpm/onnx_model.py's _sampler_defaults. */
+function checkSampler(meta, url) {
+  const s = meta.sampler, T = meta.diffusion.timesteps;
+  if (s === undefined) return;
+  const number = (v) => typeof v === 'number' && Number.isFinite(v) && v >= 0;
+  if (!s || !Number.isInteger(s.steps) || s.steps < 1 || s.steps > T || !number(s.eta) || !number(s.guidance_scale)) {
+    throw new ModelError(`${url}: its '${METADATA_KEY}' metadata has an invalid sampler entry ${JSON.stringify(s)}; ` +
+      REEXPORT);
+  }
 }
 
 /** The graph's inputs against the metadata: x float [B, C, H, W], t int64 [B] (and labels int64 [B]). */

@@ -119,12 +119,15 @@ def test_onnx_sample_refuses_non_finite_and_out_of_range_arguments(capsys, tmp_p
 
 @pytest.mark.parametrize("command", ["sample", "onnx-sample"])
 def test_options_the_sampling_would_ignore_are_refused(capsys, checkpoint, tmp_path, command):
-    """--steps with DDPM sampling (every timestep) and --guidance for an unconditional model: refused, not dropped."""
+    """--steps and --eta with DDPM sampling (every timestep, its own variance) and --guidance for an unconditional
+    model: refused, not dropped."""
     source = (["--model", str(onnx_model(tmp_path / "model.onnx"))] if command == "onnx-sample"
               else ["--checkpoint", str(checkpoint)])
     out = tmp_path / "samples"
     for args, says in ((["--sampler", "ddpm", "--steps", "10"], "--steps 10: the step count of DDIM sampling; DDPM "
                                                                 "sampling takes every timestep"),
+                       (["--sampler", "ddpm", "--eta", "0.5"], "--eta 0.5: DDIM's eta; DDPM sampling draws its "
+                                                                "noise with sampler.variance"),
                        (["--steps", "2", "--guidance", "3"], "--guidance 3.0: the model is not class-conditional")):
         assert says in _error_line(capsys, [command, *source, "--out", str(out), "-n", "2", *args])
     assert not out.exists()
