@@ -339,8 +339,8 @@ def _add_onnx_parsers(sub: Any) -> None:
     p.add_argument("--out", default="samples_onnx", help="output folder (default: %(default)s)")
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddim", help="(default: %(default)s)")
     p.add_argument("--steps", type=int, default=None,
-                   help="DDIM steps (default: those the export was checked with, its metadata's sampler.steps, "
-                        "which is a distilled student's own count)")
+                   help="DDIM steps (default: those the export was checked with, its metadata's sampler.steps; "
+                        "for a distilled student, its own count)")
     p.add_argument("--eta", type=float, default=None,
                    help="DDIM eta (default: the export's, its metadata's sampler.eta)")
     p.add_argument("-n", "--num-images", type=int, default=64, help="(default: %(default)s)")
