@@ -103,9 +103,9 @@ def _check_sizes(meta: dict[str, Any], path: Path) -> None:
 
 def _sampler_defaults(meta: dict[str, Any], path: Path, num_timesteps: int) -> dict[str, Any]:
     """The metadata's "sampler" entry (steps, eta, guidance_scale), checked; {} where the export has none."""
-    found = meta.get("sampler")
-    if found is None:
+    if "sampler" not in meta:
         return {}
+    found = meta["sampler"]
     try:
         steps, eta, scale = found["steps"], found["eta"], found["guidance_scale"]
         if type(steps) is not int or not 1 <= steps <= num_timesteps:

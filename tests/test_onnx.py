@@ -525,7 +525,7 @@ def test_onnx_sample_defaults_to_the_settings_the_export_was_checked_with(models
     np.testing.assert_array_equal(images, sample(OnnxDenoiser(old), 3, "ddim", 50, 0.0, 0, 256, 2, 1.0))
     for bad in ({"steps": 0, "eta": 0.0, "guidance_scale": 1.0}, {"steps": 7.5, "eta": 0.0, "guidance_scale": 1.0},
                 {"steps": 7, "eta": -1.0, "guidance_scale": 1.0}, {"steps": 7, "eta": "0", "guidance_scale": 1.0},
-                {"steps": 7}):
+                {"steps": 7}, [7, 0.0, 1.0]):
         with pytest.raises(OnnxModelError, match="invalid sampler entry.*re-export"):
             OnnxDenoiser(_with_sampler_entry(path, tmp_path / "bad.onnx", bad))
 
