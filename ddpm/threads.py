@@ -6,7 +6,8 @@ descheduled sibling burn the shared cores. So `ddpm` and the pipeline look, once
 many CPUs are idle (/proc/stat over a fraction of a second) and set, where the user has not:
 
     OMP_NUM_THREADS   threads for PyTorch's CPU kernels: the idle CPUs, at least 1 (`auto_threads`)
-    OMP_WAIT_POLICY   PASSIVE (idle threads sleep instead of spinning) when that leaves CPUs to others
+    OMP_WAIT_POLICY   PASSIVE (idle threads sleep instead of spinning) when several threads leave CPUs to
+                      others (one thread has no sibling to wait for: bench/results/cpu_threads_one_thread_2core.json)
 
 The measurements behind this (alone and beside a busy process, on the 2-core machine):
 bench/results/cpu_threads_2core.json.
@@ -15,6 +16,12 @@ DDPM_CPU_THREADS overrides the choice: `auto` (the default), a thread count, or 
 the libraries' own defaults). OMP_NUM_THREADS or OMP_WAIT_POLICY already in the environment win.
 The OpenMP runtime reads these once, when torch is imported; `apply_thread_defaults` also sets
 torch's thread count when torch is already imported.
+
+A count measured at start-up is a guess about the whole run: a process that held a core for a moment
+would leave a long run on fewer threads than it could use, and one that starts later would leave it
+on more. So a measured count is marked (MEASURED, inherited with it), and training on the CPU looks
+again while it runs (`ThreadWatch`): every RECHECK_S seconds, how many CPUs the other processes kept
+busy since the last look, and torch's thread count follows. A count the user set is never changed.
 """
 
 from __future__ import annotations
@@ -22,12 +29,14 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import MutableMapping
+from typing import Callable, MutableMapping
 
 from ddpm.errors import ConfigError
 
 ENV = "DDPM_CPU_THREADS"
+MEASURED = "DDPM_CPU_THREADS_MEASURED"  # beside OMP_NUM_THREADS when the count is a measurement, not a choice
 WAIT_POLICY = "PASSIVE"
+RECHECK_S = 30.0
 
 
 def usable_cpus() -> int:
@@ -38,16 +47,26 @@ def usable_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def machine_jiffies() -> tuple[int, int]:
+    """(all, idle + iowait) clock ticks of the machine's CPUs since boot (/proc/stat)."""
+    with open("/proc/stat", encoding="ascii") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    return sum(fields), fields[3] + fields[4]
+
+
+def own_jiffies() -> int:
+    """Clock ticks this process (all its threads) has run, user and system (/proc/self/stat)."""
+    with open("/proc/self/stat", encoding="ascii") as f:
+        fields = f.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+    return int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of proc(5)
+
+
 def idle_cpus(interval: float = 0.25) -> float | None:
     """How many of the machine's CPUs were idle over the next `interval` seconds (/proc/stat); None where unknown."""
-    def sample() -> tuple[int, int]:
-        with open("/proc/stat", encoding="ascii") as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
-        return sum(fields), fields[3] + fields[4]  # all jiffies; idle + iowait
     try:
-        total0, idle0 = sample()
+        total0, idle0 = machine_jiffies()
         time.sleep(interval)
-        total1, idle1 = sample()
+        total1, idle1 = machine_jiffies()
     except (OSError, ValueError, IndexError):
         return None
     cpus = os.cpu_count() or 1
@@ -89,9 +108,12 @@ def thread_defaults(environ: MutableMapping[str, str] = os.environ) -> dict[str,
     if threads is None:
         return {}
     wanted = {"OMP_NUM_THREADS": str(threads)}
-    if threads < usable_cpus():
+    if 1 < threads < usable_cpus():  # one thread has no team to wait for, and may get more (ThreadWatch)
         wanted["OMP_WAIT_POLICY"] = WAIT_POLICY
-    return {k: v for k, v in wanted.items() if k not in environ}
+    added = {k: v for k, v in wanted.items() if k not in environ}
+    if "OMP_NUM_THREADS" in added and environ.get(ENV, "auto").strip().lower() == "auto":
+        added[MEASURED] = added["OMP_NUM_THREADS"]
+    return added
 
 
 def apply_thread_defaults(environ: MutableMapping[str, str] = os.environ) -> dict[str, str]:
@@ -102,3 +124,57 @@ def apply_thread_defaults(environ: MutableMapping[str, str] = os.environ) -> dic
     if torch is not None and "OMP_NUM_THREADS" in added and environ is os.environ:
         torch.set_num_threads(int(added["OMP_NUM_THREADS"]))  # OpenMP read the variables before they were set
     return added
+
+
+class ThreadWatch:
+    """Torch's thread count on the CPU, following the CPUs that other processes leave idle during a long run.
+
+    `check()` is cheap and may be called often (training calls it at every log step); every `every_s` seconds
+    it reads how many CPUs the machine spent outside this process since the last look, and sets torch's
+    thread count to what `auto_threads` makes of the rest. It stops for good once something else has set the
+    count. `read` returns (machine ticks, machine idle ticks, this process's ticks)."""
+
+    def __init__(self, every_s: float = RECHECK_S, read: Callable[[], tuple[int, int, int]] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        import torch
+
+        self._torch, self.every_s, self.clock = torch, every_s, clock
+        self.read = read or (lambda: (*machine_jiffies(), own_jiffies()))
+        self.threads, self.active = torch.get_num_threads(), True
+        self.at, self.last = clock(), self.read()
+
+    def check(self) -> str | None:
+        """Look again if `every_s` has passed; returns a line saying what changed, or None."""
+        now = self.clock()
+        if not self.active or now - self.at < self.every_s:
+            return None
+        if self._torch.get_num_threads() != self.threads:  # set by someone else: theirs to keep
+            self.active = False
+            return None
+        total, idle, own = self.read()
+        span = total - self.last[0]
+        others = (os.cpu_count() or 1) * max(0, span - (idle - self.last[1]) - (own - self.last[2])) / max(1, span)
+        self.at, self.last = now, (total, idle, own)
+        wanted = auto_threads(usable_cpus(), (os.cpu_count() or 1) - others)
+        if wanted == self.threads:
+            return None
+        before, self.threads = self.threads, wanted
+        self._torch.set_num_threads(wanted)
+        return (f"CPU threads {before} -> {wanted}: other processes kept about {others:.1f} of "
+                f"{os.cpu_count() or 1} CPUs busy over the last {self.every_s:.0f} s")
+
+
+def watch_threads(device_type: str, environ: MutableMapping[str, str] = os.environ) -> ThreadWatch | None:
+    """A ThreadWatch for work on the CPU whose thread count was measured at start-up (and not changed since);
+    None on another device, for a count the user set, or where /proc cannot be read."""
+    import torch
+
+    measured = environ.get(MEASURED)
+    if device_type != "cpu" or measured is None or measured != environ.get("OMP_NUM_THREADS"):
+        return None
+    if str(torch.get_num_threads()) != measured:
+        return None
+    try:
+        return ThreadWatch()
+    except (OSError, ValueError, IndexError):
+        return None

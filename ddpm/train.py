@@ -41,6 +41,7 @@ from ddpm.progress import StepBar
 from ddpm.resources import check_training_fits
 from ddpm.run_folder import RunFiles, owned, resume_changes
 from ddpm.schedule import Schedule
+from ddpm.threads import watch_threads
 from ddpm.train_compile import training_network
 from ddpm.train_step import Objective, TrainData, TrainState, TrainStep, make_train_step  # noqa: F401 (Objective re-exported)
 from ddpm.unet import build_unet
@@ -226,6 +227,7 @@ class _Run:
         self.last_loss, self.ips, self.t0, self.since = float("nan"), 0.0, time.perf_counter(), self.state.step
         self.first_step = self.state.step
         self.writer = CheckpointWriter()  # the next steps train while a checkpoint is written
+        self.threads = watch_threads(step.device.type) if rank.world_size == 1 else None
 
     def run(self) -> TrainResult:
         self.state.model.train()
@@ -311,6 +313,9 @@ class _Run:
             self.progress(step, self.last_loss, self.ips)
             if self.hooks.on_log:
                 self.hooks.on_log(step, metrics)
+        changed = self.threads.check() if self.threads is not None else None
+        if changed:
+            log.info(changed)
         self.loss_sum.zero_()
         self.t0, self.since = time.perf_counter(), step
 

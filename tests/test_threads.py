@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,26 +14,102 @@ from ddpm import threads
 from ddpm.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
-THREAD_VARS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "DDPM_CPU_THREADS")
+THREAD_VARS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "DDPM_CPU_THREADS", threads.MEASURED)
 
 
 def test_defaults_fill_only_what_the_user_left_unset(monkeypatch):
     monkeypatch.setattr(threads, "usable_cpus", lambda: 2)
     monkeypatch.setattr(threads, "idle_cpus", lambda interval=0.25: 1.97)  # alone: both CPUs, the libraries' wait
     env: dict[str, str] = {}
-    assert threads.apply_thread_defaults(env) == {"OMP_NUM_THREADS": "2"} and env == {"OMP_NUM_THREADS": "2"}
+    assert threads.apply_thread_defaults(env) == env == {"OMP_NUM_THREADS": "2", threads.MEASURED: "2"}
     monkeypatch.setattr(threads, "idle_cpus", lambda interval=0.25: 1.02)  # a busy process beside it
     env = {}
-    assert threads.apply_thread_defaults(env) == {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    assert threads.apply_thread_defaults(env) == {"OMP_NUM_THREADS": "1", threads.MEASURED: "1"}  # no team to wait
+    monkeypatch.setattr(threads, "usable_cpus", lambda: 8)
+    monkeypatch.setattr(threads, "idle_cpus", lambda interval=0.25: 5.1)  # several threads beside other work
+    env = {}
+    assert threads.apply_thread_defaults(env) == {"OMP_NUM_THREADS": "5", "OMP_WAIT_POLICY": "PASSIVE",
+                                                  threads.MEASURED: "5"}
     env = {"OMP_NUM_THREADS": "1"}  # set by the user or inherited: kept, and nothing measured
     monkeypatch.setattr(threads, "idle_cpus", lambda interval=0.25: pytest.fail("measured again"))
     threads.apply_thread_defaults(env)
-    assert env == {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    assert env == {"OMP_NUM_THREADS": "1"}
     env = {"DDPM_CPU_THREADS": "1", "OMP_WAIT_POLICY": "ACTIVE"}
     threads.apply_thread_defaults(env)
     assert env == {"DDPM_CPU_THREADS": "1", "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "ACTIVE"}
     env = {"DDPM_CPU_THREADS": "off"}
     assert threads.apply_thread_defaults(env) == {} and env == {"DDPM_CPU_THREADS": "off"}
+
+
+class Ticks:
+    """A machine of 2 CPUs at 100 ticks a second each, as /proc/stat and /proc/self/stat would count it."""
+
+    def __init__(self):
+        self.now, self.total, self.idle, self.own = 0.0, 0, 0, 0
+
+    def run(self, seconds: float, ours: float, others: float) -> None:
+        """`seconds` pass with `ours` and `others` CPUs busy."""
+        ticks = int(100 * seconds)
+        self.now += seconds
+        self.total += 2 * ticks
+        self.own += int(ours * ticks)
+        self.idle += int((2 - ours - others) * ticks)
+
+    def read(self) -> tuple[int, int, int]:
+        return self.total, self.idle, self.own
+
+
+@pytest.fixture
+def two_cpus(monkeypatch):
+    import torch
+
+    saved = torch.get_num_threads()
+    monkeypatch.setattr(threads, "usable_cpus", lambda: 2)
+    monkeypatch.setattr(threads.os, "cpu_count", lambda: 2)
+    yield torch
+    torch.set_num_threads(saved)
+
+
+def test_a_long_run_follows_the_cpus_that_other_processes_leave_idle(two_cpus):
+    torch, ticks = two_cpus, Ticks()
+    torch.set_num_threads(1)  # measured at start-up beside a process that then ends
+    watch = threads.ThreadWatch(every_s=30, read=ticks.read, clock=lambda: ticks.now)
+    ticks.run(10, ours=1.0, others=0.0)
+    assert watch.check() is None and torch.get_num_threads() == 1  # not yet: a look spans every_s at least
+    ticks.run(25, ours=1.0, others=0.0)
+    assert watch.check() == "CPU threads 1 -> 2: other processes kept about 0.0 of 2 CPUs busy over the last 30 s"
+    assert torch.get_num_threads() == 2
+    ticks.run(30, ours=2.0, others=0.0)  # our own two threads are not someone else's load
+    assert watch.check() is None and torch.get_num_threads() == 2
+    ticks.run(30, ours=1.0, others=1.0)  # another process takes a core
+    assert watch.check() == "CPU threads 2 -> 1: other processes kept about 1.0 of 2 CPUs busy over the last 30 s"
+    assert torch.get_num_threads() == 1
+    ticks.run(30, ours=1.0, others=0.5)  # half a core still busy elsewhere: one thread, no waiting for a core
+    assert watch.check() is None and torch.get_num_threads() == 1
+    torch.set_num_threads(2)  # someone else's choice (e.g. a caller's torch.set_num_threads) is kept
+    ticks.run(30, ours=1.0, others=1.0)
+    assert watch.check() is None and torch.get_num_threads() == 2
+    ticks.run(30, ours=2.0, others=0.0)
+    assert watch.check() is None and not watch.active
+
+
+def test_only_a_measured_count_on_the_cpu_is_watched(two_cpus):
+    torch = two_cpus
+    torch.set_num_threads(2)
+    measured = {"OMP_NUM_THREADS": "2", threads.MEASURED: "2"}
+    assert isinstance(threads.watch_threads("cpu", measured), threads.ThreadWatch)
+    assert threads.watch_threads("cuda", measured) is None
+    assert threads.watch_threads("cpu", {"OMP_NUM_THREADS": "2"}) is None  # the user's count
+    assert threads.watch_threads("cpu", {"OMP_NUM_THREADS": "1", threads.MEASURED: "2"}) is None  # changed since
+    torch.set_num_threads(1)  # set in process after the measurement (the tests' own one-thread fixtures)
+    assert threads.watch_threads("cpu", measured) is None
+
+
+def test_own_ticks_count_this_process_s_work():
+    start, t0 = threads.own_jiffies(), time.process_time()
+    while time.process_time() - t0 < 0.3:
+        pass
+    assert threads.own_jiffies() - start >= 0.2 * os.sysconf("SC_CLK_TCK")
 
 
 def test_auto_takes_the_idle_cpus_and_at_least_one():
@@ -61,10 +138,10 @@ def test_the_pipeline_process_runs_torch_with_the_defaults_and_the_user_override
     run = [sys.executable, "-c", probe]
     got = subprocess.run(run, cwd=REPO, env=_clean_env(), capture_output=True, text=True, check=True).stdout.split()
     cpus = threads.usable_cpus()
-    assert 1 <= int(got[0]) <= cpus and got[1] == ("PASSIVE" if int(got[0]) < cpus else "-")
+    assert 1 <= int(got[0]) <= cpus and got[1] == ("PASSIVE" if 1 < int(got[0]) < cpus else "-")
     got = subprocess.run(run, cwd=REPO, env=_clean_env(DDPM_CPU_THREADS="1"), capture_output=True, text=True,
                          check=True).stdout.split()
-    assert got == ["1", "PASSIVE"]
+    assert got == ["1", "-"]
 
 
 def test_the_cli_refuses_a_bad_value_with_one_line_and_status_2():
