@@ -14,9 +14,11 @@ the mean of loss.csv's images_per_sec rows after the first (which holds the star
 loads are interleaved, round after round, so that a change in the shared machine's other work spreads
 over all of them instead of falling on one.
 
-With --load-for S the busy processes stop S seconds after the run starts (a load that was there at
-start-up and then went away), and images/s is the mean of the rows logged after S + 2 * RECHECK_S
-seconds (once ddpm.threads.ThreadWatch has had two looks at the quiet machine); every row is recorded.
+With --load-for S the busy processes stop S seconds after the `ddpm train` process starts (a load that
+was there at its start-up and then went away), and images/s is the mean of the rows logged after
+S + 2 * RECHECK_S seconds of training (ddpm.threads.ThreadWatch has then looked at the quiet machine; the
+seconds of a row are those of its training steps, summed from loss.csv, which leave out the process's
+start-up, so the cut is later than it needs to be); every row is recorded.
 
     python bench/cpu_threads.py --out bench/results/cpu_threads_<machine>.json
     python bench/cpu_threads.py --settings library default --loads 0 1 --repeats 3 --steps 20
@@ -41,7 +43,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
-from ddpm.threads import MEASURED, RECHECK_S  # noqa: E402
+from ddpm.threads import RECHECK_S  # noqa: E402
 SETTINGS = {
     "library": {"DDPM_CPU_THREADS": "off"},
     "default": {},
@@ -50,7 +52,7 @@ SETTINGS = {
     "2-active": {"OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "ACTIVE"},
     "1-default": {"OMP_NUM_THREADS": "1"},
 }
-THREAD_VARS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS", "DDPM_CPU_THREADS", MEASURED)
+THREAD_VARS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS", "DDPM_CPU_THREADS")
 BUSY = "while True:\n    pass\n"
 
 

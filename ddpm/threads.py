@@ -19,9 +19,10 @@ torch's thread count when torch is already imported.
 
 A count measured at start-up is a guess about the whole run: a process that held a core for a moment
 would leave a long run on fewer threads than it could use, and one that starts later would leave it
-on more. So a measured count is marked (MEASURED, inherited with it), and training on the CPU looks
-again while it runs (`ThreadWatch`): every RECHECK_S seconds, how many CPUs the other processes kept
-busy since the last look, and torch's thread count follows. A count the user set is never changed.
+on more. So training on the CPU in the process that measured looks again while it runs (`ThreadWatch`):
+at a log step, once RECHECK_S seconds have passed since its last look, how many of its CPUs other
+processes kept busy meanwhile, and torch's thread count follows. A count the user set (DDPM_CPU_THREADS=N,
+OMP_NUM_THREADS), one inherited from a parent process, and a compiled training step's are never changed.
 """
 
 from __future__ import annotations
@@ -34,9 +35,9 @@ from typing import Callable, MutableMapping
 from ddpm.errors import ConfigError
 
 ENV = "DDPM_CPU_THREADS"
-MEASURED = "DDPM_CPU_THREADS_MEASURED"  # beside OMP_NUM_THREADS when the count is a measurement, not a choice
 WAIT_POLICY = "PASSIVE"
 RECHECK_S = 30.0
+_measured: int | None = None  # the count this process measured and set (apply_thread_defaults), else None
 
 
 def usable_cpus() -> int:
@@ -47,11 +48,26 @@ def usable_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def machine_jiffies() -> tuple[int, int]:
-    """(all, idle + iowait) clock ticks of the machine's CPUs since boot (/proc/stat)."""
+def cpu_jiffies() -> tuple[int, int, int]:
+    """(all, idle + iowait) clock ticks since boot of the CPUs this process may run on, and how many they are
+    (/proc/stat's per-CPU lines, so that a container's share is not the whole machine)."""
+    try:
+        mine: set[int] | None = os.sched_getaffinity(0)
+    except (AttributeError, OSError):
+        mine = None
+    total = idle = cpus = 0
     with open("/proc/stat", encoding="ascii") as f:
-        fields = [int(v) for v in f.readline().split()[1:]]
-    return sum(fields), fields[3] + fields[4]
+        for line in f:
+            if not line.startswith("cpu"):
+                break  # the per-CPU lines come first; the rest (interrupt counts) can be long
+            name, *values = line.split()
+            if name == "cpu" or (mine is not None and int(name[3:]) not in mine):
+                continue
+            fields = [int(v) for v in values[:8]]  # user .. steal; guest time is counted in user already
+            total, idle, cpus = total + sum(fields), idle + fields[3] + fields[4], cpus + 1
+    if cpus == 0:
+        raise ValueError("/proc/stat lists none of this process's CPUs")
+    return total, idle, cpus
 
 
 def own_jiffies() -> int:
@@ -62,14 +78,13 @@ def own_jiffies() -> int:
 
 
 def idle_cpus(interval: float = 0.25) -> float | None:
-    """How many of the machine's CPUs were idle over the next `interval` seconds (/proc/stat); None where unknown."""
+    """How many of this process's CPUs were idle over the next `interval` seconds (/proc/stat); None where unknown."""
     try:
-        total0, idle0 = machine_jiffies()
+        total0, idle0, cpus = cpu_jiffies()
         time.sleep(interval)
-        total1, idle1 = machine_jiffies()
+        total1, idle1, _ = cpu_jiffies()
     except (OSError, ValueError, IndexError):
         return None
-    cpus = os.cpu_count() or 1
     return cpus * (idle1 - idle0) / max(1, total1 - total0)
 
 
@@ -110,36 +125,38 @@ def thread_defaults(environ: MutableMapping[str, str] = os.environ) -> dict[str,
     wanted = {"OMP_NUM_THREADS": str(threads)}
     if 1 < threads < usable_cpus():  # one thread has no team to wait for, and may get more (ThreadWatch)
         wanted["OMP_WAIT_POLICY"] = WAIT_POLICY
-    added = {k: v for k, v in wanted.items() if k not in environ}
-    if "OMP_NUM_THREADS" in added and environ.get(ENV, "auto").strip().lower() == "auto":
-        added[MEASURED] = added["OMP_NUM_THREADS"]
-    return added
+    return {k: v for k, v in wanted.items() if k not in environ}
 
 
 def apply_thread_defaults(environ: MutableMapping[str, str] = os.environ) -> dict[str, str]:
     """Add the thread defaults to `environ`; returns what it added. Raises ConfigError on a bad DDPM_CPU_THREADS."""
+    global _measured
     added = thread_defaults(environ)
     environ.update(added)
-    torch = sys.modules.get("torch")
-    if torch is not None and "OMP_NUM_THREADS" in added and environ is os.environ:
-        torch.set_num_threads(int(added["OMP_NUM_THREADS"]))  # OpenMP read the variables before they were set
+    if "OMP_NUM_THREADS" in added and environ is os.environ:
+        if environ.get(ENV, "auto").strip().lower() == "auto":
+            _measured = int(added["OMP_NUM_THREADS"])
+        torch = sys.modules.get("torch")
+        if torch is not None:
+            torch.set_num_threads(int(added["OMP_NUM_THREADS"]))  # OpenMP read the variables before they were set
     return added
 
 
 class ThreadWatch:
     """Torch's thread count on the CPU, following the CPUs that other processes leave idle during a long run.
 
-    `check()` is cheap and may be called often (training calls it at every log step); every `every_s` seconds
-    it reads how many CPUs the machine spent outside this process since the last look, and sets torch's
-    thread count to what `auto_threads` makes of the rest. It stops for good once something else has set the
-    count. `read` returns (machine ticks, machine idle ticks, this process's ticks)."""
+    `check()` is cheap and may be called often (training calls it at every log step); once `every_s` seconds
+    have passed since its last look it reads how much of its `cpus` CPUs' time went to other processes
+    meanwhile, and sets torch's thread count to what `auto_threads` makes of the rest. It stops for good once
+    something else has set the count. `read` returns (ticks of the CPUs, their idle ticks, this process's)."""
 
     def __init__(self, every_s: float = RECHECK_S, read: Callable[[], tuple[int, int, int]] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, cpus: int | None = None) -> None:
         import torch
 
         self._torch, self.every_s, self.clock = torch, every_s, clock
-        self.read = read or (lambda: (*machine_jiffies(), own_jiffies()))
+        self.read = read or (lambda: (*cpu_jiffies()[:2], own_jiffies()))
+        self.cpus = cpus if cpus is not None else cpu_jiffies()[2]
         self.threads, self.active = torch.get_num_threads(), True
         self.at, self.last = clock(), self.read()
 
@@ -151,28 +168,28 @@ class ThreadWatch:
         if self._torch.get_num_threads() != self.threads:  # set by someone else: theirs to keep
             self.active = False
             return None
-        total, idle, own = self.read()
-        span = total - self.last[0]
-        others = (os.cpu_count() or 1) * max(0, span - (idle - self.last[1]) - (own - self.last[2])) / max(1, span)
+        (total, idle, own), (total0, idle0, own0), since = self.read(), self.last, self.at
+        span = max(1, total - total0)
+        others = self.cpus * max(0, span - (idle - idle0) - (own - own0)) / span
         self.at, self.last = now, (total, idle, own)
-        wanted = auto_threads(usable_cpus(), (os.cpu_count() or 1) - others)
+        wanted = auto_threads(self.cpus, self.cpus - others)
         if wanted == self.threads:
             return None
         before, self.threads = self.threads, wanted
         self._torch.set_num_threads(wanted)
         return (f"CPU threads {before} -> {wanted}: other processes kept about {others:.1f} of "
-                f"{os.cpu_count() or 1} CPUs busy over the last {self.every_s:.0f} s")
+                f"{self.cpus} CPUs busy over the last {now - since:.0f} s")
 
 
-def watch_threads(device_type: str, environ: MutableMapping[str, str] = os.environ) -> ThreadWatch | None:
-    """A ThreadWatch for work on the CPU whose thread count was measured at start-up (and not changed since);
-    None on another device, for a count the user set, or where /proc cannot be read."""
+def watch_threads(device_type: str, compiled: bool = False) -> ThreadWatch | None:
+    """A ThreadWatch for eager work on the CPU whose thread count this process measured at start-up (and nothing
+    has changed since); None on another device, for a compiled step (inductor writes the count into its
+    kernels), for a count the user set or a parent process chose, or where /proc cannot be read."""
     import torch
 
-    measured = environ.get(MEASURED)
-    if device_type != "cpu" or measured is None or measured != environ.get("OMP_NUM_THREADS"):
+    if device_type != "cpu" or compiled or _measured is None or torch.get_num_threads() != _measured:
         return None
-    if str(torch.get_num_threads()) != measured:
+    if os.environ.get(ENV, "auto").strip().lower() != "auto" or os.environ.get("OMP_NUM_THREADS") != str(_measured):
         return None
     try:
         return ThreadWatch()

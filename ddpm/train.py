@@ -3,7 +3,8 @@ checkpoints, preview grids, and stopping on SIGINT/SIGTERM or a non-finite loss.
 
 The whole training set sits on the training device as one uint8 tensor; batches, timesteps and noise
 come from one seeded generator whose state is checkpointed with the global RNG, so a resumed run on
-the CPU retraces an uninterrupted one exactly.
+the CPU retraces an uninterrupted one exactly at the same thread count (`DDPM_CPU_THREADS=N` fixes it;
+by default a long run's count follows the idle CPUs: ddpm.threads).
 
 Under `torchrun --nproc_per_node=N` (WORLD_SIZE > 1) the same function trains with
 DistributedDataParallel: each rank draws `train.batch_size` images from its own shard of the data
@@ -227,7 +228,7 @@ class _Run:
         self.last_loss, self.ips, self.t0, self.since = float("nan"), 0.0, time.perf_counter(), self.state.step
         self.first_step = self.state.step
         self.writer = CheckpointWriter()  # the next steps train while a checkpoint is written
-        self.threads = watch_threads(step.device.type) if rank.world_size == 1 else None
+        self.threads = watch_threads(step.device.type, cfg.train.compile) if rank.world_size == 1 else None
 
     def run(self) -> TrainResult:
         self.state.model.train()

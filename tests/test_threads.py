@@ -14,22 +14,21 @@ from ddpm import threads
 from ddpm.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
-THREAD_VARS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "DDPM_CPU_THREADS", threads.MEASURED)
+THREAD_VARS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "DDPM_CPU_THREADS")
 
 
 def test_defaults_fill_only_what_the_user_left_unset(monkeypatch):
     monkeypatch.setattr(threads, "usable_cpus", lambda: 2)
     monkeypatch.setattr(threads, "idle_cpus", lambda interval=0.25: 1.97)  # alone: both CPUs, the libraries' wait
     env: dict[str, str] = {}
-    assert threads.apply_thread_defaults(env) == env == {"OMP_NUM_THREADS": "2", threads.MEASURED: "2"}
+    assert threads.apply_thread_defaults(env) == env == {"OMP_NUM_THREADS": "2"}
     monkeypatch.setattr(threads, "idle_cpus", lambda interval=0.25: 1.02)  # a busy process beside it
     env = {}
-    assert threads.apply_thread_defaults(env) == {"OMP_NUM_THREADS": "1", threads.MEASURED: "1"}  # no team to wait
+    assert threads.apply_thread_defaults(env) == {"OMP_NUM_THREADS": "1"}  # one thread: no team to wait for
     monkeypatch.setattr(threads, "usable_cpus", lambda: 8)
     monkeypatch.setattr(threads, "idle_cpus", lambda interval=0.25: 5.1)  # several threads beside other work
     env = {}
-    assert threads.apply_thread_defaults(env) == {"OMP_NUM_THREADS": "5", "OMP_WAIT_POLICY": "PASSIVE",
-                                                  threads.MEASURED: "5"}
+    assert threads.apply_thread_defaults(env) == {"OMP_NUM_THREADS": "5", "OMP_WAIT_POLICY": "PASSIVE"}
     env = {"OMP_NUM_THREADS": "1"}  # set by the user or inherited: kept, and nothing measured
     monkeypatch.setattr(threads, "idle_cpus", lambda interval=0.25: pytest.fail("measured again"))
     threads.apply_thread_defaults(env)
@@ -60,24 +59,22 @@ class Ticks:
 
 
 @pytest.fixture
-def two_cpus(monkeypatch):
+def one_torch_thread_after():
     import torch
 
     saved = torch.get_num_threads()
-    monkeypatch.setattr(threads, "usable_cpus", lambda: 2)
-    monkeypatch.setattr(threads.os, "cpu_count", lambda: 2)
     yield torch
     torch.set_num_threads(saved)
 
 
-def test_a_long_run_follows_the_cpus_that_other_processes_leave_idle(two_cpus):
-    torch, ticks = two_cpus, Ticks()
+def test_a_long_run_follows_the_cpus_that_other_processes_leave_idle(one_torch_thread_after):
+    torch, ticks = one_torch_thread_after, Ticks()
     torch.set_num_threads(1)  # measured at start-up beside a process that then ends
-    watch = threads.ThreadWatch(every_s=30, read=ticks.read, clock=lambda: ticks.now)
+    watch = threads.ThreadWatch(every_s=30, read=ticks.read, clock=lambda: ticks.now, cpus=2)
     ticks.run(10, ours=1.0, others=0.0)
     assert watch.check() is None and torch.get_num_threads() == 1  # not yet: a look spans every_s at least
-    ticks.run(25, ours=1.0, others=0.0)
-    assert watch.check() == "CPU threads 1 -> 2: other processes kept about 0.0 of 2 CPUs busy over the last 30 s"
+    ticks.run(25, ours=1.0, others=0.0)  # the first log step after every_s
+    assert watch.check() == "CPU threads 1 -> 2: other processes kept about 0.0 of 2 CPUs busy over the last 35 s"
     assert torch.get_num_threads() == 2
     ticks.run(30, ours=2.0, others=0.0)  # our own two threads are not someone else's load
     assert watch.check() is None and torch.get_num_threads() == 2
@@ -93,16 +90,57 @@ def test_a_long_run_follows_the_cpus_that_other_processes_leave_idle(two_cpus):
     assert watch.check() is None and not watch.active
 
 
-def test_only_a_measured_count_on_the_cpu_is_watched(two_cpus):
-    torch = two_cpus
-    torch.set_num_threads(2)
-    measured = {"OMP_NUM_THREADS": "2", threads.MEASURED: "2"}
-    assert isinstance(threads.watch_threads("cpu", measured), threads.ThreadWatch)
-    assert threads.watch_threads("cuda", measured) is None
-    assert threads.watch_threads("cpu", {"OMP_NUM_THREADS": "2"}) is None  # the user's count
-    assert threads.watch_threads("cpu", {"OMP_NUM_THREADS": "1", threads.MEASURED: "2"}) is None  # changed since
+def test_only_a_count_this_process_measured_is_watched_in_eager_cpu_work(monkeypatch, one_torch_thread_after):
+    torch = one_torch_thread_after
+    monkeypatch.setattr(threads, "usable_cpus", lambda: 2)
+    monkeypatch.setattr(threads, "idle_cpus", lambda interval=0.25: 1.97)
+    for var in ("OMP_NUM_THREADS", "DDPM_CPU_THREADS"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(threads, "_measured", None)
+    assert threads.apply_thread_defaults() == {"OMP_NUM_THREADS": "2"} and torch.get_num_threads() == 2
+    assert isinstance(threads.watch_threads("cpu"), threads.ThreadWatch)
+    assert threads.watch_threads("cuda") is None
+    assert threads.watch_threads("cpu", compiled=True) is None  # inductor's CPU kernels hold the count
+    monkeypatch.setenv("DDPM_CPU_THREADS", "2")  # the user's count
+    assert threads.watch_threads("cpu") is None
+    monkeypatch.delenv("DDPM_CPU_THREADS")
     torch.set_num_threads(1)  # set in process after the measurement (the tests' own one-thread fixtures)
-    assert threads.watch_threads("cpu", measured) is None
+    assert threads.watch_threads("cpu") is None
+    monkeypatch.setattr(threads, "_measured", None)  # inherited from a parent (OMP_NUM_THREADS set), or the user's
+    torch.set_num_threads(2)
+    threads.apply_thread_defaults()
+    assert threads.watch_threads("cpu") is None
+
+
+def test_training_looks_again_at_every_log_step_and_logs_what_changed(tmp_path, monkeypatch, caplog):
+    import ddpm.train as train_mod
+    from ddpm.config import load_config
+    from test_train import _fake_images
+
+    class Watch:
+        def __init__(self):
+            self.calls = 0
+
+        def check(self):
+            self.calls += 1
+            return "CPU threads 1 -> 2: a test's line" if self.calls == 2 else None
+    made: list[tuple[str, bool, Watch]] = []
+
+    def watch_threads(device_type, compiled=False):
+        made.append((device_type, compiled, Watch()))
+        return made[-1][2]
+    monkeypatch.setattr(train_mod, "watch_threads", watch_threads)
+    monkeypatch.setattr(train_mod, "load_images", _fake_images)
+    cfg = load_config(REPO / "params.yaml", "cpu", [
+        f"train.out_dir={tmp_path}", "train.steps=6", "train.batch_size=4", "train.log_every=2",
+        "train.checkpoint_every=6", "diffusion.timesteps=20", "model.base_channels=8", "model.channel_mult=[1,2]",
+        "model.attention_levels=[]", "model.norm_groups=4", "sampler.steps=2", "sample.num_images=4"])
+    with caplog.at_level("INFO", logger="ddpm.train"):
+        train_mod.train(cfg)
+    ((device, compiled, watch),) = made
+    assert (device, compiled, watch.calls) == ("cpu", False, 3)  # steps 2, 4 and 6
+    assert [r.getMessage() for r in caplog.records if "CPU threads" in r.getMessage()] == [
+        "CPU threads 1 -> 2: a test's line"]
 
 
 def test_own_ticks_count_this_process_s_work():
