@@ -42,6 +42,7 @@ import onnx
 from ddpm.errors import ExportRejected
 from ddpm.onnx_model import OnnxDenoiser
 from ddpm.onnx_sampler import class_labels, ddim_sample_loop
+from ddpm.schedule_math import sampling_timesteps
 
 log = logging.getLogger(__name__)
 Feeds = dict[str, np.ndarray]
@@ -98,8 +99,16 @@ def warn_if_saturating(path: Path, meta: dict[str, Any]) -> None:
                     "can saturate and its samples drift; export it with export.int8_scheme=portable", path)
 
 
+def _ddim(model: Any, den: OnnxDenoiser, x_T: np.ndarray, labels: np.ndarray | None, steps: int) -> np.ndarray:
+    """`steps`-step DDIM (eta 0) through `model` on den's grid: a student's own (ddpm.schedule_math)."""
+    seq = sampling_timesteps(den.schedule.num_timesteps, steps, den.distilled_steps)
+    return ddim_sample_loop(model, den.schedule, x_T, labels=labels, prediction=den.prediction, steps=steps,
+                            timesteps=seq)
+
+
 def calibration_feeds(den: OnnxDenoiser, images: int, steps: int, seed: int = 0) -> list[Feeds]:
-    """The network's inputs along `steps`-step DDIM (eta 0) from `images` noise images: one feed dict per call.
+    """The network's inputs along `steps`-step DDIM (eta 0) from `images` noise images: one feed dict per call,
+    on the grid the sampler visits (a distilled student's own).
 
     A class-conditional model gets its classes and the null class in turn, so that the
     unconditional branch of classifier-free guidance is calibrated too.
@@ -112,7 +121,7 @@ def calibration_feeds(den: OnnxDenoiser, images: int, steps: int, seed: int = 0)
 
     x_T = np.random.default_rng(seed).standard_normal((images, *den.image_shape), dtype=np.float32)
     labels = class_labels(images, None, den.num_classes + 1) if den.class_conditional else None
-    ddim_sample_loop(record, den.schedule, x_T, labels=labels, prediction=den.prediction, steps=steps)
+    _ddim(record, den, x_T, labels, steps)
     return feeds
 
 
@@ -161,11 +170,11 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, feeds: list[Feeds
 
 
 def int8_check_images(den: OnnxDenoiser, n: int, steps: int, seed: int = 0) -> np.ndarray:
-    """The images int8_check compares: DDIM (`steps`, eta 0) from n noise images seeded by `seed`, in [-1, 1]."""
+    """The images int8_check compares: DDIM (`steps`, eta 0, a student's own grid) from n noise images seeded by
+    `seed`, in [-1, 1]."""
     x_T = np.random.default_rng(seed).standard_normal((n, *den.image_shape), dtype=np.float32)
     labels = class_labels(n, None, den.num_classes) if den.class_conditional else None
-    return np.clip(ddim_sample_loop(den, den.schedule, x_T, labels=labels, prediction=den.prediction, steps=steps),
-                   -1, 1)
+    return np.clip(_ddim(den, den, x_T, labels, steps), -1, 1)
 
 
 def int8_check(den32: OnnxDenoiser, den8: OnnxDenoiser, n: int, steps: int, mean_atol: float,

@@ -3,6 +3,7 @@ and a student samples with its own step count only."""
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -195,7 +196,7 @@ def test_the_student_samples_with_its_own_steps_in_torch_and_onnxruntime(teacher
     from ddpm.config import ExportConfig
     from ddpm.export import export_onnx
     from ddpm.onnx_model import OnnxDenoiser
-    from ddpm.onnx_sampler import sample
+    from ddpm.onnx_sampler import sample, sample_model_range
 
     cfg, teacher = teacher_run
     student = distill(cfg("c", "distill.teacher_steps=4"), teacher).student
@@ -217,6 +218,12 @@ def test_the_student_samples_with_its_own_steps_in_torch_and_onnxruntime(teacher
     assert sample(den, 2, steps=2).shape == (2, 1, 28, 28)
     with pytest.raises(ConfigError, match="exactly 2 steps"):
         sample(den, 2, steps=50)
+    from ddpm.quantize import calibration_feeds, int8_check_images  # the int8 twin: calibrated and checked
+    grid = trailing_timesteps(den.schedule.num_timesteps, 2)  # on the grid the student samples
+    assert [int(f["t"][0]) for f in calibration_feeds(den, images=2, steps=2)] == grid
+    x_T = np.random.default_rng(0).standard_normal((2, 1, 28, 28), dtype=np.float32)  # int8_check_images' seed 0
+    np.testing.assert_allclose(int8_check_images(den, n=2, steps=2),
+                               np.clip(sample_model_range(den, 2, steps=2, x_T=x_T), -1, 1), atol=1e-6)
 
 
 def test_the_teacher_is_the_checkpoint_of_train_out_dir_unless_named(tmp_path, monkeypatch):
