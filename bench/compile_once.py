@@ -3,7 +3,9 @@
 Every step is one `ddpm` command in a fresh process with inductor and triton cache folders of its own,
 empty at its start (a fresh machine), timed from the command's start to its exit:
 
-    train cold    ddpm train --profile gpu-fast, nothing compiled before: writes <run>/compile_cache/<key>.bin
+    train cold    ddpm train --profile gpu-fast, nothing compiled before: writes <run>/compile_cache/<key>.bin;
+                  with --cold-steps N it trains N steps only, to write that file (the cache key holds no step
+                  count), and its time is no cold figure
     train warm    the same in a new run folder holding only that compile_cache/ (ddpm.compile_cache); with
                   --warm-runs N, N such runs one after the other (train_warm, train_warm_2, ...), whose median is
                   the warm figure: start-up time varies from run to run on the same machine
@@ -173,7 +175,9 @@ class Bench:
 
     def train(self) -> Path:
         cold, warm = self.work / "cold", self.work / "warm"
-        self.step("train_cold", [*self.ddpm, "train", *self.settings, f"train.out_dir={cold}"], 500)
+        steps = [f"train.steps={self.args.cold_steps}"] if self.args.cold_steps else []
+        self.step("train_cold", [*self.ddpm, "train", *self.settings, *steps, f"train.out_dir={cold}"], 500)
+        self.doc["steps"]["train_cold"]["cold_steps_only"] = self.args.cold_steps
         for i in range(1, self.args.warm_runs + 1):
             name, folder = ("train_warm", warm) if i == 1 else (f"train_warm_{i}", self.work / f"warm_{i}")
             if (cold / "compile_cache").is_dir():
@@ -238,7 +242,9 @@ def summary_of(doc: dict[str, Any]) -> dict[str, Any]:
     aot = s.get("sample_aot", {})
     runs = [step for name, step in s.items() if name.startswith("train_warm")]
     warm = [step["wall_s"] for step in runs if step["rc"] == 0] or [step["wall_s"] for step in runs]
-    return {"train_cold_s": s["train_cold"]["wall_s"], "train_warm_s": statistics.median(warm),
+    cold = s["train_cold"]
+    return {"train_cold_s": None if cold.get("cold_steps_only") else cold["wall_s"],
+            "train_warm_s": statistics.median(warm),
             "train_warm_runs_s": warm,
             "sample_eager_s": s.get("sample_eager", {}).get("wall_s"),
             "sample_aot_s": aot.get("wall_s") if aot.get("network") == "aot" else None,
@@ -382,6 +388,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="no AOT package and no `ddpm sample` with one (where torch cannot load packages)")
     p.add_argument("--warm-runs", type=int, default=1, metavar="N",
                    help="warm training runs one after another; the warm figure is their median")
+    p.add_argument("--cold-steps", type=int, default=None, metavar="N",
+                   help="the cold run trains N steps only, to write the compile cache (no cold figure)")
     p.add_argument("--bytecode", action="store_true",
                    help="first compile the environment's bytecode into <work>/pycache, as pip install does")
     p.add_argument("overrides", nargs="*", help="settings for every command, e.g. data.root=...")
@@ -399,6 +407,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--out is required: the result JSON to write")
     if args.warm_runs < 1:
         p.error(f"--warm-runs {args.warm_runs}: give at least 1 warm run")
+    if args.cold_steps is not None and args.cold_steps < 1:
+        p.error(f"--cold-steps {args.cold_steps}: give at least 1 step")
     if args.smoke and args.profile == "gpu-fast":
         args.profile = "cpu"
     args.work = args.work or str(Path(args.out).with_suffix("")) + "_work"

@@ -224,6 +224,9 @@ def test_compile_once_counts_no_sampling_time_as_the_package_s_when_sample_fell_
     doc["steps"]["train_warm_2"], doc["steps"]["train_warm_3"] = step(95.0), step(91.0)  # --warm-runs 3
     assert summary_of(doc)["train_warm_s"] == 91.0 and summary_of(doc)["train_warm_runs_s"] == [88.0, 95.0, 91.0]
     assert goal_status(summary_of(doc)) == "not met: training 91.0 s (goal 90 s)"
+    assert summary_of(doc)["train_cold_s"] == 189.4
+    doc["steps"]["train_cold"]["cold_steps_only"] = 200  # --cold-steps 200: it only wrote the compile cache
+    assert summary_of(doc)["train_cold_s"] is None and summary_of(doc)["train_warm_s"] == 91.0
 
 
 def test_compile_once_keeps_a_log_line_written_right_after_a_progress_bar_s_redraw():
