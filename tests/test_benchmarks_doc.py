@@ -33,7 +33,7 @@ def _run_check(root: Path) -> subprocess.CompletedProcess:
 def test_the_documents_agree_with_the_current_results():
     done = _run_check(ROOT)
     assert done.returncode == 0, done.stderr
-    assert len((ROOT / "BENCHMARKS.md").read_bytes()) < 25_000
+    assert len((ROOT / "BENCHMARKS.md").read_bytes()) < 26_000
     assert len((ROOT / "README.md").read_bytes()) < 15_000
 
 
