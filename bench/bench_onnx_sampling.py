@@ -214,7 +214,7 @@ def cpu_rows(args: argparse.Namespace, model: nn.Module, cfg: Any, onnx_path: Pa
     if args.int8:
         ec = ExportConfig()
         t0 = time.perf_counter()
-        feeds = calibration_feeds(den, ec.int8_calibration_images, SamplerConfig().steps)
+        feeds = calibration_feeds(den, ec.int8_calibration_images, den.distilled_steps or SamplerConfig().steps)
         quantize_int8(onnx_path, int8_path(onnx_path), feeds)
         result["int8_quantize_s"] = time.perf_counter() - t0
         den8 = OnnxDenoiser(int8_path(onnx_path), "cpu", session_options=cpu_options)

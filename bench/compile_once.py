@@ -168,16 +168,17 @@ class Bench:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(self.doc, indent=1, default=str) + "\n")
 
-    def step(self, name: str, argv: list[str], timeout: float) -> dict[str, Any]:
-        self.doc["steps"][name] = result = run_step(name, argv, self.work, timeout)
+    def step(self, name: str, argv: list[str], timeout: float, **record: Any) -> dict[str, Any]:
+        """Run one step and save the result with it and `record`'s entries."""
+        self.doc["steps"][name] = result = {**run_step(name, argv, self.work, timeout), **record}
         self.save()
         return result
 
     def train(self) -> Path:
         cold, warm = self.work / "cold", self.work / "warm"
         steps = [f"train.steps={self.args.cold_steps}"] if self.args.cold_steps else []
-        self.step("train_cold", [*self.ddpm, "train", *self.settings, *steps, f"train.out_dir={cold}"], 500)
-        self.doc["steps"]["train_cold"]["cold_steps_only"] = self.args.cold_steps
+        self.step("train_cold", [*self.ddpm, "train", *self.settings, *steps, f"train.out_dir={cold}"], 500,
+                  cold_steps_only=self.args.cold_steps)
         for i in range(1, self.args.warm_runs + 1):
             name, folder = ("train_warm", warm) if i == 1 else (f"train_warm_{i}", self.work / f"warm_{i}")
             if (cold / "compile_cache").is_dir():
@@ -266,7 +267,7 @@ def package_outcome(step: dict[str, Any] | None) -> str:
 
 def _figure(what: str, value: float | None, unit: str, key: str, results: str, digits: int = 1,
             headline: str | None = None) -> dict[str, Any] | None:
-    if value is None:  # a step the run did not reach
+    if value is None:  # a step the run did not reach, or a cold run of --cold-steps
         return None
     shown = f"{value:.{digits}f}"
     fig = {"what": what, "value": f"{shown}{unit}", "run": "bench", "cited": f"{results} {key}",

@@ -99,10 +99,11 @@ def main(argv: list[str] | None = None) -> None:
     ec = cfg.export
     fp32 = export_onnx(args.checkpoint, work / "model.onnx", ExportConfig())
     den32 = OnnxDenoiser(fp32, "cpu", session_options=options(args.threads))
-    feeds = calibration_feeds(den32, ec.int8_calibration_images, cfg.sampler.steps)
+    calibration_steps = den32.distilled_steps or cfg.sampler.steps  # a student's own, as ddpm export
+    feeds = calibration_feeds(den32, ec.int8_calibration_images, calibration_steps)
     x_T = np.random.default_rng(0).standard_normal((args.n, *den32.image_shape), dtype=np.float32)
     result: dict = {"checkpoint": args.checkpoint, "n": args.n, "sampler": "ddim", "steps": args.steps,
-                    "calibration": {"images": ec.int8_calibration_images, "ddim_steps": cfg.sampler.steps},
+                    "calibration": {"images": ec.int8_calibration_images, "ddim_steps": calibration_steps},
                     "env": {"python": platform.python_version(), "torch": torch.__version__,
                             "onnxruntime": ort.__version__, "platform": platform.platform(),
                             "threads": args.threads, "argv": sys.argv}, "models": {}}

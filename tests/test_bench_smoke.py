@@ -167,9 +167,9 @@ def test_bench_compile_once_smoke_runs_every_command_and_writes_its_goal_file(tm
     goal = tmp_path / "goal.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, "bench/compile_once.py", "--smoke", "--out", str(tmp_path / "co.json"),
-                           "--goal", str(goal), "--warm-runs", "2", f"data.root={tmp_path / 'data'}"],
-                          cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+                           "--goal", str(goal), "--warm-runs", "2", "--cold-steps", "2",
+                           f"data.root={tmp_path / 'data'}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     doc = json.loads((tmp_path / "co.json").read_text())
     steps = doc["steps"]
@@ -178,12 +178,15 @@ def test_bench_compile_once_smoke_runs_every_command_and_writes_its_goal_file(tm
     assert doc["summary"]["train_warm_runs_s"] == warm and doc["summary"]["train_warm_s"] == sum(warm) / 2
     assert all(s["rc"] == 0 and s["wall_s"] > 0 for s in steps.values()), steps
     assert steps["train_cold"]["compile_cache"] == steps["train_warm"]["compile_cache"] == "off"  # no compile
+    assert steps["train_cold"]["cold_steps_only"] == 2 and "trained to step 2:" in steps["train_cold"]["stdout_tail"]
+    assert "trained to step 4:" in steps["train_warm"]["stdout_tail"]  # the warm runs train the settings' steps
     assert doc["samples_aot_vs_eager"]["max_abs_diff_uint8"] == 0
     q = doc["quality"]
     assert q["sampling"] == steps["sample_aot"]["network"] == "eager" and q["num_samples"] == 64
     assert math.isfinite(q["fid"]) and q["fid_floor"] > 0 and q["fid_over_floor"] == q["fid"] / q["fid_floor"]
     figures = {f["check"][0]["key"]: f["value"] for f in json.loads(goal.read_text())["figures"]}
     assert figures["summary.train_warm_s"] == f"{doc['summary']['train_warm_s']:.1f} s"
+    assert doc["summary"]["train_cold_s"] is None and "summary.train_cold_s" not in figures  # --cold-steps
     assert figures["quality.fid"] == f"{q['fid']:.2f}"
     from bench import report  # the goal file is one that `python -m bench.report` renders
     rendered = "\n".join(report._render_goal(report.Goal(goal, report._read_goal(goal))))
