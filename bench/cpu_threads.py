@@ -43,6 +43,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
+from ddpm.config import load_config  # noqa: E402
 from ddpm.threads import RECHECK_S  # noqa: E402
 SETTINGS = {
     "library": {"DDPM_CPU_THREADS": "off"},
@@ -69,18 +70,12 @@ def train_once(setting: str, steps: int, log_every: int, out: Path, data_root: s
         raise SystemExit(f"`{' '.join(cmd)}` exited with status {done.returncode}: {done.stderr.strip()[-2000:]}")
     with open(out / "loss.csv", newline="") as f:
         rows = [{"step": int(r["step"]), "images_per_sec": float(r["images_per_sec"])} for r in csv.DictReader(f)]
-    at = 0.0
+    at, batch = 0.0, load_config(str(REPO_ROOT / "params.yaml"), "cpu").train.batch_size
     for r, prev in zip(rows, [0, *[r["step"] for r in rows]]):  # a row's images/s covers the steps since the last
-        at += (r["step"] - prev) * int(_profile_batch()) / r["images_per_sec"]
+        at += (r["step"] - prev) * batch / r["images_per_sec"]
         r["train_s"] = round(at, 1)
     rows[0]["threads_changed"] = [line for line in done.stderr.splitlines() if "CPU threads" in line]
     return rows
-
-
-def _profile_batch() -> int:
-    import yaml
-
-    return yaml.safe_load((REPO_ROOT / "params.yaml").read_text())["profiles"]["cpu"]["train"]["batch_size"]
 
 
 def measure(setting: str, load: int, steps: int, log_every: int, out: Path, data_root: str | None,

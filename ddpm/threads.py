@@ -98,12 +98,17 @@ def auto_threads(cpus: int, idle: float | None) -> int:
     return max(1, min(cpus, int(idle + 0.3)))
 
 
+def _asked(environ: MutableMapping[str, str]) -> str:
+    """DDPM_CPU_THREADS as written, normalised: `auto` where unset."""
+    return environ.get(ENV, "auto").strip().lower()
+
+
 def cpu_threads(environ: MutableMapping[str, str] = os.environ) -> int | None:
     """The thread count that DDPM_CPU_THREADS asks for; None for `off`. Raises ConfigError on a bad value.
 
     With `auto` and OMP_NUM_THREADS already set (by the user, or by the parent process that looked at the
     idle CPUs for the whole run), that count; otherwise the idle CPUs are measured now."""
-    raw = environ.get(ENV, "auto").strip().lower()
+    raw = _asked(environ)
     if raw == "off":
         return None
     if raw == "auto":
@@ -134,7 +139,7 @@ def apply_thread_defaults(environ: MutableMapping[str, str] = os.environ) -> dic
     added = thread_defaults(environ)
     environ.update(added)
     if "OMP_NUM_THREADS" in added and environ is os.environ:
-        if environ.get(ENV, "auto").strip().lower() == "auto":
+        if _asked(environ) == "auto":
             _measured = int(added["OMP_NUM_THREADS"])
         torch = sys.modules.get("torch")
         if torch is not None:
@@ -189,7 +194,7 @@ def watch_threads(device_type: str, compiled: bool = False) -> ThreadWatch | Non
 
     if device_type != "cpu" or compiled or _measured is None or torch.get_num_threads() != _measured:
         return None
-    if os.environ.get(ENV, "auto").strip().lower() != "auto" or os.environ.get("OMP_NUM_THREADS") != str(_measured):
+    if _asked(os.environ) != "auto" or os.environ.get("OMP_NUM_THREADS") != str(_measured):
         return None
     try:
         return ThreadWatch()
