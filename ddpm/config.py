@@ -203,13 +203,15 @@ class ExportConfig:
 @dataclass(frozen=True)
 class DistillConfig:
     """Progressive distillation (ddpm.distill) of the checkpoint's EMA network at `teacher_steps` DDIM steps into
-    students of half as many steps, round after round, down to `steps`; the first round `first_round_steps` steps
+    students of 1 / `round_factor` as many steps (2: the paper's halving), round after round, down to `steps`;
+    the first round `first_round_steps` steps
     (it also turns the teacher's eps or x0 network into a v-predicting one), each later round `round_steps`, all at
     `lr` (cosine-decayed), the other training settings train's. `enabled` turns the pipeline's distill stage on."""
 
     enabled: bool = False
     steps: int = _f(4, _positive, "an integer > 0 (the final student's DDIM steps)")
-    teacher_steps: int = _f(32, lambda v: v >= 2, "an integer >= 2 (steps times a power of 2)")
+    teacher_steps: int = _f(32, lambda v: v >= 2, "an integer >= 2 (steps times a power of round_factor)")
+    round_factor: int = _f(2, lambda v: v >= 2, "an integer >= 2 (teacher steps per student step in each round)")
     first_round_steps: int = _f(1500, _positive, "an integer > 0")
     round_steps: int = _f(500, _positive, "an integer > 0")
     lr: float = _f(2e-4, _positive, "a float > 0")
@@ -316,13 +318,16 @@ def _validate(cfg: Config) -> None:
 
 
 def _validate_distill(cfg: Config) -> None:
-    """distill.teacher_steps must be distill.steps times a power of 2 (>= 2); (ddpm.distill checks it against
-    the teacher's T)."""
+    """distill.teacher_steps must be distill.steps times a power (>= 1) of distill.round_factor (ddpm.distill
+    checks it against the teacher's T)."""
     ds, T = cfg.distill, cfg.diffusion.timesteps
-    ratio = ds.teacher_steps // ds.steps
-    if ds.teacher_steps % ds.steps or ratio < 2 or ratio & (ratio - 1):
+    n = ds.teacher_steps
+    while n > ds.steps and n % ds.round_factor == 0:
+        n //= ds.round_factor
+    if n != ds.steps or ds.teacher_steps == ds.steps:
         raise ConfigError(f"distill.teacher_steps: {ds.teacher_steps} must be distill.steps ({ds.steps}) times a "
-                          f"power of 2 (each round halves the steps), e.g. {ds.steps * 16}")
+                          f"power of distill.round_factor ({ds.round_factor}; each round divides the steps by it), "
+                          f"e.g. {ds.steps * ds.round_factor ** 2}")
     if cfg.diffusion.distilled_steps > T:
         raise ConfigError(f"diffusion.distilled_steps: {cfg.diffusion.distilled_steps} exceeds diffusion.timesteps "
                           f"({T})")

@@ -1,20 +1,22 @@
 """Progressive distillation (Salimans & Ho 2022, Algorithm 2): a trained checkpoint into few-step students.
 
-Each round halves the DDIM steps. The teacher (round 1: the checkpoint's EMA network; later: the
-previous round's student, its EMA) samples with 2N deterministic DDIM steps on the trailing grid
-(ddpm.schedule_math.trailing_timesteps, which keeps every other point when N halves); the student,
-initialised from the teacher's weights, learns to take two of its steps in one on the grid of N
-steps. N runs from distill.teacher_steps / 2 down to distill.steps.
+Each round divides the DDIM steps by F = distill.round_factor (2, the paper's halving, by default). The
+teacher (round 1: the checkpoint's EMA network; later: the previous round's student, its EMA) samples
+with F N deterministic DDIM steps on the trailing grid (ddpm.schedule_math.trailing_timesteps, which
+keeps every F-th point when N is divided by F); the student, initialised from the teacher's weights,
+learns to take F of its steps in one on the grid of N steps. N runs from distill.teacher_steps / F down
+to distill.steps. F > 2 reaches a few steps in fewer rounds, each student imitating a longer stretch of
+its teacher's path (as TRACT, Berthelot et al. 2023, does without its self-teaching).
 
-Targets. At a student timestep t with teacher timesteps t' and t'' after it (t'' is "clean",
-alpha = 1 and sigma = 0, after the last), with alpha_t = sqrt(alpha_bar_t), sigma_t = sqrt(1 - alpha_bar_t):
+Targets. At a student timestep t with teacher timesteps t_1 ... t_F after it (t_F is "clean", alpha = 1
+and sigma = 0, after the last), with alpha_t = sqrt(alpha_bar_t), sigma_t = sqrt(1 - alpha_bar_t):
 
-    z_t   = alpha_t x + sigma_t eps
-    z_t'  = alpha_t' x_T(z_t) + sigma_t' (z_t - alpha_t x_T(z_t)) / sigma_t        (teacher DDIM step)
-    z_t'' = alpha_t'' x_T(z_t') + sigma_t'' (z_t' - alpha_t' x_T(z_t')) / sigma_t'  (and another)
-    x~    = (z_t'' - (sigma_t'' / sigma_t) z_t) / (alpha_t'' - (sigma_t'' / sigma_t) alpha_t)
+    z_t     = alpha_t x + sigma_t eps
+    z_t_j   = alpha_t_j x_T(z_t_j-1) + sigma_t_j (z_t_j-1 - alpha_t_j-1 x_T(z_t_j-1)) / sigma_t_j-1
+              (teacher DDIM steps, j = 1 ... F, from z_t_0 = z_t)
+    x~      = (z_t_F - (sigma_t_F / sigma_t) z_t) / (alpha_t_F - (sigma_t_F / sigma_t) alpha_t)
 
-x~ is the x that takes z_t to z_t'' in one DDIM step; x_T is the teacher's x0 prediction, clipped to
+x~ is the x that takes z_t to z_t_F in one DDIM step; x_T is the teacher's x0 prediction, clipped to
 [-1, 1] as our DDIM sampler does. The loss is x-space with the paper's truncated-SNR weighting,
 max(SNR_t, 1) * |x_S(z_t) - x~|^2, averaged over pixels and the batch.
 
@@ -55,7 +57,11 @@ from ddpm.train_step import LossFn, Objective
 
 log = logging.getLogger(__name__)
 
-TEACHER_RECORD = "teacher.sha256"  # in each round's folder: which teacher it was distilled from
+TEACHER_RECORD = "teacher.sha256"  # in each round's folder: which teacher, at how many DDIM steps, it learns
+
+
+def _teacher_record(sha: str, teacher_steps: int) -> str:
+    return f"{sha} {teacher_steps}"
 
 
 @dataclass(frozen=True)
@@ -99,18 +105,22 @@ class DistillResult:
 
 
 def round_steps_of(cfg: Config) -> list[int]:
-    """The students' step counts, round by round: teacher_steps / 2, / 4, ... down to distill.steps."""
-    out, n = [], cfg.distill.teacher_steps // 2
+    """The students' step counts, round by round: teacher_steps / F, / F^2, ... down to distill.steps
+    (F = distill.round_factor)."""
+    f = cfg.distill.round_factor
+    out, n = [], cfg.distill.teacher_steps // f
     while n >= cfg.distill.steps:
         out.append(n)
-        n //= 2
+        n //= f
     return out
 
 
 def optimisation_steps(cfg: Config, steps: int) -> int:
     """The optimisation steps of the round whose student takes `steps` DDIM steps: distill.first_round_steps for
-    the first (teacher_steps / 2), whose student also learns to predict v, distill.round_steps for the others."""
-    return cfg.distill.first_round_steps if steps == cfg.distill.teacher_steps // 2 else cfg.distill.round_steps
+    the first (teacher_steps / round_factor), whose student also learns to predict v, distill.round_steps for
+    the others."""
+    ds = cfg.distill
+    return ds.first_round_steps if steps == ds.teacher_steps // ds.round_factor else ds.round_steps
 
 
 def round_spans(cfg: Config) -> dict[int, tuple[int, int]]:
@@ -141,22 +151,22 @@ def round_config(cfg: Config, teacher_cfg: Config, steps: int) -> Config:
 
 
 class DistillationLoss:
-    """LossFn of one round: the student (v-prediction) against two teacher DDIM steps, in x-space with
+    """LossFn of one round: the student (v-prediction) against `factor` teacher DDIM steps, in x-space with
     truncated-SNR weights. Called as `loss(student, schedule, x0, t, noise, labels)`, t drawn uniformly in
     [0, T-1] and mapped to the student's grid point k = t * N // T, so each of the N points is drawn with a
     probability within 1 / floor(T / N) of uniform. Everything it reads lives on the device, so the
     training step's CUDA graph can capture it whole."""
 
     def __init__(self, teacher: Callable[..., torch.Tensor], teacher_prediction: str, schedule: Schedule,
-                 steps: int, device: torch.device):
+                 steps: int, device: torch.device, factor: int = 2):
         T = schedule.num_timesteps
-        grid = trailing_timesteps(T, 2 * steps)  # the teacher's; the student's is grid[::2]
+        grid = trailing_timesteps(T, factor * steps)  # the teacher's; the student's is grid[::factor]
         acp = schedule.alphas_cumprod.to(torch.float64).cpu()
-        a_bar = torch.cat([acp[grid], torch.ones(1, dtype=torch.float64)])  # entry 2N: clean
+        a_bar = torch.cat([acp[grid], torch.ones(1, dtype=torch.float64)])  # entry F N: clean
         self.teacher, self.teacher_prediction = teacher, teacher_prediction
-        self.schedule, self.steps, self.T = schedule, steps, T
-        self.t = torch.tensor(grid, dtype=torch.long, device=device)  # [2N]
-        self.alpha = a_bar.sqrt().float().to(device)                   # [2N + 1]
+        self.schedule, self.steps, self.factor, self.T = schedule, steps, factor, T
+        self.t = torch.tensor(grid, dtype=torch.long, device=device)  # [F N]
+        self.alpha = a_bar.sqrt().float().to(device)                   # [F N + 1]
         self.sigma = (1 - a_bar).clamp(min=0).sqrt().float().to(device)
 
     def _coef(self, table: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
@@ -170,19 +180,19 @@ class DistillationLoss:
 
     @torch.no_grad()
     def target(self, z: torch.Tensor, i: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        """x~ of the docstring for z_t [B, C, H, W] at teacher grid indices i [B] (even: student points)."""
+        """x~ of the docstring for z_t [B, C, H, W] at teacher grid indices i [B] (multiples of the factor: the
+        student's points)."""
         a, s = self._coef(self.alpha, i), self._coef(self.sigma, i)
-        a1, s1 = self._coef(self.alpha, i + 1), self._coef(self.sigma, i + 1)
-        a2, s2 = self._coef(self.alpha, i + 2), self._coef(self.sigma, i + 2)
-        x = self._teacher_x0(z, i, labels)
-        z1 = a1 * x + s1 * (z - a * x) / s
-        x = self._teacher_x0(z1, i + 1, labels)
-        z2 = a2 * x + s2 * (z1 - a1 * x) / s1
-        return (z2 - (s2 / s) * z) / (a2 - (s2 / s) * a)
+        zj, aj, sj = z, a, s
+        for j in range(self.factor):
+            x = self._teacher_x0(zj, i + j, labels)
+            an, sn = self._coef(self.alpha, i + j + 1), self._coef(self.sigma, i + j + 1)
+            zj, aj, sj = an * x + sn * (zj - aj * x) / sj, an, sn
+        return (zj - (sj / s) * z) / (aj - (sj / s) * a)
 
     def __call__(self, student: Callable[..., torch.Tensor], schedule: Schedule, x0: torch.Tensor,
                  t: torch.Tensor, noise: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        i = 2 * (t * self.steps // self.T)  # the student's grid point, as a teacher grid index
+        i = self.factor * (t * self.steps // self.T)  # the student's grid point, as a teacher grid index
         a, s = self._coef(self.alpha, i), self._coef(self.sigma, i)
         z = a * x0 + s * noise
         x_target = self.target(z, i, labels)
@@ -213,7 +223,8 @@ def _objective(teacher_path: Path, cfg: Config, round_cfg: Config, steps: int) -
             graphed = round_cfg.train.cuda_graphs and device.type == "cuda"
             net = compile_for_training(teacher, teacher, round_cfg.train.channels_last, graphed)
         schedule = Schedule.from_config(round_cfg.diffusion).to(device)
-        return DistillationLoss(net, teacher_cfg.diffusion.prediction, schedule, steps, device)
+        return DistillationLoss(net, teacher_cfg.diffusion.prediction, schedule, steps, device,
+                                cfg.distill.round_factor)
 
     return Objective(init=init, make_loss=make_loss)
 
@@ -239,10 +250,14 @@ def _round_is_finished(layout: DistillLayout, steps: int, teacher_sha: str, cfg:
     if not resume:
         raise RunFolderError(f"{folder} already holds a distillation round; pass --resume to continue it, or "
                              f"--overwrite to distil again (its files move to {folder.name}.replaced-<UTC time>/)")
-    record = folder / TEACHER_RECORD
-    if not record.is_file() or record.read_text().strip() != teacher_sha:
-        raise RunFolderError(f"{folder} was distilled from another teacher than the current one; rerun with "
-                             f"--overwrite to distil again from the current checkpoint")
+    record, teacher_steps = folder / TEACHER_RECORD, cfg.distill.round_factor * steps
+    words = record.read_text().split() if record.is_file() else []
+    if len(words) == 1:  # written before distill.round_factor: halving rounds only
+        words.append(str(2 * steps))
+    if " ".join(words) != _teacher_record(teacher_sha, teacher_steps):
+        raise RunFolderError(f"{folder} was distilled from another teacher, or another number of its steps "
+                             f"({teacher_steps} now), than the current one; rerun with --overwrite to distil again "
+                             f"from the current checkpoint")
     return int(load_checkpoint(ckpt)["step"]) >= optimisation_steps(cfg, steps)
 
 
@@ -281,8 +296,9 @@ def _run_round(cfg: Config, teacher_cfg: Config, layout: DistillLayout, teacher:
         return RoundResult(steps, layout.round_checkpoint(steps), float("nan"), 0.0, True)
     rc = round_config(cfg, teacher_cfg, steps)
     layout.round_dir(steps).mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(layout.round_dir(steps) / TEACHER_RECORD, (sha + "\n").encode())
-    log.info("round to %d steps: teacher %s (%d steps), %d optimisation steps", steps, teacher, 2 * steps,
+    teacher_steps = cfg.distill.round_factor * steps
+    atomic_write_bytes(layout.round_dir(steps) / TEACHER_RECORD, (_teacher_record(sha, teacher_steps) + "\n").encode())
+    log.info("round to %d steps: teacher %s (%d steps), %d optimisation steps", steps, teacher, teacher_steps,
              rc.train.steps)
     start = time.perf_counter()
     result = train(rc, resume=resume and not overwrite, overwrite=overwrite,

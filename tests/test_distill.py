@@ -21,10 +21,11 @@ from ddpm.unet import build_unet
 CPU = torch.device("cpu")
 
 
-def test_each_halving_keeps_every_other_point_of_the_grid():
-    for steps in (1, 2, 4, 8, 16, 32, 64):
-        teacher, student = trailing_timesteps(1000, 2 * steps), trailing_timesteps(1000, steps)
-        assert student == teacher[::2] and student[0] == 999 and len(student) == steps
+def test_each_round_keeps_every_factor_th_point_of_the_grid():
+    for factor in (2, 4, 8):
+        for steps in (1, 2, 4, 8, 16, 32, 64):
+            teacher, student = trailing_timesteps(1000, factor * steps), trailing_timesteps(1000, steps)
+            assert student == teacher[::factor] and student[0] == 999 and len(student) == steps
     assert trailing_timesteps(1000, 4) == [999, 749, 499, 249]
 
 
@@ -45,21 +46,23 @@ def _x0(n=4, seed=1):
     return torch.rand((n, 1, 28, 28), generator=gen) * 2 - 1
 
 
-@pytest.mark.parametrize("prediction", ["eps", "v"])
-def test_a_student_that_predicts_the_target_takes_the_teachers_path(tiny_model_cfg, one_torch_thread, prediction):
-    """2 student DDIM steps that each predict x~ land where 4 teacher DDIM steps land (ddpm.samplers, independent
-    of the target's arithmetic)."""
+@pytest.mark.parametrize("prediction, factor", [("eps", 2), ("v", 2), ("v", 4)])
+def test_a_student_that_predicts_the_target_takes_the_teachers_path(tiny_model_cfg, one_torch_thread, prediction,
+                                                                    factor):
+    """2 student DDIM steps that each predict x~ land where 2 * factor teacher DDIM steps land (ddpm.samplers,
+    independent of the target's arithmetic)."""
     schedule = Schedule.from_config(DiffusionConfig())
     teacher = _teacher(tiny_model_cfg)
-    loss = DistillationLoss(teacher, prediction, schedule, steps=2, device=CPU)
+    loss = DistillationLoss(teacher, prediction, schedule, steps=2, device=CPU, factor=factor)
     x_T = torch.randn((4, 1, 28, 28), generator=torch.Generator().manual_seed(2))
 
     def oracle(z, t):  # v such that alpha z - sigma v = x~
-        i = torch.full_like(t, 2 * trailing_timesteps(1000, 2).index(int(t[0])))
+        i = torch.full_like(t, factor * trailing_timesteps(1000, 2).index(int(t[0])))
         a, s = loss._coef(loss.alpha, i), loss._coef(loss.sigma, i)
         return (a * z - loss.target(z, i, None)) / s
 
-    want = ddim_sample_loop(teacher, schedule, x_T, prediction=prediction, timesteps=trailing_timesteps(1000, 4))
+    want = ddim_sample_loop(teacher, schedule, x_T, prediction=prediction,
+                            timesteps=trailing_timesteps(1000, 2 * factor))
     got = ddim_sample_loop(oracle, schedule, x_T, prediction="v", clip_denoised=False,
                            timesteps=trailing_timesteps(1000, 2))
     assert torch.allclose(got, want, atol=1e-4), float((got - want).abs().max())
@@ -169,6 +172,28 @@ def test_the_first_round_has_its_own_length_and_the_rounds_share_one_step_count(
     assert [optimisation_steps(c, n) for n in round_steps_of(c)] == [1500, 500, 500]
     assert round_spans(c) == {16: (0, 1500), 8: (1500, 500), 4: (2000, 500)}
     assert round_config(c, c, 16).train.steps == 1500 and round_config(c, c, 8).train.steps == 500
+
+
+def test_a_round_factor_divides_the_steps_by_it_and_must_reach_the_students_steps():
+    c = load_config(None, None, ["distill.teacher_steps=32", "distill.steps=4", "distill.round_factor=8"])
+    assert round_steps_of(c) == [4] and optimisation_steps(c, 4) == c.distill.first_round_steps
+    c = load_config(None, None, ["distill.teacher_steps=64", "distill.steps=4", "distill.round_factor=4"])
+    assert round_steps_of(c) == [16, 4] and [optimisation_steps(c, n) for n in (16, 4)] == [1500, 500]
+    with pytest.raises(ConfigError, match="power of distill.round_factor \\(4"):
+        load_config(None, None, ["distill.teacher_steps=32", "distill.steps=4", "distill.round_factor=4"])
+    with pytest.raises(ConfigError, match="distill.round_factor: 1 is out of range"):
+        load_config(None, None, ["distill.round_factor=1"])
+
+
+def test_a_round_of_another_teacher_step_count_is_not_resumed(teacher_run):
+    cfg, teacher = teacher_run
+    distill(cfg("f", "distill.teacher_steps=4"), teacher)  # one halving round, 4 -> 2
+    with pytest.raises(RunFolderError, match="another number of its steps \\(8 now\\)"):
+        distill(cfg("f", "distill.teacher_steps=8", "distill.round_factor=4"), teacher, resume=True)
+    record = DistillLayout.of(cfg("f")).round_dir(2) / "teacher.sha256"
+    sha = record.read_text().split()[0]
+    record.write_text(sha + "\n")  # a record of before round_factor: a halving round's
+    assert distill(cfg("f", "distill.teacher_steps=4"), teacher, resume=True).rounds[0].skipped
 
 
 def test_resume_after_an_interrupted_round_gives_the_same_weights(teacher_run):
