@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from torch.torch_version import TorchVersion
 
 from ddpm.config import Config, image_shape
 from ddpm.fileio import atomic_write_bytes
@@ -159,10 +160,18 @@ class CompileCache:
         return self.record
 
 
-def dynamo_cache_available(world_size: int) -> bool:
-    """Whether Dynamo's own work can go into the cache file too (train.cache_dynamo_trace): this torch has
-    `caching_precompile` and the step runs in one process (not tried with DistributedDataParallel's split graphs)."""
-    return world_size == 1 and hasattr(torch._dynamo.config, "caching_precompile")
+DYNAMO_CACHE_MIN_TORCH = "2.14"  # 2.11: bench/results/compile_once_h100_dynamo_trace.json (the warm run)
+
+
+def dynamo_cache_available(world_size: int, version: str | None = None) -> bool:
+    """Whether Dynamo's own work can go into the cache file too (train.cache_dynamo_trace): torch (`version`,
+    default this one's) is at least DYNAMO_CACHE_MIN_TORCH, whose loaded trace the tests run, it has
+    `caching_precompile`, and the step runs in one process (not tried with DistributedDataParallel's split
+    graphs). On torch 2.11 a warm CUDA run that loaded such a file crashed when Dynamo traced the step again
+    (an AssertionError on `__builtins_dict__`), so older versions never record it."""
+    release = TorchVersion(version or torch.__version__)
+    return world_size == 1 and release >= DYNAMO_CACHE_MIN_TORCH and hasattr(torch._dynamo.config,
+                                                                             "caching_precompile")
 
 
 @contextlib.contextmanager

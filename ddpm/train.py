@@ -31,7 +31,7 @@ import yaml
 from torch import nn
 
 from ddpm.checkpoint import CheckpointWriter, config_of, load_checkpoint
-from ddpm.compile_cache import CompileCache, caching_dynamo_work, dynamo_cache_available
+from ddpm.compile_cache import DYNAMO_CACHE_MIN_TORCH, CompileCache, caching_dynamo_work, dynamo_cache_available
 from ddpm.config import Config, image_shape
 from ddpm.data import load_images
 from ddpm.distributed import DistInfo, any_rank, gather_states, init_distributed
@@ -132,8 +132,8 @@ def train(cfg: Config, resume: bool = False, on_log: Callable[[int, dict[str, fl
         tc = cfg.train
         dynamo = tc.compile and tc.cache_dynamo_trace and dynamo_cache_available(rank.world_size)
         if tc.cache_dynamo_trace and not dynamo:
-            log.info("train.cache_dynamo_trace is ignored: it needs train.compile, one process and a torch with "
-                     "caching_precompile")
+            log.info("train.cache_dynamo_trace is ignored: it needs train.compile, one process and torch >= %s "
+                     "with caching_precompile (this one: %s)", DYNAMO_CACHE_MIN_TORCH, torch.__version__)
         with caching_dynamo_work(dynamo):
             step, cache = _start(cfg, rank, device, ckpt, objective or Objective())
             return _Run(cfg, rank, step, files, TrainHooks(on_log, on_sample, on_checkpoint, on_step), cache).run()

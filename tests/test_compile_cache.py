@@ -197,6 +197,13 @@ def test_train_cache_dynamo_trace_records_dynamo_s_work_during_the_run_only(tmp_
     assert header["key"]["options"].get("dynamo", False) is (asked and cc.dynamo_cache_available(1))
 
 
+def test_dynamo_s_trace_is_cached_only_on_a_torch_whose_loaded_trace_runs():
+    # 2.11 (the GPU machine's): a warm CUDA run that loaded the trace crashed in Dynamo
+    assert not cc.dynamo_cache_available(1, "2.11.0+cu130")
+    assert cc.dynamo_cache_available(1, "2.14.1+cu130") is hasattr(torch._dynamo.config, "caching_precompile")
+    assert not cc.dynamo_cache_available(2, "2.14.1")
+
+
 _TINY_COMPILE = """
 import json, sys, torch
 from torch._dynamo.utils import counters
