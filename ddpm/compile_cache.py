@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from torch.torch_version import TorchVersion
 
 from ddpm.config import Config, image_shape
 from ddpm.fileio import atomic_write_bytes
@@ -160,7 +159,7 @@ class CompileCache:
         return self.record
 
 
-DYNAMO_CACHE_MIN_TORCH = "2.14"  # 2.11: bench/results/compile_once_h100_dynamo_trace.json (the warm run)
+DYNAMO_CACHE_MIN_TORCH = (2, 14)  # 2.11: bench/results/compile_once_h100_dynamo_trace.json (the warm run)
 
 
 def dynamo_cache_available(world_size: int, version: str | None = None) -> bool:
@@ -169,7 +168,7 @@ def dynamo_cache_available(world_size: int, version: str | None = None) -> bool:
     `caching_precompile`, and the step runs in one process (not tried with DistributedDataParallel's split
     graphs). On torch 2.11 a warm CUDA run that loaded such a file crashed when Dynamo traced the step again
     (an AssertionError on `__builtins_dict__`), so older versions never record it."""
-    release = TorchVersion(version or torch.__version__)
+    release = tuple(int(n) for n in (version or torch.__version__).split(".")[:2])  # 2.14.0a0+git...: (2, 14)
     return world_size == 1 and release >= DYNAMO_CACHE_MIN_TORCH and hasattr(torch._dynamo.config,
                                                                              "caching_precompile")
 

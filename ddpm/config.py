@@ -204,9 +204,9 @@ class ExportConfig:
 class DistillConfig:
     """Progressive distillation (ddpm.distill) of the checkpoint's EMA network at `teacher_steps` DDIM steps into
     students of 1 / `round_factor` as many steps (2: the paper's halving), round after round, down to `steps`;
-    the first round `first_round_steps` steps
-    (it also turns the teacher's eps or x0 network into a v-predicting one), each later round `round_steps`, all at
-    `lr` (cosine-decayed), the other training settings train's. `enabled` turns the pipeline's distill stage on."""
+    the first round `first_round_steps` steps (it also turns the teacher's eps or x0 network into a v-predicting
+    one), each later round `round_steps`, all at `lr` (cosine-decayed), the other training settings train's.
+    `enabled` turns the pipeline's distill stage on."""
 
     enabled: bool = False
     steps: int = _f(4, _positive, "an integer > 0 (the final student's DDIM steps)")
@@ -325,9 +325,12 @@ def _validate_distill(cfg: Config) -> None:
     while n > ds.steps and n % ds.round_factor == 0:
         n //= ds.round_factor
     if n != ds.steps or ds.teacher_steps == ds.steps:
-        raise ConfigError(f"distill.teacher_steps: {ds.teacher_steps} must be distill.steps ({ds.steps}) times a "
-                          f"power of distill.round_factor ({ds.round_factor}; each round divides the steps by it), "
-                          f"e.g. {ds.steps * ds.round_factor ** 2}")
+        ratio = ds.teacher_steps // ds.steps
+        other = (f" or distill.round_factor={ratio} (one round)"
+                 if ds.teacher_steps % ds.steps == 0 and ratio >= 2 else "")
+        raise ConfigError(f"distill.teacher_steps: {ds.teacher_steps} must be distill.steps ({ds.steps}) multiplied "
+                          f"by distill.round_factor ({ds.round_factor}) one or more times (each round divides the "
+                          f"steps by it); set distill.teacher_steps={ds.steps * ds.round_factor}{other}")
     if cfg.diffusion.distilled_steps > T:
         raise ConfigError(f"diffusion.distilled_steps: {cfg.diffusion.distilled_steps} exceeds diffusion.timesteps "
                           f"({T})")

@@ -255,9 +255,10 @@ def _round_is_finished(layout: DistillLayout, steps: int, teacher_sha: str, cfg:
     if len(words) == 1:  # written before distill.round_factor: halving rounds only
         words.append(str(2 * steps))
     if " ".join(words) != _teacher_record(teacher_sha, teacher_steps):
-        raise RunFolderError(f"{folder} was distilled from another teacher, or another number of its steps "
-                             f"({teacher_steps} now), than the current one; rerun with --overwrite to distil again "
-                             f"from the current checkpoint")
+        was = (f"teacher {words[0][:12]} at {words[1]} DDIM steps" if len(words) == 2 else "no teacher record")
+        raise RunFolderError(f"{folder} was distilled from {was}, now teacher {teacher_sha[:12]} at "
+                             f"{teacher_steps} DDIM steps (distill.round_factor times the student's); rerun with "
+                             f"--overwrite to distil again from the current checkpoint")
     return int(load_checkpoint(ckpt)["step"]) >= optimisation_steps(cfg, steps)
 
 

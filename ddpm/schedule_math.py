@@ -88,9 +88,9 @@ def ddim_timesteps(num_timesteps: int, steps: int) -> list[int]:
 def trailing_timesteps(num_timesteps: int, steps: int) -> list[int]:
     """The `steps` timesteps of a distilled sampler, descending: round(k T / steps) - 1 for k = steps..1.
 
-    The grid starts at T-1, pure noise, and halving `steps` keeps every other point of it
-    (round(2k T / 2n) = round(k T / n)), so a student's grid is its teacher's every other step
-    (Salimans & Ho 2022, Algorithm 2, in discrete time). ConfigError for a count outside [1, T]."""
+    The grid starts at T-1, pure noise, and dividing `steps` by F keeps every F-th point of it
+    (round(F k T / F n) = round(k T / n)), so a student's grid is its teacher's every F-th step (F = 2:
+    Salimans & Ho 2022, Algorithm 2, in discrete time). ConfigError for a count outside [1, T]."""
     if not 0 < steps <= num_timesteps:
         raise ConfigError(f"steps: {steps} must be in [1, {num_timesteps}] (the schedule's T)")
     return [round(k * num_timesteps / steps) - 1 for k in range(steps, 0, -1)]

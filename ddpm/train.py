@@ -133,7 +133,8 @@ def train(cfg: Config, resume: bool = False, on_log: Callable[[int, dict[str, fl
         dynamo = tc.compile and tc.cache_dynamo_trace and dynamo_cache_available(rank.world_size)
         if tc.cache_dynamo_trace and not dynamo:
             log.info("train.cache_dynamo_trace is ignored: it needs train.compile, one process and torch >= %s "
-                     "with caching_precompile (this one: %s)", DYNAMO_CACHE_MIN_TORCH, torch.__version__)
+                     "with caching_precompile (this one: %s)", ".".join(map(str, DYNAMO_CACHE_MIN_TORCH)),
+                     torch.__version__)
         with caching_dynamo_work(dynamo):
             step, cache = _start(cfg, rank, device, ckpt, objective or Objective())
             return _Run(cfg, rank, step, files, TrainHooks(on_log, on_sample, on_checkpoint, on_step), cache).run()

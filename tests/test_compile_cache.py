@@ -201,6 +201,7 @@ def test_dynamo_s_trace_is_cached_only_on_a_torch_whose_loaded_trace_runs():
     # 2.11 (the GPU machine's): a warm CUDA run that loaded the trace crashed in Dynamo
     assert not cc.dynamo_cache_available(1, "2.11.0+cu130")
     assert cc.dynamo_cache_available(1, "2.14.1+cu130") is hasattr(torch._dynamo.config, "caching_precompile")
+    assert cc.dynamo_cache_available(1, "2.14.0a0+git1234") is cc.dynamo_cache_available(1, "2.15.0")
     assert not cc.dynamo_cache_available(2, "2.14.1")
 
 

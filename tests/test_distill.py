@@ -179,7 +179,8 @@ def test_a_round_factor_divides_the_steps_by_it_and_must_reach_the_students_step
     assert round_steps_of(c) == [4] and optimisation_steps(c, 4) == c.distill.first_round_steps
     c = load_config(None, None, ["distill.teacher_steps=64", "distill.steps=4", "distill.round_factor=4"])
     assert round_steps_of(c) == [16, 4] and [optimisation_steps(c, n) for n in (16, 4)] == [1500, 500]
-    with pytest.raises(ConfigError, match="power of distill.round_factor \\(4"):
+    with pytest.raises(ConfigError, match="by distill.round_factor \\(4\\) one or more times .*; set "
+                                          "distill.teacher_steps=16 or distill.round_factor=8 \\(one round\\)$"):
         load_config(None, None, ["distill.teacher_steps=32", "distill.steps=4", "distill.round_factor=4"])
     with pytest.raises(ConfigError, match="distill.round_factor: 1 is out of range"):
         load_config(None, None, ["distill.round_factor=1"])
@@ -188,7 +189,8 @@ def test_a_round_factor_divides_the_steps_by_it_and_must_reach_the_students_step
 def test_a_round_of_another_teacher_step_count_is_not_resumed(teacher_run):
     cfg, teacher = teacher_run
     distill(cfg("f", "distill.teacher_steps=4"), teacher)  # one halving round, 4 -> 2
-    with pytest.raises(RunFolderError, match="another number of its steps \\(8 now\\)"):
+    with pytest.raises(RunFolderError, match="from teacher [0-9a-f]{12} at 4 DDIM steps, now teacher [0-9a-f]{12} "
+                                             "at 8 DDIM steps"):
         distill(cfg("f", "distill.teacher_steps=8", "distill.round_factor=4"), teacher, resume=True)
     record = DistillLayout.of(cfg("f")).round_dir(2) / "teacher.sha256"
     sha = record.read_text().split()[0]
