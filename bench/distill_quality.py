@@ -127,8 +127,8 @@ def quality(cfg: Config, teacher: Path, students: dict[int, Path], rec: Record, 
             counts: tuple[int, ...]) -> None:
     rows = rec.doc.setdefault("fid", [])
     rec.set("fid_floor", fid_floor(cfg))
-    jobs = [("student", n, students[n]) for n in sorted(students)] + \
-        [("ddim", n, teacher) for n in sorted({*counts, 50})]
+    jobs = [("student", n, students[n]) for n in sorted(students)] + [("ddim", 50, teacher)] + \
+        [("ddim", n, teacher) for n in sorted(set(counts) - {50})]  # the ratio's pair first: a call cut short keeps it
     for kind, n, ckpt in jobs:
         m = fid_of(cfg, ckpt, n, out / f"eval_{kind}_{n}")
         rows.append({"sampler": kind, "network_calls": n, **m})
