@@ -46,7 +46,7 @@ from torch import nn
 from bench.models import randomize_zero_layers
 from bench.smoke import SMOKE_OVERRIDES  # --smoke: a CPU runs every CPU case in seconds
 from ddpm.checkpoint import load_model, save_checkpoint
-from ddpm.config import ExportConfig, SamplerConfig, config_from_dict, image_shape
+from ddpm.config import ExportConfig, config_from_dict, image_shape
 from ddpm.export import export_onnx, fp16_path
 from ddpm.onnx_model import OnnxDenoiser
 from ddpm.onnx_sampler import ddim_sample_loop as ort_ddim
@@ -214,7 +214,7 @@ def cpu_rows(args: argparse.Namespace, model: nn.Module, cfg: Any, onnx_path: Pa
     if args.int8:
         ec = ExportConfig()
         t0 = time.perf_counter()
-        feeds = calibration_feeds(den, ec.int8_calibration_images, den.distilled_steps or SamplerConfig().steps)
+        feeds = calibration_feeds(den, ec.int8_calibration_images, den.sampler_defaults["steps"])  # as ddpm export
         quantize_int8(onnx_path, int8_path(onnx_path), feeds)
         result["int8_quantize_s"] = time.perf_counter() - t0
         den8 = OnnxDenoiser(int8_path(onnx_path), "cpu", session_options=cpu_options)
